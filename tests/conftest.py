@@ -1,0 +1,55 @@
+"""Shared, session-scoped fixtures: real text and a real (tiny) teacher, built offline.
+
+Everything comes from ``logitcache.toy``: documents are Python standard library sources and
+the teacher is a locally trained byte-level BPE plus a 2-layer GPT-2, saved with
+``save_pretrained`` so tests load it exactly as users would
+(``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``). Both are
+built once per session and kept small so the default test run stays fast on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from logitcache import toy
+
+#: Settings of the tiny teacher; tests may read them (e.g. the vocab size).
+TINY_TEACHER = {
+    "vocab_size": 512,
+    "n_layer": 2,
+    "n_embd": 64,
+    "n_head": 2,
+    "n_positions": 256,
+    "seq_len": 128,
+    "batch_size": 8,
+    "train_steps": 40,
+    "lr": 3e-3,
+    "seed": 0,
+}
+#: Per-document cap of the test corpus, in UTF-8 bytes.
+CORPUS_MAX_BYTES = 4096
+
+
+@pytest.fixture(scope="session")
+def stdlib_small_files() -> list[Path]:
+    """~20 small stdlib train-split files (under 16 KB each), a deterministic choice."""
+    candidates = toy.stdlib_files("train", limit=200)
+    small = [p for p in candidates if 500 < p.stat().st_size < 16_000]
+    assert len(small) >= 20, "stdlib too small?"
+    return small[:20]
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus(tmp_path_factory: pytest.TempPathFactory, stdlib_small_files) -> Path:
+    """A ``--data`` directory: one ``.txt`` document per stdlib file, each at most 4 KB."""
+    dest = tmp_path_factory.mktemp("stdlib_corpus")
+    return toy.write_corpus(dest, files=stdlib_small_files, max_bytes=CORPUS_MAX_BYTES)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_small_files) -> Path:
+    """A saved tiny GPT-2 teacher (vocab 512, 2x64), trained 40 steps so logits are peaked."""
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    return toy.build_teacher(out, files=stdlib_small_files, verbose=False, **TINY_TEACHER)
