@@ -1,0 +1,101 @@
+"""Arrow/Parquet: the only module that imports pyarrow.
+
+Two jobs: the Parquet backend of the cache (one file per part, one row per sequence, readable by
+`pyarrow.dataset` and `datasets.load_dataset("parquet", ...)` as is), and reading Parquet input
+data for `dump`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitcache.errors import LogitCacheError
+from logitcache.format import CodecInfo, PartArrays
+
+SUFFIX = ".parquet"
+
+
+def _per_token(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """A list-per-sequence column over `values` whose first axis is tokens."""
+    flat = pa.array(values.reshape(-1))
+    if values.ndim == 2:
+        flat = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
+
+
+def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: int) -> None:
+    """Write one part as a Parquet file: zstd, 1 MB pages, page checksums, no statistics."""
+    offsets = np.asarray(arrays.seq_offsets)
+    table = pa.table(
+        {
+            "input_ids": _per_token(arrays.input_ids, offsets),
+            "target_ids": _per_token(arrays.target_ids, offsets),
+            "target_logprobs": _per_token(arrays.target_logprobs, offsets),
+        }
+    )
+    pq.write_table(
+        table,
+        str(path),
+        compression="zstd",
+        compression_level=codec.clevel,
+        data_page_size=chunk_bytes,
+        use_dictionary=False,
+        write_statistics=False,
+        write_page_checksum=True,
+    )
+
+
+def read_part(path: Path) -> PartArrays:
+    """Read a whole part, verifying page checksums, back into the flat token-axis layout."""
+    table = pq.ParquetFile(str(path), page_checksum_verification=True).read()
+    ids_col = table.column("input_ids").combine_chunks()
+    offsets = ids_col.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+
+    columns = [_tokens_of(table.column(n)) for n in ("input_ids", "target_ids", "target_logprobs")]
+    return PartArrays(*columns, offsets)
+
+
+def _tokens_of(column: pa.ChunkedArray) -> np.ndarray:
+    """A list-per-sequence column flattened back to a (tokens,) or (tokens, k) array."""
+    values = column.combine_chunks().flatten()
+    if isinstance(values.type, pa.FixedSizeListType):
+        return values.flatten().to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
+    return values.to_numpy(zero_copy_only=False)
+
+
+def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
+    """Token rows `start:stop` of one column (reads the whole column: parts are row groups)."""
+    return getattr(read_part(path), name)[start:stop]
+
+
+def iter_chunks(path: Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (row group index, data) for one column; page checksums are checked."""
+    if name == "seq_offsets":
+        yield 0, read_part(path).seq_offsets
+        return
+    file = pq.ParquetFile(str(path), page_checksum_verification=True)
+    for index in range(file.num_row_groups):
+        yield index, _tokens_of(file.read_row_group(index, columns=[name]).column(name))
+
+
+def parquet_rows(path: Path) -> int:
+    """Row count from the footer, without reading data (used for progress totals)."""
+    return pq.ParquetFile(str(path)).metadata.num_rows
+
+
+def iter_parquet_column(path: Path, field: str) -> Iterator[object]:
+    """Yield one column's values row by row, a record batch at a time (bounded memory)."""
+    file = pq.ParquetFile(str(path))
+    if field not in file.schema_arrow.names:
+        raise LogitCacheError(
+            f"{path} has no column {field!r} (columns: {', '.join(file.schema_arrow.names)}). "
+            "Pass the right one with --text-field."
+        )
+    for batch in file.iter_batches(columns=[field], batch_size=1024):
+        yield from batch.column(0).to_pylist()

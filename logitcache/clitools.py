@@ -1,0 +1,37 @@
+"""What both CLIs share: known errors become one paragraph on stderr and exit code 2.
+
+Set LOGITCACHE_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import typer
+
+from logitcache.errors import LogitCacheError
+
+
+def run_app(app: typer.Typer, prog_name: str) -> None:
+    """Run a Typer app, turning `LogitCacheError` into a message and its exit code."""
+    try:
+        app(prog_name=prog_name)
+    except LogitCacheError as exc:
+        if os.environ.get("LOGITCACHE_DEBUG"):
+            raise
+        message = "\n".join(textwrap.fill(line, 100) for line in str(exc).splitlines())
+        print(f"{prog_name}: error: {message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog_name}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        sys.exit(130)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")

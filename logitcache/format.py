@@ -1,0 +1,342 @@
+"""The cache format, version 1: names, layout and the manifest schema.
+
+This module is the only contract between the writer (`logitcache.writer`, used by `dump`) and
+the reader (`logitcache.reader`, used by the trainer): neither imports the other. `docs/FORMAT.md`
+describes the same layout in prose, byte by byte, for readers that do not use this package.
+
+A cache is a directory::
+
+    manifest.json            the commit point: what is listed here is complete and checksummed
+    parts/part-000000/       one unit of work (zarr backend: a Zarr v3 group)
+    parts/part-000000.parquet                 (parquet backend: one Parquet file)
+
+Each part holds, for its sequences laid end to end on one token axis:
+``input_ids`` (tokens,), ``target_ids`` (tokens, k), ``target_logprobs`` (tokens, k) and
+``seq_offsets`` (sequences + 1,) so that sequence ``s`` of the part is tokens
+``seq_offsets[s]:seq_offsets[s + 1]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from logitcache.errors import CorruptCacheError, LogitCacheError
+
+FORMAT_NAME = "logitcache"
+FORMAT_VERSION = (
+    "1.0"  # major.minor: a reader refuses a newer major, reads every older one it knows
+)
+MANIFEST_NAME = "manifest.json"
+PARTS_DIR = "parts"
+ARRAY_NAMES = ("input_ids", "target_ids", "target_logprobs", "seq_offsets")
+BACKENDS = ("zarr", "parquet")
+TARGET_KINDS = ("topk",)
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # refuse to parse anything larger: a manifest is metadata
+_PART_NAME = re.compile(r"^part-\d{6}$")
+
+
+def part_name(index: int) -> str:
+    """The name of part `index`; fixed width so that names sort in storage order."""
+    return f"part-{index:06d}"
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    """The narrowest unsigned integer type that holds every id below `vocab_size`."""
+    for name, limit in (("uint8", 1 << 8), ("uint16", 1 << 16), ("uint32", 1 << 32)):
+        if vocab_size <= limit:
+            return name
+    raise LogitCacheError(f"vocabulary of {vocab_size} ids is larger than 2**32; not supported.")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """Which model produced the targets; the hashes tell two checkpoints of one name apart."""
+
+    name: str
+    config_sha256: str
+    weights_sha256: str
+    dtype: str
+    vocab_size: int  # width of the teacher's logits; students must match it
+    max_positions: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer the input ids come from; `fingerprint` hashes vocab, merges and specials."""
+
+    name: str
+    vocab_size: int
+    fingerprint: str
+    eos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Where the input came from and a hash of its bytes and of how it was read."""
+
+    source: str
+    format: str
+    fingerprint: str
+    documents: int
+    text_field: str | None = None
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What is stored per position: the `k` most probable ids under the teacher at `temperature`.
+
+    Log-probabilities are normalised over the full vocabulary, so ``1 - sum(exp(logprobs))`` is
+    the teacher's exact mass outside the stored ids (up to the value codec's rounding).
+    """
+
+    kind: str
+    k: int
+    temperature: float
+    id_dtype: str
+    logprob_dtype: str
+    order: str = "descending"  # ids sorted by decreasing teacher probability
+
+
+@dataclass(frozen=True)
+class LayoutInfo:
+    """How sequences are cut and grouped into parts and chunks."""
+
+    seq_len: int
+    packing: bool
+    sequences_per_part: int
+    chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """Compression of every data chunk (zarr: Blosc inside the shard, then crc32c)."""
+
+    name: str
+    cname: str
+    clevel: int
+    shuffle: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A committed unit: its sequences and tokens, and the sha256 of every file it is made of,
+    keyed by the file's '/'-separated path relative to the cache's parts/ directory."""
+
+    name: str
+    sequences: int
+    tokens: int
+    files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole description of a cache; written last, so it is the commit point."""
+
+    format: str
+    format_version: str
+    backend: str
+    created: str
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    data: DataInfo
+    targets: TargetInfo
+    layout: LayoutInfo
+    codec: CodecInfo
+    complete: bool
+    sequences: int
+    tokens: int
+    parts: list[PartInfo] = field(default_factory=list)
+    tool_version: str = ""
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the cache's content: a resumed dump must match it exactly."""
+        return {
+            "backend": self.backend,
+            "teacher": dataclasses.asdict(self.teacher),
+            "tokenizer": dataclasses.asdict(self.tokenizer),
+            "data": dataclasses.asdict(self.data),
+            "targets": dataclasses.asdict(self.targets),
+            "layout": dataclasses.asdict(self.layout),
+            "codec": dataclasses.asdict(self.codec),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+
+def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two `Manifest.settings()` dicts, one line each."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: cache has {a!r}, this run has {b!r}")
+    return lines
+
+
+def parse_manifest(text: str | bytes, source: str = MANIFEST_NAME) -> Manifest:
+    """Parse a manifest into the strict schema: unknown, missing or ill-typed fields are refused.
+
+    Nothing in a manifest is executed or used to allocate before it has passed this check.
+    """
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise CorruptCacheError(
+            f"{source} is {len(text)} bytes, over the {MAX_MANIFEST_BYTES} limit."
+        )
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCacheError(f"{source} is not valid JSON ({exc}).") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise CorruptCacheError(
+            f'{source} is not a logitcache manifest (no "format": "{FORMAT_NAME}").'
+        )
+    _check_version(str(raw.get("format_version", "")), source)
+    manifest = _build(Manifest, raw, source)
+    _check_consistency(manifest, source)
+    return manifest
+
+
+def _check_version(version: str, source: str) -> None:
+    major = version.split(".")[0]
+    if not major.isdigit():
+        raise CorruptCacheError(f"{source}: format_version {version!r} is not MAJOR.MINOR.")
+    if int(major) > int(FORMAT_VERSION.split(".")[0]):
+        raise LogitCacheError(
+            f"{source} uses cache format {version}, newer than this logitcache reads "
+            f"({FORMAT_VERSION}). Upgrade logitcache: pip install -U logitcache."
+        )
+
+
+def _check_consistency(m: Manifest, source: str) -> None:
+    """Bounds and cross-field invariants that the type check alone cannot see."""
+    problems = []
+    if m.backend not in BACKENDS:
+        problems.append(f"backend {m.backend!r} is not one of {BACKENDS}")
+    if m.targets.kind not in TARGET_KINDS:
+        problems.append(f"target kind {m.targets.kind!r} is not one of {TARGET_KINDS}")
+    if not 1 <= m.targets.k <= m.teacher.vocab_size:
+        problems.append(f"k={m.targets.k} is not in 1..vocab_size={m.teacher.vocab_size}")
+    if m.targets.id_dtype != id_dtype_for(m.teacher.vocab_size):
+        problems.append(f"id_dtype {m.targets.id_dtype!r} does not fit vocab_size")
+    if m.targets.logprob_dtype not in ("float16", "float32"):
+        problems.append(f"logprob_dtype {m.targets.logprob_dtype!r} is not float16 or float32")
+    if m.layout.seq_len < 1 or m.layout.sequences_per_part < 1:
+        problems.append("seq_len and sequences_per_part must be positive")
+    for i, part in enumerate(m.parts):
+        if part.name != part_name(i):
+            problems.append(f"part {i} is named {part.name!r}, expected {part_name(i)!r}")
+        if not 0 < part.sequences <= m.layout.sequences_per_part:
+            problems.append(f"{part.name}: {part.sequences} sequences is out of bounds")
+        if not 0 < part.tokens <= part.sequences * m.layout.seq_len:
+            problems.append(f"{part.name}: {part.tokens} tokens is out of bounds")
+        problems += [
+            f"{part.name}: unsafe file name {f!r}"
+            for f in part.files
+            if not (_safe_rel(f) and f.split("/")[0].startswith(part.name))
+        ]
+    if (
+        sum(p.sequences for p in m.parts) != m.sequences
+        or sum(p.tokens for p in m.parts) != m.tokens
+    ):
+        problems.append("sequence/token totals do not equal the sum over parts")
+    if problems:
+        raise CorruptCacheError(f"{source} is inconsistent: " + "; ".join(problems) + ".")
+
+
+def _safe_rel(path: str) -> bool:
+    """A name relative to parts/ that cannot escape it (no absolute path, no `..`)."""
+    pieces = path.split("/")
+    return (
+        bool(path)
+        and not path.startswith("/")
+        and "\\" not in path
+        and all(p not in ("", ".", "..") for p in pieces)
+    )
+
+
+def is_part_name(name: str) -> bool:
+    return bool(_PART_NAME.match(name))
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from JSON `raw`, checking every field's presence and type."""
+    if not isinstance(raw, dict):
+        raise CorruptCacheError(f"{where}: expected an object for {cls.__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise CorruptCacheError(f"{where}: unknown field(s) {sorted(unknown)} in {cls.__name__}.")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            has_default = (
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            )
+            if has_default:
+                continue
+            raise CorruptCacheError(f"{where}: missing field {cls.__name__}.{name}.")
+        values[name] = _coerce(hints[name], raw[name], f"{where}: {cls.__name__}.{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise CorruptCacheError(f"{where}: expected a list.")
+        return [_coerce(args[0], v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CorruptCacheError(f"{where}: expected an object.")
+        return {_coerce(args[0], k, where): _coerce(args[1], v, where) for k, v in value.items()}
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint)
+    if not ok:
+        raise CorruptCacheError(
+            f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r:.60}."
+        )
+    return float(value) if hint is float else value
+
+
+@dataclass
+class PartArrays:
+    """The content of one part in memory, in the layout both backends store.
+
+    Shapes: ``input_ids`` (tokens,), ``target_ids`` and ``target_logprobs`` (tokens, k),
+    ``seq_offsets`` (sequences + 1,) with ``seq_offsets[0] == 0`` and ``[-1] == tokens``.
+    """
+
+    input_ids: Any
+    target_ids: Any
+    target_logprobs: Any
+    seq_offsets: Any
+
+    @property
+    def tokens(self) -> int:
+        return int(self.seq_offsets[-1])
+
+    @property
+    def sequences(self) -> int:
+        return len(self.seq_offsets) - 1

@@ -1,0 +1,177 @@
+"""Writing a cache: parts first, each atomically, then the manifest that commits them.
+
+A part is written under a temporary name, its files hashed, and then renamed into place; only
+after that is the manifest rewritten (write, fsync, rename) to list it. A crash at any point
+leaves either the old manifest (the part is an orphan, removed on resume) or the new one (the
+part is complete). Readers trust only what the manifest lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from logitcache.backends import get_backend, part_path
+from logitcache.errors import LogitCacheError, SettingsMismatchError
+from logitcache.format import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    Manifest,
+    PartArrays,
+    PartInfo,
+    diff_settings,
+    parse_manifest,
+    part_name,
+)
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(path: Path, name: str) -> dict[str, str]:
+    """sha256 of every file of the part at `path`, keyed by its path under parts/ once it is
+    renamed to `name` (so the keys do not depend on the temporary name it was written under)."""
+    if path.is_file():
+        return {name: sha256_file(path)}
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return {f"{name}/{f.relative_to(path).as_posix()}": sha256_file(f) for f in files}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class CacheWriter:
+    """Creates or resumes a cache at `root` with the settings of `template`.
+
+    Use as a context manager; `committed` is the number of parts already present, `write_part`
+    commits the next one, `finish` marks the cache complete.
+    """
+
+    def __init__(self, root: Path, template: Manifest, *, overwrite: bool = False) -> None:
+        self.root = Path(root)
+        self.backend = get_backend(template.backend)
+        self.manifest = self._open(template, overwrite)
+
+    @property
+    def committed(self) -> int:
+        return len(self.manifest.parts)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove_orphans()
+
+    def _open(self, template: Manifest, overwrite: bool) -> Manifest:
+        self._check_writable()
+        existing = self._existing_manifest()
+        if existing is not None and overwrite:
+            (self.root / MANIFEST_NAME).unlink()  # uncommit first: no reader sees a mix
+            _remove(self.root / PARTS_DIR)
+            existing = None
+        if existing is None:
+            manifest = dataclasses.replace(
+                template, parts=[], sequences=0, tokens=0, complete=False
+            )
+            (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+            return manifest
+        differences = diff_settings(existing.settings(), template.settings())
+        if differences:
+            raise SettingsMismatchError(
+                f"{self.root} already holds a cache made with other settings:\n  "
+                + "\n  ".join(differences)
+                + "\nRerun with the original settings to resume it, choose another --out, "
+                "or pass --overwrite to start over."
+            )
+        self._remove_orphans(existing)
+        return existing
+
+    def _check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{uuid.uuid4().hex}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise LogitCacheError(
+                f"cannot write to the output directory {self.root} ({exc.strerror}). "
+                "Choose a directory you can write to with --out."
+            ) from exc
+
+    def _existing_manifest(self) -> Manifest | None:
+        manifest_path = self.root / MANIFEST_NAME
+        if manifest_path.is_file():
+            return parse_manifest(manifest_path.read_bytes(), str(manifest_path))
+        foreign = [p.name for p in self.root.iterdir() if not p.name.startswith(".write-probe-")]
+        if foreign:
+            raise LogitCacheError(
+                f"{self.root} is not empty and holds no logitcache manifest "
+                f"(found: {', '.join(sorted(foreign)[:5])}). Refusing to write into it; "
+                "choose a new or empty directory with --out."
+            )
+        return None
+
+    def _remove_orphans(self, manifest: Manifest | None = None) -> None:
+        """Delete anything under parts/ that the manifest does not list (a crashed write)."""
+        manifest = manifest or self.manifest
+        listed = {p.name + self.backend.SUFFIX for p in manifest.parts}
+        parts_dir = self.root / PARTS_DIR
+        if parts_dir.is_dir():
+            for entry in parts_dir.iterdir():
+                if entry.name not in listed:
+                    _remove(entry)
+
+    def write_part(self, arrays: PartArrays) -> PartInfo:
+        """Write the next part and commit it in the manifest."""
+        name = part_name(self.committed)
+        final = part_path(self.root, self.manifest.backend, name)
+        tmp = final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
+        self.backend.write_part(tmp, arrays, self.manifest.codec, self.manifest.layout.chunk_bytes)
+        info = PartInfo(name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name))
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        self.manifest = dataclasses.replace(
+            self.manifest,
+            parts=[*self.manifest.parts, info],
+            sequences=self.manifest.sequences + info.sequences,
+            tokens=self.manifest.tokens + info.tokens,
+        )
+        _write_atomic(self.root / MANIFEST_NAME, self.manifest.to_json())
+        return info
+
+    def finish(self) -> Manifest:
+        self.manifest = dataclasses.replace(self.manifest, complete=True)
+        _write_atomic(self.root / MANIFEST_NAME, self.manifest.to_json())
+        return self.manifest
