@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from logitcache import reader
 from logitcache.clitools import human_bytes, run_app
@@ -109,7 +110,7 @@ def dump(
     resumed = (
         f" (resumed after {summary.resumed_parts} committed parts)" if summary.resumed_parts else ""
     )
-    out.print(
+    print(
         f"wrote {out_dir}{resumed}: {m.tokens:,} tokens in {m.sequences:,} sequences, {len(m.parts)} parts; "
         f"{human_bytes(summary.bytes_on_disk)} on disk = {summary.bytes_per_token:.1f} bytes/token; "
         f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s)"
@@ -154,7 +155,7 @@ def info(
         ("size", f"{human_bytes(size)} = {size / max(m.tokens, 1):.1f} bytes/token"),
     ]  # fmt: skip
     for key, value in rows:
-        out.print(f"[bold]{key:>10}[/bold]  {value}", highlight=False)
+        out.print(f"[bold]{key:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -173,7 +174,7 @@ def verify(cache: Annotated[Path, typer.Argument(help="Cache directory.")]) -> N
             + "\n".join(f"  {p}" for p in report.problems)
             + "\nRe-dump the parts named above (delete the cache and rerun the dump), or restore them from a copy."
         )
-    out.print(
+    print(
         f"ok: {report.parts} parts, {report.files} files, {report.chunks} chunks, "
         f"{c.manifest.tokens:,} tokens checked"
     )

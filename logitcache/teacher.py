@@ -100,7 +100,10 @@ def load_teacher(
 
 def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # our own progress bar and messages say what matters
+    hf_logging.disable_progress_bar()
     path = Path(name)
     if (name.startswith((".", "/")) or path.exists()) and not (path / "config.json").is_file():
         raise LogitCacheError(

@@ -69,7 +69,7 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
     for array in ("input_ids", "target_ids", "target_logprobs", "seq_offsets"):
         pieces = []
         try:
-            for chunk_index, chunk in backend.iter_chunks(path, array):
+            for _, chunk in backend.iter_chunks(path, array):
                 report.chunks += 1
                 pieces.append(chunk)
         except Exception as exc:  # any decoding failure is a corrupt chunk, reported by name
