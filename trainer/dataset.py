@@ -1,0 +1,210 @@
+"""Streaming a cache into training: deterministic, shuffled, resumable, split across workers/ranks.
+
+The order of an epoch is a pure function of (seed, epoch, manifest counts), computed without
+reading any data:
+
+1. the parts are permuted (seeded by seed and epoch);
+2. consecutive groups of `shuffle_window` parts form windows; the sequences of a window are
+   permuted together (so memory holds at most about two windows of decoded parts);
+3. the order is cut into batches of `batch_size` sequences; batch j goes to rank j % world_size,
+   and the rank's i-th batch still to come is made by DataLoader worker i % num_workers.
+   PyTorch's DataLoader takes batches from its workers round-robin, starting with worker 0, so
+   the rank sees its batches in order.
+
+Resuming is exact: the state is (epoch, batches consumed), and every worker skips the consumed
+batches by index, without reading them. The held-out split is chosen per sequence by a hash of
+its storage index with a fixed salt (not the seed), so it never changes between runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+import logitcache
+from logitcache import Cache, LogitCacheError, PartArrays
+
+SPLITS = ("train", "eval", "all")
+IGNORE_INDEX = -100
+_SPLIT_SALT = np.uint64(0x5EED_0F_CAC4E)
+
+
+def _unit_hash(indices: np.ndarray) -> np.ndarray:
+    """splitmix64 of each index, mapped to [0, 1): a fixed pseudo-random number per sequence."""
+    with np.errstate(over="ignore"):
+        z = indices.astype(np.uint64) + _SPLIT_SALT
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class CacheDataset(IterableDataset):
+    """Whole collated batches from a cache; use with ``DataLoader(ds, batch_size=None)``.
+
+    Each batch is a dict: ``input_ids`` (B, T) int64, ``labels`` (B, T) int64 (the next input
+    token; -100 at padding and at each sequence's last position), ``target_ids`` (B, T, k) int64,
+    ``target_logprobs`` (B, T, k) float32, ``attention_mask`` (B, T) int64, ``index`` (B,) int64
+    storage indices of the sequences.
+    """
+
+    def __init__(
+        self,
+        cache: str | Path | Cache,
+        *,
+        batch_size: int,
+        split: str = "train",
+        eval_fraction: float = 0.0,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_window: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if batch_size < 1 or shuffle_window < 1:
+            raise ValueError("batch_size and shuffle_window must be at least 1")
+        if not 0.0 <= eval_fraction < 1.0:
+            raise LogitCacheError(f"--eval-fraction must be in [0, 1), got {eval_fraction}.")
+        self.cache = cache if isinstance(cache, Cache) else logitcache.open(cache)
+        self.batch_size, self.split, self.seed = batch_size, split, seed
+        self.shuffle, self.shuffle_window = shuffle, shuffle_window
+        if rank is None or world_size is None:
+            distributed = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if distributed else 0
+            world_size = dist.get_world_size() if distributed else 1
+        self.rank, self.world_size = rank, world_size
+        self._epoch, self._batches = 0, 0
+        self._members = self._split_members(eval_fraction)
+        self._part_firsts = np.cumsum([0] + [p.sequences for p in self.cache.manifest.parts])
+        if self.batches_per_epoch() == 0:
+            raise LogitCacheError(
+                f"the {split} split of {self.cache.root} has no sequences for rank {rank} of {world_size} "
+                f"({len(self.cache)} sequences in the cache, eval fraction {eval_fraction}). "
+                "Use a larger cache or a smaller --eval-fraction / batch size."
+            )
+
+    def _split_members(self, eval_fraction: float) -> list[np.ndarray]:
+        """Per part, the local indices of the sequences in this split (from counts only)."""
+        members, start = [], 0
+        for part in self.cache.manifest.parts:
+            local = np.arange(part.sequences, dtype=np.int64)
+            if self.split != "all":
+                held_out = _unit_hash(local + start) < eval_fraction
+                local = local[held_out] if self.split == "eval" else local[~held_out]
+            members.append(local)
+            start += part.sequences
+        return members
+
+    # ---- state -------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, 0
+
+    def advance(self, n: int = 1) -> None:
+        """Record that the training loop consumed `n` more batches of this epoch."""
+        self._batches += n
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, self._batches = int(state["epoch"]), int(state["batches"])
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch()
+
+    def num_sequences(self) -> int:
+        return sum(len(m) for m in self._members)
+
+    def batches_per_epoch(self) -> int:
+        total = math.ceil(self.num_sequences() / self.batch_size)
+        return len(range(self.rank, total, self.world_size))
+
+    # ---- order -------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(sequences, 2) array of (part, local index) pairs: the whole epoch's order, all ranks."""
+        rng = np.random.default_rng([self.seed, epoch])
+        parts = np.arange(len(self._members))
+        if self.shuffle:
+            parts = rng.permutation(parts)
+        pieces = []
+        for w in range(0, len(parts), self.shuffle_window):
+            window = [
+                np.stack([np.full(len(self._members[p]), p), self._members[p]], axis=1)
+                for p in parts[w : w + self.shuffle_window]
+            ]
+            pairs = np.concatenate(window) if window else np.zeros((0, 2), dtype=np.int64)
+            pieces.append(rng.permutation(pairs) if self.shuffle else pairs)
+        return np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of `epoch`, each a (B, 2) array of (part, local index)."""
+        order = self.epoch_order(epoch)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return batches[self.rank :: self.world_size]
+
+    # ---- reading -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        parts = _PartCache(self.cache, capacity=2 * self.shuffle_window)
+        for i, batch in enumerate(self.rank_batches(self._epoch)):
+            if i < self._batches or (i - self._batches) % workers != worker_id:
+                continue
+            storage_index = self._part_firsts[batch[:, 0]] + batch[:, 1]
+            yield collate([parts.sequence(int(p), int(s)) for p, s in batch], storage_index)
+
+
+class _PartCache:
+    """The last few decoded parts (least recently used evicted): a window is read once."""
+
+    def __init__(self, cache: Cache, capacity: int) -> None:
+        self.cache, self.capacity = cache, capacity
+        self._parts: OrderedDict[int, PartArrays] = OrderedDict()
+
+    def sequence(self, part: int, local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if part not in self._parts:
+            self._parts[part] = self.cache.read_part(part)
+            while len(self._parts) > self.capacity:
+                self._parts.popitem(last=False)
+        self._parts.move_to_end(part)
+        arrays = self._parts[part]
+        a, b = int(arrays.seq_offsets[local]), int(arrays.seq_offsets[local + 1])
+        return arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b]
+
+
+def collate(
+    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]], indices: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """Right-pad sequences to the longest and build next-token labels."""
+    batch, longest = len(sequences), max(len(s[0]) for s in sequences)
+    k = sequences[0][1].shape[1]
+    input_ids = np.zeros((batch, longest), dtype=np.int64)  # (B, T)
+    labels = np.full((batch, longest), IGNORE_INDEX, dtype=np.int64)  # (B, T)
+    mask = np.zeros((batch, longest), dtype=np.int64)  # (B, T)
+    target_ids = np.zeros((batch, longest, k), dtype=np.int64)  # (B, T, k)
+    target_logprobs = np.zeros((batch, longest, k), dtype=np.float32)  # (B, T, k); pads masked
+    for row, (ids, tids, tlps) in enumerate(sequences):
+        n = len(ids)
+        input_ids[row, :n] = ids
+        labels[row, : n - 1] = ids[1:]
+        mask[row, :n] = 1
+        target_ids[row, :n] = tids
+        target_logprobs[row, :n] = tlps
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(mask),
+        "target_ids": torch.from_numpy(target_ids),
+        "target_logprobs": torch.from_numpy(target_logprobs),
+        "index": torch.from_numpy(np.asarray(indices, dtype=np.int64)),
+    }
