@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from logitcache.errors import LogitCacheError
 from logitcache.format import TeacherInfo, TokenizerInfo
+from logitcache.tokenizer_id import tokenizer_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,23 +154,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def tokenizer_info(tok: Any, name: str) -> TokenizerInfo:
-    """Identity of a tokenizer: two tokenizers with the same fingerprint tokenize identically.
-
-    The fingerprint hashes the vocabulary, merges, added/special tokens, normaliser and
-    pre-tokeniser of the fast tokenizer's canonical JSON, and nothing that does not change the
-    ids (such as the file's formatting or the name it was saved under).
-    """
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        keep = {k: spec.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
-    else:
-        keep = {"vocab": tok.get_vocab(), "special": tok.all_special_tokens}
-    canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))
+    """Identity of a tokenizer; see `logitcache.tokenizer_id.tokenizer_fingerprint`."""
     return TokenizerInfo(
         name=name,
         vocab_size=len(tok),
-        fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
+        fingerprint=tokenizer_fingerprint(tok),
         eos_token_id=tok.eos_token_id,
     )
 
