@@ -1,0 +1,52 @@
+"""trainer: train a student from a logitcache cache, without ever loading the teacher.
+
+It reads caches through the reader side of logitcache only. The names below are imported on
+first use, so ``import trainer`` (and ``trainer plot``) stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "TAIL_MODES",
+    "CacheDataset",
+    "FitConfig",
+    "build_student",
+    "distillation_loss",
+    "evaluate",
+    "fit",
+    "plot_run",
+]
+
+_HOME = {
+    "TAIL_MODES": "trainer.losses",
+    "distillation_loss": "trainer.losses",
+    "CacheDataset": "trainer.dataset",
+    "FitConfig": "trainer.fit",
+    "fit": "trainer.fit",
+    "build_student": "trainer.student",
+    "evaluate": "trainer.evaluate",
+    "plot_run": "trainer.plot",
+}
+
+if TYPE_CHECKING:
+    from trainer.dataset import CacheDataset
+    from trainer.evaluate import evaluate
+    from trainer.fit import FitConfig, fit
+    from trainer.losses import TAIL_MODES, distillation_loss
+    from trainer.plot import plot_run
+    from trainer.student import build_student
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,172 @@
+"""Held-out evaluation of a student against a cache: CE, KL to the teacher, top-1 agreement.
+
+All three are token averages over the positions that have a next-token label:
+
+``ce``
+    cross-entropy of the student on the real next tokens (nats/token); ``ppl = exp(ce)``.
+``kl``
+    KL(teacher || student) at temperature 1 restricted to the cached top-k ids plus one tail
+    bucket holding the rest of the vocabulary (both sides' tails summed): the exact KL between
+    the two distributions coarsened to those k+1 categories, a lower bound on the full KL.
+``top1``
+    fraction of positions where the student's argmax is the teacher's most probable id.
+
+The teacher is never loaded: its side comes from the cache only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import logitcache
+from logitcache.errors import LogitCacheError
+from trainer.dataset import CacheDataset
+from trainer.losses import distillation_loss
+from trainer.student import RUN_MODEL_DIR, build_student
+
+SPLITS = ("eval", "train", "all")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise LogitCacheError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LogitCacheError(f"--device {name} asked for CUDA, but none is available; use cpu.")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (weights and loss stay float32), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    max_batches: int = 0,
+) -> dict[str, float]:
+    """CE, KL (bucket tail, T=1) and top-1 agreement of `model` over `batches` (all if 0)."""
+    was_training = model.training
+    model.eval()
+    ce_sum = kl_sum = agree = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
+    sequences = 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(device, precision):
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            parts = distillation_loss(
+                logits, b["labels"], b["target_ids"], b["target_logprobs"],
+                alpha=0.5, temperature=1.0, tail="bucket",
+            )  # fmt: skip
+            mask = b["labels"] != -100  # (B, T)
+            n = mask.sum()
+            ce_sum = ce_sum + parts.ce.double() * n
+            kl_sum = kl_sum + parts.kd.double() * n
+            agree = agree + ((logits.argmax(-1) == b["target_ids"][..., 0]) & mask).sum()
+            tokens = tokens + n
+            sequences += int(b["input_ids"].shape[0])
+    finally:
+        model.train(was_training)
+    count = int(tokens)
+    if count == 0:
+        raise LogitCacheError("nothing to evaluate: the split has no positions with a label.")
+    ce = float(ce_sum) / count
+    return {
+        "ce": ce,
+        "ppl": math.exp(min(ce, 700.0)),
+        "kl": float(kl_sum) / count,
+        "top1": float(agree) / count,
+        "tokens": count,
+        "sequences": sequences,
+    }
+
+
+def run_config(student: str | Path) -> dict[str, Any] | None:
+    """The training config of a trainer run directory (None for a plain model directory)."""
+    path = Path(student)
+    for candidate in (path / "summary.json", path.parent / "summary.json"):
+        if path.is_dir() and candidate.is_file():
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8")).get("config")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def evaluate(
+    cache: str | Path | logitcache.Cache,
+    student: str | Path,
+    *,
+    split: str = "eval",
+    eval_fraction: float | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "fp32",
+    max_batches: int = 0,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a saved student (a model directory or a trainer run directory) on a cache split.
+
+    ``split`` "eval" is the held-out split that training left out; its ``eval_fraction``
+    defaults to the run's own (read from the run's summary.json), else 0.01. "train" is the
+    rest, "all" every sequence (use it for a separately dumped held-out cache). Returns the
+    metrics of `evaluate_model` plus the split, cache and student.
+    """
+    if split not in SPLITS:
+        raise LogitCacheError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    if precision not in ("fp32", "bf16"):
+        raise LogitCacheError(f"--precision must be fp32 or bf16, got {precision!r}.")
+    c = cache if isinstance(cache, logitcache.Cache) else logitcache.open(cache)
+    if eval_fraction is None:
+        trained = run_config(student) or {}
+        eval_fraction = float(trained.get("eval_fraction", 0.01))
+    if split == "eval" and eval_fraction <= 0:
+        raise LogitCacheError(
+            "the run held out nothing (eval fraction 0), so there is no eval split; "
+            "use --split all on a separately dumped held-out cache."
+        )
+    ds = CacheDataset(
+        c, batch_size=batch_size, split=split,
+        eval_fraction=0.0 if split == "all" else eval_fraction, shuffle=False,
+    )  # fmt: skip
+    torch_device = resolve_device(device)
+    model, source = build_student(student, c.manifest)
+    if source.kind != "pretrained":
+        raise LogitCacheError(
+            f"--student {student} has no trained weights (only a config). Pass a trainer run "
+            f"directory (with {RUN_MODEL_DIR}/) or a model saved with save_pretrained."
+        )
+    model.to(torch_device)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    metrics = evaluate_model(
+        model, loader, device=torch_device, precision=precision, max_batches=max_batches
+    )
+    return {
+        "split": split,
+        "eval_fraction": eval_fraction if split != "all" else 0.0,
+        "cache": str(c.root),
+        "student": str(source.path),
+        **metrics,
+    }

@@ -1,0 +1,210 @@
+"""The student: built from a config, a config directory or a saved model, checked against a cache.
+
+``--student`` is one of
+
+* a transformers config JSON file (``config.json`` or any name): a fresh model, seeded init;
+* a directory holding ``config.json`` and no weights: the same;
+* a directory saved with ``save_pretrained`` (config + weights): training continues from it;
+* a trainer run directory (it holds ``model/``): the run's final student.
+
+Before any training the student is checked against the cache's manifest: its output size must
+equal the teacher's vocabulary (the cached targets are teacher token ids that index the
+student's logits), its context must hold the cache's sequences, and, with ``--tokenizer``, the
+tokenizer must be the one the cache was made with. Every mismatch is a `LogitCacheError` that
+names both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitcache.errors import LogitCacheError
+from logitcache.format import Manifest
+from logitcache.tokenizer_id import tokenizer_fingerprint
+
+#: Files that make a directory a saved model rather than a bare config.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+#: Where a trainer run keeps its final student (see `trainer.fit`).
+RUN_MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class StudentSource:
+    """What ``--student`` points to: ``kind`` is "config" (fresh init) or "pretrained"."""
+
+    kind: str
+    path: Path  # the config file for "config", the model directory for "pretrained"
+    spec: str  # as given
+
+
+def resolve_student(spec: str | Path) -> StudentSource:
+    """Decide what ``spec`` is (see the module docstring), or explain what it should be."""
+    path = Path(spec)
+    if path.is_file():
+        return StudentSource("config", path, str(spec))
+    if not path.is_dir():
+        raise LogitCacheError(
+            f"--student {spec} does not exist. Pass a transformers config JSON file, a directory "
+            "with config.json (fresh model), or a model directory saved with save_pretrained."
+        )
+    if not (path / "config.json").is_file() and (path / RUN_MODEL_DIR / "config.json").is_file():
+        path = path / RUN_MODEL_DIR  # a trainer run directory
+    if not (path / "config.json").is_file():
+        raise LogitCacheError(
+            f"--student {spec} is a directory without config.json. Pass a transformers config "
+            "JSON file, a directory with config.json, or a model saved with save_pretrained."
+        )
+    if any((path / name).is_file() for name in WEIGHT_FILES):
+        return StudentSource("pretrained", path, str(spec))
+    return StudentSource("config", path / "config.json", str(spec))
+
+
+def load_config(source: StudentSource) -> Any:
+    """The student's `transformers.PretrainedConfig`."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source.path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LogitCacheError(
+            f"cannot read a transformers model config from {source.path}: {first}. It needs a "
+            '"model_type" (e.g. "gpt2") and that model\'s fields.'
+        ) from exc
+
+
+def output_size(config: Any) -> int:
+    """Width of the student's logits according to its config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    if not isinstance(size, int):
+        raise LogitCacheError(f"the student config ({config.model_type}) has no vocab_size.")
+    return size
+
+
+def max_positions(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_student(config: Any, manifest: Manifest, where: str = "the student") -> None:
+    """Refuse a student whose vocabulary or context does not fit the cache."""
+    teacher_vocab = manifest.teacher.vocab_size
+    student_vocab = output_size(config)
+    if student_vocab != teacher_vocab:
+        raise LogitCacheError(
+            f"vocabulary mismatch: {where} has vocab_size {student_vocab}, but the cache's "
+            f"teacher ({manifest.teacher.name}) has vocab_size {teacher_vocab}. Cached targets "
+            "are teacher token ids that index the student's logits, so the two must be equal: "
+            f"set vocab_size to {teacher_vocab} in the student's config."
+        )
+    limit = max_positions(config)
+    if limit is not None and limit < manifest.layout.seq_len:
+        raise LogitCacheError(
+            f"{where} handles at most {limit} positions, but the cache's sequences are "
+            f"{manifest.layout.seq_len} tokens long. Raise the student's max positions "
+            f"(n_positions / max_position_embeddings) to at least {manifest.layout.seq_len}."
+        )
+
+
+def load_tokenizer(spec: str) -> Any:
+    """A tokenizer from a directory saved with save_pretrained, or a tokenizer.json file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if spec.endswith(".json") and Path(spec).is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=spec)
+        if not Path(spec).exists():
+            raise OSError("the path does not exist")
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LogitCacheError(
+            f"cannot load a tokenizer from --tokenizer {spec}: {first}. Pass a directory saved "
+            "with save_pretrained or a tokenizer.json file."
+        ) from exc
+
+
+def check_tokenizer(spec: str, manifest: Manifest) -> None:
+    """Refuse a tokenizer that is not the one the cache's input ids come from."""
+    fingerprint = tokenizer_fingerprint(load_tokenizer(spec))
+    want = manifest.tokenizer.fingerprint
+    if fingerprint != want:
+        raise LogitCacheError(
+            f"tokenizer mismatch: --tokenizer {spec} has fingerprint {fingerprint[:16]}, but the "
+            f"cache was made with tokenizer {manifest.tokenizer.name} (fingerprint "
+            f"{want[:16]}). The cache's input ids would mean different text to this tokenizer; "
+            "pass the tokenizer the cache was dumped with."
+        )
+
+
+def build_student(
+    spec: str | Path,
+    manifest: Manifest | None = None,
+    *,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    config_dict: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, StudentSource]:
+    """The student model in float32, in train mode, checked against `manifest` if given.
+
+    A fresh model is initialised under ``torch.manual_seed(seed)``, so the same seed gives the
+    same initial weights. ``config_dict`` (a resumed run's saved config) replaces the config
+    read from ``spec``; the weights are then loaded by the caller.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    source = resolve_student(spec)
+    if config_dict is not None:
+        config_dict = dict(config_dict)
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    else:
+        config = load_config(source)
+    if manifest is not None:
+        check_student(config, manifest, f"the student {spec}")
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, manifest)
+    try:
+        if source.kind == "pretrained" and config_dict is None:
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
+        else:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LogitCacheError(
+            f"cannot build a causal language model from --student {spec}: {first}."
+        ) from exc
+    if manifest is not None:
+        width = model.get_output_embeddings()
+        rows = None if width is None else width.weight.shape[0]
+        if rows is not None and rows != manifest.teacher.vocab_size:
+            raise LogitCacheError(
+                f"vocabulary mismatch: the student {spec} has {rows} output rows, but the "
+                f"cache's teacher ({manifest.teacher.name}) has vocab_size "
+                f"{manifest.teacher.vocab_size}."
+            )
+    model.train()
+    return model, source
+
+
+def config_to_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's config as plain JSON data (what a checkpoint stores)."""
+    return json.loads(model.config.to_json_string(use_diff=False))
