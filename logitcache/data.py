@@ -148,8 +148,15 @@ def _read_text(f: Path, source: DataSource) -> Iterator[str]:
 
 def _read_jsonl(f: Path, source: DataSource) -> Iterator[Any]:
     field = source.ids_field or source.text_field
-    with open(f, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, 1):
+    with open(f, "rb") as stream:
+        for number, raw in enumerate(stream, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise LogitCacheError(
+                    f"{f} line {number} is not UTF-8 ({exc.reason} at byte {exc.start} of the line). "
+                    "Fix or remove it."
+                ) from exc
             if not line.strip():
                 continue
             try:
