@@ -21,7 +21,11 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
     except LogitCacheError as exc:
         if os.environ.get("LOGITCACHE_DEBUG"):
             raise
-        message = "\n".join(textwrap.fill(line, 100) for line in str(exc).splitlines())
+        message = "\n".join(
+            # paths and flags stay whole: no break inside a word or at its hyphens
+            textwrap.fill(line, 100, break_long_words=False, break_on_hyphens=False)
+            for line in str(exc).splitlines()
+        )
         print(f"{prog_name}: error: {message}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
