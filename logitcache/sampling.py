@@ -1,0 +1,131 @@
+"""Sampled soft targets: N draws per position from the teacher's distribution, on the device.
+
+`dump --targets sample --samples N` stores, per position, the distinct ids among N draws with
+replacement from ``softmax(logits / temperature)`` and how often each was drawn. ``counts / N``
+is an unbiased estimate of the teacher's distribution (E[count_i / N] = p_i exactly, up to the
+float64 rounding of the CDF below), with variance p_i (1 - p_i) / N per id.
+
+Reproducibility. Draw j of position t of global sequence s (its storage index in the cache)
+uses the uniform number
+
+    key(s, t) = mix(mix(mix(seed + GOLDEN) + s) + t)          (64-bit wrap-around arithmetic)
+    u(s, t, j) = (mix(key(s, t) + (j + 1) * GOLDEN) >> 11) * 2**-53        in [0, 1)
+
+where ``mix`` is the splitmix64 finaliser (a bijection of 64-bit integers) and GOLDEN =
+0x9E3779B97F4A7C15. The drawn id is the inverse CDF at u: the first id whose cumulative
+probability (float64 cumulative sum of the float64 softmax, divided by its last element so that
+it ends at exactly 1) exceeds u. So a position's draws depend only on (seed, s, t) and the
+teacher's logits there: not on the batch size, on which batch or part the sequence fell in, on
+resuming, or on how work is split across processes. CPU and CUDA compute the same u exactly;
+the CDF can differ in the last float64 bit between devices, which changes a draw only when u
+falls within ~1e-16 of a boundary.
+
+Nothing here allocates more than ``chunk_elements`` float64 values at once (default 2**25,
+256 MiB): rows of the (batch, time, vocab) logits are processed in slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+MAX_SAMPLES = 65535  # counts are stored as uint8 (N <= 255) or uint16
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 value torch stores for it."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors, with 64-bit wrap-around multiplication."""
+    x = (x ^ _shr(x, 30)) * _signed(_M1)
+    x = (x ^ _shr(x, 27)) * _signed(_M2)
+    return x ^ _shr(x, 31)
+
+
+def mix_int(x: int) -> int:
+    """`mix` on one Python integer (the reference; also used for the seed)."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _M1) & _MASK64
+    x = ((x ^ (x >> 27)) * _M2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_keys(seed: int, sequences: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) int64 keys of positions 0..length-1 of global sequences `sequences` (B,)."""
+    base = _signed(mix_int(seed + GOLDEN))
+    rows = mix(sequences.to(torch.int64) + base)  # (B,)
+    positions = torch.arange(length, dtype=torch.int64, device=sequences.device)
+    return mix(rows[:, None] + positions[None, :])  # (B, length)
+
+
+def uniforms(keys: torch.Tensor, samples: int) -> torch.Tensor:
+    """(*keys.shape, samples) float64 uniforms in [0, 1), one per draw."""
+    draws = torch.arange(1, samples + 1, dtype=torch.int64, device=keys.device)
+    steps = draws * _signed(GOLDEN)  # (j + 1) * GOLDEN, wrapped
+    bits = _shr(mix(keys[..., None] + steps), 11)  # 53 random bits
+    return bits.to(torch.float64) * (2.0**-53)
+
+
+def reference_uniforms(seed: int, sequence: int, position: int, samples: int) -> np.ndarray:
+    """The same numbers in plain Python integers (for tests and other implementations)."""
+    key = mix_int(mix_int(mix_int(seed + GOLDEN) + sequence) + position)
+    out = [(mix_int(key + (j + 1) * GOLDEN) >> 11) * 2.0**-53 for j in range(samples)]
+    return np.array(out, dtype=np.float64)
+
+
+def draw(
+    logits: torch.Tensor,
+    keys: torch.Tensor,
+    samples: int,
+    *,
+    temperature: float = 1.0,
+    chunk_elements: int = 1 << 25,
+) -> torch.Tensor:
+    """(B, T, samples) int64 ids drawn from softmax(logits / temperature) at each position.
+
+    logits (B, T, V) any float dtype; keys (B, T) from `position_keys`.
+    """
+    batch, time, vocab = logits.shape
+    flat = logits.reshape(batch * time, vocab)
+    keys = keys.reshape(batch * time)
+    out = torch.empty(batch * time, samples, dtype=torch.int64, device=logits.device)
+    rows = max(1, chunk_elements // max(vocab, 1))
+    for start in range(0, batch * time, rows):
+        x = flat[start : start + rows].to(torch.float64)
+        if temperature != 1.0:
+            x = x / temperature
+        cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)  # (rows, V) float64
+        cdf /= cdf[:, -1:].clone()  # ends at exactly 1.0, so u < 1 always lands on an id
+        u = uniforms(keys[start : start + rows], samples)  # (rows, samples)
+        ids = torch.searchsorted(cdf, u, right=True)  # first id whose cdf exceeds u
+        out[start : start + rows] = ids.clamp_(max=vocab - 1)
+        del x, cdf
+    return out.view(batch, time, samples)
+
+
+def distinct_counts(draws: torch.Tensor, count_dtype: torch.dtype = torch.uint8):
+    """Distinct ids among the draws of each position, ascending, with their counts.
+
+    draws (..., N) int64 -> (ids (..., N) int32, counts (..., N) `count_dtype`, lengths (...)
+    int64): the first ``lengths`` slots of a row hold its distinct ids in increasing order and
+    their counts (>= 1); the remaining slots are padding with count 0 and id 0.
+    """
+    ordered, _ = draws.sort(dim=-1)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    slot = first.cumsum(dim=-1) - 1  # slot of each draw among the row's distinct ids
+    counts = torch.zeros_like(ordered).scatter_add_(-1, slot, torch.ones_like(ordered))
+    ids = torch.zeros_like(ordered).scatter_(-1, slot, ordered)  # equal values per slot
+    return ids.to(torch.int32), counts.to(count_dtype), first.sum(dim=-1)
