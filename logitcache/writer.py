@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -44,6 +45,10 @@ def hash_files(path: Path, name: str) -> dict[str, str]:
         return {name: sha256_file(path)}
     files = sorted(f for f in path.rglob("*") if f.is_file())
     return {f"{name}/{f.relative_to(path).as_posix()}": sha256_file(f) for f in files}
+
+
+#: What `_write_atomic` and `_check_writable` leave behind when killed mid-write: theirs to remove.
+_TEMPORARY = re.compile(r"^\.(write-probe-[0-9a-f]{32}|.+\.[0-9a-f]{32}\.tmp)$")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -134,7 +139,7 @@ class CacheWriter:
         manifest_path = self.root / MANIFEST_NAME
         if manifest_path.is_file():
             return parse_manifest(manifest_path.read_bytes(), str(manifest_path))
-        foreign = [p.name for p in self.root.iterdir() if not p.name.startswith(".write-probe-")]
+        foreign = [p.name for p in self.root.iterdir() if not _TEMPORARY.match(p.name)]
         if foreign:
             raise LogitCacheError(
                 f"{self.root} is not empty and holds no logitcache manifest "
@@ -144,8 +149,12 @@ class CacheWriter:
         return None
 
     def _remove_orphans(self, manifest: Manifest | None = None) -> None:
-        """Delete anything under parts/ that the manifest does not list (a crashed write)."""
+        """Delete anything under parts/ that the manifest does not list (a crashed write), and
+        the temporary files of an atomic write that was killed."""
         manifest = manifest or self.manifest
+        for entry in self.root.iterdir():
+            if _TEMPORARY.match(entry.name) and entry.is_file():
+                entry.unlink()
         listed = {p.name + self.backend.SUFFIX for p in manifest.parts}
         parts_dir = self.root / PARTS_DIR
         if parts_dir.is_dir():

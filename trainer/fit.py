@@ -22,6 +22,7 @@ at the next step boundary with a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -217,19 +218,22 @@ def fit(config: FitConfig) -> dict[str, Any]:
                     parts.loss.backward()
                     if config.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
                     optimizer.step()
                     scheduler.step()
                     train_ds.advance()
                     step += 1
                     state.record(parts, b["attention_mask"].sum())
                     if step % config.log_every == 0 or step == total_steps:
-                        state.log_train(step, train_ds, scheduler.get_last_lr()[0], bar)
+                        state.log_train(step, train_ds, lr, bar)
                     if eval_ds is not None and config.eval_every and step % config.eval_every == 0:
-                        state.log_eval(step, train_ds, _eval(model, eval_ds, config, device))
+                        with state.paused():
+                            state.log_eval(step, train_ds, _eval(model, eval_ds, config, device))
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
-                        _save_checkpoint(
-                            run_dir, model, optimizer, scheduler, train_ds, step, config, state
-                        )
+                        with state.paused():
+                            _save_checkpoint(
+                                run_dir, model, optimizer, scheduler, train_ds, step, config, state
+                            )
                         last_saved = step
                     bar.update(step)
                     if step >= total_steps or stop.is_set() or step == config.stop_at:
@@ -457,6 +461,15 @@ class _LoopState:
         self.sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         self.tokens: Any = 0
         self.n = 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) does not count against tokens/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - start
 
     def tokens_seen(self) -> int:
         """Input tokens trained on since step 0 (syncs with the device)."""
@@ -729,7 +742,7 @@ def _identity(manifest) -> dict[str, Any]:
 def _summary(config, cache, source, n_params, step, total, warmup, state, final_eval) -> dict:
     m = cache.manifest
     return {
-        "cache": str(Path(cache.root).resolve()),
+        "cache": cache.location,  # an absolute path, or the URL
         "manifest": {
             "teacher": {
                 "name": m.teacher.name,

@@ -59,6 +59,11 @@ def resolve_student(spec: str | Path) -> StudentSource:
         )
     if not (path / "config.json").is_file() and (path / RUN_MODEL_DIR / "config.json").is_file():
         path = path / RUN_MODEL_DIR  # a trainer run directory
+    if not (path / "config.json").is_file() and (path / "checkpoint").is_dir():
+        raise LogitCacheError(
+            f"the run in {spec} has not finished: it has a checkpoint but no {RUN_MODEL_DIR}/ "
+            "yet. Finish it with `trainer fit ... --resume` first."
+        )
     if not (path / "config.json").is_file():
         raise LogitCacheError(
             f"--student {spec} is a directory without config.json. Pass a transformers config "
