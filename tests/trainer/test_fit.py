@@ -386,3 +386,14 @@ def test_fit_help_has_every_setting_and_examples():
         flag = "--" + field.name.replace("_", "-")
         assert flag in text, flag
     assert "Examples" in text and "trainer fit --cache ./cache" in text
+
+
+def test_the_trainer_never_imports_the_teacher_or_writer_side():
+    code = (
+        "import sys, trainer.cli, trainer.fit, trainer.evaluate, trainer.plot, trainer.student; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('logitcache'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(proc.stdout.split())
+    assert "logitcache.reader" in loaded
+    assert not loaded & {"logitcache.dump", "logitcache.teacher", "logitcache.writer"}, loaded
