@@ -207,6 +207,33 @@ def _batches(sequences: Iterator[np.ndarray], per_part: int, batch_size: int, sk
             yield part[start : start + batch_size], start + batch_size >= len(part)
 
 
+#: Rows of logits exponentiated at a time on a CPU: a fresh vocab-sized temporary per batch (what
+#: `torch.logsumexp` allocates) costs page faults and a trip to memory; a 16 MiB one stays in cache.
+CPU_EXP_BYTES = 16 << 20
+
+
+def _topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k log-probs, their ids) of float32 `logits` (..., vocab), normalised over the
+    whole vocabulary: ``topk(x) - logsumexp(x)`` with logsumexp's own arithmetic, except that
+    the row maximum is the top-1 value already found, and that on a CPU the exponentials are
+    taken a few rows at a time (on one core, 85 instead of 155 ms for 4096 x 8192 logits)."""
+    values, indices = logits.topk(k, dim=-1, sorted=True)  # (..., k)
+    top = values[..., :1]  # the row maximum, which logsumexp subtracts before exp
+    if logits.device.type != "cpu":
+        return values - (logits - top).exp_().sum(-1, keepdim=True).log_().add_(top), indices
+    vocab = logits.shape[-1]
+    rows, tops = logits.reshape(-1, vocab), top.reshape(-1, 1)
+    sums = torch.empty_like(tops)
+    step = max(1, CPU_EXP_BYTES // (vocab * logits.element_size()))
+    buffer = torch.empty(min(step, len(rows)), vocab, dtype=logits.dtype)
+    for start in range(0, len(rows), step):
+        stop = min(start + step, len(rows))
+        part = torch.sub(rows[start:stop], tops[start:stop], out=buffer[: stop - start]).exp_()
+        torch.sum(part, dim=-1, keepdim=True, out=sums[start:stop])
+    return values - sums.log_().add_(tops).view(top.shape), indices
+
+
+@torch.inference_mode()
 def _teacher_targets(
     teacher: Teacher, batch: list[np.ndarray], k: int, value_dtype: torch.dtype, ends_part: bool
 ) -> _BatchTargets:
@@ -217,9 +244,8 @@ def _teacher_targets(
     logits = teacher.logits(
         torch.from_numpy(ids).to(teacher.device)
     ).float()  # (batch, time, vocab)
-    logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)  # (batch, time, 1)
-    values, indices = logits.topk(k, dim=-1, sorted=True)  # (batch, time, k)
-    values = (values - logsumexp).to(value_dtype)
+    values, indices = _topk_logprobs(logits, k)  # (batch, time, k)
+    values = values.to(value_dtype)
     indices = indices.to(torch.int32)
     pinned = teacher.device.type == "cuda"
     host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=pinned)
