@@ -7,6 +7,7 @@ data for `dump`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,33 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
         write_statistics=False,
         write_page_checksum=True,
     )
+
+
+def check_part(
+    path: Path, expected: dict[str, tuple[tuple[int, ...], str]], listed: set[str]
+) -> None:
+    """Check a part file's footer against the manifest before any data page is read: the
+    row count, the exact Arrow schema (types and k), and the declared uncompressed size."""
+    del listed  # a parquet part is one file
+    file = pq.ParquetFile(str(path))
+    meta = file.metadata
+    sequences = expected["seq_offsets"][0][0] - 1
+    tokens = expected["input_ids"][0][0]
+    if meta.num_rows != sequences:
+        raise ValueError(f"the file holds {meta.num_rows} rows, the manifest says {sequences}")
+    columns = []  # every array but seq_offsets is a list-per-sequence column (module docstring)
+    for name, (shape, dtype) in expected.items():
+        if name == "seq_offsets":
+            continue
+        value = pa.from_numpy_dtype(np.dtype(dtype))
+        columns.append((name, pa.list_(value if len(shape) == 1 else pa.list_(value, shape[1]))))
+    want = pa.schema(columns)
+    if not file.schema_arrow.equals(want):
+        raise ValueError(f"the file's schema is not {want}".replace("\n", ", "))
+    decoded = sum(np.dtype(dtype).itemsize * math.prod(shape) for shape, dtype in expected.values())
+    declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if declared > 4 * decoded + (1 << 20):  # values plus offsets and levels
+        raise ValueError(f"the file declares {declared} uncompressed bytes for {tokens} tokens")
 
 
 def read_part(path: Path) -> PartArrays:

@@ -8,6 +8,8 @@ shard index carries its own crc32c, so any flipped bit is caught on read.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +56,88 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
             fill_value=0,
         )
         array[...] = data
+
+
+MAX_METADATA_BYTES = 1 << 20  # a zarr.json is a few KB
+
+
+def _metadata(path: Path) -> dict:
+    with open(path / "zarr.json", "rb") as f:
+        text = f.read(MAX_METADATA_BYTES + 1)
+    if len(text) > MAX_METADATA_BYTES:
+        raise ValueError(f"{path.name}/zarr.json is over {MAX_METADATA_BYTES} bytes")
+    meta = json.loads(text)
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+        raise ValueError(f"{path.name}/zarr.json is not Zarr v3 metadata")
+    return meta
+
+
+def _bounded_shape(value: object, limit: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """A chunk shape: positive ints, one per dimension, each within `limit`."""
+    if (
+        not isinstance(value, list)
+        or len(value) != len(limit)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not all(1 <= v <= lim for v, lim in zip(value, limit, strict=True))
+    ):
+        raise ValueError(f"{what} {value!r:.80} is not within {limit}")
+    return tuple(value)
+
+
+def check_part(
+    path: Path, expected: dict[str, tuple[tuple[int, ...], str]], listed: set[str]
+) -> None:
+    """Check a part's zarr.json files against the manifest before zarr reads anything else.
+
+    Shapes and data types must be the manifest's, chunk shapes bounded by the array (so no
+    chunk buffer is larger than the part), no storage transformers, the default chunk key
+    encoding, and every chunk file zarr would open listed in the manifest (zarr reads a missing
+    chunk as fill values, so an unlisted or absent one must not be skipped silently).
+    """
+    group = _metadata(path)
+    if group.get("node_type") != "group":
+        raise ValueError("zarr.json is not a group")
+    for name, (shape, dtype) in expected.items():
+        meta = _metadata(path / name)
+        where = f"{name}/zarr.json"
+        if meta.get("node_type") != "array":
+            raise ValueError(f"{where} is not an array")
+        if meta.get("shape") != list(shape) or meta.get("data_type") != dtype:
+            raise ValueError(
+                f"{where} declares shape {meta.get('shape')!r:.80} of "
+                f"{meta.get('data_type')!r:.40}, the manifest says {list(shape)} of {dtype!r}"
+            )
+        if meta.get("storage_transformers"):
+            raise ValueError(f"{where} has storage transformers")
+        if meta.get("chunk_key_encoding") != {
+            "name": "default",
+            "configuration": {"separator": "/"},
+        }:
+            raise ValueError(f"{where} does not use the default '/' chunk key encoding")
+        grid = meta.get("chunk_grid") or {}
+        if grid.get("name") != "regular":
+            raise ValueError(f"{where} has no regular chunk grid")
+        doubled = tuple(2 * max(n, 1) for n in shape)
+        outer = _bounded_shape(
+            (grid.get("configuration") or {}).get("chunk_shape"), doubled, f"{where} chunk shape"
+        )
+        codecs = meta.get("codecs")
+        if not isinstance(codecs, list):
+            raise ValueError(f"{where} has no codec list")
+        for codec in codecs:
+            if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+                config = codec.get("configuration") or {}
+                _bounded_shape(config.get("chunk_shape"), outer, f"{where} inner chunk shape")
+                inner = [c.get("name") for c in config.get("codecs", []) if isinstance(c, dict)]
+                if "sharding_indexed" in inner:
+                    raise ValueError(f"{where} nests sharding")
+        counts = [math.ceil(n / c) for n, c in zip(shape, outer, strict=True)]
+        if math.prod(counts) > len(listed):
+            raise ValueError(f"{where} has more chunks than the manifest lists files")
+        for index in itertools.product(*(range(c) for c in counts)):
+            key = f"{name}/c/" + "/".join(map(str, index))
+            if key not in listed:
+                raise ValueError(f"{name} chunk file {key} is not listed in the manifest")
 
 
 def read_part(path: Path) -> PartArrays:

@@ -1,4 +1,5 @@
-"""The `logitcache` command: dump, info, verify. Thin: parse flags, call the library, print."""
+"""The `logitcache` command: dump, info, verify, merge, export. Thin: parse flags, call the
+library, print. Every CACHE argument is a directory or a URL (s3://, gs://, az://, memory://)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from logitcache import reader
+from logitcache import reader, stores
 from logitcache.clitools import human_bytes, run_app
 from logitcache.errors import CorruptCacheError
 
@@ -23,6 +24,18 @@ app = typer.Typer(
 )
 out = Console()
 
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="LOGITCACHE_CACHE_DIR",
+        help="Local cache of parts fetched from a URL [default: ~/.cache/logitcache]; size "
+        "limit LOGITCACHE_CACHE_SIZE (default 10GB).",
+    ),
+]
+LicenseOption = Annotated[
+    str, typer.Option("--license", help="Licence of the cached data, shown on the README.md card.")
+]
+
 
 @app.command()
 def dump(
@@ -32,7 +45,12 @@ def dump(
             help="Input: a text file, directory or glob; .jsonl, .parquet, .npy, or a save_to_disk directory."
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", help="Cache directory to create (or resume).")],
+    out_dir: Annotated[
+        str,
+        typer.Option(
+            "--out", help="Cache directory or URL (s3://bucket/cache) to create (or resume)."
+        ),
+    ],
     teacher: Annotated[
         str | None, typer.Option(help="Hugging Face causal LM: a local directory or a hub name.")
     ] = None,
@@ -83,6 +101,7 @@ def dump(
         bool, typer.Option(help="Delete an existing cache at --out and start over.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    license: LicenseOption = "unknown",
 ) -> None:
     """Run the teacher over a dataset once and write its top-k soft targets.
 
@@ -93,6 +112,8 @@ def dump(
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --top-k 64 --seq-len 1024
 
       logitcache dump --teacher-factory mypkg.models:teacher --tokenizer ./tok --data docs.jsonl --text-field text --out ./cache
+
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out s3://bucket/caches/gpt2-k64 --license cc-by-4.0
     """
     from logitcache.dump import DumpOptions
     from logitcache.dump import dump as run_dump
@@ -104,6 +125,7 @@ def dump(
             ids_field=ids_field, top_k=top_k, seq_len=seq_len, pack=pack, batch_size=batch_size,
             device=device, dtype=dtype, backend=format, logprob_dtype=logprob_dtype,
             part_tokens=part_tokens, clevel=clevel, overwrite=overwrite, progress=progress,
+            license=license,
         )
     )  # fmt: skip
     m = summary.manifest
@@ -117,24 +139,28 @@ def dump(
     )
 
 
-def disk_usage(root: Path) -> int:
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+def disk_usage(root: str | Path) -> int:
+    return stores.disk_usage(root)
 
 
 @app.command()
 def info(
-    cache: Annotated[Path, typer.Argument(help="Cache directory.")],
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest and sizes as JSON.")
     ] = False,
+    cache_dir: CacheDirOption = None,
 ) -> None:
     """Describe a cache: teacher, tokenizer, data, targets, counts, size and bytes/token.
 
-    Example: logitcache info ./cache --json | jq .teacher
+    --json prints the whole manifest (teacher identity and hashes, tokenizer fingerprint and
+    vocabulary size, data fingerprint, ...) plus size_bytes and bytes_per_token.
+
+    Examples: logitcache info ./cache --json | jq .teacher ; logitcache info s3://bucket/cache
     """
-    c = reader.open(cache, allow_partial=True)
+    c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     m = c.manifest
-    size = disk_usage(c.root)
+    size = disk_usage(cache)
     if as_json:
         doc = dataclasses.asdict(m) | {
             "size_bytes": size,
@@ -159,14 +185,20 @@ def info(
 
 
 @app.command()
-def verify(cache: Annotated[Path, typer.Argument(help="Cache directory.")]) -> None:
+def verify(
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
+    cache_dir: CacheDirOption = None,
+) -> None:
     """Read every chunk of a cache and check checksums and invariants; exit 2 naming what is wrong.
 
-    Example: logitcache verify ./cache
+    A cache at a URL is fetched part by part into the local cache (--cache-dir) and checked
+    there. The README.md card is not checked (it is not part of the manifest).
+
+    Examples: logitcache verify ./cache ; logitcache verify s3://bucket/cache
     """
     from logitcache.verify import verify as run_verify
 
-    c = reader.open(cache, allow_partial=True)
+    c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     report = run_verify(c)
     if not report.ok:
         raise CorruptCacheError(
@@ -174,9 +206,84 @@ def verify(cache: Annotated[Path, typer.Argument(help="Cache directory.")]) -> N
             + "\n".join(f"  {p}" for p in report.problems)
             + "\nRe-dump the parts named above (delete the cache and rerun the dump), or restore them from a copy."
         )
+    got = stores.FETCH_STATS
+    fetched = (
+        f" (downloaded {got['files']} files, {human_bytes(got['bytes'])})" if c.is_remote else ""
+    )
     print(
         f"ok: {report.parts} parts, {report.files} files, {report.chunks} chunks, "
-        f"{c.manifest.tokens:,} tokens checked"
+        f"{c.manifest.tokens:,} tokens checked{fetched}"
+    )
+
+
+@app.command()
+def merge(
+    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="New cache directory or URL.")],
+    inputs: Annotated[
+        list[str], typer.Argument(metavar="IN...", help="Caches to combine, in this order.")
+    ],
+    copy: Annotated[
+        bool,
+        typer.Option(
+            help="Copy the data. Default: hard links to the inputs' files (no copy; inputs and "
+            "output on one local filesystem)."
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    license: LicenseOption = "unknown",
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Combine caches dumped by separate jobs into one cache (their sequences, in order).
+
+    The inputs must share teacher, tokenizer, targets, layout, codec and backend; their data
+    differ (each input's source and fingerprint is recorded in the manifest's merged_from).
+
+    Examples:
+
+      logitcache merge ./cache-all ./cache-job0 ./cache-job1 ./cache-job2
+
+      logitcache merge s3://bucket/all s3://bucket/job0 s3://bucket/job1 --copy
+    """
+    from logitcache.merge import merge as run_merge
+
+    m = run_merge(
+        out_dir, inputs, copy=copy, overwrite=overwrite, license=license, cache_dir=cache_dir
+    )
+    how = "copied" if copy else "hard-linked"
+    print(
+        f"wrote {out_dir}: {len(inputs)} caches merged ({how}), {m.tokens:,} tokens in "
+        f"{m.sequences:,} sequences, {len(m.parts)} parts"
+    )
+
+
+@app.command()
+def export(
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL to read.")],
+    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Cache directory or URL to write.")],
+    format: Annotated[str, typer.Option(help="Backend of the output: parquet or zarr.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    license: LicenseOption = "unknown",
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Convert a cache to the other backend (or copy it between a directory and a URL).
+
+    The Parquet output loads as is with pyarrow.dataset or datasets.load_dataset("parquet").
+    Interrupted? Rerun the same command: it resumes.
+
+    Examples:
+
+      logitcache export ./cache ./cache-parquet --format parquet
+
+      logitcache export ./cache s3://bucket/cache --format zarr
+    """
+    from logitcache.export import export as run_export
+
+    m = run_export(
+        cache, out_dir, backend=format, overwrite=overwrite, license=license, cache_dir=cache_dir
+    )
+    print(
+        f"wrote {out_dir} ({format}): {m.tokens:,} tokens in {m.sequences:,} sequences, "
+        f"{len(m.parts)} parts"
     )
 
 

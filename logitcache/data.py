@@ -104,7 +104,9 @@ def count_documents(source: DataSource) -> int | None:
 
         return sum(parquet_rows(f) for f in source.files)
     if source.format == "npy":
-        return sum(int(np.load(f, mmap_mode="r").shape[0]) for f in source.files)
+        return sum(
+            int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0]) for f in source.files
+        )
     return None
 
 

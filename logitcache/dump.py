@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache import __version__, data
+from logitcache import __version__, data, stores
 from logitcache.errors import LogitCacheError
 from logitcache.format import (
     FORMAT_NAME,
@@ -41,6 +41,7 @@ from logitcache.format import (
     id_dtype_for,
 )
 from logitcache.progress import Bar, progress_bar
+from logitcache.remote_writer import open_writer
 from logitcache.teacher import Teacher, load_teacher
 from logitcache.writer import CacheWriter
 
@@ -52,7 +53,7 @@ class DumpOptions:
     """Every setting of a dump; the CLI fills it from flags, Python callers directly."""
 
     data: str
-    out: Path
+    out: str | Path  # a directory, or a URL (s3://...): see logitcache.stores
     teacher: str | None = None
     teacher_factory: str | None = None
     tokenizer: str | None = None
@@ -73,6 +74,7 @@ class DumpOptions:
     clevel: int = 5
     overwrite: bool = False
     progress: bool = True
+    license: str = "unknown"  # shown on the README.md card
 
 
 @dataclass
@@ -110,13 +112,15 @@ def dump(opts: DumpOptions) -> DumpSummary:
         first = next(sequences, None)  # before touching --out: empty data must leave nothing behind
         if first is None:
             raise LogitCacheError(f"--data {opts.data} holds no tokens: every document is empty.")
-        with CacheWriter(Path(opts.out), template, overwrite=opts.overwrite) as writer:
+        with open_writer(
+            opts.out, template, overwrite=opts.overwrite, license=opts.license
+        ) as writer:
             resumed = writer.committed
             if not writer.manifest.complete:
                 _run(opts, teacher, itertools.chain([first], sequences), writer, bar)
                 writer.finish()
             manifest = writer.manifest
-    size = sum(f.stat().st_size for f in Path(opts.out).rglob("*") if f.is_file())
+    size = stores.disk_usage(opts.out)
     return DumpSummary(manifest, resumed, size, time.perf_counter() - start)
 
 

@@ -32,6 +32,11 @@ FORMAT_NAME = "logitcache"
 FORMAT_VERSION = (
     "1.0"  # major.minor: a reader refuses a newer major, reads every older one it knows
 )
+#: The newest version this package reads. 1.1 adds the optional `merged_from` field (written
+#: only by `logitcache merge`); a dump still writes 1.0, which every 1.x reader reads.
+READER_VERSION = "1.1"
+MERGED_FORMAT_VERSION = "1.1"
+KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
 ARRAY_NAMES = ("input_ids", "target_ids", "target_logprobs", "seq_offsets")
@@ -39,6 +44,12 @@ BACKENDS = ("zarr", "parquet")
 TARGET_KINDS = ("topk",)
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # refuse to parse anything larger: a manifest is metadata
 _PART_NAME = re.compile(r"^part-\d{6}$")
+#: Bounds checked before anything is allocated from metadata: a reader decodes a whole part at
+#: once, so its decoded size (ids, targets, offsets) is capped; k and seq_len are capped on
+#: their own so that a hostile manifest cannot make one row or one sequence huge.
+MAX_K = 1 << 20
+MAX_SEQ_LEN = 1 << 24
+MAX_PART_BYTES = 1 << 34  # 16 GiB decoded
 
 
 def part_name(index: int) -> str:
@@ -136,6 +147,18 @@ class PartInfo:
 
 
 @dataclass(frozen=True)
+class MergedInput:
+    """One input of `logitcache merge`: where it came from and which parts it became."""
+
+    cache: str  # the input's location as given to merge
+    created: str  # the input's own `created`
+    data: DataInfo  # the input's own data record
+    parts: int  # its parts are the next `parts` parts of the merged cache, in order
+    sequences: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The whole description of a cache; written last, so it is the commit point."""
 
@@ -154,6 +177,7 @@ class Manifest:
     tokens: int
     parts: list[PartInfo] = field(default_factory=list)
     tool_version: str = ""
+    merged_from: list[MergedInput] = field(default_factory=list)  # format 1.1, merge only
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the cache's content: a resumed dump must match it exactly."""
@@ -168,7 +192,10 @@ class Manifest:
         }
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+        doc = dataclasses.asdict(self)
+        if not doc["merged_from"]:  # optional (1.1): absent from dumps, which stay 1.0
+            del doc["merged_from"]
+        return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -200,21 +227,42 @@ def parse_manifest(text: str | bytes, source: str = MANIFEST_NAME) -> Manifest:
         raise CorruptCacheError(
             f'{source} is not a logitcache manifest (no "format": "{FORMAT_NAME}").'
         )
-    _check_version(str(raw.get("format_version", "")), source)
-    manifest = _build(Manifest, raw, source)
+    version = _check_version(raw.get("format_version"), source)
+    try:
+        manifest = _build(Manifest, raw, source)
+    except CorruptCacheError as exc:
+        if "unknown field" in str(exc) and version > _version_tuple(READER_VERSION):
+            raise _upgrade(source, raw["format_version"]) from exc
+        raise
     _check_consistency(manifest, source)
     return manifest
 
 
-def _check_version(version: str, source: str) -> None:
-    major = version.split(".")[0]
-    if not major.isdigit():
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")
+    return int(major), int(minor)
+
+
+def _upgrade(source: str, version: str) -> LogitCacheError:
+    return LogitCacheError(
+        f"{source} uses cache format {version}, newer than this logitcache reads "
+        f"({READER_VERSION}). Upgrade logitcache: pip install -U logitcache."
+    )
+
+
+def _check_version(version: Any, source: str) -> tuple[int, int]:
+    if not isinstance(version, str) or not re.fullmatch(r"\d{1,6}\.\d{1,6}", version):
         raise CorruptCacheError(f"{source}: format_version {version!r} is not MAJOR.MINOR.")
-    if int(major) > int(FORMAT_VERSION.split(".")[0]):
+    parsed = _version_tuple(version)
+    if parsed[0] > max(KNOWN_MAJORS):
+        raise _upgrade(source, version)
+    if parsed[0] not in KNOWN_MAJORS:
         raise LogitCacheError(
-            f"{source} uses cache format {version}, newer than this logitcache reads "
-            f"({FORMAT_VERSION}). Upgrade logitcache: pip install -U logitcache."
+            f"{source} uses cache format {version}, older than any this logitcache reads "
+            f"(majors {', '.join(map(str, KNOWN_MAJORS))}). Re-dump it, or read it with the "
+            "logitcache version that wrote it."
         )
+    return parsed
 
 
 def _check_consistency(m: Manifest, source: str) -> None:
@@ -224,14 +272,22 @@ def _check_consistency(m: Manifest, source: str) -> None:
         problems.append(f"backend {m.backend!r} is not one of {BACKENDS}")
     if m.targets.kind not in TARGET_KINDS:
         problems.append(f"target kind {m.targets.kind!r} is not one of {TARGET_KINDS}")
-    if not 1 <= m.targets.k <= m.teacher.vocab_size:
-        problems.append(f"k={m.targets.k} is not in 1..vocab_size={m.teacher.vocab_size}")
-    if m.targets.id_dtype != id_dtype_for(m.teacher.vocab_size):
+    if not 1 <= m.teacher.vocab_size <= 1 << 32:
+        problems.append(f"vocab_size={m.teacher.vocab_size} is not in 1..2**32")
+    elif m.targets.id_dtype != id_dtype_for(m.teacher.vocab_size):
         problems.append(f"id_dtype {m.targets.id_dtype!r} does not fit vocab_size")
+    if not 1 <= m.targets.k <= min(m.teacher.vocab_size, MAX_K):
+        problems.append(
+            f"k={m.targets.k} is not in 1..min(vocab_size={m.teacher.vocab_size}, {MAX_K})"
+        )
     if m.targets.logprob_dtype not in ("float16", "float32"):
         problems.append(f"logprob_dtype {m.targets.logprob_dtype!r} is not float16 or float32")
-    if m.layout.seq_len < 1 or m.layout.sequences_per_part < 1:
-        problems.append("seq_len and sequences_per_part must be positive")
+    if not 1 <= m.layout.seq_len <= MAX_SEQ_LEN or m.layout.sequences_per_part < 1:
+        problems.append(
+            f"seq_len must be in 1..{MAX_SEQ_LEN} and sequences_per_part must be positive"
+        )
+    if problems:  # the part checks below rely on these
+        raise CorruptCacheError(f"{source} is inconsistent: " + "; ".join(problems) + ".")
     for i, part in enumerate(m.parts):
         if part.name != part_name(i):
             problems.append(f"part {i} is named {part.name!r}, expected {part_name(i)!r}")
@@ -239,6 +295,11 @@ def _check_consistency(m: Manifest, source: str) -> None:
             problems.append(f"{part.name}: {part.sequences} sequences is out of bounds")
         if not 0 < part.tokens <= part.sequences * m.layout.seq_len:
             problems.append(f"{part.name}: {part.tokens} tokens is out of bounds")
+        elif part_bytes(m, part) > MAX_PART_BYTES:
+            problems.append(
+                f"{part.name}: {part.tokens} tokens at k={m.targets.k} decode to "
+                f"{part_bytes(m, part)} bytes, over the {MAX_PART_BYTES} limit"
+            )
         problems += [
             f"{part.name}: unsafe file name {f!r}"
             for f in part.files
@@ -249,8 +310,38 @@ def _check_consistency(m: Manifest, source: str) -> None:
         or sum(p.tokens for p in m.parts) != m.tokens
     ):
         problems.append("sequence/token totals do not equal the sum over parts")
+    if m.merged_from:
+        if _version_tuple(m.format_version) < _version_tuple(MERGED_FORMAT_VERSION):
+            problems.append(f"merged_from needs format_version {MERGED_FORMAT_VERSION} or later")
+        counts = (len(m.parts), m.sequences, m.tokens)
+        inputs = tuple(
+            sum(getattr(i, f) for i in m.merged_from) for f in ("parts", "sequences", "tokens")
+        )
+        # an unfinished copy (export of a merged cache) holds a prefix of the parts
+        short = any(i < c for i, c in zip(inputs, counts, strict=True))
+        if (inputs != counts) if m.complete else short:
+            problems.append("merged_from counts do not add up to the cache's parts and totals")
     if problems:
         raise CorruptCacheError(f"{source} is inconsistent: " + "; ".join(problems) + ".")
+
+
+def part_bytes(m: Manifest, part: PartInfo) -> int:
+    """Decoded size of one part: what a reader allocates to hold it whole."""
+    id_size = {"uint8": 1, "uint16": 2, "uint32": 4}.get(m.targets.id_dtype, 4)
+    lp_size = 2 if m.targets.logprob_dtype == "float16" else 4
+    per_token = id_size * (1 + m.targets.k) + lp_size * m.targets.k
+    return part.tokens * per_token + (part.sequences + 1) * 8
+
+
+def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array name: (shape, dtype)} that part `part` must hold, from the manifest alone."""
+    k, ids = m.targets.k, m.targets.id_dtype
+    return {
+        "input_ids": ((part.tokens,), ids),
+        "target_ids": ((part.tokens, k), ids),
+        "target_logprobs": ((part.tokens, k), m.targets.logprob_dtype),
+        "seq_offsets": ((part.sequences + 1,), "int64"),
+    }
 
 
 def _safe_rel(path: str) -> bool:

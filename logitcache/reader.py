@@ -1,23 +1,41 @@
 """Reading a cache: `logitcache.open(path)` and the `Cache` it returns.
 
 The reader trusts only the manifest: it lists the committed parts, and nothing else under the
-cache root is ever opened. It imports no writer and no teacher code, so a trainer can depend on
-it alone.
+cache root is ever opened. Before a part is decoded, every file it lists must be a regular file
+inside the cache root, and the backend checks the part's array metadata (shapes, types, chunk
+sizes) against the manifest, so nothing is allocated from unchecked sizes. It imports no writer
+and no teacher code, so a trainer can depend on it alone.
+
+A cache may also live in an object store (``s3://...``, see `logitcache.stores`): the manifest
+is fetched, and each part's files are fetched on first use into a bounded local cache,
+sha256-checked against the manifest, and read from there.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from logitcache.backends import get_backend, part_path
+from logitcache import stores
+from logitcache.backends import get_backend
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.format import MANIFEST_NAME, Manifest, PartArrays, parse_manifest
+from logitcache.format import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    PARTS_DIR,
+    Manifest,
+    PartArrays,
+    expected_arrays,
+    parse_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -29,13 +47,18 @@ class CacheSequence:
     target_logprobs: torch.Tensor  # (T, k) float32
 
 
-def open(path: str | Path, *, allow_partial: bool = False) -> Cache:
-    """Open the cache at `path` for reading.
+def open(
+    path: str | Path, *, allow_partial: bool = False, cache_dir: str | Path | None = None
+) -> Cache:
+    """Open the cache at `path` (a directory, or a URL such as ``s3://bucket/cache``).
 
     A cache whose dump has not finished is refused unless `allow_partial` (then only its
-    committed parts are visible).
+    committed parts are visible). For a URL, fetched parts are kept under `cache_dir` (default:
+    ``LOGITCACHE_CACHE_DIR`` or ``~/.cache/logitcache``), see `logitcache.stores`.
     """
-    root = Path(path)
+    if stores.is_remote(path):
+        return _open_remote(str(path), allow_partial, cache_dir)
+    root = stores.local_path(path)
     manifest_path = root / MANIFEST_NAME
     if not root.exists():
         raise LogitCacheError(f"no cache at {root}: the path does not exist. Check --cache.")
@@ -44,23 +67,71 @@ def open(path: str | Path, *, allow_partial: bool = False) -> Cache:
             f"{root} is not a logitcache cache (no {MANIFEST_NAME}). "
             "Point to the directory that `logitcache dump --out` wrote."
         )
-    manifest = parse_manifest(manifest_path.read_bytes(), str(manifest_path))
-    if not manifest.complete and not allow_partial:
-        raise LogitCacheError(
-            f"{root} is an unfinished dump ({len(manifest.parts)} parts committed). Rerun the same "
-            "`logitcache dump` command to finish it."
-        )
+    with manifest_path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_MANIFEST_BYTES:  # refused unread (read(n) would allocate n bytes first)
+            raise CorruptCacheError(
+                f"{manifest_path} is {size} bytes, over the {MAX_MANIFEST_BYTES} limit."
+            )
+        text = f.read(size + 1)
+    manifest = parse_manifest(text, str(manifest_path))
+    _check_complete(manifest, root, allow_partial)
     return Cache(root, manifest)
 
 
-class Cache:
-    """A read-only view of a cache: `len()`, `cache[i]`, iteration in storage order."""
+def _open_remote(url: str, allow_partial: bool, cache_dir: str | Path | None) -> Cache:
+    store = stores.RemoteStore(url)
+    text = store.read_bytes(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES + 1)
+    if text is None:
+        raise LogitCacheError(
+            f"no cache at {store.url}: it holds no {MANIFEST_NAME}. Check the URL (and, for an "
+            "S3-compatible server, AWS_ENDPOINT_URL)."
+        )
+    manifest = parse_manifest(text, store.describe(MANIFEST_NAME))
+    _check_complete(manifest, store.url, allow_partial)
+    return Cache(store.url, manifest, mirror=stores.PartMirror(store, cache_dir))
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+
+def _check_complete(manifest: Manifest, where: object, allow_partial: bool) -> None:
+    if not manifest.complete and not allow_partial:
+        raise LogitCacheError(
+            f"{where} is an unfinished dump ({len(manifest.parts)} parts committed). Rerun the same "
+            "`logitcache dump` command to finish it."
+        )
+
+
+class Cache:
+    """A read-only view of a cache: `len()`, `cache[i]`, iteration in storage order.
+
+    `root` is the cache directory (a Path), or the URL (a str) of a cache in an object store,
+    whose parts `mirror` fetches into the local cache directory.
+    """
+
+    def __init__(
+        self, root: Path | str, manifest: Manifest, mirror: stores.PartMirror | None = None
+    ) -> None:
         self.root = root
         self.manifest = manifest
+        self.mirror = mirror
         self.backend = get_backend(manifest.backend)
         self._part_starts = np.cumsum([0] + [p.sequences for p in manifest.parts]).tolist()
+        self._checked: set[tuple[str, int]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable (spawned DataLoader workers)
+        return self.__dict__ | {"backend": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.backend = get_backend(self.manifest.backend)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.mirror is not None
+
+    @property
+    def location(self) -> str:
+        """The cache's URL, or its directory as an absolute path."""
+        return self.root if isinstance(self.root, str) else str(Path(self.root).resolve())
 
     def __len__(self) -> int:
         return self.manifest.sequences
@@ -69,14 +140,73 @@ class Cache:
     def num_parts(self) -> int:
         return len(self.manifest.parts)
 
+    def parts_dir(self, index: int, refresh: bool = False) -> Path:
+        """The local directory under which part `index`'s files (the keys of its ``files``)
+        are: the cache's parts/, or for a remote cache its entry in the local cache, fetched
+        (again, with `refresh`) and sha256-checked first."""
+        if self.mirror is None:
+            return Path(self.root) / PARTS_DIR
+        return self.mirror.ensure(self.manifest.parts[index], refresh)
+
+    @contextlib.contextmanager
+    def open_part(self, index: int) -> Iterator[Path]:
+        """The local path of part `index`, its files and metadata checked; for a remote cache
+        fetched first and kept from eviction until the block ends."""
+        info = self.manifest.parts[index]
+        if self.mirror is None:
+            base = Path(self.root) / PARTS_DIR
+            self._check_part(base, index)
+            yield base / (info.name + self.backend.SUFFIX)
+            return
+        with self.mirror.using(info) as base:
+            self._check_part(base, index)
+            yield base / (info.name + self.backend.SUFFIX)
+
     def part_path(self, index: int) -> Path:
-        return part_path(self.root, self.manifest.backend, self.manifest.parts[index].name)
+        """The local path of part `index` (checked; fetched first for a remote cache)."""
+        with self.open_part(index) as path:
+            return path
+
+    def _check_part(self, base: Path, index: int) -> None:
+        """Every listed file is a regular file inside `base`, and the backend's metadata agrees
+        with the manifest: checked before anything of the part is decoded."""
+        key = (str(base), index)
+        if key in self._checked:
+            return
+        info = self.manifest.parts[index]
+        real_base = os.path.realpath(base)
+        for rel in info.files:
+            path = base / rel
+            real = os.path.realpath(path)
+            if not real.startswith(real_base + os.sep):
+                raise CorruptCacheError(
+                    f"{info.name} of {self.root}: {PARTS_DIR}/{rel} resolves outside the cache "
+                    "(a symbolic link?); refusing to read it."
+                )
+            if not os.path.isfile(real):
+                raise CorruptCacheError(
+                    f"{info.name} of {self.root}: {PARTS_DIR}/{rel} is missing. Run "
+                    "`logitcache verify` on the cache."
+                )
+        check = getattr(self.backend, "check_part", None)
+        if check is not None:
+            path = base / (info.name + self.backend.SUFFIX)
+            listed = {rel[len(path.name) + 1 :] for rel in info.files if "/" in rel}
+            try:
+                check(path, expected_arrays(self.manifest, info), listed)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                raise CorruptCacheError(
+                    f"{info.name} of {self.root} does not match its manifest entry: {exc}. "
+                    "Run `logitcache verify` on it."
+                ) from exc
+        self._checked.add(key)
 
     def read_part(self, index: int) -> PartArrays:
         """Every array of part `index`, checked against the manifest's counts."""
         info = self.manifest.parts[index]
         try:
-            arrays = self.backend.read_part(self.part_path(index))
+            with self.open_part(index) as path:
+                arrays = self.backend.read_part(path)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CorruptCacheError(
                 f"cannot read {info.name} of {self.root}: {exc}. Run `logitcache verify` on it."
@@ -106,9 +236,9 @@ class Cache:
     def __getitem__(self, index: int) -> CacheSequence:
         """One sequence, reading only the chunks it touches."""
         part, local = self.locate(index)
-        path = self.part_path(part)
-        start, stop = self.backend.read_rows(path, "seq_offsets", local, local + 2)
-        rows = [self.backend.read_rows(path, n, int(start), int(stop)) for n in _TOKEN_ARRAYS]
+        with self.open_part(part) as path:
+            start, stop = self.backend.read_rows(path, "seq_offsets", local, local + 2)
+            rows = [self.backend.read_rows(path, n, int(start), int(stop)) for n in _TOKEN_ARRAYS]
         return _to_sequence(*rows)
 
     def iter_parts(self) -> Iterator[PartArrays]:

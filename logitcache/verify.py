@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from logitcache.errors import LogitCacheError
 from logitcache.format import PARTS_DIR, PartArrays
 from logitcache.reader import Cache
 from logitcache.writer import sha256_file
@@ -36,7 +37,12 @@ def verify(cache: Cache, on_part: Callable[[int], None] | None = None) -> Verify
     report = VerifyReport()
     for index, info in enumerate(cache.manifest.parts):
         report.parts += 1
-        bad_files = _check_files(cache.root / PARTS_DIR, info.files, report)
+        try:  # a remote part is fetched here (again), each file checked against its sha256
+            parts_dir = cache.parts_dir(index, refresh=True)
+        except LogitCacheError as exc:
+            report.problems.append(str(exc))
+            continue
+        bad_files = _check_files(parts_dir, info.files, report)
         if not bad_files:
             _check_chunks(cache, index, report)
         if on_part:
@@ -64,7 +70,11 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
     """Decode every chunk (checksums), then check the invariants on the whole part."""
     name = cache.manifest.parts[index].name
     backend = cache.backend
-    path = cache.part_path(index)
+    try:
+        path = cache.part_path(index)  # checks the part's metadata against the manifest
+    except LogitCacheError as exc:
+        report.problems.append(str(exc))
+        return
     arrays = {}
     for array in ("input_ids", "target_ids", "target_logprobs", "seq_offsets"):
         pieces = []

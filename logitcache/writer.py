@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from logitcache.backends import get_backend, part_path
+from logitcache.card import CARD_NAME, DEFAULT_LICENSE, render_card
 from logitcache.errors import LogitCacheError, SettingsMismatchError
 from logitcache.format import (
     MANIFEST_NAME,
@@ -80,11 +81,22 @@ class CacheWriter:
     """Creates or resumes a cache at `root` with the settings of `template`.
 
     Use as a context manager; `committed` is the number of parts already present, `write_part`
-    commits the next one, `finish` marks the cache complete.
+    commits the next one, `finish` marks the cache complete and writes the README.md card
+    (`location` and `license` are shown on it).
     """
 
-    def __init__(self, root: Path, template: Manifest, *, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        template: Manifest,
+        *,
+        overwrite: bool = False,
+        license: str = DEFAULT_LICENSE,
+        location: str | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.license = license
+        self.location = str(root) if location is None else location
         self.backend = get_backend(template.backend)
         self.manifest = self._open(template, overwrite)
 
@@ -103,6 +115,7 @@ class CacheWriter:
         existing = self._existing_manifest()
         if existing is not None and overwrite:
             (self.root / MANIFEST_NAME).unlink()  # uncommit first: no reader sees a mix
+            _remove(self.root / CARD_NAME)
             _remove(self.root / PARTS_DIR)
             existing = None
         if existing is None:
@@ -183,4 +196,11 @@ class CacheWriter:
     def finish(self) -> Manifest:
         self.manifest = dataclasses.replace(self.manifest, complete=True)
         _write_atomic(self.root / MANIFEST_NAME, self.manifest.to_json())
+        self.write_card()
         return self.manifest
+
+    def write_card(self) -> Path:
+        """(Re)write README.md from the manifest; not part of the commit."""
+        path = self.root / CARD_NAME
+        _write_atomic(path, render_card(self.manifest, self.location, self.license))
+        return path

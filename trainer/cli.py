@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,11 +20,30 @@ app = typer.Typer(
     help="Train students from a logitcache cache, without the teacher; evaluate and plot runs.",
 )
 D = FitConfig(cache="", student="")  # the defaults, in one place
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="LOGITCACHE_CACHE_DIR",
+        help="Local cache of parts fetched when --cache is a URL [default: "
+        "~/.cache/logitcache]; size limit LOGITCACHE_CACHE_SIZE (default 10GB).",
+    ),
+]
+
+
+def _use_cache_dir(cache_dir: Path | None) -> None:
+    """Through the environment, so that DataLoader workers (forked or spawned) see it too."""
+    if cache_dir is not None:
+        os.environ["LOGITCACHE_CACHE_DIR"] = str(cache_dir)
 
 
 @app.command()
 def fit(
-    cache: Annotated[str, typer.Option(help="Cache directory written by `logitcache dump`.")],
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="Cache written by `logitcache dump`: a directory or a URL (s3://bucket/cache)."
+        ),
+    ],
     student: Annotated[
         str,
         typer.Option(
@@ -96,6 +116,7 @@ def fit(
         typer.Option(help="Stop after this step with a checkpoint, as if interrupted (0: never)."),
     ] = D.stop_at,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    cache_dir: CacheDirOption = None,
 ) -> None:
     """Train a student on a cache's soft targets: loss = alpha * CE + (1 - alpha) * T^2 * KL.
 
@@ -114,6 +135,8 @@ def fit(
     """
     from trainer.fit import Interrupted
     from trainer.fit import fit as run_fit
+
+    _use_cache_dir(cache_dir)
 
     config = FitConfig(
         cache=cache, student=student, out=out, tokenizer=tokenizer, alpha=alpha,
@@ -151,7 +174,7 @@ def fit(
 
 @app.command("eval")
 def eval_(
-    cache: Annotated[str, typer.Option(help="Cache directory to evaluate on.")],
+    cache: Annotated[str, typer.Option(help="Cache directory or URL to evaluate on.")],
     student: Annotated[
         str, typer.Option(help="A run directory (`trainer fit --out`) or a saved model directory.")
     ],
@@ -171,6 +194,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    cache_dir: CacheDirOption = None,
 ) -> None:
     """Held-out CE, KL(teacher || student) on the cached top-k + tail bucket, top-1 agreement.
 
@@ -182,6 +206,7 @@ def eval_(
     """
     from trainer.evaluate import evaluate
 
+    _use_cache_dir(cache_dir)
     result = evaluate(
         cache, student, split=split, eval_fraction=eval_fraction, batch_size=batch_size,
         device=device, precision=precision, max_batches=max_batches,

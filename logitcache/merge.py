@@ -1,0 +1,277 @@
+"""`merge`: combine caches dumped by separate jobs into one logical cache.
+
+The inputs must agree on everything that decides what a target means and how it is stored:
+backend, teacher (weights and config hashes, dtype, vocabulary; the name may differ), tokenizer
+(fingerprint; the name may differ), targets, layout and codec. Their data differ: the merged
+manifest records each input's location and data record in ``merged_from`` (format 1.1), and its
+own ``data`` combines them (sources joined with " + ", a fingerprint over the inputs'
+fingerprints in order).
+
+The merged cache's parts are the inputs' parts in order, renumbered. Their files are either
+**hard links** to the inputs' files (the default: no data is copied, and the merged cache is a
+complete, self-contained cache; needs the inputs and the output on one local filesystem), or
+copies (``copy=True``: any mix of local paths and URLs; a server-side copy when input and
+output are in the same object store). File contents, hence sha256s, are unchanged: only the
+part prefix of each file name changes.
+
+Commit order as for a dump: an initial manifest listing nothing, the parts' files, then the
+final manifest (the commit point), then the README.md card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from logitcache import __version__, reader
+from logitcache.card import CARD_NAME, DEFAULT_LICENSE, render_card
+from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
+from logitcache.format import (
+    MANIFEST_NAME,
+    MERGED_FORMAT_VERSION,
+    PARTS_DIR,
+    DataInfo,
+    Manifest,
+    MergedInput,
+    PartInfo,
+    part_name,
+)
+from logitcache.reader import Cache
+from logitcache.stores import RemoteStore, is_remote, local_path, sha256_file
+from logitcache.writer import _remove, _write_atomic
+
+#: Identity fields that may differ between inputs (how a teacher or tokenizer was named).
+_NAMES = ("teacher.name", "tokenizer.name")
+
+
+def merge(
+    out: str | Path,
+    inputs: list[str | Path],
+    *,
+    copy: bool = False,
+    overwrite: bool = False,
+    license: str = DEFAULT_LICENSE,
+    cache_dir: str | Path | None = None,
+) -> Manifest:
+    """Merge the complete caches `inputs` into a new cache at `out`; returns its manifest."""
+    if not inputs:
+        raise LogitCacheError("merge needs at least one input cache.")
+    locations = [str(i) for i in inputs]
+    caches = [reader.open(i, cache_dir=cache_dir) for i in locations]
+    check_compatible(locations, caches)
+    manifest = merged_manifest(locations, caches)
+    remote_in = [loc for loc in locations if is_remote(loc)]
+    if not copy and (is_remote(out) or remote_in):
+        where = str(out) if is_remote(out) else remote_in[0]
+        raise LogitCacheError(
+            f"a merge by reference makes hard links, which {where} (an object store) does not "
+            "have: inputs and output must be local directories on one filesystem. Pass --copy "
+            "to copy the data (server-side within one object store)."
+        )
+    dest = _RemoteDest(str(out)) if is_remote(out) else _LocalDest(local_path(out), copy)
+    dest.start(dataclasses.replace(
+        manifest, parts=[], sequences=0, tokens=0, complete=False, merged_from=[]
+    ), overwrite)  # fmt: skip
+    try:
+        new_parts = iter(manifest.parts)
+        for cache in caches:
+            for index, part in enumerate(cache.manifest.parts):
+                new = next(new_parts)
+                for rel in part.files:
+                    dest.put(cache, index, rel, new.name + rel[len(part.name) :], part.files[rel])
+        dest.commit(manifest)
+    except BaseException:
+        dest.abort()
+        raise
+    dest.write_card(render_card(manifest, str(out), license))
+    return manifest
+
+
+def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    items: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            items |= _flat(value, f"{prefix}{key}.")
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def check_compatible(locations: list[str], caches: list[Cache]) -> None:
+    """Refuse inputs that differ in anything but their data (and names), listing each
+    difference; refuse the same data twice."""
+    first = _flat(caches[0].manifest.settings())
+    problems = []
+    for location, cache in zip(locations[1:], caches[1:], strict=True):
+        other = _flat(cache.manifest.settings())
+        for key in sorted(set(first) | set(other)):
+            if key.startswith("data.") or key in _NAMES:
+                continue
+            if first.get(key) != other.get(key):
+                problems.append(
+                    f"{key}: {locations[0]} has {first.get(key)!r}, {location} has "
+                    f"{other.get(key)!r}"
+                )
+    if problems:
+        raise SettingsMismatchError(
+            "cannot merge caches made with different settings:\n  "
+            + "\n  ".join(problems)
+            + "\nOnly caches of the same teacher, tokenizer, targets, layout, codec and backend "
+            "can be merged (re-dump or `logitcache export` the odd ones out)."
+        )
+    seen: dict[str, str] = {}
+    for location, cache in zip(locations, caches, strict=True):
+        for item in _inputs_of(location, cache):
+            fingerprint = item.data.fingerprint
+            if fingerprint in seen:
+                raise LogitCacheError(
+                    f"{seen[fingerprint]} and {item.cache} hold the same data (fingerprint "
+                    f"{fingerprint[:16]}); merging would repeat it. Leave one of them out."
+                )
+            seen[fingerprint] = item.cache
+
+
+def _inputs_of(location: str, cache: Cache) -> list[MergedInput]:
+    """What `cache` contributes to merged_from: its own entries if it is itself a merge."""
+    m = cache.manifest
+    if m.merged_from:
+        return list(m.merged_from)
+    return [MergedInput(location, m.created, m.data, len(m.parts), m.sequences, m.tokens)]
+
+
+def merged_manifest(locations: list[str], caches: list[Cache]) -> Manifest:
+    first = caches[0].manifest
+    merged_from = [i for loc, c in zip(locations, caches, strict=True) for i in _inputs_of(loc, c)]
+    datas = [i.data for i in merged_from]
+    formats = {d.format for d in datas}
+    fields = {d.text_field for d in datas}
+    fingerprint = hashlib.sha256("\n".join(d.fingerprint for d in datas).encode()).hexdigest()
+    data = DataInfo(
+        source=" + ".join(d.source for d in datas),
+        format=formats.pop() if len(formats) == 1 else "mixed",
+        fingerprint=fingerprint,
+        documents=-1 if any(d.documents < 0 for d in datas) else sum(d.documents for d in datas),
+        text_field=fields.pop() if len(fields) == 1 else None,
+    )
+    parts = []
+    for cache in caches:
+        for part in cache.manifest.parts:
+            name = part_name(len(parts))
+            files = {name + rel[len(part.name) :]: digest for rel, digest in part.files.items()}
+            parts.append(PartInfo(name, part.sequences, part.tokens, files))
+    return dataclasses.replace(
+        first,
+        format_version=MERGED_FORMAT_VERSION,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        data=data,
+        complete=True,
+        sequences=sum(p.sequences for p in parts),
+        tokens=sum(p.tokens for p in parts),
+        parts=parts,
+        tool_version=__version__,
+        merged_from=merged_from,
+    )
+
+
+class _LocalDest:
+    def __init__(self, root: Path, copy: bool) -> None:
+        self.root, self.copy = root, copy
+        self.created = False
+
+    def start(self, initial: Manifest, overwrite: bool) -> None:
+        root = self.root
+        if (root / MANIFEST_NAME).is_file():
+            if not overwrite:
+                raise LogitCacheError(
+                    f"{root} already holds a cache. Choose another output, or pass --overwrite "
+                    "to replace it."
+                )
+            (root / MANIFEST_NAME).unlink()  # uncommit first
+            _remove(root / CARD_NAME)
+            _remove(root / PARTS_DIR)
+        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise LogitCacheError(
+                f"{root} is not empty and holds no logitcache manifest. Refusing to write into "
+                "it; choose a new or empty directory."
+            )
+        try:
+            (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LogitCacheError(f"cannot create {root} ({exc.strerror}).") from exc
+        self.created = True
+        _write_atomic(root / MANIFEST_NAME, initial.to_json())
+
+    def put(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
+        src = cache.parts_dir(index) / rel  # a remote input's part is fetched and checked
+        dst = self.root / PARTS_DIR / new_rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not self.copy:
+            try:
+                os.link(src, dst)
+            except OSError as exc:
+                raise LogitCacheError(
+                    f"cannot hard-link {src} into {self.root} ({exc.strerror}): a merge by "
+                    "reference needs the inputs and the output on one local filesystem that "
+                    "supports hard links. Pass --copy to copy the data instead."
+                ) from exc
+            return
+        shutil.copyfile(src, dst)
+        if sha256_file(dst) != digest:
+            raise CorruptCacheError(
+                f"{cache.root}: {PARTS_DIR}/{rel} does not match its sha256 in the manifest; "
+                "not merging a damaged cache. Run `logitcache verify` on it."
+            )
+
+    def commit(self, manifest: Manifest) -> None:
+        _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+
+    def write_card(self, text: str) -> None:
+        _write_atomic(self.root / CARD_NAME, text)
+
+    def abort(self) -> None:
+        if self.created:  # leave an empty, uncommitted cache: rerun with --overwrite
+            _remove(self.root / PARTS_DIR)
+
+
+class _RemoteDest:
+    def __init__(self, url: str) -> None:
+        self.store = RemoteStore(url)
+
+    def start(self, initial: Manifest, overwrite: bool) -> None:
+        store = self.store
+        if store.read_bytes(MANIFEST_NAME) is not None:
+            if not overwrite:
+                raise LogitCacheError(
+                    f"{store.url} already holds a cache. Choose another output, or pass "
+                    "--overwrite to replace it."
+                )
+            store.remove([MANIFEST_NAME])
+            store.remove(sorted(store.list_files()))
+        elif store.list_files():
+            raise LogitCacheError(
+                f"{store.url} is not empty and holds no logitcache manifest. Refusing to write "
+                "into it; choose a new or empty location."
+            )
+        store.write_bytes(MANIFEST_NAME, initial.to_json().encode("utf-8"))
+
+    def put(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
+        del digest  # checked when fetched (remote input) or by `verify`
+        mirror = cache.mirror
+        if mirror is not None and mirror.store.same_filesystem(self.store):
+            self.store.copy_within(mirror.store, f"{PARTS_DIR}/{rel}", f"{PARTS_DIR}/{new_rel}")
+            return
+        self.store.put_file(cache.parts_dir(index) / rel, f"{PARTS_DIR}/{new_rel}")
+
+    def commit(self, manifest: Manifest) -> None:
+        self.store.write_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+
+    def write_card(self, text: str) -> None:
+        self.store.write_bytes(CARD_NAME, text.encode("utf-8"))
+
+    def abort(self) -> None:
+        pass  # the initial manifest lists nothing: uploaded files are orphans

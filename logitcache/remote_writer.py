@@ -1,0 +1,167 @@
+"""Writing a cache to an object store: stage each part locally, upload it, then the manifest.
+
+The commit protocol is the local one (`logitcache.writer`, docs/FORMAT.md section 8) with the
+object store as the cache root:
+
+1. **Start.** Fetch the remote ``manifest.json``. None: the location must be empty, and an
+   initial manifest (no parts) is uploaded. One: its settings must equal this run's; every
+   object under ``parts/`` that it does not list (an upload interrupted before its commit) is
+   deleted, and the dump resumes after its last part. ``--overwrite`` deletes the manifest first,
+   then everything else.
+2. **Each part.** Written and hashed in a local staging directory exactly as for a local cache,
+   its files uploaded, then the manifest listing it uploaded (one PUT: atomic in S3, GCS and
+   Azure), then the staged files deleted (local disk holds at most one part).
+3. **Finish.** The manifest with ``complete: true``, then the README.md card.
+
+A reader sees the last uploaded manifest: every part it lists was fully uploaded before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from logitcache.card import CARD_NAME, DEFAULT_LICENSE
+from logitcache.errors import LogitCacheError, SettingsMismatchError
+from logitcache.format import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    Manifest,
+    PartArrays,
+    PartInfo,
+    parse_manifest,
+)
+from logitcache.stores import RemoteStore, default_cache_dir, is_remote, local_path
+from logitcache.writer import CacheWriter
+
+
+def open_writer(
+    location: str | Path,
+    template: Manifest,
+    *,
+    overwrite: bool = False,
+    license: str = DEFAULT_LICENSE,
+) -> CacheWriter | RemoteCacheWriter:
+    """A writer for the cache at `location`: a local directory or a URL."""
+    if is_remote(location):
+        return RemoteCacheWriter(str(location), template, overwrite=overwrite, license=license)
+    return CacheWriter(local_path(location), template, overwrite=overwrite, license=license)
+
+
+def staging_root() -> Path:
+    return default_cache_dir() / "staging"
+
+
+STALE_SECONDS = 24 * 3600
+
+
+def _remove_stale(root: Path) -> None:
+    """Staging directories of killed uploads: a running one changes at every part it writes."""
+    now = time.time()
+    for entry in root.glob("upload-*"):
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+class RemoteCacheWriter:
+    """`CacheWriter`'s interface (`committed`, `manifest`, `write_part`, `finish`, context
+    manager) for a cache in an object store."""
+
+    def __init__(
+        self,
+        url: str,
+        template: Manifest,
+        *,
+        overwrite: bool = False,
+        license: str = DEFAULT_LICENSE,
+    ) -> None:
+        self.store = RemoteStore(url)
+        self.uploaded_bytes = 0
+        existing = self.store.read_bytes(MANIFEST_NAME)
+        if existing is not None and overwrite:
+            self.store.remove([MANIFEST_NAME])  # uncommit first
+            self.store.remove(sorted(self.store.list_files()))
+            existing = None
+        if existing is None:
+            found = sorted(self.store.list_files())
+            if found:
+                raise LogitCacheError(
+                    f"{self.store.url} is not empty and holds no logitcache manifest (found: "
+                    f"{', '.join(found[:5])}). Refusing to write into it; choose a new or empty "
+                    "location with --out."
+                )
+        else:
+            parse_manifest(existing, self.store.describe(MANIFEST_NAME))
+        root = staging_root()
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root)
+        self.staging = Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+        try:
+            if existing is not None:
+                (self.staging / MANIFEST_NAME).write_bytes(existing)
+            try:
+                self.local = CacheWriter(
+                    self.staging, template, license=license, location=self.store.url
+                )
+            except SettingsMismatchError as exc:
+                raise SettingsMismatchError(
+                    str(exc).replace(str(self.staging), self.store.url)
+                ) from None
+            if existing is None:
+                self._upload_manifest()
+            else:
+                self._remove_orphans()
+        except BaseException:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.local.manifest
+
+    @property
+    def committed(self) -> int:
+        return self.local.committed
+
+    def __enter__(self) -> RemoteCacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _upload_manifest(self) -> None:
+        self.store.write_bytes(MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
+
+    def _remove_orphans(self) -> None:
+        listed = {f"{PARTS_DIR}/{rel}" for part in self.manifest.parts for rel in part.files}
+        orphans = [rel for rel in self.store.list_files(PARTS_DIR) if rel not in listed]
+        self.store.remove(sorted(orphans))
+
+    def write_part(self, arrays: PartArrays) -> PartInfo:
+        """Stage, upload and commit the next part."""
+        info = self.local.write_part(arrays)
+        self.upload_part(info)
+        return info
+
+    def upload_part(self, info: PartInfo) -> None:
+        """Upload a part committed in the staging directory, then the manifest listing it."""
+        for rel in info.files:
+            path = self.staging / PARTS_DIR / rel
+            self.store.put_file(path, f"{PARTS_DIR}/{rel}")
+            self.uploaded_bytes += path.stat().st_size
+        self._upload_manifest()  # the commit point
+        for rel in info.files:
+            (self.staging / PARTS_DIR / rel).unlink()
+        for entry in (self.staging / PARTS_DIR).iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+
+    def finish(self) -> Manifest:
+        manifest = self.local.finish()
+        self._upload_manifest()
+        self.store.put_file(self.staging / CARD_NAME, CARD_NAME)
+        return manifest
