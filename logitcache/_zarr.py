@@ -54,6 +54,9 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
             shards=shard,
             compressors=compressors,
             fill_value=0,
+            # every chunk is written, even all-zero ones: a part's file set is then fixed by its
+            # shape alone, which the manifest's checksums and the reader's bounds checks rely on
+            config={"write_empty_chunks": True},
         )
         array[...] = data
 
