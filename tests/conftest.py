@@ -53,3 +53,30 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_small_file
     """A saved tiny GPT-2 teacher (vocab 512, 2x64), trained 40 steps so logits are peaked."""
     out = tmp_path_factory.mktemp("tiny_teacher")
     return toy.build_teacher(out, files=stdlib_small_files, verbose=False, **TINY_TEACHER)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_teacher_dir, stdlib_corpus) -> Path:
+    """The tiny teacher's top-8 targets over the stdlib corpus: ~530 sequences of 64, 9 parts
+    (dumped in-process, once per session; the trainer and fault tests read it)."""
+    from logitcache.dump import DumpOptions, dump
+
+    out = tmp_path_factory.mktemp("tiny_cache") / "cache"
+    dump(
+        DumpOptions(
+            data=str(stdlib_corpus), out=out, teacher=str(tiny_teacher_dir), top_k=8,
+            seq_len=64, part_tokens=4096, device="cpu", progress=False,
+        )
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student_config(tmp_path_factory, tiny_teacher_dir) -> Path:
+    """A 1-layer, 32-wide GPT-2 config matching the tiny teacher's vocabulary."""
+    path = tmp_path_factory.mktemp("student") / "student.json"
+    config = toy.build_student_config(
+        tiny_teacher_dir, n_layer=1, n_embd=32, n_head=2, n_positions=64
+    )
+    path.write_text(config.to_json_string(), encoding="utf-8")
+    return path

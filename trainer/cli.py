@@ -116,6 +116,12 @@ def fit(
         typer.Option(help="Stop after this step with a checkpoint, as if interrupted (0: never)."),
     ] = D.stop_at,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    check_files: Annotated[
+        bool,
+        typer.Option(
+            help="Check each part's files against the manifest's sha256 before reading them."
+        ),
+    ] = D.check_files,
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Train a student on a cache's soft targets: loss = alpha * CE + (1 - alpha) * T^2 * KL.
@@ -132,6 +138,11 @@ def fit(
       trainer fit --cache ./cache --student ./student-config.json --out ./run-hard --alpha 1
 
       trainer fit --cache ./cache --student ./pretrained-student --tokenizer ./tok --out ./run --epochs 3 --temperature 2 --precision bf16
+
+      torchrun --nproc-per-node 8 -m trainer fit --cache ./cache --student ./student-config.json --out ./run --batch-size 64
+
+    Under torchrun, --batch-size is the global batch (split over the processes) and only rank 0
+    writes --out; --resume works with another number of processes (docs/SCALING.md).
     """
     from trainer.fit import Interrupted
     from trainer.fit import fit as run_fit
@@ -146,7 +157,7 @@ def fit(
         weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_clip=grad_clip, seed=seed,
         device=device, precision=precision, eval_every=eval_every, eval_batches=eval_batches,
         checkpoint_every=checkpoint_every, log_every=log_every, resume=resume,
-        overwrite=overwrite, stop_at=stop_at, progress=progress,
+        overwrite=overwrite, stop_at=stop_at, progress=progress, check_files=check_files,
     )  # fmt: skip
     try:
         summary = run_fit(config)
@@ -157,6 +168,8 @@ def fit(
             file=sys.stderr,
         )
         raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
+        return
     if summary.get("stopped"):
         print(
             f"stopped at step {summary['step']} of {summary['total_steps']}; checkpoint in "

@@ -6,19 +6,30 @@ reading any data:
 1. the parts are permuted (seeded by seed and epoch);
 2. consecutive groups of `shuffle_window` parts form windows; the sequences of a window are
    permuted together (so memory holds at most about two windows of decoded parts);
-3. the order is cut into batches of `batch_size` sequences; batch j goes to rank j % world_size,
-   and the rank's i-th batch still to come is made by DataLoader worker i % num_workers.
-   PyTorch's DataLoader takes batches from its workers round-robin, starting with worker 0, so
-   the rank sees its batches in order.
+3. the order is cut into *global batches* of `batch_size` sequences: global batch j is what one
+   optimizer step consumes across all ranks. Rank r of `world_size` takes the sequences
+   ``r, r + world_size, r + 2 * world_size, ...`` of each global batch (so per-rank batches
+   hold ``batch_size / world_size`` sequences, and differ by at most one when that does not
+   divide). In the last global batch of an epoch a rank may have nothing left: it then gets a
+   *padding batch*, one real sequence with every label -100 and ``index`` -1, which carries no
+   loss, so that every rank takes the same number of steps (DDP would otherwise hang). With one
+   rank there is never padding.
+4. the rank's i-th batch still to come is made by DataLoader worker i % num_workers. PyTorch's
+   DataLoader takes batches from its workers round-robin, starting with worker 0, so the rank
+   sees its batches in order.
 
-Resuming is exact: the state is (epoch, batches consumed), and every worker skips the consumed
-batches by index, without reading them. The held-out split is chosen per sequence by a hash of
+Resuming is exact: the state is (epoch, global batches consumed), and every worker skips the
+consumed batches by index, without reading them. Because the state counts global batches, a run
+may resume with another number of ranks (same `batch_size`): it continues with the same global
+batches, in the same order (docs/SCALING.md). The held-out split is chosen per sequence by a hash of
 its storage index with a fixed salt (not the seed), so it never changes between runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +40,8 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 import logitcache
-from logitcache import Cache, LogitCacheError, PartArrays
+from logitcache import Cache, CorruptCacheError, LogitCacheError, PartArrays
+from logitcache.format import PARTS_DIR
 
 SPLITS = ("train", "eval", "all")
 IGNORE_INDEX = -100
@@ -52,7 +64,16 @@ class CacheDataset(IterableDataset):
     Each batch is a dict: ``input_ids`` (B, T) int64, ``labels`` (B, T) int64 (the next input
     token; -100 at padding and at each sequence's last position), ``target_ids`` (B, T, k) int64,
     ``target_logprobs`` (B, T, k) float32, ``attention_mask`` (B, T) int64, ``index`` (B,) int64
-    storage indices of the sequences.
+    storage indices of the sequences (-1 for the row of a padding batch, whose labels are all
+    -100).
+
+    `batch_size` is the global batch: the sequences of one optimizer step over all ranks. Rank
+    and world size default to torch.distributed's when a process group is initialized.
+
+    With `check_files` (the default), the files of each part are checked against their sha256
+    in the manifest before the part is first decoded by this process (a flipped byte, a
+    truncated file or a manifest copied from another cache is reported naming the part, instead
+    of training on wrong data). A cache at a URL is checked when its parts are fetched.
     """
 
     def __init__(
@@ -67,6 +88,7 @@ class CacheDataset(IterableDataset):
         shuffle_window: int = 1,
         rank: int | None = None,
         world_size: int | None = None,
+        check_files: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -77,6 +99,7 @@ class CacheDataset(IterableDataset):
         self.cache = cache if isinstance(cache, Cache) else logitcache.open(cache)
         self.batch_size, self.split, self.seed = batch_size, split, seed
         self.shuffle, self.shuffle_window = shuffle, shuffle_window
+        self.check_files = check_files
         if rank is None or world_size is None:
             distributed = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank() if distributed else 0
@@ -85,11 +108,19 @@ class CacheDataset(IterableDataset):
         self._epoch, self._batches = 0, 0
         self._members = self._split_members(eval_fraction)
         self._part_firsts = np.cumsum([0] + [p.sequences for p in self.cache.manifest.parts])
-        if self.batches_per_epoch() == 0:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if self.num_sequences() == 0:
             raise LogitCacheError(
-                f"the {split} split of {self.cache.root} has no sequences for rank {rank} of {world_size} "
+                f"the {split} split of {self.cache.root} has no sequences "
                 f"({len(self.cache)} sequences in the cache, eval fraction {eval_fraction}). "
-                "Use a larger cache or a smaller --eval-fraction / batch size."
+                "Use a larger cache or a smaller --eval-fraction."
+            )
+        if batch_size < world_size:
+            raise LogitCacheError(
+                f"the {split} split of {self.cache.root} has no sequences for rank {rank} of "
+                f"{world_size}: the global --batch-size {batch_size} is smaller than the number "
+                "of ranks. Use a --batch-size of at least the number of processes."
             )
 
     def _split_members(self, eval_fraction: float) -> list[np.ndarray]:
@@ -114,9 +145,17 @@ class CacheDataset(IterableDataset):
         self._batches += n
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._batches}
+        """The position in global batches: the same for every rank, whatever their number."""
+        return {"epoch": self._epoch, "batches": self._batches, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = int(state.get("batch_size", self.batch_size))
+        if saved != self.batch_size:
+            raise LogitCacheError(
+                f"the saved data position counts global batches of {saved} sequences, this run "
+                f"uses {self.batch_size}: resume with --batch-size {saved} (the global batch, "
+                "whatever the number of processes)."
+            )
         self._epoch, self._batches = int(state["epoch"]), int(state["batches"])
 
     def __len__(self) -> int:
@@ -126,8 +165,8 @@ class CacheDataset(IterableDataset):
         return sum(len(m) for m in self._members)
 
     def batches_per_epoch(self) -> int:
-        total = math.ceil(self.num_sequences() / self.batch_size)
-        return len(range(self.rank, total, self.world_size))
+        """Global batches (optimizer steps) per epoch: the same on every rank."""
+        return math.ceil(self.num_sequences() / self.batch_size)
 
     # ---- order -------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -146,19 +185,31 @@ class CacheDataset(IterableDataset):
             pieces.append(rng.permutation(pairs) if self.shuffle else pairs)
         return np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
 
-    def rank_batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches of `epoch`, each a (B, 2) array of (part, local index)."""
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """Every global batch of `epoch` (all ranks), each a (B, 2) array of (part, local index)."""
         order = self.epoch_order(epoch)
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return batches[self.rank :: self.world_size]
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's share of each global batch of `epoch`, a (B, 2) array of (part, local
+        index); empty where the rank has nothing in the last global batch (see padding)."""
+        return [b[self.rank :: self.world_size] for b in self.global_batches(epoch)]
 
     # ---- reading -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        parts = _PartCache(self.cache, capacity=2 * self.shuffle_window)
-        for i, batch in enumerate(self.rank_batches(self._epoch)):
+        check = self.check_files and not getattr(self.cache, "is_remote", False)
+        parts = _PartCache(self.cache, capacity=2 * self.shuffle_window, check_files=check)
+        for i, whole in enumerate(self.global_batches(self._epoch)):
             if i < self._batches or (i - self._batches) % workers != worker_id:
+                continue
+            batch = whole[self.rank :: self.world_size]
+            if len(batch) == 0:  # padding: the global batch's first sequence, without labels
+                p, s = whole[0]
+                padded = collate([parts.sequence(int(p), int(s))], np.array([-1]))
+                padded["labels"].fill_(IGNORE_INDEX)
+                yield padded
                 continue
             storage_index = self._part_firsts[batch[:, 0]] + batch[:, 1]
             yield collate([parts.sequence(int(p), int(s)) for p, s in batch], storage_index)
@@ -167,13 +218,15 @@ class CacheDataset(IterableDataset):
 class _PartCache:
     """The last few decoded parts (least recently used evicted): a window is read once."""
 
-    def __init__(self, cache: Cache, capacity: int) -> None:
-        self.cache, self.capacity = cache, capacity
+    def __init__(self, cache: Cache, capacity: int, check_files: bool = False) -> None:
+        self.cache, self.capacity, self.check_files = cache, capacity, check_files
         self._parts: OrderedDict[int, PartArrays] = OrderedDict()
 
     def sequence(self, part: int, local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if part not in self._parts:
-            self._parts[part] = self.cache.read_part(part)
+            if self.check_files:
+                check_part_files(self.cache, part)
+            self._parts[part] = self.cache.read_decoded(part)  # same view for every kind
             while len(self._parts) > self.capacity:
                 self._parts.popitem(last=False)
         self._parts.move_to_end(part)
@@ -187,7 +240,7 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Right-pad sequences to the longest and build next-token labels."""
     batch, longest = len(sequences), max(len(s[0]) for s in sequences)
-    k = sequences[0][1].shape[1]
+    k = max(s[1].shape[1] for s in sequences)  # sampled targets: parts differ in width
     input_ids = np.zeros((batch, longest), dtype=np.int64)  # (B, T)
     labels = np.full((batch, longest), IGNORE_INDEX, dtype=np.int64)  # (B, T)
     mask = np.zeros((batch, longest), dtype=np.int64)  # (B, T)
@@ -198,8 +251,9 @@ def collate(
         input_ids[row, :n] = ids
         labels[row, : n - 1] = ids[1:]
         mask[row, :n] = 1
-        target_ids[row, :n] = tids
-        target_logprobs[row, :n] = tlps
+        target_ids[row, :n, : tids.shape[1]] = tids
+        target_logprobs[row, :n, : tids.shape[1]] = tlps
+        target_logprobs[row, :n, tids.shape[1] :] = -np.inf  # absent slots: the losses skip them
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
@@ -208,3 +262,42 @@ def collate(
         "target_logprobs": torch.from_numpy(target_logprobs),
         "index": torch.from_numpy(np.asarray(indices, dtype=np.int64)),
     }
+
+
+#: (path, size, mtime) of files whose sha256 this process has checked: not hashed again.
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_part_files(cache: Cache, index: int) -> None:
+    """Every file of part `index` exists and matches its sha256 in the manifest, or a
+    `CorruptCacheError` naming the part and the file. A file already checked by this process,
+    and unchanged since (same size and mtime), is not hashed again."""
+    info = cache.manifest.parts[index]
+    base = os.path.join(str(cache.root), PARTS_DIR)
+    for rel, expected in info.files.items():
+        path = os.path.join(base, rel)
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise CorruptCacheError(
+                f"{info.name} of {cache.root}: {PARTS_DIR}/{rel} is missing. Run "
+                "`logitcache verify` on the cache."
+            ) from None
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key in _CHECKED:
+            continue
+        if _sha256(path) != expected:
+            raise CorruptCacheError(
+                f"{info.name} of {cache.root}: {PARTS_DIR}/{rel} does not match its sha256 in "
+                "the manifest (the file was changed, truncated or corrupted, or the manifest "
+                "belongs to another cache). Run `logitcache verify` on the cache."
+            )
+        _CHECKED.add(key)

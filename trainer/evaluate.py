@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,12 @@ def evaluate_model(
     device: torch.device,
     precision: str = "fp32",
     max_batches: int = 0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """CE, KL (bucket tail, T=1) and top-1 agreement of `model` over `batches` (all if 0)."""
+    """CE, KL (bucket tail, T=1) and top-1 agreement of `model` over `batches` (all if 0).
+
+    `reduce`, if given, sums the per-process totals over processes (data-parallel evaluation:
+    each rank evaluates its share of the batches; padding rows, ``index`` -1, count nothing)."""
     was_training = model.training
     model.eval()
     ce_sum = kl_sum = agree = torch.zeros((), dtype=torch.float64, device=device)
@@ -86,9 +90,14 @@ def evaluate_model(
             kl_sum = kl_sum + parts.kd.double() * n
             agree = agree + ((logits.argmax(-1) == b["target_ids"][..., 0]) & mask).sum()
             tokens = tokens + n
-            sequences += int(b["input_ids"].shape[0])
+            sequences += int((b["index"] >= 0).sum()) if "index" in b else len(b["input_ids"])
     finally:
         model.train(was_training)
+    if reduce is not None:
+        totals = torch.stack([ce_sum, kl_sum, agree.double(), tokens.double()])
+        totals = reduce(torch.cat([totals, totals.new_tensor([sequences])]))
+        ce_sum, kl_sum, agree, tokens = totals[:4]
+        sequences = int(totals[4])
     count = int(tokens)
     if count == 0:
         raise LogitCacheError("nothing to evaluate: the split has no positions with a label.")

@@ -18,6 +18,12 @@ A run directory holds::
 Resuming (``resume=True``) restores everything, RNG and dataset position included, so on CPU a
 resumed run ends with exactly the weights of an uninterrupted one. SIGINT/SIGTERM stop the run
 at the next step boundary with a checkpoint.
+
+Under ``torchrun --nproc-per-node N -m trainer fit ...`` the same recipe runs data-parallel
+(DDP): `batch_size` is the global batch, split over the ranks; every rank reads its share of
+each global batch from the cache; only rank 0 writes the run directory. The checkpoint's data
+position counts global batches, so a run may resume with another number of processes and
+continues with the same sequences in the same order (docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -41,11 +47,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import logitcache
 from logitcache.errors import LogitCacheError
+from trainer import distributed
 from trainer.dataset import CacheDataset
-from trainer.evaluate import autocast, evaluate_model, resolve_device
+from trainer.evaluate import autocast, evaluate_model
 from trainer.losses import TAIL_MODES, distillation_loss
 from trainer.student import build_student, config_to_dict
 
@@ -69,6 +77,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "cache", "student", "tokenizer", "out", "resume", "overwrite", "progress", "num_workers",
         "eval_every", "eval_batches", "checkpoint_every", "log_every", "stop_at", "device",
+        "check_files",
     }
 )  # fmt: skip
 
@@ -114,6 +123,7 @@ class FitConfig:
     overwrite: bool = False
     stop_at: int = 0  # stop (with a checkpoint) after this global step, as if interrupted
     progress: bool = True
+    check_files: bool = True  # sha256 of a part's files against the manifest before reading it
 
 
 class Interrupted(KeyboardInterrupt):
@@ -129,42 +139,71 @@ class Interrupted(KeyboardInterrupt):
 
 
 def fit(config: FitConfig) -> dict[str, Any]:
-    """Train `config.student` on `config.cache`; returns the summary (also in summary.json)."""
-    _check_config(config)
-    run_dir = Path(config.out)
-    _check_run_dir(run_dir, config)
+    """Train `config.student` on `config.cache`; returns the summary (also in summary.json).
 
-    # ---- setup: data ---------------------------------------------------------------------------
-    cache = logitcache.open(config.cache)
-    if len(cache) == 0:
-        raise LogitCacheError(
-            f"the cache {cache.root} holds no sequences: nothing to train on. Dump data into it."
-        )
-    train_ds = CacheDataset(
-        cache, batch_size=config.batch_size, split="train", eval_fraction=config.eval_fraction,
-        seed=config.seed, shuffle=True, shuffle_window=config.shuffle_window,
-    )  # fmt: skip
-    eval_ds = None
-    if config.eval_fraction > 0:
-        eval_ds = CacheDataset(
-            cache, batch_size=config.batch_size, split="eval",
-            eval_fraction=config.eval_fraction, seed=config.seed, shuffle=False,
+    Launched by torchrun (``WORLD_SIZE`` > 1), every process runs this with the same config:
+    data-parallel training (DDP), `batch_size` being the global batch; only rank 0 writes into
+    the run directory (docs/SCALING.md)."""
+    _check_config(config)
+    d, device = distributed.init(config.device)
+    try:
+        return _fit(config, d, device)
+    except dist.DistError as exc:
+        raise distributed.lost_peer(d, exc) from exc
+    except RuntimeError as exc:
+        if d.enabled and _is_collective_failure(exc):
+            raise distributed.lost_peer(d, exc) from exc
+        raise
+    finally:
+        distributed.shutdown(d)
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection", "peer", "timed out"))
+
+
+def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[str, Any]:
+    run_dir = Path(config.out)
+    main = d.is_main
+    progress = config.progress and main
+
+    # ---- setup: data, checkpoint, student (a failure on any rank stops every rank) -------------
+    def setup():
+        _check_run_dir(run_dir, config)
+        cache = logitcache.open(config.cache)
+        if len(cache) == 0:
+            raise LogitCacheError(
+                f"the cache {cache.root} holds no sequences: nothing to train on. Dump data into it."
+            )
+        train_ds = CacheDataset(
+            cache, batch_size=config.batch_size, split="train",
+            eval_fraction=config.eval_fraction, seed=config.seed, shuffle=True,
+            shuffle_window=config.shuffle_window, rank=d.rank, world_size=d.world_size,
+            check_files=config.check_files,
         )  # fmt: skip
+        eval_ds = None
+        if config.eval_fraction > 0:
+            eval_ds = CacheDataset(
+                cache, batch_size=config.batch_size, split="eval",
+                eval_fraction=config.eval_fraction, seed=config.seed, shuffle=False,
+                rank=d.rank, world_size=d.world_size, check_files=config.check_files,
+            )  # fmt: skip
+        checkpoint = _load_checkpoint(run_dir) if config.resume else None
+        if checkpoint is not None:
+            _check_resume(config, checkpoint, cache.manifest)
+        model, source = build_student(
+            config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
+            config_dict=None if checkpoint is None else checkpoint["student_config"],
+        )  # fmt: skip
+        return cache, train_ds, eval_ds, checkpoint, model, source
+
+    cache, train_ds, eval_ds, checkpoint, model, source = distributed.agree(d, setup)
     per_epoch = train_ds.batches_per_epoch()
     total_steps = config.steps or max(1, math.ceil(config.epochs * per_epoch))
     warmup = _warmup_steps(config, total_steps)
-
-    # ---- setup: model, optimizer, schedule, resume ---------------------------------------------
-    device = resolve_device(config.device)
-    checkpoint = _load_checkpoint(run_dir) if config.resume else None
-    if checkpoint is not None:
-        _check_resume(config, checkpoint, cache.manifest)
-    model, source = build_student(
-        config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
-        config_dict=None if checkpoint is None else checkpoint["student_config"],
-    )  # fmt: skip
     model.to(device)
-    if checkpoint is None:
+    if checkpoint is None and main:
         _clear_run_dir(run_dir)  # only now: a bad cache or student leaves an old run intact
     optimizer = _optimizer(model, config, device)
     schedule = partial(
@@ -180,42 +219,66 @@ def fit(config: FitConfig) -> dict[str, Any]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         train_ds.load_state_dict(checkpoint["dataset"])
-        _set_rng_state(checkpoint["rng"])
+        ranks = checkpoint.get("rng_ranks") or []
+        _set_rng_state(ranks[d.rank] if len(ranks) == d.world_size else checkpoint["rng"])
         step = int(checkpoint["step"])
-        _truncate_metrics(run_dir / METRICS_FILE, step)
+        if main:
+            _truncate_metrics(run_dir / METRICS_FILE, step)
         metrics_mode = "a"
+    net: torch.nn.Module = model
+    if d.enabled:  # gradients averaged over ranks; the loss is scaled so that this is exact
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     n_params = sum(p.numel() for p in model.parameters())
-    _write_json(run_dir / CONFIG_FILE, dataclasses.asdict(config))
+    if main:
+        _write_json(run_dir / CONFIG_FILE, dataclasses.asdict(config))
+    ranks_note = f" x {d.world_size} processes" if d.enabled else ""
     _log(
         f"{'resuming at step ' + str(step) if step else 'training'} {type(model).__name__} "
         f"({n_params / 1e6:.2f}M params, {source.kind} {source.spec}) on {cache.root}: "
         f"{total_steps} steps of {config.batch_size} sequences ({per_epoch} per epoch), "
-        f"alpha {config.alpha}, T {config.temperature}, tail {config.tail}, {device}, "
-        f"{config.precision}",
-        config.progress,
+        f"alpha {config.alpha}, T {config.temperature}, tail {config.tail}, {device}"
+        f"{ranks_note}, {config.precision}",
+        progress,
     )
 
     # ---- train -----------------------------------------------------------------------------------
-    metrics = (run_dir / METRICS_FILE).open(metrics_mode, encoding="utf-8")
+    metrics = (run_dir / METRICS_FILE).open(metrics_mode, encoding="utf-8") if main else None
     state = _LoopState(config, run_dir, total_steps, per_epoch, metrics)
     if checkpoint is not None:
         state.tokens_logged = int(checkpoint["tokens_seen"])
     hard_only = config.alpha == 1.0
     stop = _StopFlag()
+    stopped = False
+    samples = _SampleLog.from_env(d)
     last_saved = step
+
+    def save() -> None:
+        rngs = distributed.all_gather(d, _rng_state())  # each rank's RNG, for an exact resume
+        if main:
+            _save_checkpoint(
+                run_dir, model, optimizer, scheduler, train_ds, step, config, state,
+                rngs if d.enabled else None,
+            )  # fmt: skip
+
     try:
-        with stop, _ProgressBar(config.progress, total_steps, step) as bar:
+        with stop, _ProgressBar(progress, total_steps, step) as bar:
             while step < total_steps:
                 epoch = train_ds.state_dict()["epoch"]
                 for batch in _batches(train_ds, config, epoch, stop, device.type == "cuda"):
                     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     with autocast(device, config.precision):
-                        logits = model(
+                        logits = net(
                             input_ids=b["input_ids"], attention_mask=b["attention_mask"]
                         ).logits
                     parts = _loss(logits, b, config, hard_only)
+                    loss = parts.loss
+                    tokens = (b["attention_mask"] * (b["index"] >= 0)[:, None]).sum()
+                    if d.enabled:
+                        loss, parts, tokens = _reduce_step(d, parts, b["labels"], tokens)
                     optimizer.zero_grad(set_to_none=True)
-                    parts.loss.backward()
+                    loss.backward()
                     if config.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
@@ -223,35 +286,39 @@ def fit(config: FitConfig) -> dict[str, Any]:
                     scheduler.step()
                     train_ds.advance()
                     step += 1
-                    state.record(parts, b["attention_mask"].sum())
+                    samples.write(step, epoch, batch["index"])
+                    state.record(parts, tokens)
                     if step % config.log_every == 0 or step == total_steps:
                         state.log_train(step, train_ds, lr, bar)
                     if eval_ds is not None and config.eval_every and step % config.eval_every == 0:
                         with state.paused():
-                            state.log_eval(step, train_ds, _eval(model, eval_ds, config, device))
+                            state.log_eval(step, train_ds, _eval(model, eval_ds, config, device, d))
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
                         with state.paused():
-                            _save_checkpoint(
-                                run_dir, model, optimizer, scheduler, train_ds, step, config, state
-                            )
+                            save()
                         last_saved = step
                     bar.update(step)
-                    if step >= total_steps or stop.is_set() or step == config.stop_at:
+                    stopped = distributed.any_rank(d, stop.is_set())  # all ranks stop together
+                    if step >= total_steps or stopped or step == config.stop_at:
                         break
-                if stop.is_set() or step == config.stop_at:
+                if stopped or step == config.stop_at:
                     break
                 if step < total_steps:
                     train_ds.set_epoch(epoch + 1)
     except BaseException:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        samples.close()
         raise
+    samples.close()
     if step != last_saved:
-        _save_checkpoint(run_dir, model, optimizer, scheduler, train_ds, step, config, state)
+        save()
     if step < total_steps:  # interrupted or stopped early: resumable, no final model
-        metrics.close()
-        if stop.is_set():
+        if metrics is not None:
+            metrics.close()
+        if stopped:
             raise Interrupted(step, run_dir)
-        _log(f"stopped at step {step} of {total_steps}; continue with --resume", config.progress)
+        _log(f"stopped at step {step} of {total_steps}; continue with --resume", progress)
         return {"stopped": True, "step": step, "total_steps": total_steps, "run_dir": str(run_dir)}
 
     # ---- cleanup: final eval, model, summary -------------------------------------------------------
@@ -260,15 +327,42 @@ def fit(config: FitConfig) -> dict[str, Any]:
         if state.last_eval.get("step") == step:
             final_eval = state.last_eval_result
         else:
-            final_eval = _eval(model, eval_ds, config, device)
+            final_eval = _eval(model, eval_ds, config, device, d)
             state.log_eval(step, train_ds, final_eval)
-    metrics.close()
-    model.save_pretrained(run_dir / MODEL_DIR, safe_serialization=True)
+    if metrics is not None:
+        metrics.close()
     summary = _summary(
         config, cache, source, n_params, step, total_steps, warmup, state, final_eval
     )
-    _write_json(run_dir / SUMMARY_FILE, summary)
+    if d.enabled:
+        summary["world_size"] = d.world_size
+    if main:
+        model.save_pretrained(run_dir / MODEL_DIR, safe_serialization=True)
+        _write_json(run_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _reduce_step(
+    d: distributed.Dist, parts: _Parts, labels: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, _Parts, torch.Tensor]:
+    """Data-parallel step: the loss to backpropagate, the step's global loss parts (for
+    logging) and its global token count.
+
+    Each rank's loss is a mean over its own labelled positions, and DDP averages gradients over
+    ranks; scaling rank r's loss by ``world * n_r / n`` (n the positions of all ranks) makes
+    that average the gradient of the mean over all n positions: the gradient one process would
+    compute from the whole global batch (up to floating-point summation order). A padding batch
+    (n_r = 0) contributes nothing."""
+    n = (labels != -100).sum().double()
+    stats = torch.stack(
+        [n, parts.loss.detach().double() * n, parts.ce.double() * n, parts.kd.double() * n,
+         tokens.double()]
+    )  # fmt: skip
+    distributed.all_sum(d, stats)
+    total = stats[0].clamp(min=1.0)
+    scale = (n * d.world_size / total).to(parts.loss.dtype)
+    logged = _Parts(stats[1] / total, stats[2] / total, stats[3] / total)
+    return parts.loss * scale, logged, stats[4]
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,12 +524,17 @@ def _worker_message(exc: LogitCacheError) -> str:
     return text.strip().splitlines()[-1]
 
 
-def _eval(model, ds: CacheDataset, c: FitConfig, device: torch.device) -> dict[str, float]:
+def _eval(
+    model, ds: CacheDataset, c: FitConfig, device: torch.device, d: distributed.Dist
+) -> dict[str, float]:
+    """Held-out metrics; with several ranks each evaluates its share and the sums are combined."""
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0)
+    reduce = (lambda t: distributed.all_sum(d, t)) if d.enabled else None
     try:
         return evaluate_model(
-            model, loader, device=device, precision=c.precision, max_batches=c.eval_batches
-        )
+            model, loader, device=device, precision=c.precision, max_batches=c.eval_batches,
+            reduce=reduce,
+        )  # fmt: skip
     except LogitCacheError as exc:
         raise type(exc)(_worker_message(exc)) from None
 
@@ -517,6 +616,8 @@ class _LoopState:
         self.last_eval, self.last_eval_result = row, result
 
     def _write(self, row: dict[str, Any]) -> None:
+        if self.metrics is None:  # not rank 0: only rank 0 writes the run directory
+            return
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
 
@@ -598,6 +699,34 @@ def _log(message: str, enabled: bool) -> None:
 # Stopping on signals
 
 
+class _SampleLog:
+    """With ``TRAINER_SAMPLE_LOG=FILE``, every rank appends one JSON line per step to FILE:
+    ``{"step", "epoch", "rank", "world_size", "index"}`` (the storage indices of the sequences
+    it trained on; -1 is padding). For checking the data order of a run, e.g. across a resume
+    with another number of processes (docs/SCALING.md). Off by default."""
+
+    def __init__(self, path: str | None, d: distributed.Dist) -> None:
+        self.d = d
+        self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+
+    @classmethod
+    def from_env(cls, d: distributed.Dist) -> _SampleLog:
+        return cls(os.environ.get("TRAINER_SAMPLE_LOG") or None, d)
+
+    def write(self, step: int, epoch: int, index: torch.Tensor) -> None:
+        if self.file is None:
+            return
+        row = {"step": step, "epoch": epoch, "rank": self.d.rank,
+               "world_size": self.d.world_size, "index": index.tolist()}  # fmt: skip
+        self.file.write(json.dumps(row) + "\n")  # one write per line: O_APPEND keeps it whole
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 class _StopFlag:
     """While active, SIGINT/SIGTERM only set a flag: the loop checkpoints at the next step
     boundary and raises `Interrupted`. A second signal interrupts at once."""
@@ -658,8 +787,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(run_dir, model, optimizer, scheduler, ds, step, config, state) -> None:
-    """Write checkpoint/ atomically: into a temporary directory, then two renames."""
+def _save_checkpoint(
+    run_dir, model, optimizer, scheduler, ds, step, config, state, rng_ranks=None
+) -> None:
+    """Write checkpoint/ atomically: into a temporary directory, then two renames. `rng_ranks`:
+    every rank's RNG state, in a data-parallel run (the dataset position is in global batches,
+    so the checkpoint is the same whatever the number of ranks)."""
     tmp, final, old = (run_dir / n for n in (".checkpoint.tmp", CHECKPOINT_DIR, ".checkpoint.old"))
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -671,7 +804,9 @@ def _save_checkpoint(run_dir, model, optimizer, scheduler, ds, step, config, sta
         "scheduler": scheduler.state_dict(),
         "dataset": ds.state_dict(),
         "tokens_seen": state.tokens_seen(),
-        "rng": _rng_state(),
+        "rng": _rng_state() if rng_ranks is None else rng_ranks[0],
+        "rng_ranks": rng_ranks or [],
+        "world_size": len(rng_ranks or [None]),
         "student_config": config_to_dict(model),
         "config": dataclasses.asdict(config),
         "manifest": _identity(ds.cache.manifest),

@@ -72,8 +72,64 @@ def test_ranks_partition_the_epoch(cache_dir):
         stream(CacheDataset(cache_dir, batch_size=4, seed=5, rank=r, world_size=3), workers=2)
         for r in range(3)
     ]
-    flat = sorted(i for seen in per_rank for i in seen)
+    flat = sorted(i for seen in per_rank for i in seen if i >= 0)
     assert flat == list(range(SEQUENCES))
+
+
+def steps(dataset: CacheDataset, stop_after: int | None = None) -> list[list[int]]:
+    """Per step (global batch), the storage indices this rank trained on (padding: [-1])."""
+    seen = []
+    for batch in DataLoader(dataset, batch_size=None, num_workers=0):
+        seen.append(batch["index"].tolist())
+        dataset.advance()
+        if stop_after is not None and dataset.state_dict()["batches"] == stop_after:
+            break
+    return seen
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_every_rank_takes_the_same_steps_and_padding_carries_no_labels(cache_dir, world):
+    """53 sequences in global batches of 5: the last holds 3, so with 5 ranks two of them get
+    a padding batch (index -1, all labels -100); every rank takes 11 steps."""
+    datasets = [
+        CacheDataset(cache_dir, batch_size=5, seed=4, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    per_rank = [steps(ds) for ds in datasets]
+    assert all(
+        len(s) == 11 == ds.batches_per_epoch() for s, ds in zip(per_rank, datasets, strict=True)
+    )
+    reference = steps(CacheDataset(cache_dir, batch_size=5, seed=4))
+    for step, whole in enumerate(reference):
+        assert [per_rank[r][step] for r in range(world)] == [
+            whole[r::world] or [-1] for r in range(world)
+        ]
+    if world == 5:
+        fresh = CacheDataset(cache_dir, batch_size=5, seed=4, rank=4, world_size=5)
+        padding = list(DataLoader(fresh, batch_size=None))[-1]
+        assert padding["index"].tolist() == [-1]
+        assert (padding["labels"] == -100).all() and padding["attention_mask"].sum() > 0
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3), (3, 2)])
+def test_resume_with_another_number_of_ranks_continues_the_same_order(cache_dir, before, after):
+    reference = steps(CacheDataset(cache_dir, batch_size=6, seed=2))
+    got: dict[int, list[int]] = {}
+    states = []
+    for r in range(before):
+        ds = CacheDataset(cache_dir, batch_size=6, seed=2, rank=r, world_size=before)
+        for step, index in enumerate(steps(ds, stop_after=4)):
+            got.setdefault(step, []).extend(i for i in index if i >= 0)
+        states.append(ds.state_dict())
+    assert all(s == {"epoch": 0, "batches": 4, "batch_size": 6} for s in states)
+    for r in range(after):
+        ds = CacheDataset(cache_dir, batch_size=6, seed=2, rank=r, world_size=after)
+        ds.load_state_dict(states[0])
+        for step, index in enumerate(steps(ds), start=4):
+            got.setdefault(step, []).extend(i for i in index if i >= 0)
+    assert [sorted(got[s]) for s in range(len(reference))] == [sorted(b) for b in reference]
+    with pytest.raises(LogitCacheError, match="resume with --batch-size 6"):
+        CacheDataset(cache_dir, batch_size=4, seed=2).load_state_dict(states[0])
 
 
 def test_eval_split_is_fixed_disjoint_and_never_trained_on(cache_dir):

@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 
 import logitcache
 from logitcache import LogitCacheError, toy
-from logitcache.dump import DumpOptions, dump
 from logitcache.tokenizer_id import tokenizer_fingerprint
 from trainer.fit import FitConfig, fit
 from trainer.student import build_student
@@ -45,26 +44,14 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory, tiny_teacher_dir, stdlib_corpus) -> Path:
+def cache_dir(tiny_cache) -> Path:
     """The tiny teacher's top-8 targets over the stdlib corpus: ~530 sequences of 64, 9 parts."""
-    out = tmp_path_factory.mktemp("trainer_cache") / "cache"
-    dump(
-        DumpOptions(
-            data=str(stdlib_corpus), out=out, teacher=str(tiny_teacher_dir), top_k=8,
-            seq_len=64, part_tokens=4096, device="cpu", progress=False,
-        )
-    )  # fmt: skip
-    return out
+    return tiny_cache
 
 
 @pytest.fixture(scope="session")
-def student_config(tmp_path_factory, tiny_teacher_dir) -> Path:
-    path = tmp_path_factory.mktemp("student") / "student.json"
-    config = toy.build_student_config(
-        tiny_teacher_dir, n_layer=1, n_embd=32, n_head=2, n_positions=64
-    )
-    path.write_text(config.to_json_string(), encoding="utf-8")
-    return path
+def student_config(tiny_student_config) -> Path:
+    return tiny_student_config
 
 
 def api_fit(cache: Path, student: Path, out: Path, **over) -> dict:
