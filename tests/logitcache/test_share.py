@@ -272,7 +272,7 @@ def test_reader_refuses_a_newer_major_and_reads_the_versions_it_knows(inputs, tm
     merged = merge(tmp_path / "m", [inputs["a"], inputs["b"]])
     doc = json.loads(merged.to_json())
     parse_manifest(json.dumps(doc))
-    with pytest.raises(CorruptCacheError, match=r"merged_from needs format_version 1\.1"):
+    with pytest.raises(CorruptCacheError, match=r"1\.1"):  # merged_from needs 1.1
         parse_manifest(json.dumps(dict(doc, format_version="1.0")))
     # and a dump's manifest has no merged_from at all (old readers still read it)
     assert "merged_from" not in _manifest(inputs)
