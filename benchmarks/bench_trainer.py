@@ -1,0 +1,165 @@
+"""Benchmark `trainer fit` from a cache against the same student trained on hard labels alone.
+
+    python benchmarks/bench_trainer.py            # default run (~10 min on 2 CPU cores)
+    python benchmarks/bench_trainer.py --quick    # smoke run
+    python benchmarks/bench_trainer.py --device cuda --precision bf16 --steps 200
+
+Two figures, measured side by side in one run on one cache of the embedded default teacher:
+
+* **step time ratio**: the real `trainer.fit.fit` recipe, same student init, same batches, same
+  steps, once with ``alpha=0.5`` (CE + sparse KD at the cached ids) and once with ``alpha=1``
+  (CE only; the batches still come from the cache). The figure is the ratio of the training
+  throughputs that `fit` logs (``tokens_per_s`` excludes eval and checkpoint time; the first
+  logged interval is dropped as warm-up); runs alternate KD/hard, medians over repetitions.
+  Target: at most 1.05 (the KD term reuses the log-softmax that CE computes anyway).
+* **reader headroom**: one `CacheDataset` iterated in the main process (one worker's work:
+  decompression, collation) over the training split, in tokens/s, against the tokens/s the
+  student consumes in the KD run. Target: at least 20 times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_dump as common  # the shared helpers (machine, results file, teacher) live there
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, no RESULTS.md update")
+    p.add_argument("--work", type=Path, default=HERE / ".work")
+    p.add_argument("--files", type=int, default=200, help="stdlib files in the cache's corpus")
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tail", default="bucket")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.files, args.steps, args.repeats = 30, 12, 1
+    return args
+
+
+def build_cache(args, teacher_dir: Path) -> Path:
+    from logitcache import toy
+    from logitcache.dump import DumpOptions, dump
+
+    tag = f"{'quick' if args.quick else 'full'}-{args.files}-k{args.top_k}-s{args.seq_len}"
+    cache = args.work / f"trainer-cache-{tag}"
+    corpus = args.work / f"trainer-corpus-{args.files}"
+    if not corpus.exists():
+        toy.write_corpus(corpus, files=toy.stdlib_files("train", limit=args.files))
+    dump(
+        DumpOptions(
+            data=str(corpus),
+            out=cache,
+            teacher=str(teacher_dir),
+            top_k=args.top_k,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=False,
+        )
+    )  # fmt: skip  (resumes, or returns at once if the cache is complete)
+    return cache
+
+
+def train_rate(args, cache: Path, student: Path, alpha: float, out: Path) -> float:
+    """Median logged training tokens/s of one `fit` run, warm-up interval dropped."""
+    from trainer.fit import FitConfig, fit
+
+    fit(
+        FitConfig(
+            cache=str(cache), student=str(student), out=str(out), alpha=alpha, tail=args.tail,
+            batch_size=args.batch_size, steps=args.steps, eval_every=0, eval_batches=1,
+            checkpoint_every=0, log_every=max(args.steps // 6, 1), device=args.device,
+            precision=args.precision, overwrite=True, progress=False, eval_fraction=0.01,
+        )
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in rows if r.get("kind") == "train"][1:]
+    return statistics.median(rates)
+
+
+def reader_rate(args, cache: Path) -> tuple[float, int]:
+    """Tokens/s of one reader (the main process) over the whole training split."""
+    from trainer.dataset import CacheDataset
+
+    ds = CacheDataset(cache, batch_size=args.batch_size, eval_fraction=0.01, seed=0)
+    start, tokens = time.perf_counter(), 0
+    for batch in ds:
+        tokens += int(batch["attention_mask"].sum())
+    return tokens / (time.perf_counter() - start), tokens
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from logitcache import toy
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    teacher_dir = common.ensure_teacher(args.quick, args.work)
+    cache = build_cache(args, teacher_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        student = Path(tmp) / "student.json"
+        student.write_text(toy.build_student_config(teacher_dir).to_json_string())
+        kd, hard = [], []
+        for rep in range(args.repeats):
+            order = [(0.5, kd), (1.0, hard)] if rep % 2 == 0 else [(1.0, hard), (0.5, kd)]
+            for alpha, rates in order:
+                rates.append(train_rate(args, cache, student, alpha, Path(tmp) / f"run-{alpha}"))
+                print(f"repeat {rep}: alpha={alpha} {rates[-1]:,.0f} tokens/s", file=sys.stderr)
+        read, read_tokens = reader_rate(args, cache)
+
+    kd_rate, hard_rate = statistics.median(kd), statistics.median(hard)
+    ratio = hard_rate / kd_rate
+    headroom = read / kd_rate
+    info = common.machine()
+    table = common.markdown_table(
+        ["measure", "value", "target", "met"],
+        [
+            ["hard labels only: train tokens/s (median)", f"{hard_rate:,.0f}", "", ""],
+            ["from the cache, KD: train tokens/s (median)", f"{kd_rate:,.0f}", "", ""],
+            ["step time KD / hard labels", f"{ratio:.3f}", "<= 1.05", "yes" if ratio <= 1.05 else "no"],
+            ["reader tokens/s (one worker)", f"{read:,.0f}", "", ""],
+            ["reader / student consumption", f"{headroom:.1f}x", ">= 20x", "yes" if headroom >= 20 else "no"],
+        ],
+    )  # fmt: skip
+    runs = (
+        f"KD runs: {', '.join(f'{r:,.0f}' for r in kd)}; hard-label runs: "
+        f"{', '.join(f'{r:,.0f}' for r in hard)} tokens/s"
+    )
+    body = f"""## Training from the cache vs hard labels (`bench_trainer.py`)
+
+- Command: `{common.command_line()}`
+- Date: {common.now_utc()}
+- Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}{"; GPU " + info["gpu"] if "gpu" in info else ""}; load average at the end {common.loadavg()}
+- Setup: default teacher (`logitcache.toy`), cache of {args.files} stdlib files, top-{args.top_k},
+  seq_len {args.seq_len}; student `toy.build_student_config` (same vocabulary); batch
+  {args.batch_size} sequences, {args.steps} steps per run, {args.repeats} repetitions, tail
+  `{args.tail}`, device {args.device}, precision {args.precision}. The reader pass read
+  {read_tokens:,} tokens.
+
+{table}
+
+{runs}.
+"""
+    print(body)
+    if not args.quick:
+        common.update_results("bench_trainer", body)
+
+
+if __name__ == "__main__":
+    main()
