@@ -21,10 +21,14 @@ from logitcache.format import CodecInfo, PartArrays
 SUFFIX = ".parquet"
 
 
-def _per_token(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    """A list-per-sequence column over `values` whose first axis is tokens."""
+def _per_token(values: np.ndarray, offsets: np.ndarray, lengths=None) -> pa.Array:
+    """A list-per-sequence column over `values` whose first axis is tokens; with `lengths`
+    (tokens,), `values` is ragged (entries,) and each token holds a list of its entries."""
     flat = pa.array(values.reshape(-1))
-    if values.ndim == 2:
+    if lengths is not None:
+        inner = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+        flat = pa.ListArray.from_arrays(pa.array(inner), flat)
+    elif values.ndim == 2:
         flat = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
 
@@ -32,13 +36,16 @@ def _per_token(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
 def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: int) -> None:
     """Write one part as a Parquet file: zstd, 1 MB pages, page checksums, no statistics."""
     offsets = np.asarray(arrays.seq_offsets)
-    table = pa.table(
-        {
-            "input_ids": _per_token(arrays.input_ids, offsets),
-            "target_ids": _per_token(arrays.target_ids, offsets),
-            "target_logprobs": _per_token(arrays.target_logprobs, offsets),
-        }
-    )
+    lengths = arrays.target_lengths
+    columns = {"input_ids": _per_token(arrays.input_ids, offsets)}
+    if lengths is None:  # top-k: a fixed-size list of k per token
+        columns["target_ids"] = _per_token(arrays.target_ids, offsets)
+        columns["target_logprobs"] = _per_token(arrays.target_logprobs, offsets)
+    else:  # sampled: a list of distinct ids (and one of their counts) per token
+        columns["target_ids"] = _per_token(arrays.target_ids, offsets, lengths)
+        columns["target_counts"] = _per_token(arrays.target_counts, offsets, lengths)
+    table = pa.table(columns)
+    encodings = {_leaf(table, n): "DELTA_BINARY_PACKED" for n in codec.delta if n in columns}
     pq.write_table(
         table,
         str(path),
@@ -48,7 +55,14 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
         use_dictionary=False,
         write_statistics=False,
         write_page_checksum=True,
+        column_encoding=encodings or None,
     )
+
+
+def _leaf(table: pa.Table, name: str) -> str:
+    """The Parquet path of a column's values (`column_encoding` applies to leaves)."""
+    depth = str(table.schema.field(name).type).count("list")
+    return ".".join([name] + ["list.element"] * depth)
 
 
 def check_part(
@@ -64,11 +78,16 @@ def check_part(
     if meta.num_rows != sequences:
         raise ValueError(f"the file holds {meta.num_rows} rows, the manifest says {sequences}")
     columns = []  # every array but seq_offsets is a list-per-sequence column (module docstring)
+    ragged = "target_lengths" in expected  # sampled: the lengths are the inner list offsets
     for name, (shape, dtype) in expected.items():
-        if name == "seq_offsets":
+        if name in ("seq_offsets", "target_lengths"):
             continue
         value = pa.from_numpy_dtype(np.dtype(dtype))
-        columns.append((name, pa.list_(value if len(shape) == 1 else pa.list_(value, shape[1]))))
+        if ragged and name != "input_ids":
+            value = pa.list_(value)
+        elif len(shape) == 2:
+            value = pa.list_(value, shape[1])
+        columns.append((name, pa.list_(value)))
     want = pa.schema(columns)
     if not file.schema_arrow.equals(want):
         raise ValueError(f"the file's schema is not {want}".replace("\n", ", "))
@@ -78,34 +97,46 @@ def check_part(
         raise ValueError(f"the file declares {declared} uncompressed bytes for {tokens} tokens")
 
 
-def read_part(path: Path) -> PartArrays:
-    """Read a whole part, verifying page checksums, back into the flat token-axis layout."""
+def read_part(path: Path, names: tuple[str, ...] | None = None) -> PartArrays:
+    """Read a whole part, verifying page checksums, back into the flat token-axis layout.
+    Sampled parts (a `target_counts` column; the reader checked the schema against the manifest
+    first) come back ragged, their per-token entry counts (`target_lengths`) taken from the
+    inner list offsets. `names` is accepted for symmetry with the zarr backend: a Parquet part
+    is one file, read whole."""
+    del names
     table = pq.ParquetFile(str(path), page_checksum_verification=True).read()
     ids_col = table.column("input_ids").combine_chunks()
     offsets = ids_col.offsets.to_numpy().astype(np.int64)
     offsets -= offsets[0]
-
-    columns = [_tokens_of(table.column(n)) for n in ("input_ids", "target_ids", "target_logprobs")]
-    return PartArrays(*columns, offsets)
+    inputs, ids = _tokens_of(table.column("input_ids")), _tokens_of(table.column("target_ids"))
+    if "target_counts" not in table.column_names:
+        return PartArrays(inputs, ids, _tokens_of(table.column("target_logprobs")), offsets)
+    counts = _tokens_of(table.column("target_counts"))
+    per_token = table.column("target_ids").combine_chunks().flatten()  # list per token
+    lengths = per_token.value_lengths().to_numpy(zero_copy_only=False).astype(counts.dtype)
+    return PartArrays(inputs, ids, None, offsets, counts, lengths)
 
 
 def _tokens_of(column: pa.ChunkedArray) -> np.ndarray:
-    """A list-per-sequence column flattened back to a (tokens,) or (tokens, k) array."""
+    """A list-per-sequence column flattened back to a (tokens,) or (tokens, k) array, or for a
+    variable-length list per token, to its (entries,) values."""
     values = column.combine_chunks().flatten()
     if isinstance(values.type, pa.FixedSizeListType):
         return values.flatten().to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
+    if isinstance(values.type, pa.ListType):
+        return values.flatten().to_numpy(zero_copy_only=False)
     return values.to_numpy(zero_copy_only=False)
 
 
 def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
-    """Token rows `start:stop` of one column (reads the whole column: parts are row groups)."""
+    """Rows `start:stop` of one array (reads the whole part: parts are row groups)."""
     return getattr(read_part(path), name)[start:stop]
 
 
 def iter_chunks(path: Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row group index, data) for one column; page checksums are checked."""
-    if name == "seq_offsets":
-        yield 0, read_part(path).seq_offsets
+    if name in ("seq_offsets", "target_lengths"):  # list offsets, not a column
+        yield 0, getattr(read_part(path), name)
         return
     file = pq.ParquetFile(str(path), page_checksum_verification=True)
     for index in range(file.num_row_groups):

@@ -8,9 +8,11 @@ shard index carries its own crc32c, so any flipped bit is caught on read.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,15 @@ from logitcache.format import ARRAY_NAMES, CodecInfo, PartArrays
 SUFFIX = ""  # a part is a directory
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The delta filter is numcodecs' ("numcodecs.delta"), which zarr flags on every use as not
+    in the v3 specification; the format documents it (docs/FORMAT.md, section 5)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+        yield
+
+
 def _chunk_rows(row_bytes: int, chunk_bytes: int, rows: int) -> int:
     """Rows per inner chunk: about `chunk_bytes` uncompressed, at least 1, at most `rows`."""
     return max(1, min(max(rows, 1), chunk_bytes // max(row_bytes, 1)))
@@ -30,9 +41,14 @@ def _chunk_rows(row_bytes: int, chunk_bytes: int, rows: int) -> int:
 
 def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: int) -> None:
     """Write `arrays` as a new Zarr v3 group at `path` (which must not exist yet)."""
+    with _quiet():
+        _write_part(path, arrays, codec, chunk_bytes)
+
+
+def _write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: int) -> None:
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    for name in ARRAY_NAMES:
-        data = np.ascontiguousarray(getattr(arrays, name))
+    for name, values in arrays.arrays().items():
+        data = np.ascontiguousarray(values)
         row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
         rows = _chunk_rows(row_bytes, chunk_bytes, data.shape[0])
         chunks = (rows, *data.shape[1:])
@@ -52,6 +68,7 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
             dtype=data.dtype,
             chunks=chunks,
             shards=shard,
+            filters=_delta(data.dtype) if name in codec.delta else None,
             compressors=compressors,
             fill_value=0,
             # every chunk is written, even all-zero ones: a part's file set is then fixed by its
@@ -59,6 +76,14 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
             config={"write_empty_chunks": True},
         )
         array[...] = data
+
+
+def _delta(dtype: np.dtype) -> list:
+    """numcodecs' delta filter ("numcodecs.delta"): each inner chunk, flattened in C order,
+    stored as its first value and then differences, wrapping around in the array's dtype."""
+    from zarr.codecs.numcodecs import Delta
+
+    return [Delta(dtype=dtype.str)]
 
 
 MAX_METADATA_BYTES = 1 << 20  # a zarr.json is a few KB
@@ -143,20 +168,24 @@ def check_part(
                 raise ValueError(f"{name} chunk file {key} is not listed in the manifest")
 
 
-def read_part(path: Path) -> PartArrays:
-    """Read a whole part into memory (each array is decompressed once, chunk by chunk)."""
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    return PartArrays(*(group[name][...] for name in ARRAY_NAMES))
+def read_part(path: Path, names: tuple[str, ...] = ARRAY_NAMES) -> PartArrays:
+    """Read the arrays `names` of a part into memory (each decompressed once, chunk by chunk);
+    the others are None."""
+    with _quiet():
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        return PartArrays(**{"target_logprobs": None} | {name: group[name][...] for name in names})
 
 
 def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
     """Rows `start:stop` of one array, decompressing only the inner chunks they touch."""
-    return zarr.open_array(str(path / name), mode="r", zarr_format=3)[start:stop]
+    with _quiet():
+        return zarr.open_array(str(path / name), mode="r", zarr_format=3)[start:stop]
 
 
 def iter_chunks(path: Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (chunk index, data) for every inner chunk of one array; checksums are checked."""
-    array = zarr.open_array(str(path / name), mode="r", zarr_format=3)
-    rows = array.chunks[0]
-    for index, start in enumerate(range(0, array.shape[0], rows)):
-        yield index, array[start : start + rows]
+    with _quiet():
+        array = zarr.open_array(str(path / name), mode="r", zarr_format=3)
+        rows = array.chunks[0]
+        for index, start in enumerate(range(0, array.shape[0], rows)):
+            yield index, array[start : start + rows]

@@ -1,7 +1,8 @@
 """The storage backends by name; each is a module with the same small set of functions.
 
 A backend module provides ``SUFFIX`` (appended to a part's name: "" for a directory),
-``write_part(path, arrays, codec, chunk_bytes)``, ``read_part(path)``,
+``write_part(path, arrays, codec, chunk_bytes)``, ``read_part(path, names)`` (the arrays to
+read, `format.array_names` of the target kind),
 ``read_rows(path, name, start, stop)`` and ``iter_chunks(path, name)``. They are imported only
 when used, so a zarr-only reader never loads pyarrow and the reverse.
 """

@@ -74,7 +74,34 @@ def dump(
     ids_field: Annotated[
         str | None, typer.Option(help="Field holding already-tokenized ids instead of text.")
     ] = None,
-    top_k: Annotated[int, typer.Option(help="Teacher ids kept per position.")] = 64,
+    targets: Annotated[
+        str,
+        typer.Option(
+            help="topk: the k most probable ids and their log-probs; sample: the distinct ids "
+            "among --samples draws from the teacher and their counts."
+        ),
+    ] = "topk",
+    top_k: Annotated[int, typer.Option(help="Teacher ids kept per position (topk).")] = 64,
+    samples: Annotated[
+        int, typer.Option(help="Draws per position (sample), with replacement, on the device.")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option(help="Temperature of the stored (or sampled) distribution.")
+    ] = 1.0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the draws (sample); see docs/FORMAT.md, section 3a.")
+    ] = 0,
+    id_order: Annotated[
+        str,
+        typer.Option(
+            help="topk: descending (most probable first) or id (ids increasing: compresses "
+            "better; readers get descending order back)."
+        ),
+    ] = "descending",
+    delta: Annotated[
+        bool,
+        typer.Option(help="Delta-filter the arrays that increase along a position (smaller)."),
+    ] = True,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 1024,
     pack: Annotated[
         bool,
@@ -103,7 +130,7 @@ def dump(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     license: LicenseOption = "unknown",
 ) -> None:
-    """Run the teacher over a dataset once and write its top-k soft targets.
+    """Run the teacher over a dataset once and write its soft targets (top-k or sampled).
 
     Rerunning the same command after an interruption resumes from the last committed part.
 
@@ -112,6 +139,8 @@ def dump(
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --top-k 64 --seq-len 1024
 
       logitcache dump --teacher-factory mypkg.models:teacher --tokenizer ./tok --data docs.jsonl --text-field text --out ./cache
+
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets sample --samples 64 --seed 1
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out s3://bucket/caches/gpt2-k64 --license cc-by-4.0
     """
@@ -122,7 +151,9 @@ def dump(
         DumpOptions(
             data=data, out=out_dir, teacher=teacher, teacher_factory=teacher_factory, tokenizer=tokenizer,
             trust_remote_code=trust_remote_code, data_format=data_format, text_field=text_field,
-            ids_field=ids_field, top_k=top_k, seq_len=seq_len, pack=pack, batch_size=batch_size,
+            ids_field=ids_field, targets=targets, top_k=top_k, samples=samples,
+            temperature=temperature, seed=seed, id_order=id_order, delta=delta, seq_len=seq_len,
+            pack=pack, batch_size=batch_size,
             device=device, dtype=dtype, backend=format, logprob_dtype=logprob_dtype,
             part_tokens=part_tokens, clevel=clevel, overwrite=overwrite, progress=progress,
             license=license,
@@ -174,7 +205,7 @@ def info(
         ("teacher", f"{m.teacher.name}  ({m.teacher.dtype}, vocab {m.teacher.vocab_size}, weights {m.teacher.weights_sha256[:12]})"),
         ("tokenizer", f"{m.tokenizer.name}  (vocab {m.tokenizer.vocab_size}, fingerprint {m.tokenizer.fingerprint[:12]})"),
         ("data", f"{m.data.source}  ({m.data.format}, {m.data.documents} documents, fingerprint {m.data.fingerprint[:12]})"),
-        ("targets", f"{m.targets.kind} k={m.targets.k}, T={m.targets.temperature}, ids {m.targets.id_dtype}, log-probs {m.targets.logprob_dtype}"),
+        ("targets", describe_targets(m)),
         ("layout", f"seq_len {m.layout.seq_len}, {'packed' if m.layout.packing else 'one document per sequence'}, {m.layout.sequences_per_part} sequences/part"),
         ("codec", f"{m.codec.name}/{m.codec.cname} level {m.codec.clevel}, {m.codec.shuffle}, {m.codec.checksum}"),
         ("counts", f"{m.tokens:,} tokens, {m.sequences:,} sequences, {len(m.parts)} parts"),
@@ -182,6 +213,70 @@ def info(
     ]  # fmt: skip
     for key, value in rows:
         out.print(f"[bold]{key:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
+
+
+def describe_targets(m) -> str:
+    """One line on what a cache stores per position, and how."""
+    t = m.targets
+    delta = f", delta-filtered {'+'.join(m.codec.delta)}" if m.codec.delta else ""
+    if t.kind == "sample":
+        return (
+            f"sample N={t.samples} (at most {t.k} distinct ids), T={t.temperature}, seed "
+            f"{t.seed}, ids {t.id_dtype}, counts {t.count_dtype}{delta}"
+        )
+    values = t.logprob_dtype + (f" (1/{t.logprob_scale:g} nat)" if t.logprob_scale else "")
+    return (
+        f"topk k={t.k}, T={t.temperature}, ids {t.id_dtype} in {t.order} order, "
+        f"log-probs {values}{delta}"
+    )
+
+
+@app.command()
+def stats(
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
+    plot: Annotated[Path | None, typer.Option(help="Write the histograms to this PNG.")] = None,
+    max_tokens: Annotated[
+        int, typer.Option(help="Positions to read (0: all); bytes are always the whole cache's.")
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Per position: the teacher mass on the stored ids (top-k coverage), the entropy of the
+    stored part, the distinct ids; and the bytes per token of each array. The exact definitions
+    are in logitcache/stats.py.
+
+    Example: logitcache stats ./cache --plot stats.png
+    """
+    from logitcache import stats as stats_mod
+
+    c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
+    result = stats_mod.compute(c, max_tokens=max_tokens)
+    doc = result.summary()
+    if plot is not None:
+        stats_mod.plot(result, plot, title=f"{cache}: {describe_targets(c.manifest)}")
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    say = lambda text: out.print(escape(text), highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"{cache}: {describe_targets(c.manifest)}")
+    say(f"{doc['positions']:,} positions")
+    rows = [
+        ("mass", "teacher mass on the stored ids"),
+        ("entropy", "entropy of the stored part, nats"),
+        ("tail_entropy_max", "largest entropy with the tail, nats"),
+        ("distinct", "distinct ids per position"),
+    ]
+    say(f"{'':>36}  {'mean':>9} {'p10':>9} {'p50':>9} {'p90':>9}")
+    for key, label in rows:
+        if doc.get(key):
+            d = doc[key]
+            say(f"{label:>36}  {d['mean']:9.4f} {d['p10']:9.4f} {d['p50']:9.4f} {d['p90']:9.4f}")
+    say("bytes/token by array:")
+    for name, value in sorted(doc["bytes_per_token"].items(), key=lambda x: -x[1]):
+        say(f"{name:>36}  {value:9.2f}")
+    say(f"{'total':>36}  {doc['bytes_per_token_total']:9.2f}")
+    if plot is not None:
+        say(f"wrote {plot}")
 
 
 @app.command()

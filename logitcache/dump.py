@@ -1,12 +1,14 @@
-"""`dump`: stream a dataset through the teacher once and write its top-k soft targets.
+"""`dump`: stream a dataset through the teacher once and write its soft targets.
 
 The whole algorithm, in order:
 
 1. resolve and fingerprint the data, load the teacher, build the manifest template;
 2. open the cache (new, or resume: committed parts are skipped without running the teacher);
-3. for each batch of packed sequences: logits on the device, ``topk(logits) - logsumexp(logits)``
-   in float32 (log-probs normalised over the FULL vocabulary, so the tail mass is known), cast
-   on the device, copied to pinned host memory without blocking;
+3. for each batch of packed sequences: logits on the device, then the targets on the device
+   (`logitcache.targets`): top-k, ``topk(logits) - logsumexp(logits)`` in float32 (log-probs
+   normalised over the FULL vocabulary, so the tail mass is known) cast or quantised there; or
+   N draws per position, reproducible from (seed, sequence index, position), reduced to
+   distinct ids and counts; copied to pinned host memory without blocking;
 4. a writer thread takes finished batches from a bounded queue, assembles parts, compresses and
    commits them, so the teacher never waits for the disk and memory stays bounded by the queue
    plus one part.
@@ -15,6 +17,7 @@ The whole algorithm, in order:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import itertools
 import queue
@@ -27,18 +30,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache import __version__, data, stores
+from logitcache import __version__, data, stores, targets
 from logitcache.errors import LogitCacheError
 from logitcache.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    LOGPROB_DTYPES,
+    MAX_SAMPLES,
+    ORDERS,
+    TARGET_KINDS,
     CodecInfo,
     DataInfo,
     LayoutInfo,
     Manifest,
-    PartArrays,
     TargetInfo,
-    id_dtype_for,
+    version_for,
 )
 from logitcache.progress import Bar, progress_bar
 from logitcache.remote_writer import open_writer
@@ -61,7 +67,13 @@ class DumpOptions:
     data_format: str = "auto"
     text_field: str | None = None
     ids_field: str | None = None
+    targets: str = "topk"  # or "sample"
     top_k: int = 64
+    samples: int = 64  # draws per position for targets="sample"
+    temperature: float = 1.0
+    seed: int = 0  # of the draws (targets="sample")
+    id_order: str = "descending"  # top-k: or "id" (ids increasing within a position)
+    delta: bool = True  # delta-filter the arrays that increase along a position's row
     seq_len: int = 1024
     pack: bool = True
     batch_size: int = 8
@@ -125,20 +137,33 @@ def dump(opts: DumpOptions) -> DumpSummary:
 
 
 def _check_options(opts: DumpOptions) -> None:
-    for name in ("top_k", "seq_len", "batch_size", "part_tokens", "chunk_bytes"):
+    for name in ("top_k", "samples", "seq_len", "batch_size", "part_tokens", "chunk_bytes"):
         if getattr(opts, name) < 1:
             raise LogitCacheError(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}."
             )
-    if opts.logprob_dtype not in ("float16", "float32"):
+    if opts.logprob_dtype not in LOGPROB_DTYPES:
         raise LogitCacheError(
-            f"--logprob-dtype must be float16 or float32, got {opts.logprob_dtype!r}."
+            f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}, got "
+            f"{opts.logprob_dtype!r}."
         )
+    if opts.targets not in TARGET_KINDS:
+        raise LogitCacheError(
+            f"--targets must be one of {', '.join(TARGET_KINDS)}, got {opts.targets!r}."
+        )
+    if opts.id_order not in ORDERS:
+        raise LogitCacheError(f"--id-order must be descending or id, got {opts.id_order!r}.")
+    if opts.samples > MAX_SAMPLES:
+        raise LogitCacheError(f"--samples must be at most {MAX_SAMPLES}, got {opts.samples}.")
+    if not 0 < opts.temperature < float("inf"):
+        raise LogitCacheError(f"--temperature must be a positive number, got {opts.temperature}.")
+    if not 0 <= opts.seed < 1 << 63:
+        raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
 
 
 def _check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
     vocab = teacher.info.vocab_size
-    if not 1 <= opts.top_k <= vocab:
+    if opts.targets == "topk" and not 1 <= opts.top_k <= vocab:
         raise LogitCacheError(
             f"--top-k {opts.top_k} is not in 1..{vocab} (the teacher's vocabulary size)."
         )
@@ -152,9 +177,14 @@ def _check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
 
 def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSource) -> Manifest:
     documents = data.count_documents(source)
-    return Manifest(
+    target_info = targets.target_info(
+        kind=opts.targets, vocab_size=teacher.info.vocab_size, top_k=opts.top_k,
+        samples=opts.samples, temperature=opts.temperature, logprob_dtype=opts.logprob_dtype,
+        order=opts.id_order, seed=opts.seed,
+    )  # fmt: skip
+    manifest = Manifest(
         format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION,  # the oldest version that describes it, set below
         backend=opts.backend,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         teacher=teacher.info,
@@ -166,13 +196,7 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
             documents=-1 if documents is None else documents,
             text_field=source.text_field if not source.pretokenized else source.ids_field,
         ),
-        targets=TargetInfo(
-            kind="topk",
-            k=opts.top_k,
-            temperature=1.0,
-            id_dtype=id_dtype_for(teacher.info.vocab_size),
-            logprob_dtype=opts.logprob_dtype,
-        ),
+        targets=target_info,
         layout=LayoutInfo(
             seq_len=opts.seq_len,
             packing=opts.pack,
@@ -180,13 +204,19 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
             chunk_bytes=opts.chunk_bytes,
         ),
         codec=CodecInfo(
-            name="blosc", cname="zstd", clevel=opts.clevel, shuffle="bitshuffle", checksum="crc32c"
+            name="blosc",
+            cname="zstd",
+            clevel=opts.clevel,
+            shuffle="bitshuffle",
+            checksum="crc32c",
+            delta=targets.delta_arrays(target_info) if opts.delta else [],
         ),
         complete=False,
         sequences=0,
         tokens=0,
         tool_version=__version__,
     )
+    return dataclasses.replace(manifest, format_version=version_for(manifest))
 
 
 @dataclass
@@ -195,8 +225,7 @@ class _BatchTargets:
 
     lengths: list[int]
     input_ids: np.ndarray  # (batch, time) host copy of the inputs
-    target_ids: torch.Tensor  # (batch, time, k) int32, host
-    target_logprobs: torch.Tensor  # (batch, time, k) float16/32, host
+    arrays: dict[str, torch.Tensor]  # host copies of `targets.device_targets`' tensors
     ready: torch.cuda.Event | None
     ends_part: bool
 
@@ -211,92 +240,66 @@ def _batches(sequences: Iterator[np.ndarray], per_part: int, batch_size: int, sk
             yield part[start : start + batch_size], start + batch_size >= len(part)
 
 
-#: Rows of logits exponentiated at a time on a CPU: a fresh vocab-sized temporary per batch (what
-#: `torch.logsumexp` allocates) costs page faults and a trip to memory; a 16 MiB one stays in cache.
-CPU_EXP_BYTES = 16 << 20
+# The top-k log-softmax (no vocab-sized temporary on a CPU) and the sampled targets are
+# computed by `logitcache.targets.device_targets`, shared with the benchmarks.
 
 
-def _topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k log-probs, their ids) of float32 `logits` (..., vocab), normalised over the
-    whole vocabulary: ``topk(x) - logsumexp(x)`` with logsumexp's own arithmetic, except that
-    the row maximum is the top-1 value already found, and that on a CPU the exponentials are
-    taken a few rows at a time (on one core, 85 instead of 155 ms for 4096 x 8192 logits)."""
-    values, indices = logits.topk(k, dim=-1, sorted=True)  # (..., k)
-    top = values[..., :1]  # the row maximum, which logsumexp subtracts before exp
-    if logits.device.type != "cpu":
-        return values - (logits - top).exp_().sum(-1, keepdim=True).log_().add_(top), indices
-    vocab = logits.shape[-1]
-    rows, tops = logits.reshape(-1, vocab), top.reshape(-1, 1)
-    sums = torch.empty_like(tops)
-    step = max(1, CPU_EXP_BYTES // (vocab * logits.element_size()))
-    buffer = torch.empty(min(step, len(rows)), vocab, dtype=logits.dtype)
-    for start in range(0, len(rows), step):
-        stop = min(start + step, len(rows))
-        part = torch.sub(rows[start:stop], tops[start:stop], out=buffer[: stop - start]).exp_()
-        torch.sum(part, dim=-1, keepdim=True, out=sums[start:stop])
-    return values - sums.log_().add_(tops).view(top.shape), indices
-
-
-@torch.inference_mode()
 def _teacher_targets(
-    teacher: Teacher, batch: list[np.ndarray], k: int, value_dtype: torch.dtype, ends_part: bool
+    teacher: Teacher,
+    batch: list[np.ndarray],
+    spec: targets.TargetSpec,
+    first_sequence: int,
+    ends_part: bool,
 ) -> _BatchTargets:
+    """The batch's targets; `first_sequence` is the global index of its first sequence (what
+    sampled targets are seeded by, so that they do not depend on batching)."""
     lengths = [len(s) for s in batch]
     ids = np.zeros((len(batch), max(lengths)), dtype=np.int64)  # right padding: causal, so harmless
     for row, seq in enumerate(batch):
         ids[row, : len(seq)] = seq
-    logits = teacher.logits(
-        torch.from_numpy(ids).to(teacher.device)
-    ).float()  # (batch, time, vocab)
-    values, indices = _topk_logprobs(logits, k)  # (batch, time, k)
-    values = values.to(value_dtype)
-    indices = indices.to(torch.int32)
+    logits = teacher.logits(torch.from_numpy(ids).to(teacher.device))  # (batch, time, vocab)
+    index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
+    computed = targets.device_targets(logits, spec, index)
     pinned = teacher.device.type == "cuda"
-    host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=pinned)
-    host_indices = torch.empty(indices.shape, dtype=indices.dtype, pin_memory=pinned)
-    host_values.copy_(values, non_blocking=pinned)
-    host_indices.copy_(indices, non_blocking=pinned)
+    host = {}
+    for name, tensor in computed.items():
+        host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+        host[name].copy_(tensor, non_blocking=pinned)
     ready = None
     if pinned:
         ready = torch.cuda.Event()
         ready.record()
-    return _BatchTargets(lengths, ids, host_indices, host_values, ready, ends_part)
+    return _BatchTargets(lengths, ids, host, ready, ends_part)
 
 
 class _PartAssembler:
     """Collects batches into the next part and writes it; runs on the writer thread."""
 
-    def __init__(self, writer: CacheWriter, id_dtype: str, logprob_dtype: str) -> None:
+    def __init__(self, writer: CacheWriter, target_info: TargetInfo) -> None:
         self.writer = writer
-        self.id_dtype = np.dtype(id_dtype)
-        self.logprob_dtype = np.dtype(logprob_dtype)
-        self._pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._lengths: list[int] = []
+        self.targets = target_info
+        self._inputs: list[np.ndarray] = []
+        self._rows: list[dict[str, np.ndarray]] = []
 
     def add(self, batch: _BatchTargets) -> None:
         if batch.ready is not None:
             batch.ready.synchronize()
-        values, indices = batch.target_logprobs.numpy(), batch.target_ids.numpy()
+        arrays = {name: t.numpy() for name, t in batch.arrays.items()}
+        finite = arrays.pop("finite")
         for row, n in enumerate(batch.lengths):
-            if not np.isfinite(values[row, :n]).all():
+            if not finite[row, :n].all():
                 raise LogitCacheError(
                     f"the teacher produced non-finite logits (NaN or inf) in part {self.writer.committed}. "
                     "Check the model's weights and --dtype (float16 overflows easily; try bfloat16 or float32)."
                 )
-            self._pieces.append((batch.input_ids[row, :n], indices[row, :n], values[row, :n]))
-            self._lengths.append(n)
+            self._inputs.append(batch.input_ids[row, :n])
+            self._rows.append({name: a[row, :n] for name, a in arrays.items()})
         if batch.ends_part:
             self._write()
 
     def _write(self) -> None:
-        inputs, ids, values = zip(*self._pieces, strict=True)
-        arrays = PartArrays(
-            input_ids=np.concatenate(inputs).astype(self.id_dtype),
-            target_ids=np.concatenate(ids).astype(self.id_dtype),
-            target_logprobs=np.concatenate(values).astype(self.logprob_dtype),
-            seq_offsets=np.concatenate([[0], np.cumsum(self._lengths)]).astype(np.int64),
-        )
-        self._pieces, self._lengths = [], []
+        arrays = targets.assemble(self.targets, self._inputs, self._rows)
+        self._inputs, self._rows = [], []
         self.writer.write_part(arrays)
 
 
@@ -309,11 +312,11 @@ def _run(
 ) -> None:
     """Device work on this thread, host work (assembly, compression, commit) on the writer's."""
     manifest = writer.manifest
-    value_dtype = {"float16": torch.float16, "float32": torch.float32}[opts.logprob_dtype]
-    batches = _batches(
-        sequences, manifest.layout.sequences_per_part, opts.batch_size, writer.committed
-    )
-    assembler = _PartAssembler(writer, manifest.targets.id_dtype, manifest.targets.logprob_dtype)
+    per_part = manifest.layout.sequences_per_part
+    batches = _batches(sequences, per_part, opts.batch_size, writer.committed)
+    spec = targets.TargetSpec.of(manifest.targets)
+    assembler = _PartAssembler(writer, manifest.targets)
+    next_sequence = writer.committed * per_part  # every committed part but the last is full
     pipe: queue.Queue[_BatchTargets | None] = queue.Queue(maxsize=QUEUE_BATCHES)
     failure: list[BaseException] = []
 
@@ -331,7 +334,8 @@ def _run(
         for batch, ends_part in batches:
             if failure:
                 break
-            pipe.put(_teacher_targets(teacher, batch, opts.top_k, value_dtype, ends_part))
+            pipe.put(_teacher_targets(teacher, batch, spec, next_sequence, ends_part))
+            next_sequence += len(batch)
             bar.add_tokens(sum(len(s) for s in batch))
     finally:
         pipe.put(None)

@@ -11,15 +11,18 @@ A cache is a directory::
     parts/part-000000.parquet                 (parquet backend: one Parquet file)
 
 Each part holds, for its sequences laid end to end on one token axis:
-``input_ids`` (tokens,), ``target_ids`` (tokens, k), ``target_logprobs`` (tokens, k) and
-``seq_offsets`` (sequences + 1,) so that sequence ``s`` of the part is tokens
-``seq_offsets[s]:seq_offsets[s + 1]``.
+``input_ids`` (tokens,), the targets, and ``seq_offsets`` (sequences + 1,) so that sequence
+``s`` of the part is tokens ``seq_offsets[s]:seq_offsets[s + 1]``. Top-k targets are
+``target_ids`` and ``target_logprobs`` (tokens, k); sampled targets (format 1.1) are ragged:
+``target_ids`` and ``target_counts`` (entries,) with ``target_lengths`` (tokens,) entries per
+position.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -32,8 +35,10 @@ FORMAT_NAME = "logitcache"
 FORMAT_VERSION = (
     "1.0"  # major.minor: a reader refuses a newer major, reads every older one it knows
 )
-#: The newest version this package reads. 1.1 adds the optional `merged_from` field (written
-#: only by `logitcache merge`); a dump still writes 1.0, which every 1.x reader reads.
+#: The newest version this package reads. 1.1 adds optional fields: `merged_from` (written only
+#: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
+#: filters. A cache that uses none of them is still written as 1.0, which every 1.x reader
+#: reads (`version_for`).
 READER_VERSION = "1.1"
 MERGED_FORMAT_VERSION = "1.1"
 KNOWN_MAJORS = (1,)
@@ -41,7 +46,15 @@ MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
 ARRAY_NAMES = ("input_ids", "target_ids", "target_logprobs", "seq_offsets")
 BACKENDS = ("zarr", "parquet")
-TARGET_KINDS = ("topk",)
+TARGET_KINDS = ("topk", "sample")
+#: The arrays of a part, by target kind (`PartArrays` fields; None for the others).
+KIND_ARRAYS = {
+    "topk": ("input_ids", "target_ids", "target_logprobs", "seq_offsets"),
+    "sample": ("input_ids", "target_ids", "target_counts", "target_lengths", "seq_offsets"),
+}
+LOGPROB_DTYPES = ("float16", "float32", "uint8")
+ORDERS = ("descending", "id")
+MAX_SAMPLES = 65535
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # refuse to parse anything larger: a manifest is metadata
 _PART_NAME = re.compile(r"^part-\d{6}$")
 #: Bounds checked before anything is allocated from metadata: a reader decodes a whole part at
@@ -100,18 +113,26 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class TargetInfo:
-    """What is stored per position: the `k` most probable ids under the teacher at `temperature`.
+    """What is stored per position, from the teacher's distribution at `temperature`.
 
-    Log-probabilities are normalised over the full vocabulary, so ``1 - sum(exp(logprobs))`` is
-    the teacher's exact mass outside the stored ids (up to the value codec's rounding).
+    ``kind`` "topk": the `k` most probable ids with their log-probabilities normalised over the
+    full vocabulary, so ``1 - sum(exp(logprobs))`` is the teacher's exact mass outside the
+    stored ids (up to the value codec's rounding, `logitcache.codecs`). ``kind`` "sample"
+    (1.1): the distinct ids among `samples` draws with their counts; `k` is then the most a
+    position can hold, ``min(samples, vocab_size)``.
     """
 
     kind: str
     k: int
     temperature: float
     id_dtype: str
-    logprob_dtype: str
-    order: str = "descending"  # ids sorted by decreasing teacher probability
+    logprob_dtype: str  # float16, float32, uint8 (1.1: quantised, see logprob_scale); sample: none
+    order: str = "descending"  # or "id" (1.1): ids increasing within each position
+    # added in 1.1 (left out of the JSON at these defaults)
+    samples: int = 0  # sample: draws per position (N)
+    count_dtype: str = ""  # sample: uint8 (N <= 255) or uint16
+    logprob_scale: float = 0.0  # uint8 log-probs: stored q means log-prob -q / logprob_scale
+    seed: int = 0  # sample: the seed of the draws (logitcache.sampling)
 
 
 @dataclass(frozen=True)
@@ -133,6 +154,7 @@ class CodecInfo:
     clevel: int
     shuffle: str
     checksum: str
+    delta: list[str] = field(default_factory=list)  # 1.1: arrays delta-filtered first
 
 
 @dataclass(frozen=True)
@@ -144,6 +166,7 @@ class PartInfo:
     sequences: int
     tokens: int
     files: dict[str, str]
+    entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
 
 
 @dataclass(frozen=True)
@@ -195,7 +218,42 @@ class Manifest:
         doc = dataclasses.asdict(self)
         if not doc["merged_from"]:  # optional (1.1): absent from dumps, which stay 1.0
             del doc["merged_from"]
+        for record, defaults in _ADDED_IN_1_1.items():  # absent means the default
+            for entry in doc["parts"] if record == "parts" else [doc[record]]:
+                for name, default in defaults.items():
+                    if entry.get(name) == default:
+                        del entry[name]
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+#: Fields added to existing records in 1.1, and the values they take where unused.
+_ADDED_IN_1_1 = {
+    "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
+    "codec": {"delta": []},
+    "parts": {"entries": 0},
+}
+
+
+def version_for(m: Manifest) -> str:
+    """The oldest format version that describes `m`: 1.0 unless a 1.1 feature is used."""
+    return READER_VERSION if m.merged_from or _targets_need_1_1(m) else FORMAT_VERSION
+
+
+def _targets_need_1_1(m: Manifest) -> bool:
+    t = m.targets
+    return (
+        t.kind != "topk"
+        or t.order != "descending"
+        or t.logprob_dtype not in ("float16", "float32")
+        or t.temperature != 1.0
+        or bool(m.codec.delta)
+        or any(getattr(t, name) != d for name, d in _ADDED_IN_1_1["targets"].items())
+    )
+
+
+def array_names(kind: str) -> tuple[str, ...]:
+    """The arrays a part of a cache with targets of `kind` holds."""
+    return KIND_ARRAYS[kind]
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -280,8 +338,7 @@ def _check_consistency(m: Manifest, source: str) -> None:
         problems.append(
             f"k={m.targets.k} is not in 1..min(vocab_size={m.teacher.vocab_size}, {MAX_K})"
         )
-    if m.targets.logprob_dtype not in ("float16", "float32"):
-        problems.append(f"logprob_dtype {m.targets.logprob_dtype!r} is not float16 or float32")
+    problems += _target_problems(m)
     if not 1 <= m.layout.seq_len <= MAX_SEQ_LEN or m.layout.sequences_per_part < 1:
         problems.append(
             f"seq_len must be in 1..{MAX_SEQ_LEN} and sequences_per_part must be positive"
@@ -295,6 +352,10 @@ def _check_consistency(m: Manifest, source: str) -> None:
             problems.append(f"{part.name}: {part.sequences} sequences is out of bounds")
         if not 0 < part.tokens <= part.sequences * m.layout.seq_len:
             problems.append(f"{part.name}: {part.tokens} tokens is out of bounds")
+        elif m.targets.kind == "sample" and not (
+            part.tokens <= part.entries <= part.tokens * m.targets.k
+        ):
+            problems.append(f"{part.name}: {part.entries} entries is out of bounds")
         elif part_bytes(m, part) > MAX_PART_BYTES:
             problems.append(
                 f"{part.name}: {part.tokens} tokens at k={m.targets.k} decode to "
@@ -326,22 +387,73 @@ def _check_consistency(m: Manifest, source: str) -> None:
 
 
 def part_bytes(m: Manifest, part: PartInfo) -> int:
-    """Decoded size of one part: what a reader allocates to hold it whole."""
+    """Decoded size of one part: what a reader allocates to hold it whole (for sampled targets,
+    also the float32 log-probs of the decoded (tokens, k) view)."""
     id_size = {"uint8": 1, "uint16": 2, "uint32": 4}.get(m.targets.id_dtype, 4)
-    lp_size = 2 if m.targets.logprob_dtype == "float16" else 4
+    lp_size = {"float16": 2, "uint8": 1}.get(m.targets.logprob_dtype, 4)
+    if m.targets.kind == "sample":
+        count_size = 2 if m.targets.count_dtype == "uint16" else 1
+        per_token = id_size * (1 + m.targets.k) + 4 * m.targets.k + count_size
+        return part.tokens * per_token + part.entries * count_size + (part.sequences + 1) * 8
     per_token = id_size * (1 + m.targets.k) + lp_size * m.targets.k
     return part.tokens * per_token + (part.sequences + 1) * 8
 
 
 def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} that part `part` must hold, from the manifest alone."""
-    k, ids = m.targets.k, m.targets.id_dtype
+    t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
+    if t.kind == "sample":
+        return {
+            "input_ids": ((part.tokens,), ids),
+            "target_ids": ((part.entries,), ids),
+            "target_counts": ((part.entries,), t.count_dtype),
+            "target_lengths": ((part.tokens,), t.count_dtype),
+            "seq_offsets": ((part.sequences + 1,), "int64"),
+        }
     return {
         "input_ids": ((part.tokens,), ids),
         "target_ids": ((part.tokens, k), ids),
-        "target_logprobs": ((part.tokens, k), m.targets.logprob_dtype),
+        "target_logprobs": ((part.tokens, k), t.logprob_dtype),
         "seq_offsets": ((part.sequences + 1,), "int64"),
     }
+
+
+def _target_problems(m: Manifest) -> list[str]:
+    """The `targets` and `codec` fields of each kind and codec, and the version they need."""
+    t, problems = m.targets, []
+    if not (math.isfinite(t.temperature) and t.temperature > 0):
+        problems.append(f"temperature {t.temperature} is not a positive number")
+    if t.kind == "sample":
+        if not 1 <= t.samples <= MAX_SAMPLES:
+            problems.append(f"samples={t.samples} is not in 1..{MAX_SAMPLES}")
+        elif t.k != min(t.samples, m.teacher.vocab_size):
+            problems.append(f"k={t.k} is not min(samples, vocab_size) for sampled targets")
+        if t.count_dtype != ("uint8" if t.samples <= 255 else "uint16"):
+            problems.append(f"count_dtype {t.count_dtype!r} does not fit samples={t.samples}")
+        if t.logprob_dtype != "none" or t.order != "id" or t.logprob_scale != 0.0:
+            problems.append('sampled targets need logprob_dtype "none", order "id", no scale')
+    elif t.kind == "topk":
+        if t.logprob_dtype not in LOGPROB_DTYPES:
+            problems.append(f"logprob_dtype {t.logprob_dtype!r} is not one of {LOGPROB_DTYPES}")
+        if t.order not in ORDERS:
+            problems.append(f"order {t.order!r} is not one of {ORDERS}")
+        scaled = t.logprob_dtype == "uint8"
+        if scaled != (math.isfinite(t.logprob_scale) and t.logprob_scale > 0):
+            problems.append("logprob_scale must be positive for uint8 log-probs, else 0")
+        if t.samples or t.count_dtype or t.seed:
+            problems.append("samples, count_dtype and seed are for sampled targets only")
+    if t.kind in KIND_ARRAYS:
+        allowed = {n for n in KIND_ARRAYS[t.kind] if n not in ("seq_offsets", "target_logprobs")}
+        if t.logprob_dtype == "uint8":
+            allowed.add("target_logprobs")
+        if not set(m.codec.delta) <= allowed or len(set(m.codec.delta)) != len(m.codec.delta):
+            problems.append(f"codec.delta {m.codec.delta} names arrays outside {sorted(allowed)}")
+    if not problems and _targets_need_1_1(m) and _version_tuple(m.format_version) < (1, 1):
+        problems.append(
+            f"format_version {m.format_version} cannot describe these targets or this codec "
+            f"(they need {READER_VERSION})"
+        )
+    return problems
 
 
 def _safe_rel(path: str) -> bool:
@@ -415,14 +527,24 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 class PartArrays:
     """The content of one part in memory, in the layout both backends store.
 
-    Shapes: ``input_ids`` (tokens,), ``target_ids`` and ``target_logprobs`` (tokens, k),
-    ``seq_offsets`` (sequences + 1,) with ``seq_offsets[0] == 0`` and ``[-1] == tokens``.
+    Shapes: ``input_ids`` (tokens,), ``seq_offsets`` (sequences + 1,) with
+    ``seq_offsets[0] == 0`` and ``[-1] == tokens``; top-k: ``target_ids`` and
+    ``target_logprobs`` (tokens, k); sampled: ``target_ids`` and ``target_counts`` (entries,),
+    ``target_lengths`` (tokens,), and ``target_logprobs`` None. The reader's decoded view
+    (`logitcache.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
     """
 
     input_ids: Any
     target_ids: Any
     target_logprobs: Any
     seq_offsets: Any
+    target_counts: Any = None
+    target_lengths: Any = None
+
+    def arrays(self) -> dict[str, Any]:
+        """{name: array} of the arrays this part holds (the ones that are not None)."""
+        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def tokens(self) -> int:

@@ -163,7 +163,7 @@ def merged_manifest(locations: list[str], caches: list[Cache]) -> Manifest:
         for part in cache.manifest.parts:
             name = part_name(len(parts))
             files = {name + rel[len(part.name) :]: digest for rel, digest in part.files.items()}
-            parts.append(PartInfo(name, part.sequences, part.tokens, files))
+            parts.append(PartInfo(name, part.sequences, part.tokens, files, part.entries))
     return dataclasses.replace(
         first,
         format_version=MERGED_FORMAT_VERSION,

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache import stores
+from logitcache import codecs, stores
 from logitcache.backends import get_backend
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.format import (
@@ -33,6 +33,7 @@ from logitcache.format import (
     PARTS_DIR,
     Manifest,
     PartArrays,
+    array_names,
     expected_arrays,
     parse_manifest,
 )
@@ -40,7 +41,11 @@ from logitcache.format import (
 
 @dataclass(frozen=True)
 class CacheSequence:
-    """One sequence: input ids (T,), target ids (T, k) and their log-probs (T, k) at T=1."""
+    """One sequence in the uniform view of every target kind and codec: input ids (T,), target
+    ids (T, w) and their log-probs (T, w) at the dump temperature, in decreasing order, with
+    ``-inf`` (and id 0) in slots a position does not use. Top-k: w = k. Sampled targets:
+    ``log(count / N)``, w the most distinct ids at one position of the part (of the sequence,
+    for ``cache[i]``)."""
 
     input_ids: torch.Tensor  # (T,) int64
     target_ids: torch.Tensor  # (T, k) int64
@@ -202,28 +207,40 @@ class Cache:
         self._checked.add(key)
 
     def read_part(self, index: int) -> PartArrays:
-        """Every array of part `index`, checked against the manifest's counts."""
+        """Every array of part `index` as stored, checked against the manifest's counts (for
+        training use `read_decoded`: the same view for every target kind and codec)."""
         info = self.manifest.parts[index]
         try:
             with self.open_part(index) as path:
-                arrays = self.backend.read_part(path)
+                arrays = self.backend.read_part(path, array_names(self.manifest.targets.kind))
         except (OSError, ValueError, RuntimeError) as exc:
             raise CorruptCacheError(
                 f"cannot read {info.name} of {self.root}: {exc}. Run `logitcache verify` on it."
             ) from exc
         k = self.manifest.targets.k
+        shapes = {
+            name: shape
+            for name, (shape, _) in expected_arrays(self.manifest, info).items()
+            if name != "seq_offsets"
+        }
         if (
             arrays.sequences != info.sequences
             or arrays.tokens != info.tokens
-            or arrays.input_ids.shape != (info.tokens,)
-            or arrays.target_ids.shape != (info.tokens, k)
-            or arrays.target_logprobs.shape != (info.tokens, k)
+            or any(
+                getattr(arrays, name) is None or getattr(arrays, name).shape != shape
+                for name, shape in shapes.items()
+            )
         ):
             raise CorruptCacheError(
                 f"{info.name} of {self.root} does not match its manifest entry "
                 f"({info.sequences} sequences, {info.tokens} tokens, k={k})."
             )
         return arrays
+
+    def read_decoded(self, index: int) -> PartArrays:
+        """Part `index` in the uniform view: ``target_ids`` (tokens, w) and ``target_logprobs``
+        (tokens, w) in decreasing order, ``-inf`` on unused slots (see `CacheSequence`)."""
+        return decode(self.manifest, self.read_part(index))
 
     def locate(self, index: int) -> tuple[int, int]:
         """(part index, sequence index within the part) of global sequence `index`."""
@@ -236,19 +253,38 @@ class Cache:
     def __getitem__(self, index: int) -> CacheSequence:
         """One sequence, reading only the chunks it touches."""
         part, local = self.locate(index)
+        read = self.backend.read_rows
         with self.open_part(part) as path:
-            start, stop = self.backend.read_rows(path, "seq_offsets", local, local + 2)
-            rows = [self.backend.read_rows(path, n, int(start), int(stop)) for n in _TOKEN_ARRAYS]
-        return _to_sequence(*rows)
+            start, stop = (int(x) for x in read(path, "seq_offsets", local, local + 2))
+            one = np.array([0, stop - start], dtype=np.int64)
+            if self.manifest.targets.kind == "sample":
+                lengths = read(path, "target_lengths", 0, stop)
+                first, last = (
+                    int(lengths[:start].sum(dtype=np.int64)),
+                    int(lengths.sum(dtype=np.int64)),
+                )
+                rows = PartArrays(
+                    input_ids=read(path, "input_ids", start, stop),
+                    target_ids=read(path, "target_ids", first, last),
+                    target_logprobs=None,
+                    seq_offsets=one,
+                    target_counts=read(path, "target_counts", first, last),
+                    target_lengths=lengths[start:],
+                )
+            else:
+                rows = PartArrays(*(read(path, n, start, stop) for n in _TOKEN_ARRAYS), one)
+        decoded = decode(self.manifest, rows)
+        return _to_sequence(decoded.input_ids, decoded.target_ids, decoded.target_logprobs)
 
     def iter_parts(self) -> Iterator[PartArrays]:
+        """Every part's arrays as stored (`read_part`), in storage order."""
         for index in range(self.num_parts):
             yield self.read_part(index)
 
     def __iter__(self) -> Iterator[CacheSequence]:
-        """Every sequence in storage order, decompressing each part once."""
-        for arrays in self.iter_parts():
-            yield from split_sequences(arrays)
+        """Every sequence in storage order (uniform view), decompressing each part once."""
+        for index in range(self.num_parts):
+            yield from split_sequences(self.read_decoded(index))
 
 
 _TOKEN_ARRAYS = ("input_ids", "target_ids", "target_logprobs")
@@ -262,8 +298,23 @@ def _to_sequence(input_ids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -
     )
 
 
+def decode(manifest: Manifest, arrays: PartArrays) -> PartArrays:
+    """A part's arrays as stored -> the uniform view (`CacheSequence`); float16 log-probs in
+    decreasing order pass through without a copy."""
+    t = manifest.targets
+    if t.kind == "sample":
+        ids, logprobs = codecs.decode_sample(
+            arrays.target_ids, arrays.target_counts, arrays.target_lengths, t.samples
+        )
+    else:
+        ids, logprobs = codecs.decode_topk(
+            arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
+        )
+    return PartArrays(arrays.input_ids, ids, logprobs, arrays.seq_offsets)
+
+
 def split_sequences(arrays: PartArrays) -> Iterator[CacheSequence]:
-    """The sequences of one part, in order."""
+    """The sequences of one part in the uniform view (`Cache.read_decoded`), in order."""
     offsets = arrays.seq_offsets
     for s in range(arrays.sequences):
         a, b = int(offsets[s]), int(offsets[s + 1])

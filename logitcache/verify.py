@@ -2,8 +2,11 @@
 
 Checks, per part: each file's sha256 against the manifest (names the file), each chunk decoded
 through its crc32c (names the chunk), and the invariants a reader relies on: ids below the
-vocabulary size, log-probs finite and at most 0, sorted in decreasing order, offsets that start
-at 0, grow, and end at the token count, and counts equal to the manifest's.
+vocabulary size, offsets that start at 0, grow, and end at the token count, and counts equal to
+the manifest's; for top-k targets, log-probs finite and at most 0, in the stored order
+(decreasing, or ids increasing), and no position whose stored probabilities exceed 1 by more
+than the value codec's documented worst-case error allows (`logitcache.codecs`); for sampled
+targets, every position's distinct ids increasing, counts at least 1 and summing to exactly N.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from logitcache import codecs
 from logitcache.errors import LogitCacheError
-from logitcache.format import PARTS_DIR, PartArrays
+from logitcache.format import PARTS_DIR, PartArrays, array_names
 from logitcache.reader import Cache
 from logitcache.writer import sha256_file
 
@@ -76,7 +80,7 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
         report.problems.append(str(exc))
         return
     arrays = {}
-    for array in ("input_ids", "target_ids", "target_logprobs", "seq_offsets"):
+    for array in array_names(cache.manifest.targets.kind):
         pieces = []
         try:
             for _, chunk in backend.iter_chunks(path, array):
@@ -87,7 +91,8 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
             return
         arrays[array] = np.concatenate(pieces) if pieces else np.zeros(0)
     report.problems += [
-        f"{name}: {p}" for p in check_invariants(cache, index, PartArrays(**arrays))
+        f"{name}: {p}"
+        for p in check_invariants(cache, index, PartArrays(**{"target_logprobs": None} | arrays))
     ]
 
 
@@ -107,6 +112,10 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
         )
     if part.input_ids.shape != (info.tokens,):
         problems.append(f"input_ids has shape {part.input_ids.shape}, expected ({info.tokens},)")
+    if part.input_ids.size and part.input_ids.max() >= m.teacher.vocab_size:
+        problems.append(f"an input id is >= vocab_size {m.teacher.vocab_size}")
+    if m.targets.kind == "sample":
+        return problems + _sample_problems(m, info, part)
     if (
         part.target_ids.shape != (info.tokens, m.targets.k)
         or part.target_logprobs.shape != part.target_ids.shape
@@ -115,13 +124,48 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
         return problems
     if part.target_ids.size and part.target_ids.max() >= m.teacher.vocab_size:
         problems.append(f"a target id is >= vocab_size {m.teacher.vocab_size}")
-    if part.input_ids.size and part.input_ids.max() >= m.teacher.vocab_size:
-        problems.append(f"an input id is >= vocab_size {m.teacher.vocab_size}")
-    values = part.target_logprobs.astype(np.float32)
+    t = m.targets
+    values = codecs.decode_logprobs(part.target_logprobs, t.logprob_dtype, t.logprob_scale)
+    values = values.astype(np.float32)
     if not np.isfinite(values).all() or (values > 0).any():
         problems.append("a log-prob is not finite or is above 0")
-    elif (np.diff(values, axis=-1) > 0).any():  # rounding is monotone: float16 keeps the order
-        problems.append("log-probs are not in decreasing order")
-    if (np.exp(values.astype(np.float64)).sum(-1) > 1 + 1e-2).any():
-        problems.append("the stored probabilities of a position sum to more than 1")
+    elif t.order == "descending" and (np.diff(values, axis=-1) > 0).any():
+        problems.append("log-probs are not in decreasing order")  # rounding is monotone
+    if t.order == "id" and (np.diff(part.target_ids.astype(np.int64), axis=-1) <= 0).any():
+        problems.append("target ids are not strictly increasing within a position")
+    # the true mass is at most 1: a lower bound above 1 proves an error beyond the codec's bound
+    bound = codecs.probability_mass_bound(values, t.logprob_dtype, t.logprob_scale)
+    if (bound > 1 + 1e-6).any():
+        problems.append(
+            "the stored probabilities of a position sum to more than 1 by more than the "
+            f"{t.logprob_dtype} codec's worst-case error allows"
+        )
+    return problems
+
+
+def _sample_problems(m, info, part: PartArrays) -> list[str]:
+    """Sampled targets: ragged arrays that add up, ids increasing, counts summing to N."""
+    t, problems = m.targets, []
+    lengths = np.asarray(part.target_lengths).astype(np.int64)
+    entries = len(part.target_ids)
+    if lengths.shape != (info.tokens,) or len(part.target_counts) != entries:
+        return [f"ragged target arrays do not describe {info.tokens} positions"]
+    if entries != info.entries or lengths.sum() != entries:
+        return [f"target_lengths add up to {lengths.sum()}, not the {info.entries} entries stored"]
+    if lengths.size and (lengths.min() < 1 or lengths.max() > t.k):
+        return [f"a position holds fewer than 1 or more than k={t.k} distinct ids"]
+    ids = part.target_ids.astype(np.int64)
+    counts = part.target_counts.astype(np.int64)
+    if ids.size and ids.max() >= m.teacher.vocab_size:
+        problems.append(f"a target id is >= vocab_size {m.teacher.vocab_size}")
+    if counts.size and counts.min() < 1:
+        problems.append("a stored count is 0")
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    if lengths.size and (np.add.reduceat(counts, starts) != t.samples).any():
+        problems.append(f"the counts of a position do not sum to samples={t.samples}")
+    steps = np.diff(ids)
+    within = np.ones(len(steps), dtype=bool)
+    within[starts[1:] - 1] = False  # a step from one position to the next may go down
+    if (steps[within] <= 0).any():
+        problems.append("target ids are not strictly increasing within a position")
     return problems

@@ -181,7 +181,8 @@ class CacheWriter:
         final = part_path(self.root, self.manifest.backend, name)
         tmp = final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
         self.backend.write_part(tmp, arrays, self.manifest.codec, self.manifest.layout.chunk_bytes)
-        info = PartInfo(name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name))
+        entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
+        info = PartInfo(name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         self.manifest = dataclasses.replace(

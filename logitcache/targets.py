@@ -1,0 +1,208 @@
+"""What `dump` computes per position from the teacher's logits, and how a part is assembled.
+
+Two kinds (``targets.kind`` in the manifest; docs/FORMAT.md section 3):
+
+``topk``
+    the k most probable ids at the dump temperature with their log-probs normalised over the
+    full vocabulary, stored as float16, float32 or 8-bit codes (`logitcache.codecs`), in
+    decreasing-probability order or in increasing id order.
+``sample``
+    N draws per position from the teacher distribution (`logitcache.sampling`), stored as the
+    distinct ids (increasing) with their counts, in a ragged layout: ``target_ids`` and
+    ``target_counts`` hold every position's entries end to end, ``target_lengths`` how many
+    belong to each position.
+
+`device_targets` runs on the teacher's device and returns fixed-shape tensors (one sync-free
+kernel sequence per batch); `assemble` runs on the host (the writer thread) and builds the
+part's arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from logitcache import codecs, sampling
+from logitcache.format import PartArrays, TargetInfo
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The settings `device_targets` needs (all from the manifest's `targets` record)."""
+
+    kind: str = "topk"
+    k: int = 64
+    samples: int = 0
+    temperature: float = 1.0
+    logprob_dtype: str = "float16"
+    logprob_scale: float = 0.0
+    order: str = "descending"
+    seed: int = 0
+
+    @classmethod
+    def of(cls, targets: TargetInfo) -> TargetSpec:
+        return cls(
+            kind=targets.kind,
+            k=targets.k,
+            samples=targets.samples,
+            temperature=targets.temperature,
+            logprob_dtype=targets.logprob_dtype,
+            logprob_scale=targets.logprob_scale,
+            order=targets.order,
+            seed=targets.seed,
+        )
+
+
+_TORCH_VALUES = {"float16": torch.float16, "float32": torch.float32}
+
+#: Rows of logits exponentiated at a time on a CPU: a fresh vocab-sized temporary per batch (what
+#: `torch.logsumexp` allocates) costs page faults and a trip to memory; a 16 MiB one stays in cache.
+CPU_EXP_BYTES = 16 << 20
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k log-probs, their ids) of float32 `logits` (..., vocab), normalised over the
+    whole vocabulary: ``topk(x) - logsumexp(x)`` with logsumexp's own arithmetic, except that
+    the row maximum is the top-1 value already found, and that on a CPU the exponentials are
+    taken a few rows at a time (on one core, 85 instead of 155 ms for 4096 x 8192 logits)."""
+    values, indices = logits.topk(k, dim=-1, sorted=True)  # (..., k)
+    top = values[..., :1]  # the row maximum, which logsumexp subtracts before exp
+    if logits.device.type != "cpu":
+        return values - (logits - top).exp_().sum(-1, keepdim=True).log_().add_(top), indices
+    vocab = logits.shape[-1]
+    rows, tops = logits.reshape(-1, vocab), top.reshape(-1, 1)
+    sums = torch.empty_like(tops)
+    step = max(1, CPU_EXP_BYTES // (vocab * logits.element_size()))
+    buffer = torch.empty(min(step, len(rows)), vocab, dtype=logits.dtype)
+    for start in range(0, len(rows), step):
+        stop = min(start + step, len(rows))
+        part = torch.sub(rows[start:stop], tops[start:stop], out=buffer[: stop - start]).exp_()
+        torch.sum(part, dim=-1, keepdim=True, out=sums[start:stop])
+    return values - sums.log_().add_(tops).view(top.shape), indices
+
+
+@torch.inference_mode()
+def device_targets(
+    logits: torch.Tensor, spec: TargetSpec, sequences: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Targets of a (B, T, V) batch on its device; `sequences` (B,) global sequence indices.
+
+    Returns ``finite`` (B, T) bool (False where the teacher's logits hold NaN or +inf, or are
+    all -inf, or a stored log-prob overflows its dtype) and, for top-k, ``target_ids`` (B, T, k) int32 and ``target_logprobs`` (B, T, k)
+    in the stored dtype; for sampled, ``target_ids`` (B, T, N) int32 ascending, ``target_counts``
+    (B, T, N) (0 on padding slots) and ``target_lengths`` (B, T) int64.
+    """
+    x = logits.float()
+    if spec.temperature != 1.0:
+        x = x / spec.temperature
+    if spec.kind == "topk":
+        logprobs, ids = topk_logprobs(x, spec.k)  # (B, T, k)
+        if spec.order == "id":
+            ids, perm = ids.sort(dim=-1)
+            logprobs = logprobs.gather(-1, perm)
+        if spec.logprob_dtype == "uint8":
+            finite = torch.isfinite(logprobs).all(-1)
+            stored = codecs.quantize(logprobs.nan_to_num(0.0), spec.logprob_scale)
+        else:
+            stored = logprobs.to(_TORCH_VALUES[spec.logprob_dtype])
+            finite = torch.isfinite(stored).all(-1)
+        return {"finite": finite, "target_ids": ids.to(torch.int32), "target_logprobs": stored}
+    finite = torch.isfinite(torch.logsumexp(x, dim=-1))  # (B, T)
+    keys = sampling.position_keys(spec.seed, sequences.to(logits.device), logits.shape[1])
+    safe = torch.where(finite[..., None], x, 0.0)  # rows with NaN are refused on the host
+    draws = sampling.draw(safe, keys, spec.samples)  # temperature already applied
+    count_type = torch.uint8 if spec.samples <= 255 else torch.int32
+    ids, counts, lengths = sampling.distinct_counts(draws, count_type)
+    return {"finite": finite, "target_ids": ids, "target_counts": counts, "target_lengths": lengths}
+
+
+def assemble(
+    targets: TargetInfo,
+    input_ids: list[np.ndarray],
+    rows: list[dict[str, np.ndarray]],
+) -> PartArrays:
+    """One part from its sequences: `input_ids[s]` (n,), `rows[s]` the host targets of sequence
+    s cut to its n positions (the arrays `device_targets` returns, as numpy)."""
+    id_dtype = np.dtype(targets.id_dtype)
+    lengths = [len(ids) for ids in input_ids]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    inputs = np.concatenate(input_ids).astype(id_dtype)
+    if targets.kind == "topk":
+        return PartArrays(
+            input_ids=inputs,
+            target_ids=np.concatenate([r["target_ids"] for r in rows]).astype(id_dtype),
+            target_logprobs=np.concatenate([r["target_logprobs"] for r in rows]).astype(
+                np.dtype(targets.logprob_dtype)
+            ),
+            seq_offsets=offsets,
+        )
+    count_dtype = np.dtype(targets.count_dtype)
+    padded_ids = np.concatenate([r["target_ids"] for r in rows])
+    padded_counts = np.concatenate([r["target_counts"] for r in rows])
+    widths = np.concatenate([r["target_lengths"] for r in rows])
+    ids, counts = codecs.encode_ragged(padded_ids, padded_counts, widths)
+    return PartArrays(
+        input_ids=inputs,
+        target_ids=ids.astype(id_dtype),
+        target_logprobs=None,
+        seq_offsets=offsets,
+        target_counts=counts.astype(count_dtype),
+        target_lengths=widths.astype(count_dtype),
+    )
+
+
+def target_info(
+    *,
+    kind: str,
+    vocab_size: int,
+    top_k: int = 64,
+    samples: int = 64,
+    temperature: float = 1.0,
+    logprob_dtype: str = "float16",
+    order: str = "descending",
+    seed: int = 0,
+    logprob_scale: float = codecs.DEFAULT_Q8_SCALE,
+) -> TargetInfo:
+    """The manifest's `targets` record for these dump settings (validated by the manifest
+    schema's own checks when it is parsed or written)."""
+    from logitcache.format import id_dtype_for
+
+    ids = id_dtype_for(vocab_size)
+    if kind == "sample":
+        return TargetInfo(
+            kind="sample",
+            k=min(samples, vocab_size),
+            temperature=float(temperature),
+            id_dtype=ids,
+            logprob_dtype="none",
+            order="id",
+            samples=samples,
+            count_dtype=codecs.count_dtype_for(samples),
+            seed=seed,
+        )
+    return TargetInfo(
+        kind="topk",
+        k=top_k,
+        temperature=float(temperature),
+        id_dtype=ids,
+        logprob_dtype=logprob_dtype,
+        order=order,
+        logprob_scale=float(logprob_scale) if logprob_dtype == "uint8" else 0.0,
+    )
+
+
+def delta_arrays(targets: TargetInfo) -> list[str]:
+    """The integer arrays whose values increase along each position's row, so that a delta
+    filter before compression pays: ids in id order, uint8 codes in descending order."""
+    names = []
+    if targets.order == "id":
+        names.append("target_ids")
+    if (
+        targets.kind == "topk"
+        and targets.order == "descending"
+        and targets.logprob_dtype == "uint8"
+    ):
+        names.append("target_logprobs")
+    return names
