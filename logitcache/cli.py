@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -129,6 +130,14 @@ def dump(
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     license: LicenseOption = "unknown",
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: dump only slice I of N (job I of N independent jobs, e.g. a SLURM "
+            "array); join the N caches with `logitcache merge`. Under torchrun the ranks split "
+            "the data by themselves."
+        ),
+    ] = None,
 ) -> None:
     """Run the teacher over a dataset once and write its soft targets (top-k or sampled).
 
@@ -143,6 +152,10 @@ def dump(
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets sample --samples 64 --seed 1
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out s3://bucket/caches/gpt2-k64 --license cc-by-4.0
+
+      torchrun --nproc-per-node 8 -m logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache
+
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache-3 --shard 3/16
     """
     from logitcache.dump import DumpOptions
     from logitcache.dump import dump as run_dump
@@ -156,9 +169,11 @@ def dump(
             pack=pack, batch_size=batch_size,
             device=device, dtype=dtype, backend=format, logprob_dtype=logprob_dtype,
             part_tokens=part_tokens, clevel=clevel, overwrite=overwrite, progress=progress,
-            license=license,
+            license=license, shard=shard,
         )
     )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
+        return
     m = summary.manifest
     resumed = (
         f" (resumed after {summary.resumed_parts} committed parts)" if summary.resumed_parts else ""
@@ -187,17 +202,24 @@ def info(
     --json prints the whole manifest (teacher identity and hashes, tokenizer fingerprint and
     vocabulary size, data fingerprint, ...) plus size_bytes and bytes_per_token.
 
+    It also checks, cheaply, that every part's files are there and its metadata intact
+    (missing, truncated or mismatched files: exit 2 naming the part); `verify` reads the data.
+
     Examples: logitcache info ./cache --json | jq .teacher ; logitcache info s3://bucket/cache
     """
+    from logitcache.health import structure_problems
+
     c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     m = c.manifest
     size = disk_usage(cache)
+    problems = structure_problems(c)
     if as_json:
         doc = dataclasses.asdict(m) | {
             "size_bytes": size,
             "bytes_per_token": size / max(m.tokens, 1),
         }
         print(json.dumps(doc, indent=2))
+        _report_damage(cache, problems)
         return
     state = "complete" if m.complete else "UNFINISHED (rerun the dump to finish)"
     rows = [
@@ -211,8 +233,22 @@ def info(
         ("counts", f"{m.tokens:,} tokens, {m.sequences:,} sequences, {len(m.parts)} parts"),
         ("size", f"{human_bytes(size)} = {size / max(m.tokens, 1):.1f} bytes/token"),
     ]  # fmt: skip
+    if not c.is_remote and not problems:
+        rows.append(("checked", "every part's files present, metadata and chunk indexes intact "
+                     "(data: logitcache verify)"))  # fmt: skip
     for key, value in rows:
         out.print(f"[bold]{key:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
+    _report_damage(cache, problems)
+
+
+def _report_damage(cache: str, problems: list[str]) -> None:
+    if problems:
+        raise CorruptCacheError(
+            f"{cache} is damaged:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nRun `logitcache verify` on it for a full check; re-dump the parts named above "
+            "(delete the cache and rerun the dump), or restore them from a copy."
+        )
 
 
 def describe_targets(m) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache import __version__, data, stores, targets
+from logitcache import __version__, data, sharding, stores, targets
 from logitcache.errors import LogitCacheError
 from logitcache.format import (
     FORMAT_NAME,
@@ -87,6 +87,7 @@ class DumpOptions:
     overwrite: bool = False
     progress: bool = True
     license: str = "unknown"  # shown on the README.md card
+    shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.sharding)
 
 
 @dataclass
@@ -102,7 +103,13 @@ class DumpSummary:
 
 
 def dump(opts: DumpOptions) -> DumpSummary:
-    """Run the teacher over `opts.data` and write (or finish) the cache at `opts.out`."""
+    """Run the teacher over `opts.data` and write (or finish) the cache at `opts.out`.
+
+    With `opts.shard` ("I/N"), or launched by torchrun, dump one slice of the data instead
+    (`logitcache.sharding`: the same steps, on a slice of the parts)."""
+    shard = sharding.from_options(opts.shard)
+    if shard is not None:
+        return sharding.dump_sharded(opts, shard)
     start = time.perf_counter()
     _check_options(opts)
     source = data.resolve(opts.data, opts.data_format, opts.text_field, opts.ids_field)
@@ -309,14 +316,17 @@ def _run(
     sequences: Iterator[np.ndarray],
     writer: CacheWriter,
     bar: Bar,
+    first_part: int = 0,
 ) -> None:
-    """Device work on this thread, host work (assembly, compression, commit) on the writer's."""
+    """Device work on this thread, host work (assembly, compression, commit) on the writer's.
+    `sequences` start at part `first_part` of the whole data (a shard's first part)."""
     manifest = writer.manifest
     per_part = manifest.layout.sequences_per_part
     batches = _batches(sequences, per_part, opts.batch_size, writer.committed)
     spec = targets.TargetSpec.of(manifest.targets)
     assembler = _PartAssembler(writer, manifest.targets)
-    next_sequence = writer.committed * per_part  # every committed part but the last is full
+    # the global index of the next sequence: every committed part but the last is full
+    next_sequence = (first_part + writer.committed) * per_part
     pipe: queue.Queue[_BatchTargets | None] = queue.Queue(maxsize=QUEUE_BATCHES)
     failure: list[BaseException] = []
 

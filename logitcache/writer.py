@@ -8,7 +8,9 @@ part is complete). Readers trust only what the manifest lists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import os
 import re
@@ -16,6 +18,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from logitcache import faults
 from logitcache.backends import get_backend, part_path
 from logitcache.card import CARD_NAME, DEFAULT_LICENSE, render_card
 from logitcache.errors import LogitCacheError, SettingsMismatchError
@@ -29,6 +32,7 @@ from logitcache.format import (
     parse_manifest,
     part_name,
 )
+from logitcache.lock import LOCK_NAME, CacheLock
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -54,12 +58,24 @@ _TEMPORARY = re.compile(r"^\.(write-probe-[0-9a-f]{32}|.+\.[0-9a-f]{32}\.tmp)$")
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: give back what was written
+        raise
+    if faults.ACTIVE and path.name == MANIFEST_NAME:
+        faults.point("manifest_staged")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _bytes_under(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,6 +84,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):  # else removed on the next run (an orphan)
+        _remove(path)
 
 
 def _remove(path: Path) -> None:
@@ -82,7 +103,8 @@ class CacheWriter:
 
     Use as a context manager; `committed` is the number of parts already present, `write_part`
     commits the next one, `finish` marks the cache complete and writes the README.md card
-    (`location` and `license` are shown on it).
+    (`location` and `license` are shown on it). From opening to the end of the `with` block it
+    holds the directory's lock (`logitcache.lock`): a second writer is refused.
     """
 
     def __init__(
@@ -98,7 +120,12 @@ class CacheWriter:
         self.license = license
         self.location = str(root) if location is None else location
         self.backend = get_backend(template.backend)
-        self.manifest = self._open(template, overwrite)
+        self._lock = CacheLock(self.root)
+        try:
+            self.manifest = self._open(template, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
 
     @property
     def committed(self) -> int:
@@ -108,10 +135,14 @@ class CacheWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._remove_orphans()
+        try:
+            self._remove_orphans()
+        finally:
+            self._lock.release()
 
     def _open(self, template: Manifest, overwrite: bool) -> Manifest:
         self._check_writable()
+        self._lock.acquire()  # before anything is read or changed
         existing = self._existing_manifest()
         if existing is not None and overwrite:
             (self.root / MANIFEST_NAME).unlink()  # uncommit first: no reader sees a mix
@@ -122,8 +153,11 @@ class CacheWriter:
             manifest = dataclasses.replace(
                 template, parts=[], sequences=0, tokens=0, complete=False
             )
-            (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+            try:
+                (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+                _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+            except OSError as exc:
+                raise self._disk_error(exc, "creating the cache") from exc
             return manifest
         differences = diff_settings(existing.settings(), template.settings())
         if differences:
@@ -152,7 +186,11 @@ class CacheWriter:
         manifest_path = self.root / MANIFEST_NAME
         if manifest_path.is_file():
             return parse_manifest(manifest_path.read_bytes(), str(manifest_path))
-        foreign = [p.name for p in self.root.iterdir() if not _TEMPORARY.match(p.name)]
+        foreign = [
+            p.name
+            for p in self.root.iterdir()
+            if not _TEMPORARY.match(p.name) and p.name != LOCK_NAME
+        ]
         if foreign:
             raise LogitCacheError(
                 f"{self.root} is not empty and holds no logitcache manifest "
@@ -176,29 +214,66 @@ class CacheWriter:
                     _remove(entry)
 
     def write_part(self, arrays: PartArrays) -> PartInfo:
-        """Write the next part and commit it in the manifest."""
+        """Write the next part and commit it in the manifest. A failed write (a full disk, an
+        I/O error) raises a `LogitCacheError` and leaves the cache as it was (rerun resumes)."""
         name = part_name(self.committed)
         final = part_path(self.root, self.manifest.backend, name)
         tmp = final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
-        self.backend.write_part(tmp, arrays, self.manifest.codec, self.manifest.layout.chunk_bytes)
-        entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
-        info = PartInfo(name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        self.manifest = dataclasses.replace(
-            self.manifest,
-            parts=[*self.manifest.parts, info],
-            sequences=self.manifest.sequences + info.sequences,
-            tokens=self.manifest.tokens + info.tokens,
-        )
-        _write_atomic(self.root / MANIFEST_NAME, self.manifest.to_json())
+        try:
+            self.backend.write_part(
+                tmp, arrays, self.manifest.codec, self.manifest.layout.chunk_bytes
+            )
+            if faults.ACTIVE:
+                faults.wrote(_bytes_under(tmp), str(tmp))
+                faults.point("part_written")
+            entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
+            info = PartInfo(
+                name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries
+            )
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            faults.point("part_renamed")
+            manifest = dataclasses.replace(
+                self.manifest,
+                parts=[*self.manifest.parts, info],
+                sequences=self.manifest.sequences + info.sequences,
+                tokens=self.manifest.tokens + info.tokens,
+            )
+            _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+        except OSError as exc:
+            _remove_quietly(tmp)  # a full disk: free what the failed part took
+            raise self._disk_error(exc, f"writing {name}") from exc
+        self.manifest = manifest
+        faults.point("part_committed")
         return info
 
     def finish(self) -> Manifest:
-        self.manifest = dataclasses.replace(self.manifest, complete=True)
-        _write_atomic(self.root / MANIFEST_NAME, self.manifest.to_json())
-        self.write_card()
+        manifest = dataclasses.replace(self.manifest, complete=True)
+        try:
+            _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+        except OSError as exc:
+            raise self._disk_error(exc, "marking the cache complete") from exc
+        self.manifest = manifest
+        try:
+            self.write_card()
+        except OSError as exc:
+            raise self._disk_error(
+                exc, f"writing {CARD_NAME} (the cache itself is complete)"
+            ) from exc
         return self.manifest
+
+    def _disk_error(self, exc: OSError, doing: str) -> LogitCacheError:
+        """A clear message for an OSError while writing (ENOSPC, EDQUOT, EIO, EROFS...)."""
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "The disk (or quota) is full: free space or choose another --out, then"
+        else:
+            fix = "Fix that, then"
+        return LogitCacheError(
+            f"cannot write to {self.root} while {doing}: {reason}{where}. {fix} rerun the same "
+            f"command: it resumes after the last committed part ({self.committed} committed)."
+        )
 
     def write_card(self) -> Path:
         """(Re)write README.md from the manifest; not part of the commit."""

@@ -9,9 +9,11 @@ built once per session and kept small so the default test run stays fast on 2 CP
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from logitcache import toy
 
@@ -80,3 +82,33 @@ def tiny_student_config(tmp_path_factory, tiny_teacher_dir) -> Path:
     )
     path.write_text(config.to_json_string(), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def dump_corpus(tmp_path_factory, stdlib_corpus: Path) -> Path:
+    """6 documents of the stdlib corpus (~10.7k tokens)."""
+    corpus = tmp_path_factory.mktemp("dump_corpus") / "corpus"
+    corpus.mkdir()
+    from tests.faults.helpers import FILES
+
+    for f in sorted(stdlib_corpus.iterdir())[:FILES]:
+        shutil.copy(f, corpus / f.name)
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def dump_reference(tmp_path_factory, tiny_teacher_dir: Path, dump_corpus: Path) -> Path:
+    """`dump_corpus` dumped in-process with `tests.faults.helpers.OPTIONS` (43 parts): what every
+    interrupted, faulty or distributed dump of it must end up equal to."""
+    from logitcache.dump import DumpOptions, dump
+    from tests.faults.helpers import OPTIONS
+
+    out = tmp_path_factory.mktemp("dump_reference") / "cache"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dump(DumpOptions(data=str(dump_corpus), out=out, teacher=str(tiny_teacher_dir),
+                         device="cpu", progress=False, **OPTIONS))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -1,0 +1,362 @@
+"""One dump over many processes: `torchrun -m logitcache dump` ranks and `--shard I/N` jobs.
+
+**The slice.** The data is tokenized and packed exactly as for a single-process dump, so its
+parts (groups of `sequences_per_part` sequences) are the same; a counting pass gives their
+number P. Shard I of N takes the contiguous parts ``[I * P // N, (I + 1) * P // N)`` (counts
+differ by at most one). Its sequences are the single-process dump's sequences of those parts,
+its targets too (sampled targets are seeded by the global sequence index), so its parts are
+byte for byte the single-process dump's parts of that range.
+
+**--shard I/N** (no torch.distributed: SLURM arrays, separate machines) writes an ordinary,
+complete cache of its parts into --out; its data record is the whole data's, marked with the
+shard (``source`` gets `` [shard I/N]``, ``fingerprint`` is hashed with it, ``documents`` is
+-1). ``logitcache merge OUT SHARD0 SHARD1 ...`` (in shard order) joins them: the merged cache
+holds exactly the single-process dump's parts, in the same order, with the same files.
+
+**torchrun** (``WORLD_SIZE`` > 1): rank 0 opens --out first (settings check, lock, resume) and
+counts the parts; every rank r writes the cache ``--shard r/N`` would write, at
+``OUT/ranks/rank-RRRRR-of-NNNNN`` (a local directory or a URL under --out); after a barrier,
+rank 0 links (copies, in an object store) their parts into ``OUT/parts`` under their global
+names, commits one manifest (the single-process dump's manifest, but `created`) and removes
+``OUT/ranks``. The process group is gloo (CPU only: it carries a count, a barrier and errors,
+whatever device the teacher runs on), with a long timeout since ranks finish at different times.
+
+**Faults.** A killed job or rank is rerun with the same command and resumes its own cache from
+its last committed part; ranks that had finished redo nothing. A rank's cache is exactly a
+``--shard r/N`` cache, so one rank can also be finished alone with
+``logitcache dump ... --shard r/N --out OUT/ranks/rank-RRRRR-of-NNNNN``, then the torchrun
+command rerun to join.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import itertools
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from logitcache import data, reader, stores
+from logitcache.errors import LogitCacheError
+from logitcache.format import PARTS_DIR, DataInfo, Manifest, part_name
+
+RANKS_DIR = "ranks"
+#: How long a rank waits for the others (they finish at different times): a week by default.
+TIMEOUT_ENV = "LOGITCACHE_DIST_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+    torchrun: bool = False  # a rank of a torchrun job, else an independent --shard job
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def torchrun_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def from_options(shard: str | None) -> Shard | None:
+    """The slice this process dumps: --shard I/N, torchrun's RANK/WORLD_SIZE, or None."""
+    world = torchrun_world()
+    if shard is not None:
+        if world > 1:
+            raise LogitCacheError(
+                "--shard and torchrun are two ways to split a dump: use one. Under torchrun "
+                "every rank takes its slice by itself (RANK of WORLD_SIZE)."
+            )
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+        if not match or not 0 <= int(match[1]) < int(match[2]):
+            raise LogitCacheError(
+                f"--shard must be I/N with 0 <= I < N (job I of N, counted from 0), got {shard!r}."
+            )
+        return Shard(int(match[1]), int(match[2]))
+    if world > 1:
+        return Shard(int(os.environ.get("RANK", "0")), world, torchrun=True)
+    return None
+
+
+def part_range(total: int, shard: Shard) -> tuple[int, int]:
+    """[first, stop) of the parts shard `shard` dumps, out of `total`."""
+    return shard.index * total // shard.count, (shard.index + 1) * total // shard.count
+
+
+def shard_data(info: DataInfo, shard: Shard) -> DataInfo:
+    """The data record of one shard's cache: the whole data's, marked with the shard (so that
+    a resume checks it is the same shard, and `merge` sees different data)."""
+    fingerprint = hashlib.sha256(f"{info.fingerprint}\nshard {shard.label}".encode()).hexdigest()
+    return dataclasses.replace(
+        info, source=f"{info.source} [shard {shard.label}]", fingerprint=fingerprint, documents=-1
+    )
+
+
+def rank_location(out: str | Path, shard: Shard) -> str | Path:
+    name = f"{RANKS_DIR}/rank-{shard.index:05d}-of-{shard.count:05d}"
+    if stores.is_remote(out):
+        return f"{str(out).rstrip('/')}/{name}"
+    return stores.local_path(out) / name
+
+
+def count_sequences(token_docs: Iterator[list[int]], seq_len: int, packing: bool) -> int:
+    """How many sequences `data.pack` makes of these documents, without building them."""
+    if not packing:
+        return sum(1 for ids in token_docs if ids)
+    tokens = sum(len(ids) + 1 for ids in token_docs if ids)  # each document and its EOS
+    return -(-tokens // seq_len)
+
+
+def select(sequences: Iterator[np.ndarray], per_part: int, first: int, stop: int):
+    """The sequences of parts [first, stop) of the stream."""
+    return itertools.islice(sequences, first * per_part, stop * per_part)
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun: the process group, rank 0's cache at --out, and the join
+
+
+class Group:
+    """gloo process group of a torchrun dump (host-side only: counts, barriers, errors)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.owned = False
+        if not dist.is_initialized():
+            seconds = float(os.environ.get(TIMEOUT_ENV, 7 * 24 * 3600))
+            try:
+                dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=seconds))
+            except (RuntimeError, ValueError) as exc:
+                raise LogitCacheError(
+                    f"cannot join the torchrun process group ({exc}). Launch with torchrun, or "
+                    "use --shard I/N for independent jobs."
+                ) from exc
+            self.owned = True
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        if self.owned and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def agreed(group: Group, fn) -> Any:
+    """`fn()` on rank 0, its result (or its error) on every rank."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if group.rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except LogitCacheError as exc:
+            outcome = ("error", str(exc))
+    kind, value = group.broadcast(outcome)
+    if kind == "error":
+        raise LogitCacheError(value if group.rank == 0 else f"rank 0 failed: {value}")
+    return value
+
+
+def remove_ranks(out: str | Path) -> None:
+    """Delete OUT/ranks (the ranks' caches, once joined, or of an --overwrite)."""
+    if stores.is_remote(out):
+        store = stores.RemoteStore(str(out))
+        store.remove(sorted(store.list_files(RANKS_DIR)))
+    else:
+        shutil.rmtree(stores.local_path(out) / RANKS_DIR, ignore_errors=True)
+
+
+def _put(out: str | Path, src_cache: reader.Cache, index: int, rel: str, new_rel: str) -> None:
+    """Part file `rel` of a rank's cache into OUT/parts/`new_rel`: a hard link (a copy where
+    links are not possible), or a server-side copy in an object store."""
+    if stores.is_remote(out):
+        dest = stores.RemoteStore(str(out))
+        mirror = src_cache.mirror
+        if mirror is not None and mirror.store.same_filesystem(dest):
+            dest.copy_within(mirror.store, f"{PARTS_DIR}/{rel}", f"{PARTS_DIR}/{new_rel}")
+        else:
+            dest.put_file(src_cache.parts_dir(index) / rel, f"{PARTS_DIR}/{new_rel}")
+        return
+    src = Path(src_cache.root) / PARTS_DIR / rel
+    dst = stores.local_path(out) / PARTS_DIR / new_rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)  # a filesystem without hard links
+
+
+def join(top: Any, out: str | Path, shards: list[Shard], total: int) -> Manifest:
+    """Rank 0, after the barrier: every rank's parts into OUT under their global names, then
+    one manifest commits them all (the single-process dump's manifest, but `created`)."""
+    parts = []
+    for shard in shards:
+        first, stop = part_range(total, shard)
+        if first == stop:
+            continue
+        location = rank_location(out, shard)
+        cache = reader.open(location)
+        if cache.num_parts != stop - first:
+            raise LogitCacheError(
+                f"{location} holds {cache.num_parts} parts, rank {shard.index} should have "
+                f"written {stop - first}: rerun the same command."
+            )
+        for index, part in enumerate(cache.manifest.parts):
+            name = part_name(len(parts))
+            files = {}
+            for rel, digest in part.files.items():
+                new_rel = name + rel[len(part.name) :]
+                _put(out, cache, index, rel, new_rel)
+                files[new_rel] = digest
+            parts.append(dataclasses.replace(part, name=name, files=files))
+    manifest = dataclasses.replace(
+        top.manifest,
+        parts=parts,
+        sequences=sum(p.sequences for p in parts),
+        tokens=sum(p.tokens for p in parts),
+    )
+    local = getattr(top, "local", top)  # a RemoteCacheWriter stages its manifest locally
+    local.manifest = manifest
+    manifest = top.finish()  # the commit: one manifest write (or upload), then the card
+    remove_ranks(out)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# The dump of one shard (and, under torchrun, the whole job's commit)
+
+
+def dump_sharded(opts: Any, shard: Shard) -> Any:
+    """`logitcache.dump.dump` for --shard I/N or a torchrun rank (see the module docstring)."""
+    from logitcache import dump as dumping
+
+    start = time.perf_counter()
+    dumping._check_options(opts)
+    group = Group() if shard.torchrun else None
+    if group is not None and (group.rank, group.world) != (shard.index, shard.count):
+        raise LogitCacheError(f"RANK/WORLD_SIZE {shard.label} disagree with the process group.")
+    try:
+        return _dump_shard(opts, shard, group, start)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> Any:
+    import torch
+
+    from logitcache import dump as dumping
+    from logitcache.progress import progress_bar
+    from logitcache.remote_writer import open_writer
+    from logitcache.teacher import load_teacher
+
+    device = opts.device
+    if shard.torchrun and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
+    source = data.resolve(opts.data, opts.data_format, opts.text_field, opts.ids_field)
+    teacher = load_teacher(
+        opts.teacher, factory=opts.teacher_factory, tokenizer=opts.tokenizer, device=device,
+        dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+    )  # fmt: skip
+    dumping._check_against_teacher(opts, teacher)
+    whole = dumping._manifest_template(opts, teacher, source)
+    per_part = whole.layout.sequences_per_part
+    eos = teacher.tokenizer_info.eos_token_id
+
+    def count_parts() -> int:
+        if opts.pack and eos is None:
+            raise LogitCacheError(
+                "the tokenizer has no EOS token to join documents with; pass --no-pack."
+            )
+        docs = data.tokenize(data.iter_documents(source), teacher.tokenizer, source.pretokenized)
+        sequences = count_sequences(docs, opts.seq_len, opts.pack)
+        if sequences == 0:
+            raise LogitCacheError(f"--data {opts.data} holds no tokens: every document is empty.")
+        return -(-sequences // per_part)
+
+    top = None
+    try:
+        if group is None:
+            total = count_parts()
+        else:
+
+            def open_top() -> int | None:
+                nonlocal top  # rank 0 holds --out (and its lock) until the join
+                top = open_writer(opts.out, whole, overwrite=opts.overwrite, license=opts.license)
+                if opts.overwrite:
+                    remove_ranks(opts.out)
+                return None if top.manifest.complete else count_parts()
+
+            total = agreed(group, open_top)
+            theirs = group.broadcast(whole.settings())  # every rank must see the same job
+            mine = whole.settings()
+            if theirs != mine:
+                from logitcache.format import diff_settings
+
+                raise LogitCacheError(
+                    f"rank {shard.index} does not see what rank 0 sees (another --data, teacher or "
+                    "tokenizer on this node?):\n  " + "\n  ".join(diff_settings(theirs, mine))
+                )
+            if total is None:  # a finished job, run again: nothing to do
+                manifest = reader.open(opts.out).manifest
+                return _summary(manifest, len(manifest.parts), opts.out, start)
+        first, stop = part_range(total, shard)
+        location = rank_location(opts.out, shard) if group is not None else opts.out
+        template = dataclasses.replace(whole, data=shard_data(whole.data, shard))
+        resumed = 0
+        manifest = None
+        if first < stop or group is None:
+            show = opts.progress and shard.index == 0
+            with progress_bar("dump", total=None, unit="docs", enabled=show) as bar:
+                documents = bar.counting(data.iter_documents(source))
+                tokens = data.tokenize(documents, teacher.tokenizer, source.pretokenized)
+                sequences = data.pack(tokens, opts.seq_len, eos, opts.pack)
+                mine = select(sequences, per_part, first, stop)
+                with open_writer(
+                    location, template, overwrite=opts.overwrite, license=opts.license
+                ) as writer:
+                    resumed = writer.committed
+                    if not writer.manifest.complete:
+                        if first < stop:
+                            dumping._run(opts, teacher, mine, writer, bar, first_part=first)
+                        writer.finish()  # an empty shard (more jobs than parts): no parts
+                    manifest = writer.manifest
+        if group is None:
+            return _summary(manifest, resumed, opts.out, start)
+        group.barrier()  # every rank's cache is complete
+        shards = [Shard(r, shard.count, torchrun=True) for r in range(shard.count)]
+        manifest = agreed(group, lambda: join(top, opts.out, shards, total))
+        return _summary(manifest, resumed, opts.out, start)
+    finally:
+        if top is not None:
+            top.__exit__(None, None, None)  # release --out's lock
+
+
+def _summary(manifest: Manifest, resumed: int, out: Any, start: float) -> Any:
+    from logitcache.dump import DumpSummary
+
+    return DumpSummary(manifest, resumed, stores.disk_usage(out), time.perf_counter() - start)
