@@ -162,6 +162,8 @@ def fit(
     try:
         summary = run_fit(config)
     except Interrupted as exc:
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
+            raise typer.Exit(130) from None
         print(
             f"trainer: interrupted at step {exc.step}; checkpoint saved in "
             f"{exc.run_dir / 'checkpoint'}. Rerun the same command with --resume to continue.",

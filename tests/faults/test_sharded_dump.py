@@ -139,3 +139,33 @@ def test_an_empty_shard_is_an_empty_cache_that_merges(
     assert code == 0, stderr
     m = manifest(tmp_path / "c")
     assert m["complete"] and m["parts"] == []
+
+
+@pytest.mark.slow
+def test_a_torchrun_dump_to_an_object_store(
+    tmp_path, tiny_teacher_dir, dump_corpus, dump_reference
+):
+    """--out s3://... (a real S3 server on 127.0.0.1): the ranks' caches are uploaded under
+    ranks/, joined by server-side copies, and removed; the parts are the single-process ones."""
+    import json
+
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import s3fs
+
+    from tests.logitcache.s3server import moto_server
+
+    with moto_server() as server:
+        fs = s3fs.S3FileSystem(
+            key="testing", secret="testing", client_kwargs={"endpoint_url": server.endpoint}
+        )
+        fs.mkdir("scale")
+        proc = torchrun_dump(tiny_teacher_dir, dump_corpus, "s3://scale/cache", **server.env)
+        assert proc.returncode == 0, describe(proc)
+        got = json.loads(fs.cat("scale/cache/manifest.json"))
+        assert not fs.exists("scale/cache/ranks")
+        for rel in ("parts/part-000000/input_ids/c/0", "parts/part-000042/zarr.json"):
+            assert fs.cat(f"scale/cache/{rel}") == (dump_reference / rel).read_bytes()
+    want = manifest(dump_reference)
+    got.pop("created"), want.pop("created")
+    assert got == want

@@ -1,0 +1,684 @@
+"""Benchmark `logitcache dump` against the bare teacher forward it wraps.
+
+    python benchmarks/bench_dump.py            # default run (see --help; ~10 min on 2 CPU cores)
+    python benchmarks/bench_dump.py --quick    # smoke run (< 2 min once the teacher exists)
+    python benchmarks/bench_dump.py --device cuda --dtype bfloat16 --tokens 2000000
+
+What it measures, side by side in one process and on the same packed sequences:
+
+* **bare**: ``Teacher.logits(ids)`` over every batch of the dataset, nothing else: the batches
+  are formed exactly as `dump` forms them (``seq_len`` packing, ``batch_size`` sequences, no
+  batch across a part boundary) and turned into tensors before the clock starts.
+* **dump steady**: the wall time of ``logitcache.dump._run``, the loop that tokenizes, runs the
+  teacher, takes log-softmax top-k, and assembles, compresses, checksums and commits every
+  part (the writer thread is joined before the clock stops).
+* **dump total**: the whole ``logitcache.dump.dump()`` call: on top of the loop, loading the
+  teacher (weights hash included), fingerprinting the data and sizing the cache on disk.
+
+Each repetition loads nothing new for the bare side (its teacher is loaded once, untimed) and
+runs one full dump; bare and dump alternate (bare first on even repetitions, dump first on odd
+ones) after an untimed warm-up of both, and the table reports medians and every value.
+CPU seconds (``time.process_time``: all threads of this process) are reported next to the wall
+times, because on a shared machine they are far less sensitive to other processes.
+
+Then the cache of the last dump is sized (every file on disk, manifest included), and dumps
+of two datasets ten times apart run each in a fresh subprocess that reports its own peak RSS
+(``VmHWM``), alternating small and large, ``--rss-runs`` times each. The large dataset is the
+small one's documents ten times over, so the two differ in length only (not in their largest
+document, which sets how much the tokenizer holds at once), and ``--rss-part-tokens`` makes
+the small one span several parts, so "memory does not grow with the dataset" is really tested.
+
+Full runs (not ``--quick``) write their section of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+WORK = HERE / ".work"
+#: The teacher every benchmark uses: the toy default (GPT-2 4x256, vocab 8192, 1024 positions)
+#: trained for 300 steps so its distributions are peaked like a real LM's (an untrained one is
+#: near-uniform, which would make the cache sizes and codec numbers meaningless).
+TEACHER_KW = {"train_steps": 300}
+QUICK_TEACHER_KW = {"train_steps": 20}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers (bench_codecs imports these)
+# --------------------------------------------------------------------------------------------
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0])
+    with contextlib.suppress(ValueError):
+        script = script.resolve().relative_to(Path.cwd())
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def machine() -> dict[str, str]:
+    """CPU model, cores, torch and library versions, GPU if any, load average now."""
+    import numcodecs
+    import torch
+    import zarr
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "cpu": f"{cpu}, {usable} usable cores ({os.cpu_count()} online)",
+        "memory": _mem_total(),
+        "software": (
+            f"Python {platform.python_version()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} intra-op threads), zarr {zarr.__version__}, "
+            f"numcodecs {numcodecs.__version__}"
+        ),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _mem_total() -> str:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return f"{int(line.split()[1]) / 2**20:.1f} GiB RAM"
+    return "unknown RAM"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def update_results(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if not text.strip():
+        text = (
+            "# Benchmark results\n\n"
+            "Each section is written by the script it names; rerun the script to refresh it.\n"
+        )
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
+    lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [fmt.format(*map(str, row)) for row in rows]
+    return "\n".join(lines)
+
+
+def ensure_teacher(quick: bool, work: Path) -> Path:
+    from logitcache import toy
+
+    if quick:
+        return toy.ensure_teacher(work / "teacher-quick", **QUICK_TEACHER_KW)
+    return toy.ensure_teacher(work / "teacher", **TEACHER_KW)
+
+
+def _stable_order(paths: list[Path]) -> list[Path]:
+    """A fixed pseudo-random file order (by a hash of the name): mixes many packages."""
+    return sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
+
+
+def write_token_corpus(dest: Path, teacher_dir: Path, tokens: int, split: str = "train") -> int:
+    """A ``--data`` directory of whole stdlib documents totalling at least `tokens` tokens
+    (counting one EOS per document, as packing does); returns the exact count. Reused when a
+    finished one with the same target is there already."""
+    from transformers import AutoTokenizer
+
+    from logitcache import toy
+
+    stamp = dest / ".tokens.json"
+    wanted = {"tokens": tokens, "split": split, "teacher": str(teacher_dir)}
+    if stamp.is_file():
+        done = json.loads(stamp.read_text())
+        if done.get("wanted") == wanted:
+            return int(done["count"])
+    shutil.rmtree(dest, ignore_errors=True)
+    backend = AutoTokenizer.from_pretrained(str(teacher_dir)).backend_tokenizer
+    chosen, count = [], 0
+    for path in _stable_order(toy.stdlib_files(split)):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if not text.strip():
+            continue
+        chosen.append(path)
+        count += len(backend.encode(text, add_special_tokens=False).ids) + 1
+        if count >= tokens:
+            break
+    if count < tokens:
+        raise SystemExit(f"the stdlib {split} split has only {count} tokens; ask for fewer.")
+    toy.write_corpus(dest, files=chosen)
+    stamp.write_text(json.dumps({"wanted": wanted, "count": count}))
+    return count
+
+
+def repeat_corpus(src: Path, dest: Path, times: int) -> None:
+    """`dest`: the documents of `src`, `times` times over, in that order (reused if done)."""
+    stamp = dest / ".repeat.json"
+    wanted = {"src": str(src), "times": times, "files": sorted(p.name for p in src.glob("*.txt"))}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for r in range(times):
+        for name in wanted["files"]:
+            shutil.copyfile(src / name, dest / f"r{r:02d}_{name}")
+    stamp.write_text(json.dumps(wanted))
+
+
+def git_revision() -> str:
+    """`git describe --always --dirty` of the repository, or "unknown"."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def disk_breakdown(cache: Path) -> dict[str, int]:
+    """Bytes on disk under `cache`, by array name (zarr.json metadata counted with its array),
+    plus the manifest."""
+    sizes: dict[str, int] = {}
+    for f in cache.rglob("*"):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(cache).parts
+        key = rel[2] if len(rel) >= 4 and rel[0] == "parts" else rel[-1]
+        if len(rel) == 3 and rel[0] == "parts":  # a part group's own zarr.json
+            key = "group metadata"
+        sizes[key] = sizes.get(key, 0) + f.stat().st_size
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timing:
+    wall: float
+    cpu: float
+    others: float = float("nan")  # share of the machine's CPU that other processes used
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat), or NaN."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Clock:
+    """Wall and CPU time of this process, and how busy the rest of the machine was meanwhile:
+    on a shared machine, a run during which other processes took CPU is not a clean one."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu, self.busy = time.perf_counter(), time.process_time(), _machine_busy()
+
+    def stop(self) -> Timing:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        others = (_machine_busy() - self.busy - cpu) / (wall * (os.cpu_count() or 1))
+        return Timing(wall, cpu, max(0.0, others))
+
+
+def wait_until_quiet(limit_s: float, share: float = 0.1, settle_s: float = 3.0) -> float:
+    """Wait (at most `limit_s`) until other processes have used under `share` of the machine's
+    CPU for `settle_s` seconds in a row; returns the seconds waited."""
+    start = quiet_since = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        busy, t = _machine_busy(), time.perf_counter()
+        time.sleep(0.5)
+        used = (_machine_busy() - busy) / ((time.perf_counter() - t) * (os.cpu_count() or 1))
+        if not used < share:  # NaN (no /proc/stat) ends the wait below
+            quiet_since = time.perf_counter()
+            if used != used:
+                break
+        elif time.perf_counter() - quiet_since >= settle_s:
+            break
+    return time.perf_counter() - start
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bare_batches(corpus: Path, teacher, seq_len: int, batch_size: int, part_tokens: int):
+    """The batches `dump` would form for `corpus`, as (batch, time) int64 tensors on the device."""
+    import numpy as np
+    import torch
+
+    from logitcache import data
+    from logitcache import dump as dump_mod
+
+    source = data.resolve(str(corpus))
+    tokens = data.tokenize(data.iter_documents(source), teacher.tokenizer, source.pretokenized)
+    sequences = data.pack(tokens, seq_len, teacher.tokenizer_info.eos_token_id, True)
+    per_part = max(1, part_tokens // seq_len)
+    out = []
+    for batch, _ in dump_mod._batches(sequences, per_part, batch_size, 0):
+        lengths = [len(s) for s in batch]
+        ids = np.zeros((len(batch), max(lengths)), dtype=np.int64)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = seq
+        out.append(torch.from_numpy(ids).to(teacher.device))
+    return out
+
+
+def time_bare(teacher, batches, device: str) -> Timing:
+    _sync(device)
+    clock = Clock()
+    for ids in batches:
+        teacher.logits(ids)
+    _sync(device)
+    return clock.stop()
+
+
+def time_dump(opts) -> tuple[Timing, Timing, object]:
+    """(steady-state loop, whole call, summary) of one `dump`."""
+    from logitcache import dump as dump_mod
+
+    loop: list[Timing] = []
+    inner = dump_mod._run
+
+    def timed_run(*args, **kw):
+        clock = Clock()
+        try:
+            return inner(*args, **kw)
+        finally:
+            loop.append(clock.stop())
+
+    shutil.rmtree(opts.out, ignore_errors=True)
+    dump_mod._run = timed_run
+    try:
+        clock = Clock()
+        summary = dump_mod.dump(opts)
+        total = clock.stop()
+    finally:
+        dump_mod._run = inner
+    return loop[0], total, summary
+
+
+def dump_options(args, teacher_dir: Path, corpus: Path, out: Path):
+    from logitcache.dump import DumpOptions
+
+    return DumpOptions(
+        data=str(corpus),
+        out=out,
+        teacher=str(teacher_dir),
+        top_k=args.top_k,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        part_tokens=args.part_tokens,
+        progress=False,
+        overwrite=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Peak RSS in a fresh process
+# --------------------------------------------------------------------------------------------
+
+
+def _child_dump(spec: str) -> None:
+    """Run one dump (options as JSON) and print this process's peak RSS as JSON.
+
+    The peak is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` (of this process, or of the
+    parent's RUSAGE_CHILDREN) is no use here, because Linux carries the parent's peak across
+    fork and execve into it, so every child would report the benchmark process's own peak."""
+    from logitcache.dump import DumpOptions, dump
+
+    kw = json.loads(spec)
+    kw["out"] = Path(kw["out"])
+    summary = dump(DumpOptions(**kw))
+    hwm = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+    print(
+        json.dumps(
+            {
+                "vmhwm": hwm,
+                "tokens": summary.manifest.tokens,
+                "parts": len(summary.manifest.parts),
+                "wall": summary.wall_seconds,
+            }
+        )
+    )
+
+
+def rss_of_dump(opts) -> dict:
+    spec = dataclasses.asdict(opts)
+    spec["out"] = str(spec["out"])
+    shutil.rmtree(opts.out, ignore_errors=True)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--_child-dump", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"child dump failed with exit code {proc.returncode}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(opts.out, ignore_errors=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, no RESULTS.md")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", help="teacher dtype: float32, bfloat16, float16")
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=None, help="default 512 (quick: 256)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--tokens", type=int, default=None, help="timed dataset (default 131072; quick 20000)"
+    )
+    p.add_argument(
+        "--rss-tokens",
+        type=int,
+        default=None,
+        help="small RSS dataset; the large one is 10x (default 40000; quick 12000)",
+    )
+    p.add_argument(
+        "--rss-part-tokens",
+        type=int,
+        default=None,
+        help="tokens per part of the RSS dumps (default 16384; quick 4096)",
+    )
+    p.add_argument("--rss-runs", type=int, default=2, help="peak RSS runs per dataset size")
+    p.add_argument(
+        "--part-tokens",
+        type=int,
+        default=None,
+        help="tokens per part for every dump (default 32768; quick 4096)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="before each timed run, wait up to this many seconds for other processes to "
+        "leave the CPU alone (default 20; 0: do not wait)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's own choice); with 1, CPU seconds are "
+        "the work done, free of spin-waiting, which is the steadier ratio on a busy machine",
+    )
+    p.add_argument("--work", type=Path, default=WORK, help="reusable work directory")
+    p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
+    p.add_argument("--_child-dump", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = {
+        "seq_len": 256 if q else 512,
+        "tokens": 20_000 if q else 131_072,
+        "rss_tokens": 12_000 if q else 40_000,
+        "rss_part_tokens": 4096 if q else 16384,
+        "part_tokens": 4096 if q else 32768,
+        "repeats": 3,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args._child_dump:
+        _child_dump(args._child_dump)
+        return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    started, command, load_start = now_utc(), command_line(), loadavg()
+    t0 = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    teacher_dir = ensure_teacher(args.quick, args.work)
+    tag = "quick" if args.quick else "full"
+    corpus = args.work / f"corpus-dump-{tag}"
+    n_tokens = write_token_corpus(corpus, teacher_dir, args.tokens)
+    small = args.work / f"corpus-rss-small-{tag}"
+    large = args.work / f"corpus-rss-large-{tag}"
+    write_token_corpus(small, teacher_dir, args.rss_tokens)
+    repeat_corpus(small, large, 10)
+    out = args.work / f"cache-dump-{tag}"
+
+    from logitcache.teacher import load_teacher
+
+    teacher = load_teacher(str(teacher_dir), device=args.device, dtype=args.dtype)
+    batches = bare_batches(corpus, teacher, args.seq_len, args.batch_size, args.part_tokens)
+    opts = dump_options(args, teacher_dir, corpus, out)
+    print(
+        f"[bench_dump] {n_tokens:,} tokens in {len(batches)} batches; warming up", file=sys.stderr
+    )
+    time_bare(teacher, batches[:2], args.device)
+    warm = args.work / f"corpus-warmup-{tag}"
+    write_token_corpus(warm, teacher_dir, 2 * args.batch_size * args.seq_len)
+    time_dump(dump_options(args, teacher_dir, warm, args.work / f"cache-warmup-{tag}"))
+
+    bare: list[Timing] = []
+    steady: list[Timing] = []
+    total: list[Timing] = []
+    summary = None
+    for rep in range(args.repeats):
+        order = ("bare", "dump") if rep % 2 == 0 else ("dump", "bare")
+        for which in order:
+            waited = wait_until_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+            if which == "bare":
+                bare.append(time_bare(teacher, batches, args.device))
+            else:
+                loop, whole, summary = time_dump(opts)
+                steady.append(loop)
+                total.append(whole)
+            print(
+                f"[bench_dump] rep {rep + 1}/{args.repeats} {which}: "
+                + (
+                    f"{bare[-1].wall:.2f} s, others {bare[-1].others:.0%}"
+                    if which == "bare"
+                    else f"loop {steady[-1].wall:.2f} s, total {total[-1].wall:.2f} s, "
+                    f"others {steady[-1].others:.0%}"
+                )
+                + f" (waited {waited:.0f} s for a quiet machine)",
+                file=sys.stderr,
+            )
+    assert summary is not None
+    sizes = disk_breakdown(out)
+    bytes_on_disk = sum(sizes.values())
+    tokens = summary.manifest.tokens
+
+    rss_args = argparse.Namespace(**{**vars(args), "part_tokens": args.rss_part_tokens})
+    rss: dict[str, list[dict]] = {"small": [], "large": []}
+    for run in range(args.rss_runs):
+        for label, corpus_dir in (("small", small), ("large", large)):
+            print(f"[bench_dump] peak RSS: {label} dataset, run {run + 1}", file=sys.stderr)
+            opts_rss = dump_options(rss_args, teacher_dir, corpus_dir, args.work / "cache-rss")
+            rss[label].append(rss_of_dump(opts_rss))
+    finished, load_end = now_utc(), loadavg()
+    shutil.rmtree(args.work / f"cache-warmup-{tag}", ignore_errors=True)
+
+    def med(xs: list[Timing], attr: str) -> float:
+        return statistics.median(getattr(x, attr) for x in xs)
+
+    def each(xs: list[Timing], attr: str) -> str:
+        return ", ".join(f"{getattr(x, attr):.2f}" for x in xs)
+
+    b_wall, s_wall, t_wall = med(bare, "wall"), med(steady, "wall"), med(total, "wall")
+    b_cpu, s_cpu, t_cpu = med(bare, "cpu"), med(steady, "cpu"), med(total, "cpu")
+
+    def others(xs: list[Timing]) -> str:
+        return ", ".join(f"{x.others:.0%}" for x in xs)
+
+    timing_rows = [
+        ["bare forward", f"{b_wall:.2f}", each(bare, "wall"), f"{tokens / b_wall:,.0f}",
+         "1.000", f"{b_cpu:.2f}", "1.000", others(bare)],
+        ["dump, steady state (`_run`)", f"{s_wall:.2f}", each(steady, "wall"),
+         f"{tokens / s_wall:,.0f}", f"**{s_wall / b_wall:.3f}**", f"{s_cpu:.2f}",
+         f"{s_cpu / b_cpu:.3f}", others(steady)],
+        ["dump, total (`dump()`)", f"{t_wall:.2f}", each(total, "wall"),
+         f"{tokens / t_wall:,.0f}", f"{t_wall / b_wall:.3f}", f"{t_cpu:.2f}",
+         f"{t_cpu / b_cpu:.3f}", others(total)],
+    ]  # fmt: skip
+    timing = markdown_table(
+        ["", "wall s (median)", f"wall s (all {args.repeats})", "tokens/s", "wall / bare",
+         "CPU s (median)", "CPU / bare", "other processes' CPU share, each run"],
+        timing_rows,
+    )  # fmt: skip
+    size_rows = [
+        [name, f"{size:,}", f"{size / tokens:.2f}"]
+        for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])
+    ]
+    size_rows.append(["**total**", f"**{bytes_on_disk:,}**", f"**{bytes_on_disk / tokens:.2f}**"])
+    size_table = markdown_table(["on disk", "bytes", "bytes/token"], size_rows)
+    mib = 2**20
+    peak = {label: statistics.median(r["vmhwm"] for r in runs) for label, runs in rss.items()}
+    rss_rows = [
+        [
+            label + (" (10x)" if label == "large" else ""),
+            f"{runs[0]['tokens']:,}",
+            str(runs[0]["parts"]),
+            ", ".join(f"{r['vmhwm'] / mib:.1f}" for r in runs),
+            f"{peak[label] / mib:.1f}",
+            ", ".join(f"{r['wall']:.0f}" for r in runs),
+        ]
+        for label, runs in rss.items()
+    ]
+    rss_table = markdown_table(
+        ["dataset", "tokens", "parts", "peak RSS MiB, each run", "median", "dump s, each run"],
+        rss_rows,
+    )
+    growth = peak["large"] / peak["small"] - 1
+    ratio = s_wall / b_wall
+    pairs = [d.wall / b.wall for d, b in zip(steady, bare, strict=True)]
+    pair_cpu = [d.cpu / b.cpu for d, b in zip(steady, bare, strict=True)]
+    info = machine()
+    settings = (
+        f"teacher: toy GPT-2 {teacher.info.vocab_size} vocab, 4x256, {TEACHER_KW if not args.quick else QUICK_TEACHER_KW}"
+        f" ({teacher.info.dtype}, {args.device}); k={args.top_k}, seq_len={args.seq_len}, "
+        f"batch={args.batch_size}, part_tokens={args.part_tokens}, codec "
+        f"{summary.manifest.codec.name}/{summary.manifest.codec.cname} level "
+        f"{summary.manifest.codec.clevel} {summary.manifest.codec.shuffle}, chunk "
+        f"{summary.manifest.layout.chunk_bytes:,} B, log-probs {summary.manifest.targets.logprob_dtype}"
+    )
+    lines = [
+        "## bench_dump: dump vs. bare teacher forward",
+        "",
+        f"- date: {started} to {finished}",
+        f"- command: `{command}`",
+        f"- machine: {info['cpu']}; {info['memory']}"
+        + (f"; GPU {info['gpu']}" if "gpu" in info else ""),
+        f"- software: {info['software']}; logitcache at {git_revision()}",
+        f"- load average (1/5/15 min) at start: {load_start}; at end: {load_end}",
+        f"- {settings}",
+        f"- timed dataset: {tokens:,} tokens ({len(batches)} batches, "
+        f"{len(summary.manifest.parts)} parts) of stdlib text; {args.repeats} repetitions, "
+        "alternating bare/dump, after an untimed warm-up of both; before each run the "
+        f"script waited up to {args.quiet_wait:.0f} s for other processes to leave the CPU "
+        "(under 10% for 3 s)",
+        "",
+        "Wall and CPU seconds (CPU = `time.process_time`, every thread of the process); the "
+        "last column is the share of the machine's CPU time that other processes used during "
+        "each run (from /proc/stat), i.e. how clean the run was. "
+        "*bare* = `Teacher.logits(ids)` over the same batches, nothing else; *steady state* = "
+        "`logitcache.dump._run` (tokenize, forward, log-softmax top-k, assemble, compress, "
+        "checksum, commit; writer thread joined); *total* = the whole `dump()` call (adds "
+        "teacher load with weight hashing, data fingerprint, sizing the output).",
+        "",
+        timing,
+        "",
+        f"Target dump/bare <= 1.05 (steady state, ratio of the medians): **{ratio:.3f}, "
+        f"{'met' if ratio <= 1.05 else 'missed'}**. Per repetition (each dump over the bare "
+        f"run next to it): wall {', '.join(f'{x:.3f}' for x in pairs)}; CPU "
+        f"{', '.join(f'{x:.3f}' for x in pair_cpu)}.",
+        "",
+        f"Cache size of the timed dump ({tokens:,} tokens, k={args.top_k}):",
+        "",
+        size_table,
+        "",
+        f"Peak RSS (VmHWM) of a dump in a fresh process, two datasets ten times apart (the "
+        f"large one is the small one's documents ten times over), part_tokens="
+        f"{args.rss_part_tokens}, {args.rss_runs} runs each, alternating:",
+        "",
+        rss_table,
+        "",
+        f"Large vs. small median peak RSS: {growth:+.1%} (target: within 10%: "
+        f"**{'met' if abs(growth) <= 0.10 else 'missed'}**).",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    print(f"\n[bench_dump] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if not args.quick and not args.no_results:
+        update_results("bench_dump", report)
+        print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,601 @@
+"""Fidelity per byte: students distilled from caches of every target kind, against online KD.
+
+    python benchmarks/bench_fidelity.py                      # default (~30-40 min on 2 CPU cores)
+    python benchmarks/bench_fidelity.py --teacher-seconds 3600 --student-tokens 2000000
+    python benchmarks/bench_fidelity.py --quick              # smoke run (minutes), no RESULTS.md
+
+On real text that every machine has (the Python standard library's sources, split by file into
+train and held-out by `logitcache.toy`), with a byte-level BPE of 8192 ids trained locally:
+
+1. a GPT-2 teacher (3 x 192, 1.33M non-embedding parameters, 6x the student's) trained for
+   ``--teacher-seconds`` of wall time, saved and reused by later runs with the same settings
+   (``benchmarks/.work/fidelity/teacher``);
+2. one ``logitcache dump`` of the training text per target setting (top-k k in {8, 32, 64},
+   sampled N in {16, 64}, plus codec variants), each cache's bytes/token measured on disk,
+   everything included (input ids, offsets, metadata, manifest);
+3. students from the same initialisation (seed), on the same sequences in the same order, for
+   the same number of steps with the same hyper-parameters (`trainer.fit` defaults except the
+   step count): hard labels only (alpha 1); online KD with the teacher in the loop and the full
+   distribution (`trainer.losses.dense_kd_loss`, a hook in this script; the trainer package
+   never imports a teacher); and from every cache under each tail mode (top-k) or as is
+   (sampled: counts / N carries all the mass, the tail modes coincide);
+4. each student evaluated on held-out files against the **full** teacher distribution: CE on
+   the real next tokens, exact KL(teacher || student) over the whole vocabulary, expected
+   calibration error of the student's top-1 (15 equal-width confidence bins), and top-1
+   agreement with the teacher's argmax; train tokens/s from the run's own metrics.
+
+Full runs write ``benchmarks/RESULTS.md`` (section ``bench_fidelity``) and
+``benchmarks/fidelity.png`` (held-out KL and CE against cache bytes/token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+PLOT = HERE / "fidelity.png"
+WORK = HERE / ".work" / "fidelity"
+
+#: The teacher: `logitcache.toy.ensure_teacher` settings (train_seconds comes from the flag).
+TEACHER = {
+    "vocab_size": 8192,
+    "n_layer": 3,
+    "n_embd": 192,
+    "n_head": 4,
+    "n_positions": 256,
+    "seq_len": 256,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "seed": 0,
+}
+#: The student: `toy.build_student_config` settings (vocabulary from the teacher).
+STUDENT = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_positions": 256}
+SEQ_LEN = 256
+BATCH = 8  # sequences per step, for every student
+QUICK = {"teacher_seconds": 60.0, "student_tokens": 40_960, "heldout_tokens": 8_192}
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """One cache: a name and the `DumpOptions` fields that differ from the defaults."""
+
+    name: str
+    options: dict[str, Any]
+    tails: tuple[str, ...] = ("renorm", "bucket", "label")
+
+
+def cache_specs(quick: bool) -> list[CacheSpec]:
+    specs = [
+        CacheSpec(f"topk{k}", {"targets": "topk", "top_k": k, "logprob_dtype": "float16"})
+        for k in (8, 32, 64)
+    ]
+    specs.append(
+        CacheSpec(
+            "topk64-q8",
+            {"targets": "topk", "top_k": 64, "logprob_dtype": "uint8", "id_order": "id"},
+            ("bucket",),
+        )
+    )
+    specs += [
+        CacheSpec(f"sample{n}", {"targets": "sample", "samples": n}, ("bucket",))
+        for n in (16, 64)
+    ]
+    if quick:
+        specs = [s for s in specs if s.name in ("topk8", "sample16")]
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with bench_storage.py
+# --------------------------------------------------------------------------------------------
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0])
+    with contextlib.suppress(ValueError):
+        script = script.resolve().relative_to(Path.cwd())
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = "?"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 2**20:.0f} GiB"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"{cpu}, {cores} cores, {mem} RAM{gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def update_results(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if not text.strip():
+        text = (
+            "# Benchmark results\n\n"
+            "Each section is written by the script it names; rerun the script to refresh it.\n"
+        )
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(x) for x in row] for row in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *cells, strict=True)]
+    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
+    lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(lines + [fmt.format(*row) for row in cells])
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def ensure_teacher(teacher_seconds: float, work: Path = WORK) -> Path:
+    from logitcache import toy
+
+    return toy.ensure_teacher(work / "teacher", train_seconds=teacher_seconds, **TEACHER)
+
+
+def _stable_order(paths: list[Path]) -> list[Path]:
+    """A fixed pseudo-random file order (hash of the path): a prefix mixes many packages."""
+    return sorted(paths, key=lambda p: hashlib.sha1(p.as_posix().encode()).hexdigest())
+
+
+def write_corpus(dest: Path, teacher_dir: Path, split: str, tokens: int) -> int:
+    """A ``--data`` directory of whole stdlib documents of `split` holding at least `tokens`
+    tokens (one EOS per document counted, as packing does); reused when already there."""
+    from transformers import AutoTokenizer
+
+    from logitcache import toy
+
+    stamp = dest / ".tokens.json"
+    wanted = {"tokens": tokens, "split": split, "teacher": str(teacher_dir)}
+    if stamp.is_file() and json.loads(stamp.read_text()).get("wanted") == wanted:
+        return int(json.loads(stamp.read_text())["count"])
+    shutil.rmtree(dest, ignore_errors=True)
+    backend = AutoTokenizer.from_pretrained(str(teacher_dir)).backend_tokenizer
+    chosen, count = [], 0
+    for path in _stable_order(toy.stdlib_files(split)):
+        text = toy._read_text(path)
+        if text is None:
+            continue
+        chosen.append(path)
+        count += len(backend.encode(text).ids) + 1
+        if count >= tokens:
+            break
+    if count < tokens:
+        raise SystemExit(f"the stdlib {split} split has only {count} tokens; ask for fewer.")
+    toy.write_corpus(dest, files=chosen)
+    stamp.write_text(json.dumps({"wanted": wanted, "count": count}))
+    return count
+
+
+def heldout_sequences(teacher_dir: Path, tokens: int, seq_len: int = SEQ_LEN):
+    """(n, seq_len) int64 tensor: held-out documents joined with EOS, cut into sequences."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from logitcache import toy
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    ids: list[int] = []
+    for path in _stable_order(toy.stdlib_files("heldout")):
+        text = toy._read_text(path)
+        if text is None:
+            continue
+        ids += tok.backend_tokenizer.encode(text).ids + [tok.eos_token_id]
+        if len(ids) >= tokens:
+            break
+    n = min(len(ids), tokens) // seq_len
+    if n == 0:
+        raise SystemExit("the held-out split is empty")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Caches
+# --------------------------------------------------------------------------------------------
+
+
+def dump_cache(spec: CacheSpec, teacher_dir: Path, corpus: Path, work: Path) -> dict[str, Any]:
+    from logitcache.dump import DumpOptions, dump
+    from logitcache.stats import bytes_by_array
+    from logitcache.reader import open as open_cache
+
+    out = work / "caches" / spec.name
+    opts = DumpOptions(
+        data=str(corpus), out=out, teacher=str(teacher_dir), seq_len=SEQ_LEN, batch_size=8,
+        device="cpu", part_tokens=1 << 16, progress=False, **spec.options,
+    )  # fmt: skip
+    done = out / "manifest.json"
+    t0 = time.perf_counter()
+    summary = dump(dataclasses.replace(opts, overwrite=not done.is_file()))
+    seconds = time.perf_counter() - t0
+    by_array = bytes_by_array(open_cache(out))
+    return {
+        "path": out,
+        "tokens": summary.manifest.tokens,
+        "bytes_per_token": summary.bytes_per_token,
+        "by_array": {k: v / summary.manifest.tokens for k, v in by_array.items()},
+        "dump_seconds": seconds,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Students
+# --------------------------------------------------------------------------------------------
+
+
+class OnlineTeacher:
+    """Replaces `trainer.fit._loss` during one run: the teacher in the loop, full distribution."""
+
+    def __init__(self, teacher_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+        self.model.eval()
+
+    def loss(self, logits, b, c, hard_only):
+        import torch
+
+        from trainer.losses import LossParts, dense_kd_loss
+
+        with torch.no_grad():
+            teacher = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        labels = b["labels"]
+        total = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        ce = total / (labels != -100).sum().clamp(min=1)
+        kd = dense_kd_loss(logits, teacher.logits, labels, temperature=c.temperature)
+        loss = c.alpha * ce + (1.0 - c.alpha) * c.temperature**2 * kd
+        return LossParts(loss=loss, ce=ce.detach(), kd=kd.detach())
+
+
+def train_student(
+    name: str, cache: Path, student_cfg: Path, steps: int, work: Path, *, alpha: float,
+    tail: str = "bucket", online: OnlineTeacher | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    import trainer.fit as fit_mod
+    from trainer.fit import FitConfig, fit
+
+    out = work / "runs" / name
+    config = FitConfig(
+        cache=str(cache), student=str(student_cfg), out=str(out), alpha=alpha, tail=tail,
+        batch_size=BATCH, steps=steps, eval_fraction=0.0, eval_every=0, checkpoint_every=0,
+        log_every=10, device="cpu", progress=False, overwrite=True, seed=0,
+    )  # fmt: skip
+    original = fit_mod._loss
+    if online is not None:
+        fit_mod._loss = online.loss
+    try:
+        fit(config)
+    finally:
+        fit_mod._loss = original
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    train = [r for r in rows if r.get("kind") == "train"]
+    tokens = sum(r["tokens"] for r in train)
+    seconds = train[-1]["elapsed_s"] if train else float("nan")
+    return {"model": out / "model", "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def evaluate(model_dir: Path, teacher, heldout, batch: int = 8) -> dict[str, float]:
+    """Held-out CE, exact KL(teacher || student), ECE (15 bins) and top-1 agreement."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    bins = 15
+    conf_sum = torch.zeros(bins, dtype=torch.float64)
+    acc_sum = torch.zeros(bins, dtype=torch.float64)
+    n_bin = torch.zeros(bins, dtype=torch.float64)
+    ce = kl = agree = 0.0
+    count = 0
+    with torch.no_grad():
+        for start in range(0, len(heldout), batch):
+            ids = heldout[start : start + batch]
+            t = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)[:, :-1]
+            s = torch.log_softmax(student(input_ids=ids).logits.float(), -1)[:, :-1]
+            labels = ids[:, 1:]
+            ce += float(-s.gather(-1, labels[..., None]).sum())
+            kl += float((t.exp() * (t - s)).sum())
+            conf, pred = s.max(-1)
+            agree += float((pred == t.argmax(-1)).sum())
+            conf = conf.exp().flatten().double()
+            right = (pred == labels).flatten().double()
+            which = (conf * bins).long().clamp(max=bins - 1)
+            conf_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, which, conf)
+            acc_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, which, right)
+            n_bin += torch.bincount(which, minlength=bins).double()
+            count += labels.numel()
+    ece = float((conf_sum - acc_sum).abs().sum()) / count
+    return {"ce": ce / count, "kl": kl / count, "ece": ece, "top1": agree / count}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    markers = {"renorm": "v", "bucket": "o", "label": "s", "-": "D"}
+    for ax, key, label in ((axes[0], "kl", "held-out KL(teacher || student), nats/token"),
+                           (axes[1], "ce", "held-out CE, nats/token")):  # fmt: skip
+        for row in rows:
+            if row["bytes_per_token"] is None:
+                style = "--" if row["name"] == "online KD" else ":"
+                color = "black" if row["name"] == "online KD" else "tab:red"
+                ax.axhline(row[key], linestyle=style, color=color, label=row["name"])
+                continue
+            kind = "tab:blue" if row["name"].startswith("topk") else "tab:green"
+            ax.scatter(row["bytes_per_token"], row[key], color=kind,
+                       marker=markers.get(row["tail"], "o"))  # fmt: skip
+            ax.annotate(f"{row['name']} {row['tail']}", (row["bytes_per_token"], row[key]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set(xlabel="cache bytes/token (all included)", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def targets_report(rows: list[dict[str, Any]], caches: dict[str, dict]) -> list[str]:
+    """The issue's targets, each met or missed with the measured figure."""
+    online = next(r for r in rows if r["name"] == "online KD")
+    hard = next(r for r in rows if r["name"] == "hard labels")
+    cached = [r for r in rows if r["bytes_per_token"] is not None]
+    best = min(cached, key=lambda r: r["kl"])
+    kl_gap = best["kl"] / online["kl"] - 1
+    ce_gap = best["ce"] / online["ce"] - 1
+    met = kl_gap <= 0.01 and ce_gap <= 0.01 and best["kl"] < hard["kl"] and best["ce"] < hard["ce"]
+    lines = [
+        f"- Best cached kind within 1% of online KD on held-out KL and CE: "
+        f"**{'met' if met else 'missed'}**: {best['name']} ({best['tail']}) KL {best['kl']:.4f} "
+        f"({kl_gap:+.1%} vs online {online['kl']:.4f}), CE {best['ce']:.4f} ({ce_gap:+.1%} vs "
+        f"{online['ce']:.4f}); hard labels KL {hard['kl']:.4f}, CE {hard['ce']:.4f}."
+    ]
+    if "sample64" in caches:
+        b = caches["sample64"]["bytes_per_token"]
+        lines.append(
+            f"- Sampled N=64 at most 40 B/token all included: **{'met' if b <= 40 else 'missed'}**"
+            f": {b:.1f} B/token."
+        )
+    for name in ("topk64", "topk64-q8"):
+        if name in caches:
+            b = caches[name]["bytes_per_token"]
+            lines.append(
+                f"- Top-k k=64 ({name}) at most 96 B/token all included: "
+                f"**{'met' if b <= 96 else 'missed'}**: {b:.1f} B/token."
+            )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--teacher-seconds", type=float, default=900.0,
+                   help="Teacher training wall time when it must be built [900].")  # fmt: skip
+    p.add_argument("--student-tokens", type=int, default=204_800,
+                   help="Training tokens per student (steps of 8 x 256 tokens) [204800].")  # fmt: skip
+    p.add_argument("--heldout-tokens", type=int, default=32_768,
+                   help="Held-out tokens for the evaluation [32768].")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")
+    p.add_argument("--work", type=Path, default=WORK, help="Work directory (gitignored).")
+    p.add_argument("--only", default="", help="Comma-separated row names to run (debugging).")
+    p.add_argument("--no-write", action="store_true", help="Do not touch RESULTS.md / the PNG.")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.work = args.work.with_name(args.work.name + "-quick")
+        args.no_write = True
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from logitcache import toy
+
+    args = parse_args(argv)
+    started, t_start = now_utc(), time.perf_counter()
+    load_before = loadavg()
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    log(f"teacher ({args.teacher_seconds:.0f} s budget if it must be trained)")
+    teacher_dir = ensure_teacher(args.teacher_seconds, work)
+    info = toy.read_info(teacher_dir) or {}
+    steps = max(1, args.student_tokens // (BATCH * SEQ_LEN))
+    corpus_tokens = steps * BATCH * SEQ_LEN + SEQ_LEN * BATCH
+    corpus = work / "corpus-train"
+    write_corpus(corpus, teacher_dir, "train", corpus_tokens)
+    heldout = heldout_sequences(teacher_dir, args.heldout_tokens)
+    student_cfg = work / "student.json"
+    student_cfg.write_text(toy.build_student_config(teacher_dir, **STUDENT).to_json_string())
+
+    caches: dict[str, dict[str, Any]] = {}
+    for spec in cache_specs(args.quick):
+        log(f"dump {spec.name}")
+        caches[spec.name] = dump_cache(spec, teacher_dir, corpus, work)
+        log(f"  {caches[spec.name]['bytes_per_token']:.1f} B/token")
+
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    runs: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("hard labels", "-", "topk8", {"alpha": 1.0}),
+        ("online KD", "-", "topk8", {"alpha": 0.5, "online": True}),
+    ]
+    for spec in cache_specs(args.quick):
+        runs += [(spec.name, tail, spec.name, {"alpha": 0.5, "tail": tail}) for tail in spec.tails]
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    rows = []
+    for name, tail, cache_name, kw in runs:
+        if only and name not in only:
+            continue
+        log(f"student {name} ({tail})")
+        online = OnlineTeacher(teacher_dir) if kw.pop("online", False) else None
+        cache = caches[cache_name]["path"]
+        run_name = f"{name}-{tail}".replace(" ", "_")
+        trained = train_student(run_name, cache, student_cfg, steps, work, online=online, **kw)
+        metrics = evaluate(trained["model"], teacher, heldout)
+        is_cache = name not in ("hard labels", "online KD")
+        rows.append(
+            {
+                "name": name,
+                "tail": tail,
+                **metrics,
+                "bytes_per_token": caches[cache_name]["bytes_per_token"] if is_cache else None,
+                "tokens_per_s": trained["tokens_per_s"],
+                "tokens": trained["tokens"],
+            }
+        )
+        log(f"  CE {metrics['ce']:.4f} KL {metrics['kl']:.4f} top1 {metrics['top1']:.3f}")
+
+    total_minutes = (time.perf_counter() - t_start) / 60
+    table = markdown_table(
+        ["student", "tail", "held-out CE", "held-out KL", "ECE", "top-1 agr.", "cache B/token",
+         "train tok/s"],  # fmt: skip
+        [
+            [r["name"], r["tail"], f"{r['ce']:.4f}", f"{r['kl']:.4f}", f"{r['ece']:.4f}",
+             f"{r['top1']:.3f}",
+             "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}",
+             f"{r['tokens_per_s']:,.0f}"]  # fmt: skip
+            for r in rows
+        ],
+    )
+    cache_table = markdown_table(
+        ["cache", "dump options", "B/token", "by array (B/token)"],
+        [
+            [name, json.dumps(spec.options), f"{c['bytes_per_token']:.1f}",
+             ", ".join(f"{k} {v:.1f}" for k, v in sorted(c["by_array"].items(), key=lambda x: -x[1]))]  # fmt: skip
+            for spec in cache_specs(args.quick)
+            for name, c in [(spec.name, caches[spec.name])]
+        ],
+    )
+    print(table)
+    print(cache_table)
+    if not all(n in {r["name"] for r in rows} for n in ("online KD", "hard labels")):
+        return
+    verdicts = targets_report(rows, caches)
+    print("\n".join(verdicts))
+    if args.no_write:
+        return
+    train_info = info.get("train", {})
+    title = (
+        f"bench_fidelity {started}: teacher {TEACHER['n_layer']}x{TEACHER['n_embd']} "
+        f"({train_info.get('seconds', 0):.0f} s, final loss {train_info.get('final_loss')}), "
+        f"student {STUDENT['n_layer']}x{STUDENT['n_embd']}, {steps} steps x {BATCH} x {SEQ_LEN}"
+    )
+    plot(rows, PLOT, title)
+    body = "\n\n".join(
+        [
+            "## Fidelity per byte (`bench_fidelity.py`)",
+            f"- date: {started}; total {total_minutes:.1f} min; load average before "
+            f"{load_before}, after {loadavg()}\n- machine: {machine()}\n- command: "
+            f"`{command_line()}`",
+            f"Teacher: GPT-2 {TEACHER['n_layer']} x {TEACHER['n_embd']} (non-embedding "
+            f"{_non_embedding(teacher) / 1e6:.2f}M parameters), byte-level BPE of "
+            f"{info.get('vocab_size_actual')} ids, trained {train_info.get('steps')} steps "
+            f"({train_info.get('seconds')} s, {train_info.get('tokens')} tokens) on the stdlib "
+            f"train split to loss {train_info.get('final_loss')}. Student: GPT-2 "
+            f"{STUDENT['n_layer']} x {STUDENT['n_embd']} ({_student_non_embedding(student_cfg) / 1e6:.2f}M "
+            f"non-embedding). Every student: seed 0, {steps} steps of {BATCH} x {SEQ_LEN} "
+            f"tokens ({steps * BATCH * SEQ_LEN:,} tokens, same sequences in the same order), "
+            "`trainer.fit` defaults otherwise (AdamW lr 3e-4 cosine to 3e-5, alpha 0.5, T 1). "
+            f"Held-out: {heldout.numel():,} tokens of stdlib files that no cache and no "
+            "training saw; KL is exact over the full vocabulary against the teacher.",
+            table,
+            "Caches (one `dump` each over the same training text; bytes/token counts every "
+            "file, manifest included):",
+            cache_table,
+            "Targets:\n\n" + "\n".join(verdicts),
+            f"![quality against bytes/token]({PLOT.name})",
+        ]
+    )
+    update_results("bench_fidelity", body)
+    log(f"wrote {RESULTS} and {PLOT}")
+
+
+def _non_embedding(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "wte" not in n and "wpe" not in n)
+
+
+def _student_non_embedding(config_path: Path) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_path)))
+    return _non_embedding(model)
+
+
+if __name__ == "__main__":
+    main()
+
+_ = math  # used in formulas of derived scripts
