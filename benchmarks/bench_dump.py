@@ -372,6 +372,93 @@ def dump_options(args, teacher_dir: Path, corpus: Path, out: Path):
 
 
 # --------------------------------------------------------------------------------------------
+# Where the extra time goes (--breakdown)
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _without(part: str):
+    """Run dumps without one of their stages (for the breakdown only; the cache is then wrong):
+    "writer" (batches are dropped instead of assembled, compressed and committed) or
+    "targets" (the log-softmax top-k of one position per row, repeated along the row)."""
+    from logitcache import dump as dump_mod
+    from logitcache import targets
+
+    if part == "writer":
+        saved, dump_mod._PartAssembler.add = dump_mod._PartAssembler.add, lambda self, batch: None
+        try:
+            yield
+        finally:
+            dump_mod._PartAssembler.add = saved
+        return
+    real = targets.device_targets
+
+    def one_position(logits, spec, sequences):
+        small = real(logits[:, :1], spec, sequences)
+        shape = logits.shape[:2]
+        return {k: v.expand(*shape, *v.shape[2:]).contiguous() for k, v in small.items()}
+
+    targets.device_targets = one_position
+    try:
+        yield
+    finally:
+        targets.device_targets = real
+
+
+def breakdown(args, teacher, teacher_dir: Path, corpus: Path) -> tuple[str, int]:
+    """CPU seconds, at one torch thread, of the bare forward and of dumps with and without
+    their writer and their log-softmax top-k: the split of the dump's extra work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    b_args = argparse.Namespace(**{**vars(args), "part_tokens": args.rss_part_tokens})
+    batches = bare_batches(corpus, teacher, args.seq_len, args.batch_size, args.rss_part_tokens)
+    opts = dump_options(b_args, teacher_dir, corpus, args.work / "cache-breakdown")
+    variants: dict[str, tuple[str, ...] | None] = {
+        "bare forward": None,
+        "dump": (),
+        "dump without the writer": ("writer",),
+        "dump without log-softmax top-k": ("targets",),
+        "dump without either": ("writer", "targets"),
+    }
+    runs: dict[str, list[Timing]] = {name: [] for name in variants}
+    try:
+        for rep in range(args.repeats):
+            names = list(variants)
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                skipped = variants[name]
+                if skipped is None:
+                    runs[name].append(time_bare(teacher, batches, args.device))
+                else:
+                    with contextlib.ExitStack() as stack:
+                        for part in skipped:
+                            stack.enter_context(_without(part))
+                        runs[name].append(time_dump(opts)[0])
+                print(f"[bench_dump] breakdown {rep + 1}/{args.repeats}: {name}", file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(opts.out, ignore_errors=True)
+    base = statistics.median(t.cpu for t in runs["bare forward"])
+    rows = [
+        [
+            name,
+            f"{statistics.median(t.cpu for t in ts):.2f}",
+            ", ".join(f"{t.cpu:.2f}" for t in ts),
+            f"{statistics.median(t.cpu for t in ts) / base:.3f}",
+            ", ".join(f"{t.others:.0%}" for t in ts),
+        ]
+        for name, ts in runs.items()
+    ]
+    table = markdown_table(
+        ["one torch thread", "CPU s (median)", "CPU s, each run", "CPU / bare",
+         "other processes' CPU share"],
+        rows,
+    )  # fmt: skip
+    return table, sum(int(b.numel()) for b in batches)
+
+
+# --------------------------------------------------------------------------------------------
 # Peak RSS in a fresh process
 # --------------------------------------------------------------------------------------------
 
@@ -450,6 +537,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tokens per part of the RSS dumps (default 16384; quick 4096)",
     )
     p.add_argument("--rss-runs", type=int, default=2, help="peak RSS runs per dataset size")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also split the dump's extra work: CPU seconds at one torch thread of dumps "
+        "without the writer and without the log-softmax top-k, on the small RSS dataset",
+    )
     p.add_argument(
         "--part-tokens",
         type=int,
@@ -562,6 +655,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[bench_dump] peak RSS: {label} dataset, run {run + 1}", file=sys.stderr)
             opts_rss = dump_options(rss_args, teacher_dir, corpus_dir, args.work / "cache-rss")
             rss[label].append(rss_of_dump(opts_rss))
+    split = breakdown(args, teacher, teacher_dir, small) if args.breakdown else None
     finished, load_end = now_utc(), loadavg()
     shutil.rmtree(args.work / f"cache-warmup-{tag}", ignore_errors=True)
 
@@ -672,6 +766,18 @@ def main(argv: list[str] | None = None) -> None:
         f"Large vs. small median peak RSS: {growth:+.1%} (target: within 10%: "
         f"**{'met' if abs(growth) <= 0.10 else 'missed'}**).",
     ]
+    if split is not None:
+        lines += [
+            "",
+            f"Where the extra work goes (`--breakdown`): CPU seconds with one torch thread (no "
+            f"spin-waiting, so the steadiest measure on a busy machine) over the small dataset "
+            f"(padded batches: {split[1]:,} positions), {args.repeats} runs each, rotating. "
+            "*without the writer*: batches are dropped instead of assembled, compressed and "
+            "committed; *without log-softmax top-k*: the targets of one position per row are "
+            "computed and repeated along the row.",
+            "",
+            split[0],
+        ]
     report = "\n".join(lines)
     print(report)
     print(f"\n[bench_dump] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
