@@ -93,8 +93,7 @@ def cache_specs(quick: bool) -> list[CacheSpec]:
         )
     )
     specs += [
-        CacheSpec(f"sample{n}", {"targets": "sample", "samples": n}, ("bucket",))
-        for n in (16, 64)
+        CacheSpec(f"sample{n}", {"targets": "sample", "samples": n}, ("bucket",)) for n in (16, 64)
     ]
     if quick:
         specs = [s for s in specs if s.name in ("topk8", "sample16")]
@@ -231,7 +230,7 @@ def heldout_sequences(teacher_dir: Path, tokens: int, seq_len: int = SEQ_LEN):
         text = toy._read_text(path)
         if text is None:
             continue
-        ids += tok.backend_tokenizer.encode(text).ids + [tok.eos_token_id]
+        ids += [*tok.backend_tokenizer.encode(text).ids, tok.eos_token_id]
         if len(ids) >= tokens:
             break
     n = min(len(ids), tokens) // seq_len
@@ -247,8 +246,8 @@ def heldout_sequences(teacher_dir: Path, tokens: int, seq_len: int = SEQ_LEN):
 
 def dump_cache(spec: CacheSpec, teacher_dir: Path, corpus: Path, work: Path) -> dict[str, Any]:
     from logitcache.dump import DumpOptions, dump
-    from logitcache.stats import bytes_by_array
     from logitcache.reader import open as open_cache
+    from logitcache.stats import bytes_by_array
 
     out = work / "caches" / spec.name
     opts = DumpOptions(
@@ -317,15 +316,22 @@ def train_student(
     original = fit_mod._loss
     if online is not None:
         fit_mod._loss = online.loss
+    cpu = time.process_time()
     try:
         fit(config)
     finally:
         fit_mod._loss = original
+    cpu = time.process_time() - cpu
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     train = [r for r in rows if r.get("kind") == "train"]
     tokens = sum(r["tokens"] for r in train)
     seconds = train[-1]["elapsed_s"] if train else float("nan")
-    return {"model": out / "model", "tokens": tokens, "tokens_per_s": tokens / seconds}
+    return {
+        "model": out / "model",
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_cpu_s": tokens / cpu,
+    }
 
 
 def evaluate(model_dir: Path, teacher, heldout, batch: int = 8) -> dict[str, float]:
@@ -444,7 +450,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Held-out tokens for the evaluation [32768].")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")
     p.add_argument("--work", type=Path, default=WORK, help="Work directory (gitignored).")
-    p.add_argument("--only", default="", help="Comma-separated row names to run (debugging).")
+    p.add_argument("--only", default="",
+                   help="Comma-separated rows to run: a name (all its tails) or name/tail.")  # fmt: skip
+    p.add_argument("--teacher-from", type=Path,
+                   help="Use this finished teacher directory as is (no training).")  # fmt: skip
+    p.add_argument("--section", default="bench_fidelity",
+                   help="RESULTS.md marker section (and PNG name) to write [bench_fidelity].")  # fmt: skip
     p.add_argument("--no-write", action="store_true", help="Do not touch RESULTS.md / the PNG.")
     args = p.parse_args(argv)
     if args.quick:
@@ -467,8 +478,11 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    log(f"teacher ({args.teacher_seconds:.0f} s budget if it must be trained)")
-    teacher_dir = ensure_teacher(args.teacher_seconds, work)
+    if args.teacher_from:
+        teacher_dir = args.teacher_from
+    else:
+        log(f"teacher ({args.teacher_seconds:.0f} s budget if it must be trained)")
+        teacher_dir = ensure_teacher(args.teacher_seconds, work)
     info = toy.read_info(teacher_dir) or {}
     steps = max(1, args.student_tokens // (BATCH * SEQ_LEN))
     corpus_tokens = steps * BATCH * SEQ_LEN + SEQ_LEN * BATCH
@@ -478,15 +492,6 @@ def main(argv: list[str] | None = None) -> None:
     student_cfg = work / "student.json"
     student_cfg.write_text(toy.build_student_config(teacher_dir, **STUDENT).to_json_string())
 
-    caches: dict[str, dict[str, Any]] = {}
-    for spec in cache_specs(args.quick):
-        log(f"dump {spec.name}")
-        caches[spec.name] = dump_cache(spec, teacher_dir, corpus, work)
-        log(f"  {caches[spec.name]['bytes_per_token']:.1f} B/token")
-
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     runs: list[tuple[str, str, str, dict[str, Any]]] = [
         ("hard labels", "-", "topk8", {"alpha": 1.0}),
         ("online KD", "-", "topk8", {"alpha": 0.5, "online": True}),
@@ -494,10 +499,20 @@ def main(argv: list[str] | None = None) -> None:
     for spec in cache_specs(args.quick):
         runs += [(spec.name, tail, spec.name, {"alpha": 0.5, "tail": tail}) for tail in spec.tails]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
+    runs = [r for r in runs if not only or r[0] in only or f"{r[0]}/{r[1]}" in only]
+
+    caches: dict[str, dict[str, Any]] = {}
+    for spec in cache_specs(args.quick):
+        if any(r[2] == spec.name for r in runs):
+            log(f"dump {spec.name}")
+            caches[spec.name] = dump_cache(spec, teacher_dir, corpus, work)
+            log(f"  {caches[spec.name]['bytes_per_token']:.1f} B/token")
+
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     rows = []
     for name, tail, cache_name, kw in runs:
-        if only and name not in only:
-            continue
         log(f"student {name} ({tail})")
         online = OnlineTeacher(teacher_dir) if kw.pop("online", False) else None
         cache = caches[cache_name]["path"]
@@ -512,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
                 **metrics,
                 "bytes_per_token": caches[cache_name]["bytes_per_token"] if is_cache else None,
                 "tokens_per_s": trained["tokens_per_s"],
+                "tokens_per_cpu_s": trained["tokens_per_cpu_s"],
                 "tokens": trained["tokens"],
             }
         )
@@ -519,22 +535,45 @@ def main(argv: list[str] | None = None) -> None:
 
     total_minutes = (time.perf_counter() - t_start) / 60
     table = markdown_table(
-        ["student", "tail", "held-out CE", "held-out KL", "ECE", "top-1 agr.", "cache B/token",
-         "train tok/s"],  # fmt: skip
         [
-            [r["name"], r["tail"], f"{r['ce']:.4f}", f"{r['kl']:.4f}", f"{r['ece']:.4f}",
-             f"{r['top1']:.3f}",
-             "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}",
-             f"{r['tokens_per_s']:,.0f}"]  # fmt: skip
+            "student",
+            "tail",
+            "held-out CE",
+            "held-out KL",
+            "ECE",
+            "top-1 agr.",
+            "cache B/token",
+            "train tok/s",
+            "train tok/CPU-s",
+        ],
+        [
+            [
+                r["name"],
+                r["tail"],
+                f"{r['ce']:.4f}",
+                f"{r['kl']:.4f}",
+                f"{r['ece']:.4f}",
+                f"{r['top1']:.3f}",
+                "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['tokens_per_cpu_s']:,.0f}",
+            ]
             for r in rows
         ],
     )
     cache_table = markdown_table(
         ["cache", "dump options", "B/token", "by array (B/token)"],
         [
-            [name, json.dumps(spec.options), f"{c['bytes_per_token']:.1f}",
-             ", ".join(f"{k} {v:.1f}" for k, v in sorted(c["by_array"].items(), key=lambda x: -x[1]))]  # fmt: skip
+            [
+                name,
+                json.dumps(spec.options),
+                f"{c['bytes_per_token']:.1f}",
+                ", ".join(
+                    f"{k} {v:.1f}" for k, v in sorted(c["by_array"].items(), key=lambda x: -x[1])
+                ),
+            ]
             for spec in cache_specs(args.quick)
+            if spec.name in caches
             for name, c in [(spec.name, caches[spec.name])]
         ],
     )
@@ -552,7 +591,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({train_info.get('seconds', 0):.0f} s, final loss {train_info.get('final_loss')}), "
         f"student {STUDENT['n_layer']}x{STUDENT['n_embd']}, {steps} steps x {BATCH} x {SEQ_LEN}"
     )
-    plot(rows, PLOT, title)
+    png = PLOT.with_name(f"{args.section.removeprefix('bench_')}.png")
+    plot(rows, png, title)
     body = "\n\n".join(
         [
             "## Fidelity per byte (`bench_fidelity.py`)",
@@ -575,11 +615,11 @@ def main(argv: list[str] | None = None) -> None:
             "file, manifest included):",
             cache_table,
             "Targets:\n\n" + "\n".join(verdicts),
-            f"![quality against bytes/token]({PLOT.name})",
+            f"![quality against bytes/token]({png.name})",
         ]
     )
-    update_results("bench_fidelity", body)
-    log(f"wrote {RESULTS} and {PLOT}")
+    update_results(args.section, body)
+    log(f"wrote {RESULTS} and {png}")
 
 
 def _non_embedding(model) -> int:

@@ -45,9 +45,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_fidelity as bf  # noqa: E402  (shared helpers and the teacher)
+import bench_fidelity as bf
 
-DISTILLKIT = [("DistillKit budget (k=50), quoted", 114), ("DistillKit recommended (k=128), quoted", 300)]
+DISTILLKIT = [
+    ("DistillKit budget (k=50), quoted", 114),
+    ("DistillKit recommended (k=128), quoted", 300),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +81,9 @@ def settings(quick: bool) -> list[Setting]:
         for delta in (False, True):
             out.append(Setting(f"sample{n}", "sample", samples=n, order="id", delta=delta))
     out += [
-        Setting("topk64", "topk", k=64, logprob_dtype="uint8", order="id", backend="parquet",
-                delta=True),  # fmt: skip
+        Setting(
+            "topk64", "topk", k=64, logprob_dtype="uint8", order="id", backend="parquet", delta=True
+        ),
         Setting("sample64", "sample", samples=64, order="id", backend="parquet", delta=True),
     ]
     return out
@@ -106,7 +110,9 @@ def teacher_outputs(teacher_dir: Path, tokens: int):
     seqs = bf.heldout_sequences(teacher_dir, tokens)
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     with torch.no_grad():
-        logits = torch.cat([model(input_ids=seqs[i : i + 8]).logits for i in range(0, len(seqs), 8)])
+        logits = torch.cat(
+            [model(input_ids=seqs[i : i + 8]).logits for i in range(0, len(seqs), 8)]
+        )
     return seqs, logits.float()
 
 
@@ -156,7 +162,9 @@ def write_cache(out: Path, s: Setting, seqs, logits, teacher_dir: Path) -> Any:
     for start in range(0, len(seqs), 8):
         batch = logits[start : start + 8]
         index = torch.arange(start, start + len(batch))
-        host = {k: v.cpu().numpy() for k, v in targets_mod.device_targets(batch, spec, index).items()}
+        host = {
+            k: v.cpu().numpy() for k, v in targets_mod.device_targets(batch, spec, index).items()
+        }
         for row in range(len(batch)):
             inputs.append(seqs[start + row].numpy())
             rows.append({k: v[row] for k, v in host.items() if k != "finite"})
@@ -235,7 +243,8 @@ def padded_size(s: Setting, seqs, logits, info, work: Path) -> int:
     """The same sampled targets in a fixed-width layout: (T, W) ids and counts, count 0 = pad."""
     import torch
 
-    from logitcache import _zarr, targets as targets_mod
+    from logitcache import _zarr
+    from logitcache import targets as targets_mod
     from logitcache.format import CodecInfo, PartArrays
 
     spec = targets_mod.TargetSpec.of(info)
