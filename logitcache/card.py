@@ -37,6 +37,14 @@ input_ids = np.asarray(group["input_ids"][...])              # (tokens,)
 target_ids = np.asarray(group["target_ids"][...])            # (tokens, k)
 target_logprobs = np.asarray(group["target_logprobs"][...])  # (tokens, k), log p at T=1
 seq_offsets = np.asarray(group["seq_offsets"][...])          # sequence s = rows offsets[s]:offsets[s+1]"""
+        if m.backend == "zarr" and tg.kind == "topk"
+        else """import zarr, numpy as np  # one part; see docs/FORMAT.md sections 3a and 10
+group = zarr.open_group("CACHE/parts/part-000000", mode="r")
+input_ids = np.asarray(group["input_ids"][...])              # (tokens,)
+target_ids = np.asarray(group["target_ids"][...])            # (entries,) distinct ids, position by position
+target_counts = np.asarray(group["target_counts"][...])      # (entries,) draws of each id; count / N estimates p
+target_lengths = np.asarray(group["target_lengths"][...])    # (tokens,) entries of each position
+seq_offsets = np.asarray(group["seq_offsets"][...])          # sequence s = rows offsets[s]:offsets[s+1]"""
         if m.backend == "zarr"
         else """import pyarrow.dataset as ds  # one row per sequence; read only the files manifest.json lists
 table = ds.dataset(["CACHE/parts/part-000000.parquet"], format="parquet").to_table()
@@ -48,13 +56,11 @@ license: {license}
 tags: [knowledge-distillation, logitcache]
 ---
 
-# logitcache cache: top-{tg.k} targets of {t.name}
+# logitcache cache: {_title(tg)} of {t.name}
 
 Soft targets of a teacher language model, written by
 [logitcache](https://pypi.org/project/logitcache/) {m.tool_version or "(unknown version)"}
-for offline knowledge distillation. For each position the {tg.k} most probable next-token ids
-and their log-probabilities at temperature {tg.temperature:g}, normalised over the teacher's
-**full** vocabulary (so the mass outside the stored ids is `1 - sum(exp(logprobs))`).
+for offline knowledge distillation. {_what(tg)}
 
 This card is generated from `manifest.json`, which is authoritative (and holds the sha256 of
 every data file). The card itself is not checksummed.
@@ -101,6 +107,25 @@ in logitcache's `docs/FORMAT.md`. Read only the parts that `manifest.json` lists
 {plain}
 ```
 """
+
+
+def _title(tg) -> str:
+    return f"top-{tg.k} targets" if tg.kind == "topk" else f"sampled targets (N={tg.samples})"
+
+
+def _what(tg) -> str:
+    """What a position holds, in a sentence or two."""
+    if tg.kind == "sample":
+        return (
+            f"For each position, {tg.samples} draws from the teacher's distribution at "
+            f"temperature {tg.temperature:g} (seed {tg.seed}): the distinct ids drawn and how "
+            "often, so that `count / N` is an unbiased estimate of the teacher's probabilities."
+        )
+    return (
+        f"For each position the {tg.k} most probable next-token ids and their log-probabilities "
+        f"at temperature {tg.temperature:g}, normalised over the teacher's **full** vocabulary "
+        "(so the mass outside the stored ids is `1 - sum(exp(logprobs))`)."
+    )
 
 
 def _documents(n: int) -> str:
