@@ -7,7 +7,10 @@ All three are token averages over the positions that have a next-token label:
 ``kl``
     KL(teacher || student) at temperature 1 restricted to the cached top-k ids plus one tail
     bucket holding the rest of the vocabulary (both sides' tails summed): the exact KL between
-    the two distributions coarsened to those k+1 categories, a lower bound on the full KL.
+    the two distributions coarsened to those k+1 categories, a lower bound on the full KL. For
+    a sampled cache the teacher side is ``count / N`` on the drawn ids (no tail): the
+    cross-entropy part is unbiased, the entropy part is not (the plug-in entropy of counts is
+    low), so compare such numbers only between caches of the same N.
 ``top1``
     fraction of positions where the student's argmax is the teacher's most probable id.
 
