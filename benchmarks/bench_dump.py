@@ -412,9 +412,8 @@ def breakdown(args, teacher, teacher_dir: Path, corpus: Path) -> tuple[str, int]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    b_args = argparse.Namespace(**{**vars(args), "part_tokens": args.rss_part_tokens})
-    batches = bare_batches(corpus, teacher, args.seq_len, args.batch_size, args.rss_part_tokens)
-    opts = dump_options(b_args, teacher_dir, corpus, args.work / "cache-breakdown")
+    batches = bare_batches(corpus, teacher, args.seq_len, args.batch_size, args.part_tokens)
+    opts = dump_options(args, teacher_dir, corpus, args.work / "cache-breakdown")
     variants: dict[str, tuple[str, ...] | None] = {
         "bare forward": None,
         "dump": (),
@@ -541,7 +540,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--breakdown",
         action="store_true",
         help="also split the dump's extra work: CPU seconds at one torch thread of dumps "
-        "without the writer and without the log-softmax top-k, on the small RSS dataset",
+        "without the writer and without the log-softmax top-k, on the timed dataset",
     )
     p.add_argument(
         "--part-tokens",
@@ -655,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[bench_dump] peak RSS: {label} dataset, run {run + 1}", file=sys.stderr)
             opts_rss = dump_options(rss_args, teacher_dir, corpus_dir, args.work / "cache-rss")
             rss[label].append(rss_of_dump(opts_rss))
-    split = breakdown(args, teacher, teacher_dir, small) if args.breakdown else None
+    split = breakdown(args, teacher, teacher_dir, corpus) if args.breakdown else None
     finished, load_end = now_utc(), loadavg()
     shutil.rmtree(args.work / f"cache-warmup-{tag}", ignore_errors=True)
 
@@ -770,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += [
             "",
             f"Where the extra work goes (`--breakdown`): CPU seconds with one torch thread (no "
-            f"spin-waiting, so the steadiest measure on a busy machine) over the small dataset "
+            f"spin-waiting, so the steadiest measure on a busy machine) over the timed dataset "
             f"(padded batches: {split[1]:,} positions), {args.repeats} runs each, rotating. "
             "*without the writer*: batches are dropped instead of assembled, compressed and "
             "committed; *without log-softmax top-k*: the targets of one position per row are "
