@@ -88,8 +88,8 @@ def cache_specs(quick: bool) -> list[CacheSpec]:
     specs.append(
         CacheSpec(
             "topk64-q8",
-            {"targets": "topk", "top_k": 64, "logprob_dtype": "uint8", "id_order": "id"},
-            ("bucket",),
+            {"targets": "topk", "top_k": 64, "logprob_dtype": "uint8"},
+            ("renorm", "bucket"),
         )
     )
     specs += [
@@ -444,8 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--teacher-seconds", type=float, default=900.0,
                    help="Teacher training wall time when it must be built [900].")  # fmt: skip
-    p.add_argument("--student-tokens", type=int, default=204_800,
-                   help="Training tokens per student (steps of 8 x 256 tokens) [204800].")  # fmt: skip
+    p.add_argument("--student-tokens", type=int, default=819_200,
+                   help="Training tokens per student (steps of 8 x 256 tokens) [819200].")  # fmt: skip
     p.add_argument("--heldout-tokens", type=int, default=32_768,
                    help="Held-out tokens for the evaluation [32768].")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")

@@ -38,6 +38,7 @@ from logitcache.format import (
     LOGPROB_DTYPES,
     MAX_SAMPLES,
     ORDERS,
+    SHUFFLES,
     TARGET_KINDS,
     CodecInfo,
     DataInfo,
@@ -72,7 +73,7 @@ class DumpOptions:
     samples: int = 64  # draws per position for targets="sample"
     temperature: float = 1.0
     seed: int = 0  # of the draws (targets="sample")
-    id_order: str = "descending"  # top-k: or "id" (ids increasing within a position)
+    id_order: str = "id"  # top-k: ids increasing within a position (smaller), or "descending"
     delta: bool = True  # delta-filter the arrays that increase along a position's row
     seq_len: int = 1024
     pack: bool = True
@@ -84,6 +85,7 @@ class DumpOptions:
     part_tokens: int = 1 << 20
     chunk_bytes: int = 1 << 20
     clevel: int = 5
+    shuffle: str = "shuffle"  # Blosc byte shuffle: smallest for id-ordered targets (FORMAT.md)
     overwrite: bool = False
     progress: bool = True
     license: str = "unknown"  # shown on the README.md card
@@ -160,6 +162,10 @@ def _check_options(opts: DumpOptions) -> None:
         )
     if opts.id_order not in ORDERS:
         raise LogitCacheError(f"--id-order must be descending or id, got {opts.id_order!r}.")
+    if opts.shuffle not in SHUFFLES:
+        raise LogitCacheError(
+            f"--shuffle must be one of {', '.join(SHUFFLES)}, got {opts.shuffle!r}."
+        )
     if opts.samples > MAX_SAMPLES:
         raise LogitCacheError(f"--samples must be at most {MAX_SAMPLES}, got {opts.samples}.")
     if not 0 < opts.temperature < float("inf"):
@@ -214,7 +220,7 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
             name="blosc",
             cname="zstd",
             clevel=opts.clevel,
-            shuffle="bitshuffle",
+            shuffle=opts.shuffle,
             checksum="crc32c",
             delta=targets.delta_arrays(target_info) if opts.delta else [],
         ),

@@ -54,6 +54,8 @@ KIND_ARRAYS = {
 }
 LOGPROB_DTYPES = ("float16", "float32", "uint8")
 ORDERS = ("descending", "id")
+#: Blosc shuffle filters a codec may name (zarr.codecs.BloscShuffle member names).
+SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 MAX_SAMPLES = 65535
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # refuse to parse anything larger: a manifest is metadata
 _PART_NAME = re.compile(r"^part-\d{6}$")
@@ -442,6 +444,8 @@ def _target_problems(m: Manifest) -> list[str]:
             problems.append("logprob_scale must be positive for uint8 log-probs, else 0")
         if t.samples or t.count_dtype or t.seed:
             problems.append("samples, count_dtype and seed are for sampled targets only")
+    if m.codec.shuffle not in SHUFFLES:
+        problems.append(f"codec.shuffle {m.codec.shuffle!r} is not one of {SHUFFLES}")
     if t.kind in KIND_ARRAYS:
         allowed = {n for n in KIND_ARRAYS[t.kind] if n not in ("seq_offsets", "target_logprobs")}
         if t.logprob_dtype == "uint8":

@@ -252,7 +252,7 @@ def test_info_json_from_s3_exposes_the_compatibility_fields(runs, fs, reference:
     for key in ("name", "config_sha256", "weights_sha256"):
         assert info["teacher"][key] == manifest["teacher"][key]
     assert info["data"]["fingerprint"] == manifest["data"]["fingerprint"]
-    assert info["format_version"] == "1.0"
+    assert info["format_version"] == manifest["format_version"] == "1.1"
     assert info["size_bytes"] == sum(fs.du(f"{BUCKET}/reference", total=False).values())
 
 
