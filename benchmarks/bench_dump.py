@@ -58,6 +58,9 @@ WORK = HERE / ".work"
 #: near-uniform, which would make the cache sizes and codec numbers meaningless).
 TEACHER_KW = {"train_steps": 300}
 QUICK_TEACHER_KW = {"train_steps": 20}
+DEFAULT_SHAPE = "4x256"
+#: Other shapes (`--teacher-shape`) cost more per step; 30 steps already peak their outputs.
+OTHER_SHAPE_KW = {"train_steps": 30}
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,12 +149,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def ensure_teacher(quick: bool, work: Path) -> Path:
+def ensure_teacher(quick: bool, work: Path, shape: str = DEFAULT_SHAPE) -> Path:
+    """The benchmark teacher: the toy default, or a GPT-2 of another `shape` ("LAYERSxWIDTH",
+    same tokenizer and vocabulary) trained briefly, for ratios on a less vocabulary-bound model."""
     from logitcache import toy
 
     if quick:
         return toy.ensure_teacher(work / "teacher-quick", **QUICK_TEACHER_KW)
-    return toy.ensure_teacher(work / "teacher", **TEACHER_KW)
+    if shape == DEFAULT_SHAPE:
+        return toy.ensure_teacher(work / "teacher", **TEACHER_KW)
+    layers, width = (int(x) for x in shape.split("x"))
+    return toy.ensure_teacher(
+        work / f"teacher-{shape}", n_layer=layers, n_embd=width, n_head=max(1, width // 64),
+        **OTHER_SHAPE_KW,
+    )  # fmt: skip
 
 
 def _stable_order(paths: list[Path]) -> list[Path]:
@@ -512,6 +523,54 @@ def rss_of_dump(opts) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def rss_report(rss: dict[str, list[dict]], args: argparse.Namespace) -> list[str]:
+    """The peak-RSS table and its verdict (no lines when no RSS runs were made)."""
+    if not all(rss.values()):
+        return []
+    mib = 2**20
+    peak = {label: statistics.median(r["vmhwm"] for r in runs) for label, runs in rss.items()}
+    rows = [
+        [
+            label + (" (10x)" if label == "large" else ""),
+            f"{runs[0]['tokens']:,}",
+            str(runs[0]["parts"]),
+            ", ".join(f"{r['vmhwm'] / mib:.1f}" for r in runs),
+            f"{peak[label] / mib:.1f}",
+            ", ".join(f"{r['wall']:.0f}" for r in runs),
+        ]
+        for label, runs in rss.items()
+    ]
+    table = markdown_table(
+        ["dataset", "tokens", "parts", "peak RSS MiB, each run", "median", "dump s, each run"],
+        rows,
+    )
+    growth = peak["large"] / peak["small"] - 1
+    return [
+        "",
+        f"Peak RSS (VmHWM) of a dump in a fresh process, two datasets ten times apart (the "
+        f"large one is the small one's documents ten times over), part_tokens="
+        f"{args.rss_part_tokens}, {args.rss_runs} runs each, alternating:",
+        "",
+        table,
+        "",
+        f"Large vs. small median peak RSS: {growth:+.1%} (target: within 10%: "
+        f"**{'met' if abs(growth) <= 0.10 else 'missed'}**).",
+    ]
+
+
+def teacher_kw(args: argparse.Namespace) -> dict:
+    if args.quick:
+        return QUICK_TEACHER_KW
+    return TEACHER_KW if args.teacher_shape == DEFAULT_SHAPE else OTHER_SHAPE_KW
+
+
+def section(args: argparse.Namespace) -> str:
+    """The RESULTS.md section: one per teacher shape."""
+    return (
+        "bench_dump" if args.teacher_shape == DEFAULT_SHAPE else f"bench_dump_{args.teacher_shape}"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, no RESULTS.md")
@@ -535,7 +594,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="tokens per part of the RSS dumps (default 16384; quick 4096)",
     )
-    p.add_argument("--rss-runs", type=int, default=2, help="peak RSS runs per dataset size")
+    p.add_argument(
+        "--rss-runs", type=int, default=2, help="peak RSS runs per dataset size (0: skip)"
+    )
     p.add_argument(
         "--breakdown",
         action="store_true",
@@ -562,6 +623,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch intra-op threads (default: torch's own choice); with 1, CPU seconds are "
         "the work done, free of spin-waiting, which is the steadier ratio on a busy machine",
+    )
+    p.add_argument(
+        "--teacher-shape",
+        default=DEFAULT_SHAPE,
+        help=f"teacher LAYERSxWIDTH (default {DEFAULT_SHAPE}, the toy teacher); another shape "
+        "writes its own RESULTS.md section, bench_dump_LAYERSxWIDTH",
     )
     p.add_argument("--work", type=Path, default=WORK, help="reusable work directory")
     p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
@@ -594,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
     started, command, load_start = now_utc(), command_line(), loadavg()
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
-    teacher_dir = ensure_teacher(args.quick, args.work)
+    teacher_dir = ensure_teacher(args.quick, args.work, args.teacher_shape)
     tag = "quick" if args.quick else "full"
     corpus = args.work / f"corpus-dump-{tag}"
     n_tokens = write_token_corpus(corpus, teacher_dir, args.tokens)
@@ -691,30 +758,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     size_rows.append(["**total**", f"**{bytes_on_disk:,}**", f"**{bytes_on_disk / tokens:.2f}**"])
     size_table = markdown_table(["on disk", "bytes", "bytes/token"], size_rows)
-    mib = 2**20
-    peak = {label: statistics.median(r["vmhwm"] for r in runs) for label, runs in rss.items()}
-    rss_rows = [
-        [
-            label + (" (10x)" if label == "large" else ""),
-            f"{runs[0]['tokens']:,}",
-            str(runs[0]["parts"]),
-            ", ".join(f"{r['vmhwm'] / mib:.1f}" for r in runs),
-            f"{peak[label] / mib:.1f}",
-            ", ".join(f"{r['wall']:.0f}" for r in runs),
-        ]
-        for label, runs in rss.items()
-    ]
-    rss_table = markdown_table(
-        ["dataset", "tokens", "parts", "peak RSS MiB, each run", "median", "dump s, each run"],
-        rss_rows,
-    )
-    growth = peak["large"] / peak["small"] - 1
     ratio = s_wall / b_wall
     pairs = [d.wall / b.wall for d, b in zip(steady, bare, strict=True)]
     pair_cpu = [d.cpu / b.cpu for d, b in zip(steady, bare, strict=True)]
     info = machine()
     settings = (
-        f"teacher: toy GPT-2 {teacher.info.vocab_size} vocab, 4x256, {TEACHER_KW if not args.quick else QUICK_TEACHER_KW}"
+        f"teacher: GPT-2 {teacher.info.vocab_size} vocab, {args.teacher_shape}, "
+        f"{teacher_kw(args)}"
         f" ({teacher.info.dtype}, {args.device}); k={args.top_k}, seq_len={args.seq_len}, "
         f"batch={args.batch_size}, part_tokens={args.part_tokens}, codec "
         f"{summary.manifest.codec.name}/{summary.manifest.codec.cname} level "
@@ -722,7 +772,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{summary.manifest.layout.chunk_bytes:,} B, log-probs {summary.manifest.targets.logprob_dtype}"
     )
     lines = [
-        "## bench_dump: dump vs. bare teacher forward",
+        f"## {section(args)}: dump vs. bare teacher forward ({args.teacher_shape} teacher)",
         "",
         f"- date: {started} to {finished}",
         f"- command: `{command}`",
@@ -755,15 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Cache size of the timed dump ({tokens:,} tokens, k={args.top_k}):",
         "",
         size_table,
-        "",
-        f"Peak RSS (VmHWM) of a dump in a fresh process, two datasets ten times apart (the "
-        f"large one is the small one's documents ten times over), part_tokens="
-        f"{args.rss_part_tokens}, {args.rss_runs} runs each, alternating:",
-        "",
-        rss_table,
-        "",
-        f"Large vs. small median peak RSS: {growth:+.1%} (target: within 10%: "
-        f"**{'met' if abs(growth) <= 0.10 else 'missed'}**).",
+        *rss_report(rss, args),
     ]
     if split is not None:
         lines += [
@@ -781,7 +823,7 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     print(f"\n[bench_dump] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if not args.quick and not args.no_results:
-        update_results("bench_dump", report)
+        update_results(section(args), report)
         print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
 
 
