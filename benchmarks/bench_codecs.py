@@ -4,7 +4,7 @@
     python benchmarks/bench_codecs.py --quick   # smoke run
 
 The data is what a cache really stores: `logitcache dump` of the benchmark teacher (the toy
-GPT-2, see bench_dump.TEACHER_KW) over stdlib text, top-k=64, float16 log-probs, uint16 ids.
+GPT-2, see common.TEACHER_KW) over stdlib text, top-k=64, float16 log-probs, uint16 ids.
 Every alternative is applied with numcodecs directly, chunk by chunk, exactly as the Zarr
 backend splits an array (``chunk_bytes`` of rows per inner chunk); the reported sizes are the
 compressed chunks only (the crc32c and the shard index add 4 + 16 bytes per chunk on top,
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_dump as common
+import common
 
 CHUNKS = {"256 KiB": 1 << 18, "1 MiB": 1 << 20, "4 MiB": 1 << 22}
 DEFAULT_CHUNK = "1 MiB"

@@ -36,13 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import hashlib
 import json
 import os
-import platform
-import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -50,159 +45,27 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
-WORK = HERE / ".work"
-#: The teacher every benchmark uses: the toy default (GPT-2 4x256, vocab 8192, 1024 positions)
-#: trained for 300 steps so its distributions are peaked like a real LM's (an untrained one is
-#: near-uniform, which would make the cache sizes and codec numbers meaningless).
-TEACHER_KW = {"train_steps": 300}
-QUICK_TEACHER_KW = {"train_steps": 20}
-DEFAULT_SHAPE = "4x256"
-#: Other shapes (`--teacher-shape`) cost more per step; 30 steps already peak their outputs.
-OTHER_SHAPE_KW = {"train_steps": 30}
-
+from common import (
+    DEFAULT_SHAPE,
+    OTHER_SHAPE_KW,
+    QUICK_TEACHER_KW,
+    RESULTS,
+    TEACHER_KW,
+    WORK,
+    command_line,
+    ensure_teacher,
+    git_revision,
+    loadavg,
+    machine,
+    markdown_table,
+    now_utc,
+    update_results,
+    write_token_corpus,
+)
 
 # --------------------------------------------------------------------------------------------
-# Shared helpers (bench_codecs imports these)
+# Corpora and cache sizes
 # --------------------------------------------------------------------------------------------
-
-
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0])
-    with contextlib.suppress(ValueError):
-        script = script.resolve().relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *sys.argv[1:]])
-
-
-def machine() -> dict[str, str]:
-    """CPU model, cores, torch and library versions, GPU if any, load average now."""
-    import numcodecs
-    import torch
-    import zarr
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {
-        "cpu": f"{cpu}, {usable} usable cores ({os.cpu_count()} online)",
-        "memory": _mem_total(),
-        "software": (
-            f"Python {platform.python_version()}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} intra-op threads), zarr {zarr.__version__}, "
-            f"numcodecs {numcodecs.__version__}"
-        ),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _mem_total() -> str:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                return f"{int(line.split()[1]) / 2**20:.1f} GiB RAM"
-    return "unknown RAM"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def update_results(name: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if not text.strip():
-        text = (
-            "# Benchmark results\n\n"
-            "Each section is written by the script it names; rerun the script to refresh it.\n"
-        )
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += [fmt.format(*map(str, row)) for row in rows]
-    return "\n".join(lines)
-
-
-def ensure_teacher(quick: bool, work: Path, shape: str = DEFAULT_SHAPE) -> Path:
-    """The benchmark teacher: the toy default, or a GPT-2 of another `shape` ("LAYERSxWIDTH",
-    same tokenizer and vocabulary) trained briefly, for ratios on a less vocabulary-bound model."""
-    from logitcache import toy
-
-    if quick:
-        return toy.ensure_teacher(work / "teacher-quick", **QUICK_TEACHER_KW)
-    if shape == DEFAULT_SHAPE:
-        return toy.ensure_teacher(work / "teacher", **TEACHER_KW)
-    layers, width = (int(x) for x in shape.split("x"))
-    return toy.ensure_teacher(
-        work / f"teacher-{shape}", n_layer=layers, n_embd=width, n_head=max(1, width // 64),
-        **OTHER_SHAPE_KW,
-    )  # fmt: skip
-
-
-def _stable_order(paths: list[Path]) -> list[Path]:
-    """A fixed pseudo-random file order (by a hash of the name): mixes many packages."""
-    return sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
-
-
-def write_token_corpus(dest: Path, teacher_dir: Path, tokens: int, split: str = "train") -> int:
-    """A ``--data`` directory of whole stdlib documents totalling at least `tokens` tokens
-    (counting one EOS per document, as packing does); returns the exact count. Reused when a
-    finished one with the same target is there already."""
-    from transformers import AutoTokenizer
-
-    from logitcache import toy
-
-    stamp = dest / ".tokens.json"
-    wanted = {"tokens": tokens, "split": split, "teacher": str(teacher_dir)}
-    if stamp.is_file():
-        done = json.loads(stamp.read_text())
-        if done.get("wanted") == wanted:
-            return int(done["count"])
-    shutil.rmtree(dest, ignore_errors=True)
-    backend = AutoTokenizer.from_pretrained(str(teacher_dir)).backend_tokenizer
-    chosen, count = [], 0
-    for path in _stable_order(toy.stdlib_files(split)):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue
-        if not text.strip():
-            continue
-        chosen.append(path)
-        count += len(backend.encode(text, add_special_tokens=False).ids) + 1
-        if count >= tokens:
-            break
-    if count < tokens:
-        raise SystemExit(f"the stdlib {split} split has only {count} tokens; ask for fewer.")
-    toy.write_corpus(dest, files=chosen)
-    stamp.write_text(json.dumps({"wanted": wanted, "count": count}))
-    return count
 
 
 def repeat_corpus(src: Path, dest: Path, times: int) -> None:
@@ -217,21 +80,6 @@ def repeat_corpus(src: Path, dest: Path, times: int) -> None:
         for name in wanted["files"]:
             shutil.copyfile(src / name, dest / f"r{r:02d}_{name}")
     stamp.write_text(json.dumps(wanted))
-
-
-def git_revision() -> str:
-    """`git describe --always --dirty` of the repository, or "unknown"."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def disk_breakdown(cache: Path) -> dict[str, int]:

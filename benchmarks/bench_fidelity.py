@@ -31,24 +31,27 @@ Full runs write ``benchmarks/RESULTS.md`` (section ``bench_fidelity``) and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
-import os
-import platform
-import re
-import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from common import (
+    RESULTS,
+    command_line,
+    loadavg,
+    machine_line,
+    markdown_table,
+    now_utc,
+    update_results,
+)
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 PLOT = HERE / "fidelity.png"
 WORK = HERE / ".work" / "fidelity"
 
@@ -101,76 +104,8 @@ def cache_specs(quick: bool) -> list[CacheSpec]:
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers shared with bench_storage.py
+# Teacher and text (bench_storage.py uses them too)
 # --------------------------------------------------------------------------------------------
-
-
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0])
-    with contextlib.suppress(ValueError):
-        script = script.resolve().relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *sys.argv[1:]])
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = "?"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.0f} GiB"
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (
-        f"{cpu}, {cores} cores, {mem} RAM{gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    )
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def update_results(name: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if not text.strip():
-        text = (
-            "# Benchmark results\n\n"
-            "Each section is written by the script it names; rerun the script to refresh it.\n"
-        )
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(x) for x in row] for row in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *cells, strict=True)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    return "\n".join(lines + [fmt.format(*row) for row in cells])
 
 
 def log(message: str) -> None:
@@ -597,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             "## Fidelity per byte (`bench_fidelity.py`)",
             f"- date: {started}; total {total_minutes:.1f} min; load average before "
-            f"{load_before}, after {loadavg()}\n- machine: {machine()}\n- command: "
+            f"{load_before}, after {loadavg()}\n- machine: {machine_line()}\n- command: "
             f"`{command_line()}`",
             f"Teacher: GPT-2 {TEACHER['n_layer']} x {TEACHER['n_embd']} (non-embedding "
             f"{_non_embedding(teacher) / 1e6:.2f}M parameters), byte-level BPE of "

@@ -31,15 +31,9 @@ Full runs write their section of ``benchmarks/RESULTS.md`` (between ``<!-- bench
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import os
-import platform
-import re
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,15 +44,23 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    command_line,
+    loadavg,
+    machine,
+    machine_line,
+    now_utc,
+    update_results,
+)
 
 import logitcache  # noqa: E402
 from logitcache import stores  # noqa: E402
 from logitcache.format import MANIFEST_NAME, PARTS_DIR, LayoutInfo, PartArrays  # noqa: E402
 from logitcache.writer import CacheWriter  # noqa: E402
 from tests.logitcache.s3server import environment, moto_server  # noqa: E402
-from tests.logitcache.synthetic_caches import template  # noqa: E402
+from tests.synthetic import template  # noqa: E402
 
-RESULTS = HERE / "RESULTS.md"
 SECTION = "bench_remote"
 VOCAB = 32_000
 
@@ -114,57 +116,6 @@ def stored_bytes(local: Path) -> int:
     return sum(f.stat().st_size for f in (local / PARTS_DIR).rglob("*") if f.is_file())
 
 
-def machine() -> str:
-    import moto
-    import s3fs
-    import zarr
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = "unknown RAM"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB RAM"
-    return (
-        f"{cpu}, {cores} usable cores, {mem}; Python {platform.python_version()}, "
-        f"zarr {zarr.__version__}, s3fs {s3fs.__version__}, moto {moto.__version__} "
-        "(standalone server on 127.0.0.1)"
-    )
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def update_results(body: str, path: Path = RESULTS) -> None:
-    """Replace this script's section (or append it); never touch the others."""
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if not text.strip():
-        text = (
-            "# Benchmark results\n\n"
-            "Each section is written by the script it names; rerun the script to refresh it.\n"
-        )
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1 << 19)
@@ -176,8 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.part_tokens, args.repeats = 1 << 15, 1 << 13, 2
-    command = shlex.join(["python", "benchmarks/bench_remote.py", *sys.argv[1:]])
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
+    command, date = command_line(), now_utc()
 
     work = Path(tempfile.mkdtemp(prefix="bench_remote-"))
     try:
@@ -242,7 +192,8 @@ def main() -> None:
 
 - Command: `{command}`
 - Date: {date}
-- Machine: {machine()}; load average at the end {loadavg()}
+- Machine: {machine_line(machine(extra=("s3fs", "moto")))} (moto as a standalone server on
+  127.0.0.1); load average at the end {loadavg()}
 - Cache: {tokens:,} tokens in {cache.num_parts} parts (zarr, k={args.k}, uint16 ids, float16
   log-probs, seq_len {args.seq_len}), {size / 1e6:.1f} MB stored; synthetic top-k targets
   written by the real writer. Each run reads every part whole with `Cache.read_part`; median
@@ -255,7 +206,7 @@ bandwidth limit: a lower bound for a real bucket) and a sha256 of every file. Ep
 nothing: it reads the verified copies from the local cache, and what it costs beyond local disk
 is mostly `open` (a new S3 client and the manifest GET, once per open, not per byte).
 """
-    update_results(body)
+    update_results(SECTION, body)
     print(f"wrote the {SECTION} section of {RESULTS}")
 
 

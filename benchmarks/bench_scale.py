@@ -22,14 +22,9 @@ Full runs (not ``--quick``) write their section of ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import hashlib
 import json
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -37,141 +32,12 @@ import sys
 import time
 from pathlib import Path
 
+import common
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-WORK = HERE / ".work"
-RESULTS = HERE / "RESULTS.md"
 DEFAULT_PART_TOKENS = 1 << 20  # logitcache dump's default --part-tokens
-#: The benchmarks' teacher (as bench_dump.py's): the toy default GPT-2 (4x256, vocab 8192)
-#: trained 300 steps so that its distributions are peaked like a real LM's.
-TEACHER_KW = {"train_steps": 300}
-QUICK_TEACHER_KW = {"train_steps": 20}
-
-
-class bd:
-    RESULTS = RESULTS
-
-    @staticmethod
-    def now_utc() -> str:
-        return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-    @staticmethod
-    def command_line() -> str:
-        script = Path(sys.argv[0])
-        with contextlib.suppress(ValueError):
-            script = script.resolve().relative_to(Path.cwd())
-        return shlex.join(["python", str(script), *sys.argv[1:]])
-
-    @staticmethod
-    def loadavg() -> str:
-        try:
-            return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-        except OSError:
-            return "n/a"
-
-    @staticmethod
-    def machine() -> dict[str, str]:
-        import numcodecs
-        import torch
-        import zarr
-
-        cpu = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        memory = "unknown RAM"
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemTotal"):
-                    memory = f"{int(line.split()[1]) / 2**20:.1f} GiB RAM"
-        usable = len(os.sched_getaffinity(0))
-        info = {
-            "cpu": f"{cpu}, {usable} usable cores ({os.cpu_count()} online)",
-            "memory": memory,
-            "software": (
-                f"Python {platform.python_version()}, torch {torch.__version__} "
-                f"({torch.get_num_threads()} intra-op threads), zarr {zarr.__version__}, "
-                f"numcodecs {numcodecs.__version__}"
-            ),
-        }
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-        return info
-
-    @staticmethod
-    def update_results(name: str, body: str, path: Path = RESULTS) -> None:
-        """Replace (or append) the section between ``<!-- name:start -->`` and ``end``."""
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        block = f"{start}\n{body.strip()}\n{end}"
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        if not text.strip():
-            text = (
-                "# Benchmark results\n\n"
-                "Each section is written by the script it names; rerun the script to refresh it.\n"
-            )
-        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: block, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-
-    @staticmethod
-    def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-        fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-        lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        lines += [fmt.format(*map(str, row)) for row in rows]
-        return "\n".join(lines)
-
-    @staticmethod
-    def ensure_teacher(quick: bool, work: Path) -> Path:
-        from logitcache import toy
-
-        if quick:
-            return toy.ensure_teacher(work / "teacher-quick", **QUICK_TEACHER_KW)
-        return toy.ensure_teacher(work / "teacher", **TEACHER_KW)
-
-    @staticmethod
-    def write_token_corpus(dest: Path, teacher_dir: Path, tokens: int) -> int:
-        """A --data directory of whole stdlib documents (train split, a fixed pseudo-random
-        order) totalling at least `tokens` tokens, one EOS per document counted; the count."""
-        from transformers import AutoTokenizer
-
-        from logitcache import toy
-
-        stamp = dest / ".tokens.json"
-        wanted = {"tokens": tokens, "split": "train", "teacher": str(teacher_dir)}
-        if stamp.is_file():
-            done = json.loads(stamp.read_text())
-            if done.get("wanted") == wanted:
-                return int(done["count"])
-        shutil.rmtree(dest, ignore_errors=True)
-        backend = AutoTokenizer.from_pretrained(str(teacher_dir)).backend_tokenizer
-        chosen, count = [], 0
-        paths = sorted(toy.stdlib_files("train"),
-                       key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())  # fmt: skip
-        for path in paths:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                continue
-            if not text.strip():
-                continue
-            chosen.append(path)
-            count += len(backend.encode(text, add_special_tokens=False).ids) + 1
-            if count >= tokens:
-                break
-        if count < tokens:
-            raise SystemExit(f"the stdlib train split has only {count} tokens; ask for fewer.")
-        toy.write_corpus(dest, files=chosen)
-        stamp.write_text(json.dumps({"wanted": wanted, "count": count}))
-        return count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -311,14 +177,14 @@ def mib(n: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    started = bd.now_utc()
-    load_start = bd.loadavg()
-    info = bd.machine()
-    work = WORK / ("scale-quick" if args.quick else "scale")
+    started = common.now_utc()
+    load_start = common.loadavg()
+    info = common.machine()
+    work = common.WORK / ("scale-quick" if args.quick else "scale")
     work.mkdir(parents=True, exist_ok=True)
-    teacher = bd.ensure_teacher(args.quick, WORK)
+    teacher = common.ensure_teacher(args.quick, common.WORK)
     corpus = work / "corpus"
-    tokens = bd.write_token_corpus(corpus, teacher, args.tokens)
+    tokens = common.write_token_corpus(corpus, teacher, args.tokens)
     cores = len(os.sched_getaffinity(0))
     base_env = dict(os.environ)
     base_env.update(PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -341,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             launcher, env = setups[name]
             out = work / f"cache-{len(results[name])}-{abs(hash(name)) % 10**6}"
             shutil.rmtree(out, ignore_errors=True)
-            load = bd.loadavg().split()[0]
+            load = common.loadavg().split()[0]
             r = run_measured([*launcher, *dump_args(args, teacher, corpus, out)], env)
             r["load"] = load
             if reference is None:
@@ -356,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(out, ignore_errors=True)
     lay = layout(reference)
     count_rate, _ = counting_rate(teacher, corpus, args.seq_len)
-    finished = bd.now_utc()
-    load_end = bd.loadavg()
+    finished = common.now_utc()
+    load_end = common.loadavg()
 
     # ---- report --------------------------------------------------------------------------------
     base = int(statistics.median(r["rate"] for r in results["1 process, 1 thread"]))
@@ -375,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             " / ".join(r["load"] for r in runs),
             "yes" if all(r["identical"] for r in runs) else "**NO**",
         ])  # fmt: skip
-    table = bd.markdown_table(
+    table = common.markdown_table(
         ["setup", "wall s (median)", "wall s (all)", "dump tokens/s (median)",
          "vs 1 process, 1 thread", "CPU s, all processes (median)", "tokens per CPU s",
          "peak RSS per process, MiB (max)", "load avg at start (each run)", "cache identical"],
@@ -390,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
 ## bench_scale: one dump over 1 and 2 processes (`bench_scale.py`)
 
 - date: {started} to {finished} (`date -u` at the end: {time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime())})
-- command: `{bd.command_line()}`
+- command: `{common.command_line()}`
 - machine: {info["cpu"]}; {info["memory"]}
 - software: {info["software"]}
 - load average (1/5/15 min) at start: {load_start}; at end: {load_end} (the machine is shared:
@@ -434,8 +300,8 @@ and removes `OUT/ranks/`.
 """
     print(body)
     if not args.quick:
-        bd.update_results("bench_scale", body)
-        print(f"wrote the bench_scale section of {bd.RESULTS}")
+        common.update_results("bench_scale", body)
+        print(f"wrote the bench_scale section of {common.RESULTS}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fidelity as bf
+import common
 
 DISTILLKIT = [
     ("DistillKit budget (k=50), quoted", 114),
@@ -294,7 +295,7 @@ def main(argv=None) -> None:
     import logitcache
 
     args = parse_args(argv)
-    started, t0, load_before = bf.now_utc(), time.perf_counter(), bf.loadavg()
+    started, t0, load_before = common.now_utc(), time.perf_counter(), common.loadavg()
     teacher_dir = bf.ensure_teacher(args.teacher_seconds)
     seqs, logits = teacher_outputs(teacher_dir, args.tokens)
     tokens, vocab = seqs.numel(), logits.shape[-1]
@@ -360,8 +361,8 @@ def main(argv=None) -> None:
 
     header = ["setting", "B/token (all)", "ids/position", "max abs d lp", "bound",
               "KL on support", "TV incl. tail", "teacher mass stored"]  # fmt: skip
-    table = bf.markdown_table(header, rows)
-    baselines = bf.markdown_table(header, base_rows)
+    table = common.markdown_table(header, rows)
+    baselines = common.markdown_table(header, base_rows)
     print(table)
     print(baselines)
     if failures:
@@ -373,7 +374,7 @@ def main(argv=None) -> None:
         [
             "## Storage per token and reconstruction error (`bench_storage.py`)",
             f"- date: {started}; {(time.perf_counter() - t0) / 60:.1f} min; load average "
-            f"{load_before} before\n- machine: {bf.machine()}\n- command: `{bf.command_line()}`",
+            f"{load_before} before\n- machine: {common.machine_line()}\n- command: `{common.command_line()}`",
             f"Teacher outputs: the bench_fidelity teacher over {tokens:,} held-out stdlib tokens "
             f"(vocabulary {vocab}, mean entropy {entropy:.2f} nats/position). Every logitcache "
             "row is a complete cache written by dump's code path (zstd level 5 + bitshuffle "
@@ -387,8 +388,8 @@ def main(argv=None) -> None:
             baselines,
         ]
     )
-    bf.update_results("bench_storage", body)
-    bf.log(f"wrote {bf.RESULTS}")
+    common.update_results("bench_storage", body)
+    bf.log(f"wrote {common.RESULTS}")
 
 
 if __name__ == "__main__":

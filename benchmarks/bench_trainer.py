@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench_dump as common  # the shared helpers (machine, results file, teacher) live there
+import common
 
 HERE = Path(__file__).resolve().parent
 

@@ -28,7 +28,7 @@ from logitcache.export import export
 from logitcache.merge import merge
 from logitcache.verify import verify
 from tests.logitcache.s3server import environment, free_port, moto_server
-from tests.logitcache.synthetic_caches import make_cache
+from tests.synthetic import make_cache
 
 pytest.importorskip("s3fs", reason="the S3 tests need s3fs (pip install -e '.[dev]')")
 pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e '.[dev]')")

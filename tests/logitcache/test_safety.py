@@ -27,7 +27,7 @@ import logitcache
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.format import MAX_MANIFEST_BYTES, parse_manifest
 from logitcache.verify import verify
-from tests.logitcache.synthetic_caches import make_cache
+from tests.synthetic import make_cache
 
 REPO = Path(__file__).resolve().parents[2]
 #: Reading one small part legitimately peaks far below this; any allocation sized from a

@@ -1,6 +1,6 @@
 """Sharing caches: merge, export, the README.md card, format versions, memory:// URLs.
 
-Inputs are small real caches written by the real writer (`synthetic_caches.py`); the CLI runs as
+Inputs are small real caches written by the real writer (`tests/synthetic.py`); the CLI runs as
 real subprocesses where exit codes and messages are what is tested.
 """
 
@@ -25,7 +25,7 @@ from logitcache.format import parse_manifest
 from logitcache.merge import merge
 from logitcache.remote_writer import open_writer
 from logitcache.verify import verify
-from tests.logitcache.synthetic_caches import make_cache, template
+from tests.synthetic import make_cache, template
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 import logitcache
 from logitcache import LogitCacheError
-from tests.trainer.synthetic import synthetic_cache
+from tests.synthetic import synthetic_cache
 from trainer.dataset import CacheDataset
 
 SEQUENCES = 53  # 8 parts of 7 (the last holds 4): uneven on purpose
