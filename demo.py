@@ -30,7 +30,8 @@ PRESETS = {
     "full": {
         "teacher_dir": "teacher",
         "teacher": {},
-        "teacher_seconds": 150.0,
+        "teacher_steps": 250,  # about 2.5 minutes on 2 idle cores; a step count, not a time
+        # budget, so that a busy machine builds the same teacher (only later)
         "train_files": 100,
         "heldout_files": None,  # all of them (36 files)
         "doc_bytes": 8000,
@@ -44,7 +45,7 @@ PRESETS = {
         "teacher_dir": "teacher-quick",
         "teacher": {"vocab_size": 1024, "n_layer": 2, "n_embd": 64, "n_head": 2,
                     "n_positions": 256, "seq_len": 128, "files_limit": 60},
-        "teacher_seconds": 8.0,
+        "teacher_steps": 40,
         "train_files": 20,
         "heldout_files": 10,
         "doc_bytes": 4000,
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Dump a teacher's top-k targets once, train a student from the cache with and "
         "without distillation, and compare them on held-out data. Offline, CPU only.",
         epilog="Examples:\n  python demo.py\n  python demo.py --quick\n"
-        "  python demo.py --teacher-seconds 600 --steps 600   # longer, better numbers",
+        "  python demo.py --teacher-steps 1000 --steps 600   # longer, better numbers",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="Working directory.")
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="A ~1 minute smoke run with tiny models."
     )
     parser.add_argument(
-        "--teacher-seconds", type=float, help="Teacher training time if it must be built [150]."
+        "--teacher-steps", type=int, help="Teacher training steps if it must be built [250]."
     )
     parser.add_argument("--steps", type=int, help="Student optimizer steps per run [150].")
     parser.add_argument(
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict:
     chosen = dict(PRESETS["quick" if args.quick else "full"])
-    for key in ("teacher_seconds", "steps", "train_files", "doc_bytes", "top_k", "seq_len",
+    for key in ("teacher_steps", "steps", "train_files", "doc_bytes", "top_k", "seq_len",
                 "batch_size"):  # fmt: skip
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if files_limit is not None:
         teacher_kw["files"] = toy.stdlib_files("train", limit=files_limit)
     teacher = toy.ensure_teacher(
-        out / s["teacher_dir"], train_seconds=s["teacher_seconds"], **teacher_kw
+        out / s["teacher_dir"], train_steps=s["teacher_steps"], **teacher_kw
     )
     student_config = toy.build_student_config(teacher, **s["student"])
     (out / "student.json").write_text(student_config.to_json_string(), encoding="utf-8")

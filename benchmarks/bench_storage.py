@@ -64,6 +64,7 @@ class Setting:
     order: str = "descending"
     delta: bool = False
     backend: str = "zarr"
+    shuffle: str = "shuffle"  # Blosc's byte shuffle, dump's default; "bitshuffle" before
 
 
 def settings(quick: bool) -> list[Setting]:
@@ -77,6 +78,8 @@ def settings(quick: bool) -> list[Setting]:
                     out.append(Setting(f"topk{k}", "topk", k=k, logprob_dtype=dtype,
                                        order=order, delta=delta))  # fmt: skip
     out.append(Setting("topk64", "topk", k=64, logprob_dtype="float32"))
+    for order, delta in (("descending", False), ("id", True)):  # the earlier shuffle default
+        out.append(Setting("topk64", "topk", k=64, order=order, delta=delta, shuffle="bitshuffle"))
     out.append(Setting("topk128", "topk", k=128, logprob_dtype="uint8", order="id", delta=True))
     for n in (16, 32, 64, 128) if not quick else (16, 64):
         for delta in (False, True):
@@ -96,7 +99,8 @@ def describe(s: Setting) -> str:
     else:
         codec = {"float16": "f16", "float32": "f32", "uint8": "q8 (1/16 nat)"}[s.logprob_dtype]
     order = {"descending": "prob order", "id": "id order"}[s.order]
-    return f"{s.name} {codec}, {order}{', delta' if s.delta else ''}, {s.backend}"
+    shuffle = "" if s.shuffle == "shuffle" else f", {s.shuffle}"
+    return f"{s.name} {codec}, {order}{', delta' if s.delta else ''}{shuffle}, {s.backend}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +125,9 @@ def teacher_outputs(teacher_dir: Path, tokens: int):
 # Writing a cache the way dump does
 
 
-def template(teacher_dir: Path, targets, delta: list[str], backend: str, seq_len: int):
+def template(
+    teacher_dir: Path, targets, delta: list[str], backend: str, seq_len: int, shuffle: str
+):
     from logitcache import __version__
     from logitcache.format import (
         FORMAT_NAME,
@@ -134,7 +140,7 @@ def template(teacher_dir: Path, targets, delta: list[str], backend: str, seq_len
     from logitcache.teacher import load_teacher
 
     t = load_teacher(str(teacher_dir), device="cpu")
-    codec = CodecInfo("blosc", "zstd", 5, "bitshuffle", "crc32c", delta=delta)
+    codec = CodecInfo("blosc", "zstd", 5, shuffle, "crc32c", delta=delta)
     m = Manifest(
         format=FORMAT_NAME, format_version="1.0", backend=backend,
         created="2026-01-01T00:00:00+00:00", teacher=t.info, tokenizer=t.tokenizer_info,
@@ -157,7 +163,7 @@ def write_cache(out: Path, s: Setting, seqs, logits, teacher_dir: Path) -> Any:
         logprob_dtype=s.logprob_dtype, order=s.order,
     )  # fmt: skip
     delta = targets_mod.delta_arrays(info) if s.delta else []
-    m = template(teacher_dir, info, delta, s.backend, seqs.shape[1])
+    m = template(teacher_dir, info, delta, s.backend, seqs.shape[1], s.shuffle)
     spec = targets_mod.TargetSpec.of(info)
     inputs, rows = [], []
     for start in range(0, len(seqs), 8):
@@ -266,7 +272,7 @@ def padded_size(s: Setting, seqs, logits, info, work: Path) -> int:
     )
     path = work / "padded"
     shutil.rmtree(path, ignore_errors=True)
-    codec = CodecInfo("blosc", "zstd", 5, "bitshuffle", "crc32c",
+    codec = CodecInfo("blosc", "zstd", 5, s.shuffle, "crc32c",
                       delta=["target_ids"] if s.delta else [])  # fmt: skip
     _zarr.write_part(path, arrays, codec, 1 << 20)
     return size_on_disk(path)
@@ -377,8 +383,8 @@ def main(argv=None) -> None:
             f"{load_before} before\n- machine: {common.machine_line()}\n- command: `{common.command_line()}`",
             f"Teacher outputs: the bench_fidelity teacher over {tokens:,} held-out stdlib tokens "
             f"(vocabulary {vocab}, mean entropy {entropy:.2f} nats/position). Every logitcache "
-            "row is a complete cache written by dump's code path (zstd level 5 + bitshuffle "
-            "inside zarr shards unless parquet); B/token counts every file including input "
+            "row is a complete cache written by dump's code path (zstd level 5 + byte shuffle "
+            "inside zarr shards unless the row says otherwise or is parquet); B/token counts every file including input "
             "ids, offsets, metadata and the manifest. Errors are against the exact float64 "
             "distribution; every stored value was checked against its codec's documented "
             "bound.",

@@ -18,7 +18,7 @@ def test_help_lists_the_flags():
         [sys.executable, str(DEMO), "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--quick", "--teacher-seconds", "--steps", "--out", "--top-k"):
+    for flag in ("--quick", "--teacher-steps", "--steps", "--out", "--top-k"):
         assert flag in proc.stdout
 
 
