@@ -82,7 +82,13 @@ def dump(
             "among --samples draws from the teacher and their counts."
         ),
     ] = "topk",
-    top_k: Annotated[int, typer.Option(help="Teacher ids kept per position (topk).")] = 64,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            help="Teacher ids kept per position (topk). 32: the smallest k whose students came "
+            "within 1% of online KD in bench_fidelity (benchmarks/RESULTS.md)."
+        ),
+    ] = 32,
     samples: Annotated[
         int, typer.Option(help="Draws per position (sample), with replacement, on the device.")
     ] = 64,

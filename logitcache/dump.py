@@ -69,7 +69,7 @@ class DumpOptions:
     text_field: str | None = None
     ids_field: str | None = None
     targets: str = "topk"  # or "sample"
-    top_k: int = 64
+    top_k: int = 32  # the smallest k within 1% of online KD in benchmarks/bench_fidelity.py
     samples: int = 64  # draws per position for targets="sample"
     temperature: float = 1.0
     seed: int = 0  # of the draws (targets="sample")

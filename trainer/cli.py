@@ -62,7 +62,12 @@ def fit(
     temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = D.temperature,
     loss: Annotated[str, typer.Option(help="Distillation loss: forward_kl.")] = D.loss,
     tail: Annotated[
-        str, typer.Option(help="Teacher mass outside the top-k: bucket, renorm or label.")
+        str,
+        typer.Option(
+            help="Teacher mass outside the top-k: renorm (renormalise over the k ids: lowest "
+            "held-out KL in bench_fidelity), bucket (one tail category) or label (added to "
+            "the label). Sampled caches carry no tail: all three agree."
+        ),
     ] = D.tail,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = D.batch_size,
     steps: Annotated[int, typer.Option(help="Optimizer steps (0: use --epochs).")] = D.steps,
