@@ -69,6 +69,8 @@ TOPK_CODECS = [
     {"logprob_dtype": "uint8"},
     {"logprob_dtype": "uint8", "id_order": "id", "backend": "parquet"},
     {"logprob_dtype": "float16", "id_order": "id", "backend": "parquet", "delta": False},
+    {"logprob_dtype": "float16", "id_order": "descending", "shuffle": "bitshuffle"},  # 1.0 layout
+    {"logprob_dtype": "float16", "shuffle": "noshuffle"},
 ]
 
 
@@ -80,6 +82,7 @@ def test_topk_codecs_hold_their_error_bound(tiny_teacher_dir, corpus, exact, tmp
     assert verify(cache).ok, verify(cache).problems
     wants_delta = options.get("delta", True) and (t.order == "id" or t.logprob_dtype == "uint8")
     assert bool(cache.manifest.codec.delta) == wants_delta
+    assert cache.manifest.codec.shuffle == options.get("shuffle", "shuffle")
     for seq in list(cache)[:6]:
         lp = exact(seq.input_ids)
         # the uniform view: descending log-probs, ids the teacher's top 8 up to near-ties
@@ -104,7 +107,7 @@ def test_topk_temperature(tiny_teacher_dir, corpus, exact, tmp_path):
     assert torch.allclose(lp.gather(-1, seq.target_ids).float(), seq.target_logprobs, atol=1e-4)
 
 
-def test_default_topk_dump_is_still_format_1_0(tiny_teacher_dir, corpus, tmp_path):
+def test_descending_float_topk_dump_is_still_format_1_0(tiny_teacher_dir, corpus, tmp_path):
     out = dump_cache(tiny_teacher_dir, corpus, tmp_path / "c", targets="topk", top_k=4,
                      logprob_dtype="float16", id_order="descending")  # fmt: skip
     doc = json.loads((out / "manifest.json").read_text())
