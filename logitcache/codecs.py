@@ -111,12 +111,29 @@ def decode_topk(
     ids: np.ndarray, values: np.ndarray, logprob_dtype: str, scale: float, order: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(T, k) stored ids and values -> (ids, log-probs) in decreasing log-prob order."""
-    lp = decode_logprobs(values, logprob_dtype, scale)
-    if order == "descending" or lp.shape[-1] <= 1:
-        return np.asarray(ids), lp
-    # ids ascending -> stable sort by decreasing value keeps ascending ids among ties
-    perm = np.argsort(-lp.astype(np.float32), axis=-1, kind="stable")
-    return np.take_along_axis(ids, perm, -1), np.take_along_axis(lp, perm, -1)
+    ids, values = np.asarray(ids), np.asarray(values)
+    if order != "descending" and values.shape[-1] > 1:
+        ids, values = _descending(ids, values, logprob_dtype)
+    return ids, decode_logprobs(values, logprob_dtype, scale)
+
+
+def _descending(
+    ids: np.ndarray, values: np.ndarray, logprob_dtype: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows stored by increasing id -> by decreasing log-prob, ties by increasing id."""
+    if ids.dtype.itemsize <= 2 and logprob_dtype in ("float16", "uint8"):
+        # One sort of packed 32-bit keys (2.5x faster than an argsort and two gathers, which
+        # capped the trainer's reader): uint8 codes grow as the log-prob falls, and so does
+        # the float16 bit pattern of a value <= 0 (sign-magnitude; adding +0.0 turns -0.0
+        # into +0.0, so that both zeros tie and fall back to the id order).
+        f16_bits = (values + np.float16(0)).view(np.uint16) if values.dtype == np.float16 else None
+        bits = values if logprob_dtype == "uint8" else f16_bits
+        keys = np.sort((bits.astype(np.uint32) << 16) | ids.astype(np.uint32), axis=-1)
+        high = (keys >> 16).astype(bits.dtype)
+        return (keys & 0xFFFF).astype(ids.dtype), high.view(values.dtype)
+    key = values if logprob_dtype == "uint8" else -values.astype(np.float32)
+    perm = np.argsort(key, axis=-1, kind="stable")  # stable: ascending ids among ties
+    return np.take_along_axis(ids, perm, -1), np.take_along_axis(values, perm, -1)
 
 
 def row_of_entries(lengths: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,15 +59,30 @@ print(f"fault suite: dump kill points from seed {SEED}: {[c['id'] for c in PLAN]
 
 
 def kill_victim(case: dict, command: list[str], out: Path) -> dict:
-    """Run the dump and SIGKILL it as the case says; what is on disk afterwards."""
+    """Run the dump and SIGKILL it as the case says; what is on disk afterwards.
+
+    A delay is an upper bound: on a fast, idle machine the whole dump can finish before it
+    elapses, and then the case is run again from scratch with half the delay (at most 6 times),
+    so that the kill still lands mid-run."""
+    delay = case.get("delay")
+    for _ in range(6):
+        killed = _kill_once(case, command, out, delay)
+        if delay is None or killed["returncode"] != 0:
+            return killed
+        delay /= 2
+        shutil.rmtree(out)
+    return killed
+
+
+def _kill_once(case: dict, command: list[str], out: Path, delay: float | None) -> dict:
     victim = popen(command, **({"LOGITCACHE_FAULTS": case["faults"]} if "faults" in case else {}))
     try:
-        if "delay" in case:  # from outside: a delay after the dump has created its manifest
+        if delay is not None:  # from outside: a delay after the dump has created its manifest
             deadline = time.monotonic() + 180
             while committed_parts(out) < 0 and victim.poll() is None:
                 assert time.monotonic() < deadline, "the dump never started writing"
                 time.sleep(0.02)
-            time.sleep(case["delay"])
+            time.sleep(delay)
             victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=300)
     finally:
@@ -74,7 +90,8 @@ def kill_victim(case: dict, command: list[str], out: Path) -> dict:
             victim.kill()
             victim.wait()
     stderr = victim.stderr.read() if victim.stderr else ""
-    return {"returncode": victim.returncode, "stderr": stderr, "parts": committed_parts(out)}
+    return {"returncode": victim.returncode, "stderr": stderr, "parts": committed_parts(out),
+            "delay": delay}  # fmt: skip
 
 
 def cases(default: bool) -> list:

@@ -98,6 +98,30 @@ def test_decode_topk_restores_descending_order():
     assert np.array_equal(out_lp, values.numpy())
 
 
+@pytest.mark.parametrize("logprob_dtype", ["float16", "float32", "uint8"])
+@pytest.mark.parametrize("id_dtype", [np.uint16, np.uint32])
+def test_decode_topk_from_id_order_matches_a_stable_argsort(logprob_dtype, id_dtype):
+    """The packed-key sort (float16/uint8 values with 16-bit ids) and the argsort fallback both
+    give decreasing log-probs with ties (many, after rounding; both zeros) by increasing id."""
+    rng = np.random.default_rng(0)
+    ids = np.sort(rng.choice(8192, size=(500, 16)), axis=-1).astype(id_dtype)
+    lp = -rng.exponential(3.0, size=(500, 16)).round(1)  # rounding makes ties
+    lp[:50, :3] = 0.0
+    lp[50:100, :2] = -0.0
+    stored = lp.astype(np.float32)
+    scale = 16.0 if logprob_dtype == "uint8" else 0.0
+    if logprob_dtype == "uint8":
+        stored = codecs.quantize(stored, scale)
+    elif logprob_dtype == "float16":
+        stored = stored.astype(np.float16)
+    decoded = codecs.decode_logprobs(stored, logprob_dtype, scale).astype(np.float32)
+    perm = np.argsort(-decoded, axis=-1, kind="stable")
+    out_ids, out_lp = codecs.decode_topk(ids, stored, logprob_dtype, scale, "id")
+    assert out_ids.dtype == ids.dtype
+    assert np.array_equal(out_ids, np.take_along_axis(ids, perm, -1))
+    assert np.array_equal(out_lp, np.take_along_axis(decoded, perm, -1))
+
+
 # --------------------------------------------------------------------------------------------
 # Sampled targets
 
