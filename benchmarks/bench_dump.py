@@ -47,10 +47,7 @@ from pathlib import Path
 
 from common import (
     DEFAULT_SHAPE,
-    OTHER_SHAPE_KW,
-    QUICK_TEACHER_KW,
     RESULTS,
-    TEACHER_KW,
     WORK,
     command_line,
     ensure_teacher,
@@ -59,6 +56,7 @@ from common import (
     machine,
     markdown_table,
     now_utc,
+    teacher_settings,
     update_results,
     write_token_corpus,
 )
@@ -406,10 +404,10 @@ def rss_report(rss: dict[str, list[dict]], args: argparse.Namespace) -> list[str
     ]
 
 
-def teacher_kw(args: argparse.Namespace) -> dict:
-    if args.quick:
-        return QUICK_TEACHER_KW
-    return TEACHER_KW if args.teacher_shape == DEFAULT_SHAPE else OTHER_SHAPE_KW
+def teacher_training(args: argparse.Namespace) -> dict:
+    """How the benchmark teacher was trained (the shape is reported on its own)."""
+    _, kw = teacher_settings(args.quick, args.teacher_shape)
+    return {key: value for key, value in kw.items() if key.startswith("train")}
 
 
 def section(args: argparse.Namespace) -> str:
@@ -612,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     info = machine()
     settings = (
         f"teacher: GPT-2 {teacher.info.vocab_size} vocab, {args.teacher_shape}, "
-        f"{teacher_kw(args)}"
+        f"{teacher_training(args)}"
         f" ({teacher.info.dtype}, {args.device}); k={args.top_k}, seq_len={args.seq_len}, "
         f"batch={args.batch_size}, part_tokens={args.part_tokens}, codec "
         f"{summary.manifest.codec.name}/{summary.manifest.codec.cname} level "

@@ -179,21 +179,25 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def teacher_settings(quick: bool, shape: str = DEFAULT_SHAPE) -> tuple[str, dict[str, Any]]:
+    """(directory name under the work folder, `toy.ensure_teacher` keyword arguments) of the
+    benchmark teacher: the toy default, or a GPT-2 of another `shape` ("LAYERSxWIDTH", same
+    tokenizer and vocabulary) trained briefly, for ratios on a less vocabulary-bound model."""
+    if quick:
+        return "teacher-quick", QUICK_TEACHER_KW
+    if shape == DEFAULT_SHAPE:
+        return "teacher", TEACHER_KW
+    layers, width = (int(x) for x in shape.split("x"))
+    shaped = {"n_layer": layers, "n_embd": width, "n_head": max(1, width // 64)}
+    return f"teacher-{shape}", shaped | OTHER_SHAPE_KW
+
+
 def ensure_teacher(quick: bool, work: Path, shape: str = DEFAULT_SHAPE) -> Path:
-    """The benchmark teacher, built once under `work` and reused: the toy default, or a GPT-2
-    of another `shape` ("LAYERSxWIDTH", same tokenizer and vocabulary) trained briefly, for
-    ratios on a less vocabulary-bound model."""
+    """The benchmark teacher (`teacher_settings`), built once under `work` and reused."""
     from logitcache import toy
 
-    if quick:
-        return toy.ensure_teacher(work / "teacher-quick", **QUICK_TEACHER_KW)
-    if shape == DEFAULT_SHAPE:
-        return toy.ensure_teacher(work / "teacher", **TEACHER_KW)
-    layers, width = (int(x) for x in shape.split("x"))
-    return toy.ensure_teacher(
-        work / f"teacher-{shape}", n_layer=layers, n_embd=width, n_head=max(1, width // 64),
-        **OTHER_SHAPE_KW,
-    )  # fmt: skip
+    name, kw = teacher_settings(quick, shape)
+    return toy.ensure_teacher(work / name, **kw)
 
 
 def _stable_order(paths: list[Path]) -> list[Path]:

@@ -126,8 +126,7 @@ def _descending(
         # capped the trainer's reader): uint8 codes grow as the log-prob falls, and so does
         # the float16 bit pattern of a value <= 0 (sign-magnitude; adding +0.0 turns -0.0
         # into +0.0, so that both zeros tie and fall back to the id order).
-        f16_bits = (values + np.float16(0)).view(np.uint16) if values.dtype == np.float16 else None
-        bits = values if logprob_dtype == "uint8" else f16_bits
+        bits = values if logprob_dtype == "uint8" else (values + np.float16(0)).view(np.uint16)
         keys = np.sort((bits.astype(np.uint32) << 16) | ids.astype(np.uint32), axis=-1)
         high = (keys >> 16).astype(bits.dtype)
         return (keys & 0xFFFF).astype(ids.dtype), high.view(values.dtype)
