@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli import REPO, cli_env
 
 #: A dump of 6 stdlib files with these settings: ~10.7k tokens in 43 parts of 4 sequences, so
 #: that a kill lands between many commits (about 0.1 s of teacher work per part).
 OPTIONS = {"top_k": 8, "seq_len": 64, "part_tokens": 256, "batch_size": 2}
 FILES = 6
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """Offline, one thread per process (the machine is small and shared), repo importable."""
-    env = dict(os.environ)
-    for name in ("LOGITCACHE_DEBUG", "LOGITCACHE_FAULTS", "TRAINER_SAMPLE_LOG"):
-        env.pop(name, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )  # fmt: skip
-    env.update(extra)
-    return env
 
 
 def dump_command(teacher: Path, data: Path, out: Path, *extra: object) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import reaped
 from tests.faults.helpers import (
     assert_same_cache,
     committed_parts,
@@ -76,7 +77,7 @@ def kill_victim(case: dict, command: list[str], out: Path) -> dict:
 
 def _kill_once(case: dict, command: list[str], out: Path, delay: float | None) -> dict:
     victim = popen(command, **({"LOGITCACHE_FAULTS": case["faults"]} if "faults" in case else {}))
-    try:
+    with reaped(victim):
         if delay is not None:  # from outside: a delay after the dump has created its manifest
             deadline = time.monotonic() + 180
             while committed_parts(out) < 0 and victim.poll() is None:
@@ -85,10 +86,6 @@ def _kill_once(case: dict, command: list[str], out: Path, delay: float | None) -
             time.sleep(delay)
             victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=300)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
     stderr = victim.stderr.read() if victim.stderr else ""
     return {"returncode": victim.returncode, "stderr": stderr, "parts": committed_parts(out),
             "delay": delay}  # fmt: skip

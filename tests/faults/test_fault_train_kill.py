@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli import reaped
 from tests.faults.helpers import popen, run_main
 
 SEED = int(os.environ.get("FAULT_SEED", "6029"))
@@ -74,7 +75,7 @@ def kill_and_resume(case, tmp_path, tiny_cache, tiny_student_config, reference, 
     run = tmp_path / "run"
     args = flags(tiny_cache, tiny_student_config, run)
     victim = popen([sys.executable, "-m", "trainer", *args])
-    try:
+    with reaped(victim):
         deadline = time.monotonic() + 300
         while checkpoint_step(run) < after_step:
             assert victim.poll() is None, f"the run ended before the kill: {victim.communicate()}"
@@ -83,10 +84,6 @@ def kill_and_resume(case, tmp_path, tiny_cache, tiny_student_config, reference, 
         time.sleep(delay)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
     print(f"killed after checkpoint {after_step} + {delay} s (seed {SEED}): "
           f"{sorted(p.name for p in run.iterdir())}")  # fmt: skip
     assert victim.returncode == -signal.SIGKILL

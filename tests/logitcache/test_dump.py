@@ -33,8 +33,8 @@ import torch
 import logitcache
 from logitcache.dump import DumpOptions, dump
 from logitcache.errors import LogitCacheError
+from tests.cli import REPO, cli_env, reaped
 
-REPO = Path(__file__).resolve().parents[2]
 FORMAT_DOC = REPO / "docs" / "FORMAT.md"
 
 #: float16 rounding (docs/FORMAT.md, section 3): relative bound in the normal range, absolute
@@ -55,22 +55,6 @@ SMALL = {"top_k": 4, "seq_len": 64, "part_tokens": 256}  # settings of the small
 # ------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------
-
-
-def cli_env() -> dict[str, str]:
-    """The environment of every CLI subprocess: offline, one thread each, repo importable."""
-    env = dict(os.environ)
-    env.pop("LOGITCACHE_DEBUG", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-    )
-    return env
 
 
 def cli_command(*args: object) -> list[str]:
@@ -678,7 +662,7 @@ def sigkill_scenario(root: Path, teacher: Path, stdlib_corpus: Path) -> dict:
     reference, killed = root / "reference", root / "killed"
     ref_proc = popen_cli(*dump_args(teacher, corpus, reference, **KILL_OPTIONS))
     victim = popen_cli(*dump_args(teacher, corpus, killed, **KILL_OPTIONS))
-    try:
+    with reaped(victim):
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -695,10 +679,6 @@ def sigkill_scenario(root: Path, teacher: Path, stdlib_corpus: Path) -> dict:
             time.sleep(0.01)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
     after_kill = manifest_json(killed)
     try:
         logitcache.open(killed)

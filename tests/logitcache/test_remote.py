@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,29 +26,16 @@ from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.export import export
 from logitcache.merge import merge
 from logitcache.verify import verify
+from tests.cli import REPO, cli_env, reaped
 from tests.logitcache.s3server import environment, free_port, moto_server
 from tests.synthetic import make_cache
 
 pytest.importorskip("s3fs", reason="the S3 tests need s3fs (pip install -e '.[dev]')")
 pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e '.[dev]')")
 
-REPO = Path(__file__).resolve().parents[2]
 BUCKET = "caches"
 #: Small, several parts (the unit of commit and resume), slow enough to be killed mid-run.
 OPTIONS = {"top_k": 8, "seq_len": 64, "part_tokens": 1024, "batch_size": 2}
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("LOGITCACHE_DEBUG", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )  # fmt: skip
-    env.update(extra)
-    return env
 
 
 def command(tool: str, *args: object) -> list[str]:
@@ -147,7 +133,7 @@ def kill_after_first_commit(fs, teacher: Path, corpus: Path) -> dict:
         command("logitcache", *dump_flags(teacher, corpus, KILLED)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO,
     )  # fmt: skip
-    try:
+    with reaped(victim):
         deadline = time.monotonic() + 240
         while True:
             try:
@@ -160,10 +146,6 @@ def kill_after_first_commit(fs, teacher: Path, corpus: Path) -> dict:
             time.sleep(0.02)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
     assert victim.returncode == -signal.SIGKILL
     after_kill = remote_manifest(fs, KILLED)
     fs.pipe_file(f"{root}/parts/part-000999/zarr.json", b"{}")
