@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-#: Settings of the full demo and of --quick. `teacher` goes to `logitcache.toy.ensure_teacher`
+#: Settings of the full demo and of --quick. `teacher` goes to `logitcache.testing.toy.ensure_teacher`
 #: (empty: the embedded default teacher), `student` to `toy.build_student_config`.
 PRESETS = {
     "full": {
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    from logitcache import toy
+    from logitcache.testing import toy
 
     # 1. Teacher (reused when demo-out already holds one built with the same settings).
     print(f"== teacher: {out / s['teacher_dir']}", flush=True)

@@ -101,8 +101,8 @@ def measure(array: np.ndarray, filt, codec, chunk_bytes: int, repeats: int) -> d
 
 def real_targets(args, teacher_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """(target_ids, target_logprobs) of a dump of stdlib text, made once and reused."""
-    from logitcache import reader
-    from logitcache.dump import DumpOptions, dump
+    from logitcache.dumping.pipeline import DumpOptions, dump
+    from logitcache.read import reader
 
     tag = "quick" if args.quick else "full"
     corpus = args.work / f"corpus-codecs-{tag}"

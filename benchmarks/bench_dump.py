@@ -9,10 +9,10 @@ What it measures, side by side in one process and on the same packed sequences:
 * **bare**: ``Teacher.logits(ids)`` over every batch of the dataset, nothing else: the batches
   are formed exactly as `dump` forms them (``seq_len`` packing, ``batch_size`` sequences, no
   batch across a part boundary) and turned into tensors before the clock starts.
-* **dump steady**: the wall time of ``logitcache.dump._run``, the loop that tokenizes, runs the
+* **dump steady**: the wall time of ``logitcache.dumping.pipeline._run``, the loop that tokenizes, runs the
   teacher, takes log-softmax top-k, and assembles, compresses, checksums and commits every
   part (the writer thread is joined before the clock stops).
-* **dump total**: the whole ``logitcache.dump.dump()`` call: on top of the loop, loading the
+* **dump total**: the whole ``logitcache.dumping.pipeline.dump()`` call: on top of the loop, loading the
   teacher (weights hash included), fingerprinting the data and sizing the cache on disk.
 
 Each repetition loads nothing new for the bare side (its teacher is loaded once, untimed) and
@@ -159,8 +159,8 @@ def bare_batches(corpus: Path, teacher, seq_len: int, batch_size: int, part_toke
     import numpy as np
     import torch
 
-    from logitcache import data
-    from logitcache import dump as dump_mod
+    from logitcache.dumping import data
+    from logitcache.dumping import pipeline as dump_mod
 
     source = data.resolve(str(corpus))
     tokens = data.tokenize(data.iter_documents(source), teacher.tokenizer, source.pretokenized)
@@ -187,7 +187,7 @@ def time_bare(teacher, batches, device: str) -> Timing:
 
 def time_dump(opts) -> tuple[Timing, Timing, object]:
     """(steady-state loop, whole call, summary) of one `dump`."""
-    from logitcache import dump as dump_mod
+    from logitcache.dumping import pipeline as dump_mod
 
     loop: list[Timing] = []
     inner = dump_mod._run
@@ -211,7 +211,7 @@ def time_dump(opts) -> tuple[Timing, Timing, object]:
 
 
 def dump_options(args, teacher_dir: Path, corpus: Path, out: Path):
-    from logitcache.dump import DumpOptions
+    from logitcache.dumping.pipeline import DumpOptions
 
     return DumpOptions(
         data=str(corpus),
@@ -238,8 +238,8 @@ def _without(part: str):
     """Run dumps without one of their stages (for the breakdown only; the cache is then wrong):
     "writer" (batches are dropped instead of assembled, compressed and committed) or
     "targets" (the log-softmax top-k of one position per row, repeated along the row)."""
-    from logitcache import dump as dump_mod
-    from logitcache import targets
+    from logitcache.dumping import pipeline as dump_mod
+    from logitcache.dumping import targets
 
     if part == "writer":
         saved, dump_mod._PartAssembler.add = dump_mod._PartAssembler.add, lambda self, batch: None
@@ -325,7 +325,7 @@ def _child_dump(spec: str) -> None:
     The peak is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` (of this process, or of the
     parent's RUSAGE_CHILDREN) is no use here, because Linux carries the parent's peak across
     fork and execve into it, so every child would report the benchmark process's own peak."""
-    from logitcache.dump import DumpOptions, dump
+    from logitcache.dumping.pipeline import DumpOptions, dump
 
     kw = json.loads(spec)
     kw["out"] = Path(kw["out"])
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     repeat_corpus(small, large, 10)
     out = args.work / f"cache-dump-{tag}"
 
-    from logitcache.teacher import load_teacher
+    from logitcache.dumping.teacher import load_teacher
 
     teacher = load_teacher(str(teacher_dir), device=args.device, dtype=args.dtype)
     batches = bare_batches(corpus, teacher, args.seq_len, args.batch_size, args.part_tokens)
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         "last column is the share of the machine's CPU time that other processes used during "
         "each run (from /proc/stat), i.e. how clean the run was. "
         "*bare* = `Teacher.logits(ids)` over the same batches, nothing else; *steady state* = "
-        "`logitcache.dump._run` (tokenize, forward, log-softmax top-k, assemble, compress, "
+        "`logitcache.dumping.pipeline._run` (tokenize, forward, log-softmax top-k, assemble, compress, "
         "checksum, commit; writer thread joined); *total* = the whole `dump()` call (adds "
         "teacher load with weight hashing, data fingerprint, sizing the output).",
         "",

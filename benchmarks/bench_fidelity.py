@@ -5,7 +5,7 @@
     python benchmarks/bench_fidelity.py --quick              # smoke run (minutes), no RESULTS.md
 
 On real text that every machine has (the Python standard library's sources, split by file into
-train and held-out by `logitcache.toy`), with a byte-level BPE of 8192 ids trained locally:
+train and held-out by `logitcache.testing.toy`), with a byte-level BPE of 8192 ids trained locally:
 
 1. a GPT-2 teacher (3 x 192, 1.33M non-embedding parameters, 6x the student's) trained for
    ``--teacher-seconds`` of wall time, saved and reused by later runs with the same settings
@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 PLOT = HERE / "fidelity.png"
 WORK = HERE / ".work" / "fidelity"
 
-#: The teacher: `logitcache.toy.ensure_teacher` settings (train_seconds comes from the flag).
+#: The teacher: `logitcache.testing.toy.ensure_teacher` settings (train_seconds comes from the flag).
 TEACHER = {
     "vocab_size": 8192,
     "n_layer": 3,
@@ -113,7 +113,7 @@ def log(message: str) -> None:
 
 
 def ensure_teacher(teacher_seconds: float, work: Path = WORK) -> Path:
-    from logitcache import toy
+    from logitcache.testing import toy
 
     return toy.ensure_teacher(work / "teacher", train_seconds=teacher_seconds, **TEACHER)
 
@@ -128,7 +128,7 @@ def write_corpus(dest: Path, teacher_dir: Path, split: str, tokens: int) -> int:
     tokens (one EOS per document counted, as packing does); reused when already there."""
     from transformers import AutoTokenizer
 
-    from logitcache import toy
+    from logitcache.testing import toy
 
     stamp = dest / ".tokens.json"
     wanted = {"tokens": tokens, "split": split, "teacher": str(teacher_dir)}
@@ -157,7 +157,7 @@ def heldout_sequences(teacher_dir: Path, tokens: int, seq_len: int = SEQ_LEN):
     import torch
     from transformers import AutoTokenizer
 
-    from logitcache import toy
+    from logitcache.testing import toy
 
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     ids: list[int] = []
@@ -180,9 +180,9 @@ def heldout_sequences(teacher_dir: Path, tokens: int, seq_len: int = SEQ_LEN):
 
 
 def dump_cache(spec: CacheSpec, teacher_dir: Path, corpus: Path, work: Path) -> dict[str, Any]:
-    from logitcache.dump import DumpOptions, dump
-    from logitcache.reader import open as open_cache
-    from logitcache.stats import bytes_by_array
+    from logitcache.dumping.pipeline import DumpOptions, dump
+    from logitcache.read.reader import open as open_cache
+    from logitcache.read.stats import bytes_by_array
 
     out = work / "caches" / spec.name
     opts = DumpOptions(
@@ -404,7 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from logitcache import toy
+    from logitcache.testing import toy
 
     args = parse_args(argv)
     started, t_start = now_utc(), time.perf_counter()

@@ -158,7 +158,7 @@ def counting_rate(teacher: Path, corpus: Path, seq_len: int) -> tuple[float, int
     import torch
     from transformers import AutoTokenizer
 
-    from logitcache import data, sharding
+    from logitcache.dumping import data, sharding
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher))

@@ -5,7 +5,7 @@
 
 All rows encode the **same teacher outputs**: the `bench_fidelity` teacher (built or reused,
 see that script) run over ``--tokens`` tokens of held-out stdlib text in sequences of 256.
-Each logitcache row is a real cache written by the code `dump` uses (`logitcache.targets`
+Each logitcache row is a real cache written by the code `dump` uses (`logitcache.dumping.targets`
 computes the targets from the logits exactly as `dump` does, `CacheWriter` writes and commits
 the parts), and its size is every file on disk (input ids, offsets, metadata, manifest)
 divided by the tokens. Then the cache is read back through `logitcache.open` and compared with
@@ -13,7 +13,7 @@ the exact float64 teacher distribution:
 
 ``max |d lp|``
     the largest error of a stored log-prob, next to the codec's documented worst case
-    (`logitcache.codecs`); the script fails if a bound is exceeded.
+    (`logitcache.format.codecs`); the script fails if a bound is exceeded.
 ``KL on support``
     KL(exact || stored), both renormalised over the stored ids: what the value codec (top-k) or
     the sampling noise (sampled) does to the distribution's shape where it is stored; mean per
@@ -128,8 +128,8 @@ def teacher_outputs(teacher_dir: Path, tokens: int):
 def template(
     teacher_dir: Path, targets, delta: list[str], backend: str, seq_len: int, shuffle: str
 ):
-    from logitcache import __version__
-    from logitcache.format import (
+    from logitcache.dumping.teacher import load_teacher
+    from logitcache.format.manifest import (
         FORMAT_NAME,
         CodecInfo,
         DataInfo,
@@ -137,7 +137,7 @@ def template(
         Manifest,
         version_for,
     )
-    from logitcache.teacher import load_teacher
+    from logitcache.version import __version__
 
     t = load_teacher(str(teacher_dir), device="cpu")
     codec = CodecInfo("blosc", "zstd", 5, shuffle, "crc32c", delta=delta)
@@ -154,8 +154,8 @@ def template(
 def write_cache(out: Path, s: Setting, seqs, logits, teacher_dir: Path) -> Any:
     import torch
 
-    from logitcache import targets as targets_mod
-    from logitcache.writer import CacheWriter
+    from logitcache.dumping import targets as targets_mod
+    from logitcache.write.writer import CacheWriter
 
     vocab = logits.shape[-1]
     info = targets_mod.target_info(
@@ -219,7 +219,7 @@ def check_bound(ids, stored_lp, exact_lp, info) -> float:
     """The largest (error - documented bound) over the stored values; <= 0 when the bound holds."""
     import torch
 
-    from logitcache import codecs
+    from logitcache.format import codecs
 
     if info.kind != "topk":
         return 0.0
@@ -250,9 +250,9 @@ def padded_size(s: Setting, seqs, logits, info, work: Path) -> int:
     """The same sampled targets in a fixed-width layout: (T, W) ids and counts, count 0 = pad."""
     import torch
 
-    from logitcache import _zarr
-    from logitcache import targets as targets_mod
-    from logitcache.format import CodecInfo, PartArrays
+    from logitcache.dumping import targets as targets_mod
+    from logitcache.format.manifest import CodecInfo, PartArrays
+    from logitcache.storage import zarr_backend as _zarr
 
     spec = targets_mod.TargetSpec.of(info)
     ids, counts = [], []

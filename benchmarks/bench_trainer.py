@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_cache(args, teacher_dir: Path) -> Path:
-    from logitcache import toy
-    from logitcache.dump import DumpOptions, dump
+    from logitcache.dumping.pipeline import DumpOptions, dump
+    from logitcache.testing import toy
 
     tag = f"{'quick' if args.quick else 'full'}-{args.files}-k{args.top_k}-s{args.seq_len}"
     cache = args.work / f"trainer-cache-{tag}"
@@ -111,7 +111,7 @@ def reader_rate(args, cache: Path) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from logitcache import toy
+    from logitcache.testing import toy
     from trainer.fit import FitConfig
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 - Command: `{common.command_line()}`
 - Date: {common.now_utc()}
 - Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}{"; GPU " + info["gpu"] if "gpu" in info else ""}; load average at the end {common.loadavg()}
-- Setup: default teacher (`logitcache.toy`), cache of {args.files} stdlib files, top-{args.top_k},
+- Setup: default teacher (`logitcache.testing.toy`), cache of {args.files} stdlib files, top-{args.top_k},
   seq_len {args.seq_len}; student `toy.build_student_config` (same vocabulary); batch
   {args.batch_size} sequences, {args.steps} steps per run, {args.repeats} repetitions, tails
   {", ".join(tails)} (default `{default_tail}`), device {args.device}, precision {args.precision}. The reader pass read

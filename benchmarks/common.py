@@ -194,7 +194,7 @@ def teacher_settings(quick: bool, shape: str = DEFAULT_SHAPE) -> tuple[str, dict
 
 def ensure_teacher(quick: bool, work: Path, shape: str = DEFAULT_SHAPE) -> Path:
     """The benchmark teacher (`teacher_settings`), built once under `work` and reused."""
-    from logitcache import toy
+    from logitcache.testing import toy
 
     name, kw = teacher_settings(quick, shape)
     return toy.ensure_teacher(work / name, **kw)
@@ -211,7 +211,7 @@ def write_token_corpus(dest: Path, teacher_dir: Path, tokens: int, split: str = 
     finished one with the same target is there already, so repeated runs time the same text."""
     from transformers import AutoTokenizer
 
-    from logitcache import toy
+    from logitcache.testing import toy
 
     stamp = dest / ".tokens.json"
     wanted = {"tokens": tokens, "split": split, "teacher": str(teacher_dir)}

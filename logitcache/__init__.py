@@ -1,20 +1,65 @@
-"""logitcache: run a teacher once, cache its soft targets, train students from the cache."""
+"""logitcache: run a teacher once, cache its soft targets, train students from the cache.
+
+The public API. Reading names (`open`, `Cache`, the format and the errors) are imported at once
+and stay light; the teacher side (`dump`, `DumpOptions`) and the sharing tools (`merge`,
+`export`, `verify`) are imported on first use, so a trainer that only reads never loads the
+teacher code, transformers or a writer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
-from logitcache.format import FORMAT_VERSION, Manifest, PartArrays
-from logitcache.reader import Cache, CacheSequence, open
-
-__version__ = "0.1.0"
+from logitcache.format.manifest import FORMAT_VERSION, Manifest, PartArrays
+from logitcache.format.tokenizer_id import tokenizer_fingerprint
+from logitcache.read.reader import Cache, CacheSequence, open
+from logitcache.version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
     "Cache",
     "CacheSequence",
     "CorruptCacheError",
+    "DumpOptions",
+    "DumpSummary",
     "LogitCacheError",
     "Manifest",
     "PartArrays",
     "SettingsMismatchError",
     "__version__",
+    "dump",
+    "export",
+    "merge",
     "open",
+    "tokenizer_fingerprint",
+    "verify",
 ]
+
+_HOME = {
+    "dump": "logitcache.dumping.pipeline",
+    "DumpOptions": "logitcache.dumping.pipeline",
+    "DumpSummary": "logitcache.dumping.pipeline",
+    "merge": "logitcache.write.merge",
+    "export": "logitcache.write.export",
+    "verify": "logitcache.read.verify",
+}
+
+if TYPE_CHECKING:
+    from logitcache.dumping.pipeline import DumpOptions, DumpSummary, dump
+    from logitcache.read.verify import verify
+    from logitcache.write.export import export
+    from logitcache.write.merge import merge
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'logitcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,6 +1,6 @@
 """Shared, session-scoped fixtures: real text and a real (tiny) teacher, built offline.
 
-Everything comes from ``logitcache.toy``: documents are Python standard library sources and
+Everything comes from ``logitcache.testing.toy``: documents are Python standard library sources and
 the teacher is a locally trained byte-level BPE plus a 2-layer GPT-2, saved with
 ``save_pretrained`` so tests load it exactly as users would
 (``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``). Both are
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from logitcache import toy
+from logitcache.testing import toy
 
 #: Settings of the tiny teacher; tests may read them (e.g. the vocab size).
 TINY_TEACHER = {
@@ -61,7 +61,7 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_small_file
 def tiny_cache(tmp_path_factory, tiny_teacher_dir, stdlib_corpus) -> Path:
     """The tiny teacher's top-8 targets over the stdlib corpus: ~530 sequences of 64, 9 parts
     (dumped in-process, once per session; the trainer and fault tests read it)."""
-    from logitcache.dump import DumpOptions, dump
+    from logitcache.dumping.pipeline import DumpOptions, dump
 
     out = tmp_path_factory.mktemp("tiny_cache") / "cache"
     dump(
@@ -100,7 +100,7 @@ def dump_corpus(tmp_path_factory, stdlib_corpus: Path) -> Path:
 def dump_reference(tmp_path_factory, tiny_teacher_dir: Path, dump_corpus: Path) -> Path:
     """`dump_corpus` dumped in-process with `tests.faults.helpers.OPTIONS` (43 parts): what every
     interrupted, faulty or distributed dump of it must end up equal to."""
-    from logitcache.dump import DumpOptions, dump
+    from logitcache.dumping.pipeline import DumpOptions, dump
     from tests.faults.helpers import OPTIONS
 
     out = tmp_path_factory.mktemp("dump_reference") / "cache"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.format import (
+from logitcache.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     CodecInfo,
@@ -25,8 +25,8 @@ from logitcache.format import (
     TokenizerInfo,
     id_dtype_for,
 )
-from logitcache.remote_writer import open_writer
-from logitcache.writer import CacheWriter
+from logitcache.write.remote_writer import open_writer
+from logitcache.write.writer import CacheWriter
 
 #: The vocabulary of `synthetic_cache` (its input ids are ``(s * 1000 + t) % VOCAB``).
 VOCAB = 300

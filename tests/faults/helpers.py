@@ -79,7 +79,7 @@ def assert_same_cache(got: Path, want: Path) -> None:
 
 
 def run_main(main, argv: list[object], capsys) -> tuple[int, str, str]:
-    """Run a CLI entry point (`logitcache.cli.main`, `trainer.cli.main`) in this process, as the
+    """Run a CLI entry point (`logitcache.cli.commands.main`, `trainer.cli.main`) in this process, as the
     shell would: argument parsing, the error handler, the exit code. (exit code, stdout, stderr)"""
     import torch
 

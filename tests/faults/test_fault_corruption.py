@@ -44,7 +44,7 @@ def damage(kind: str, cache: Path, other: Path) -> str:
 @pytest.fixture(scope="module")
 def other_cache(tmp_path_factory, tiny_teacher_dir, stdlib_corpus) -> Path:
     """A cache with tiny_cache's settings over other documents (2 parts)."""
-    from logitcache.dump import DumpOptions, dump
+    from logitcache.dumping.pipeline import DumpOptions, dump
 
     data = tmp_path_factory.mktemp("other_data")
     for f in sorted(stdlib_corpus.iterdir())[-3:]:
@@ -67,7 +67,7 @@ KINDS = ["flipped", "truncated", "deleted", "foreign_manifest"]
 def test_verify_info_and_fit_report_the_damaged_part(
     kind, tmp_path, tiny_cache, other_cache, tiny_student_config, capsys, monkeypatch
 ):
-    from logitcache.cli import main as logitcache_main
+    from logitcache.cli.commands import main as logitcache_main
     from trainer.cli import main as trainer_main
 
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")

@@ -43,8 +43,8 @@ def test_enospc_from_the_writer_then_rerun(
     tmp_path, tiny_teacher_dir, dump_corpus, dump_reference, capsys, monkeypatch
 ):
     """LOGITCACHE_FAULTS=enospc=150000 (about a third of the cache), set here in-process."""
-    from logitcache import faults
-    from logitcache.cli import main
+    from logitcache.cli.commands import main
+    from logitcache.write import faults
 
     out = tmp_path / "cache"
     args = ["logitcache", *dump_command(tiny_teacher_dir, dump_corpus, out)[3:]]
@@ -88,7 +88,7 @@ def small_filesystem(tmp_path):
 def test_a_real_full_filesystem_then_rerun_after_freeing_space(
     small_filesystem, tiny_teacher_dir, dump_corpus, dump_reference, capsys
 ):
-    from logitcache.cli import main
+    from logitcache.cli.commands import main
 
     out = small_filesystem / "cache"
     args = ["logitcache", *dump_command(tiny_teacher_dir, dump_corpus, out)[3:]]

@@ -116,7 +116,7 @@ def victims(tmp_path_factory, tiny_teacher_dir, dump_corpus, request) -> dict:
 
 
 def check_case(case, victims, dump_reference, capsys) -> None:
-    from logitcache.cli import main
+    from logitcache.cli.commands import main
 
     out, command, killed = victims[case["id"]]
     print(f"case {case['id']} (seed {SEED}): {killed}")

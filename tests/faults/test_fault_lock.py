@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from logitcache.lock import LOCK_NAME, CacheLock
+from logitcache.storage.lock import LOCK_NAME, CacheLock
 from tests.faults.helpers import (
     assert_same_cache,
     committed_parts,
@@ -27,7 +27,7 @@ def test_a_second_dump_is_refused_naming_the_holder_and_a_dead_holder_does_not_b
 ):
     """The first dump runs in a subprocess; the second one and the rerun in this process,
     through the CLI's entry point (the same code as `logitcache dump`, without the start-up)."""
-    from logitcache.cli import main
+    from logitcache.cli.commands import main
 
     out = tmp_path / "cache"
     command = dump_command(tiny_teacher_dir, dump_corpus, out)
@@ -66,7 +66,7 @@ def test_a_lock_file_naming_a_dead_process_does_not_block(tmp_path):
     root.mkdir()
     # A process that took the lock and exited without releasing it (os._exit).
     code = (
-        "import os, sys; from logitcache.lock import CacheLock; "
+        "import os, sys; from logitcache.storage.lock import CacheLock; "
         "lock = CacheLock(sys.argv[1]); lock.acquire(); os._exit(0)"
     )
     subprocess.run([sys.executable, "-c", code, str(root)], check=True, timeout=60)
@@ -84,7 +84,7 @@ def test_without_flock_a_stale_lock_of_this_host_is_taken_over(tmp_path, monkeyp
 
     import pytest
 
-    from logitcache.lock import CacheBusyError
+    from logitcache.storage.lock import CacheBusyError
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -63,8 +63,8 @@ def test_a_two_process_torchrun_dump_equals_the_single_process_dump(split_dumps,
 def test_shard_jobs_one_killed_and_rerun_then_merge_equal_the_single_process_dump(
     split_dumps, dump_reference, tiny_teacher_dir, dump_corpus, tmp_path, capsys
 ):
-    from logitcache.cli import main
-    from logitcache.merge import merge
+    from logitcache.cli.commands import main
+    from logitcache.write.merge import merge
 
     outs = split_dumps["outs"]
     assert split_dumps[0].returncode == 0, describe(split_dumps[0])
@@ -100,7 +100,7 @@ def test_shard_jobs_one_killed_and_rerun_then_merge_equal_the_single_process_dum
 
 
 def test_bad_shard_specifications_are_refused(tiny_teacher_dir, dump_corpus, tmp_path, capsys):
-    from logitcache.cli import main
+    from logitcache.cli.commands import main
 
     for spec in ("2/2", "1", "-1/3", "a/b"):
         command = dump_command(tiny_teacher_dir, dump_corpus, tmp_path / "c", "--shard", spec)
@@ -132,7 +132,7 @@ def test_an_empty_shard_is_an_empty_cache_that_merges(
     tmp_path, tiny_teacher_dir, dump_corpus, dump_reference, capsys
 ):
     """More jobs than parts: the extra jobs write complete caches with no part."""
-    from logitcache.cli import main
+    from logitcache.cli.commands import main
 
     command = dump_command(tiny_teacher_dir, dump_corpus, tmp_path / "c", "--shard", "0/64")
     code, _, stderr = run_main(main, ["logitcache", *command[3:]], capsys)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache import codecs, sampling
+from logitcache.dumping import sampling
+from logitcache.format import codecs
 
 VOCAB = 3000
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import logitcache
-from logitcache.dump import DumpOptions, dump
+from logitcache.dumping.pipeline import DumpOptions, dump
 from logitcache.errors import LogitCacheError
 from tests.cli import REPO, cli_env, reaped
 
@@ -765,7 +765,7 @@ def test_verify_passes_an_intact_cache(background: Background, small_caches: dic
     assert proc.returncode == 0, describe(proc)
     assert proc.stdout.startswith("ok: ")
     # The same checks, in process, on the parquet cache.
-    from logitcache.verify import verify
+    from logitcache.read.verify import verify
 
     report = verify(logitcache.open(small_caches["parquet"]))
     assert report.ok, report.problems

@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from logitcache.dump import DumpOptions, dump
+from logitcache.dumping.pipeline import DumpOptions, dump
 
 VOCAB = 64
 TEACHER = "tests.logitcache.test_golden_bytes:lookup_teacher"

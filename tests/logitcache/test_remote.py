@@ -21,11 +21,12 @@ import pytest
 import torch
 
 import logitcache
-from logitcache import stores, toy
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.export import export
-from logitcache.merge import merge
-from logitcache.verify import verify
+from logitcache.read.verify import verify
+from logitcache.storage import stores
+from logitcache.testing import toy
+from logitcache.write.export import export
+from logitcache.write.merge import merge
 from tests.cli import REPO, cli_env, reaped
 from tests.logitcache.s3server import environment, free_port, moto_server
 from tests.synthetic import make_cache

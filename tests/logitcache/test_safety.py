@@ -25,8 +25,8 @@ import pytest
 
 import logitcache
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.format import MAX_MANIFEST_BYTES, parse_manifest
-from logitcache.verify import verify
+from logitcache.format.manifest import MAX_MANIFEST_BYTES, parse_manifest
+from logitcache.read.verify import verify
 from tests.synthetic import make_cache
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,11 +20,11 @@ import pytest
 
 import logitcache
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
-from logitcache.export import export
-from logitcache.format import parse_manifest
-from logitcache.merge import merge
-from logitcache.remote_writer import open_writer
-from logitcache.verify import verify
+from logitcache.format.manifest import parse_manifest
+from logitcache.read.verify import verify
+from logitcache.write.export import export
+from logitcache.write.merge import merge
+from logitcache.write.remote_writer import open_writer
 from tests.synthetic import make_cache, template
 
 REPO = Path(__file__).resolve().parents[2]

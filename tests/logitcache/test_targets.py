@@ -18,11 +18,12 @@ import pytest
 import torch
 
 import logitcache
-from logitcache import codecs, sampling
-from logitcache.dump import DumpOptions, dump
+from logitcache.dumping import sampling
+from logitcache.dumping.pipeline import DumpOptions, dump
 from logitcache.errors import CorruptCacheError
-from logitcache.format import parse_manifest
-from logitcache.verify import check_invariants, verify
+from logitcache.format import codecs
+from logitcache.format.manifest import parse_manifest
+from logitcache.read.verify import check_invariants, verify
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 64
@@ -265,7 +266,7 @@ def test_trainer_trains_from_a_sampled_cache(sampled, tmp_path):
 
 
 def test_stats(sampled, tiny_teacher_dir, corpus, tmp_path):
-    from logitcache import stats
+    from logitcache.read import stats
 
     topk = dump_cache(tiny_teacher_dir, corpus, tmp_path / "topk", top_k=8)
     for path in (topk, sampled["zarr"], sampled["parquet"]):

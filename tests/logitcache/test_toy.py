@@ -1,4 +1,4 @@
-"""Tests for the embedded default teacher (``logitcache.toy``)."""
+"""Tests for the embedded default teacher (``logitcache.testing.toy``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from logitcache import toy
+from logitcache.testing import toy
 
 # A deliberately cheap teacher for tests that build their own.
 MICRO = {

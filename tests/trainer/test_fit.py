@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 import logitcache
-from logitcache import LogitCacheError, toy
-from logitcache.tokenizer_id import tokenizer_fingerprint
+from logitcache import LogitCacheError
+from logitcache.format.tokenizer_id import tokenizer_fingerprint
+from logitcache.testing import toy
 from trainer.fit import FitConfig, fit
 from trainer.student import build_student
 
@@ -382,5 +383,9 @@ def test_the_trainer_never_imports_the_teacher_or_writer_side():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(proc.stdout.split())
-    assert "logitcache.reader" in loaded
-    assert not loaded & {"logitcache.dump", "logitcache.teacher", "logitcache.writer"}, loaded
+    assert "logitcache.read.reader" in loaded
+    assert not loaded & {
+        "logitcache.dumping.pipeline",
+        "logitcache.dumping.teacher",
+        "logitcache.write.writer",
+    }, loaded

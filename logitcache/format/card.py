@@ -7,7 +7,7 @@ and by `verify`. The manifest stays the only source of truth.
 
 from __future__ import annotations
 
-from logitcache.format import Manifest
+from logitcache.format.manifest import Manifest
 
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "unknown"

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from logitcache import __version__, reader
-from logitcache.backends import get_backend
-from logitcache.card import DEFAULT_LICENSE
-from logitcache.format import Manifest
-from logitcache.remote_writer import open_writer
+from logitcache.format.card import DEFAULT_LICENSE
+from logitcache.format.manifest import Manifest
+from logitcache.read import reader
+from logitcache.storage.backend import get_backend
+from logitcache.version import __version__
+from logitcache.write.remote_writer import open_writer
 
 
 def export(

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.format import MANIFEST_NAME, PARTS_DIR
-from logitcache.reader import Cache
+from logitcache.format.manifest import MANIFEST_NAME, PARTS_DIR
+from logitcache.read.reader import Cache
 
 
 @dataclass

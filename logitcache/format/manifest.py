@@ -1,7 +1,7 @@
 """The cache format, version 1: names, layout and the manifest schema.
 
-This module is the only contract between the writer (`logitcache.writer`, used by `dump`) and
-the reader (`logitcache.reader`, used by the trainer): neither imports the other. `docs/FORMAT.md`
+This module is the only contract between the writer (`logitcache.write.writer`, used by `dump`) and
+the reader (`logitcache.read.reader`, used by the trainer): neither imports the other. `docs/FORMAT.md`
 describes the same layout in prose, byte by byte, for readers that do not use this package.
 
 A cache is a directory::
@@ -119,7 +119,7 @@ class TargetInfo:
 
     ``kind`` "topk": the `k` most probable ids with their log-probabilities normalised over the
     full vocabulary, so ``1 - sum(exp(logprobs))`` is the teacher's exact mass outside the
-    stored ids (up to the value codec's rounding, `logitcache.codecs`). ``kind`` "sample"
+    stored ids (up to the value codec's rounding, `logitcache.format.codecs`). ``kind`` "sample"
     (1.1): the distinct ids among `samples` draws with their counts; `k` is then the most a
     position can hold, ``min(samples, vocab_size)``.
     """
@@ -134,7 +134,7 @@ class TargetInfo:
     samples: int = 0  # sample: draws per position (N)
     count_dtype: str = ""  # sample: uint8 (N <= 255) or uint16
     logprob_scale: float = 0.0  # uint8 log-probs: stored q means log-prob -q / logprob_scale
-    seed: int = 0  # sample: the seed of the draws (logitcache.sampling)
+    seed: int = 0  # sample: the seed of the draws (logitcache.dumping.sampling)
 
 
 @dataclass(frozen=True)
@@ -535,7 +535,7 @@ class PartArrays:
     ``seq_offsets[0] == 0`` and ``[-1] == tokens``; top-k: ``target_ids`` and
     ``target_logprobs`` (tokens, k); sampled: ``target_ids`` and ``target_counts`` (entries,),
     ``target_lengths`` (tokens,), and ``target_logprobs`` None. The reader's decoded view
-    (`logitcache.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
+    (`logitcache.read.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
     """
 
     input_ids: Any

@@ -13,9 +13,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from logitcache import reader, stores
-from logitcache.clitools import human_bytes, run_app
+from logitcache.cli.common import human_bytes, run_app
 from logitcache.errors import CorruptCacheError
+from logitcache.read import reader
+from logitcache.storage import stores
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -172,8 +173,8 @@ def dump(
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache-3 --shard 3/16
     """
-    from logitcache.dump import DumpOptions
-    from logitcache.dump import dump as run_dump
+    from logitcache.dumping.pipeline import DumpOptions
+    from logitcache.dumping.pipeline import dump as run_dump
 
     summary = run_dump(
         DumpOptions(
@@ -222,7 +223,7 @@ def info(
 
     Examples: logitcache info ./cache --json | jq .teacher ; logitcache info s3://bucket/cache
     """
-    from logitcache.health import structure_problems
+    from logitcache.read.health import structure_problems
 
     c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     m = c.manifest
@@ -294,11 +295,11 @@ def stats(
 ) -> None:
     """Per position: the teacher mass on the stored ids (top-k coverage), the entropy of the
     stored part, the distinct ids; and the bytes per token of each array. The exact definitions
-    are in logitcache/stats.py.
+    are in logitcache/read/stats.py.
 
     Example: logitcache stats ./cache --plot stats.png
     """
-    from logitcache import stats as stats_mod
+    from logitcache.read import stats as stats_mod
 
     c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     result = stats_mod.compute(c, max_tokens=max_tokens)
@@ -342,7 +343,7 @@ def verify(
 
     Examples: logitcache verify ./cache ; logitcache verify s3://bucket/cache
     """
-    from logitcache.verify import verify as run_verify
+    from logitcache.read.verify import verify as run_verify
 
     c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     report = run_verify(c)
@@ -390,7 +391,7 @@ def merge(
 
       logitcache merge s3://bucket/all s3://bucket/job0 s3://bucket/job1 --copy
     """
-    from logitcache.merge import merge as run_merge
+    from logitcache.write.merge import merge as run_merge
 
     m = run_merge(
         out_dir, inputs, copy=copy, overwrite=overwrite, license=license, cache_dir=cache_dir
@@ -422,7 +423,7 @@ def export(
 
       logitcache export ./cache s3://bucket/cache --format zarr
     """
-    from logitcache.export import export as run_export
+    from logitcache.write.export import export as run_export
 
     m = run_export(
         cache, out_dir, backend=format, overwrite=overwrite, license=license, cache_dir=cache_dir

@@ -46,9 +46,11 @@ from typing import Any
 
 import numpy as np
 
-from logitcache import data, reader, stores
+from logitcache.dumping import data
 from logitcache.errors import LogitCacheError
-from logitcache.format import PARTS_DIR, DataInfo, Manifest, part_name
+from logitcache.format.manifest import PARTS_DIR, DataInfo, Manifest, part_name
+from logitcache.read import reader
+from logitcache.storage import stores
 
 RANKS_DIR = "ranks"
 #: How long a rank waits for the others (they finish at different times): a week by default.
@@ -251,8 +253,8 @@ def join(top: Any, out: str | Path, shards: list[Shard], total: int) -> Manifest
 
 
 def dump_sharded(opts: Any, shard: Shard) -> Any:
-    """`logitcache.dump.dump` for --shard I/N or a torchrun rank (see the module docstring)."""
-    from logitcache import dump as dumping
+    """`logitcache.dumping.pipeline.dump` for --shard I/N or a torchrun rank (see the module docstring)."""
+    from logitcache.dumping import pipeline as dumping
 
     start = time.perf_counter()
     dumping._check_options(opts)
@@ -269,10 +271,10 @@ def dump_sharded(opts: Any, shard: Shard) -> Any:
 def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> Any:
     import torch
 
-    from logitcache import dump as dumping
+    from logitcache.dumping import pipeline as dumping
+    from logitcache.dumping.teacher import load_teacher
     from logitcache.progress import progress_bar
-    from logitcache.remote_writer import open_writer
-    from logitcache.teacher import load_teacher
+    from logitcache.write.remote_writer import open_writer
 
     device = opts.device
     if shard.torchrun and device in ("auto", "cuda") and torch.cuda.is_available():
@@ -315,7 +317,7 @@ def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> A
             theirs = group.broadcast(whole.settings())  # every rank must see the same job
             mine = whole.settings()
             if theirs != mine:
-                from logitcache.format import diff_settings
+                from logitcache.format.manifest import diff_settings
 
                 raise LogitCacheError(
                     f"rank {shard.index} does not see what rank 0 sees (another --data, teacher or "
@@ -357,6 +359,6 @@ def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> A
 
 
 def _summary(manifest: Manifest, resumed: int, out: Any, start: float) -> Any:
-    from logitcache.dump import DumpSummary
+    from logitcache.dumping.pipeline import DumpSummary
 
     return DumpSummary(manifest, resumed, stores.disk_usage(out), time.perf_counter() - start)

@@ -28,10 +28,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from logitcache import __version__, reader
-from logitcache.card import CARD_NAME, DEFAULT_LICENSE, render_card
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
-from logitcache.format import (
+from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE, render_card
+from logitcache.format.manifest import (
     MANIFEST_NAME,
     MERGED_FORMAT_VERSION,
     PARTS_DIR,
@@ -41,9 +40,11 @@ from logitcache.format import (
     PartInfo,
     part_name,
 )
-from logitcache.reader import Cache
-from logitcache.stores import RemoteStore, is_remote, local_path, sha256_file
-from logitcache.writer import _remove, _write_atomic
+from logitcache.read import reader
+from logitcache.read.reader import Cache
+from logitcache.storage.stores import RemoteStore, is_remote, local_path, sha256_file
+from logitcache.version import __version__
+from logitcache.write.writer import _remove, _write_atomic
 
 #: Identity fields that may differ between inputs (how a teacher or tokenizer was named).
 _NAMES = ("teacher.name", "tokenizer.name")

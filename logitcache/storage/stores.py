@@ -2,7 +2,7 @@
 
 A cache location is a local path or a URL (``s3://``, ``gs://``, ``az://``, ``memory://``, any
 protocol fsspec knows). The format code never sees a URL: writers stage each part on local disk
-exactly as for a local cache and upload it (`logitcache.remote_writer`), and readers fetch the
+exactly as for a local cache and upload it (`logitcache.write.remote_writer`), and readers fetch the
 files of a part into a bounded local cache before the backends open them (`PartMirror`). This
 module does the moving, with retries and exponential backoff on transient errors and one clear
 `LogitCacheError` after the last try.
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.format import PARTS_DIR, PartInfo
+from logitcache.format.manifest import PARTS_DIR, PartInfo
 
 T = TypeVar("T")
 

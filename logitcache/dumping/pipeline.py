@@ -5,7 +5,7 @@ The whole algorithm, in order:
 1. resolve and fingerprint the data, load the teacher, build the manifest template;
 2. open the cache (new, or resume: committed parts are skipped without running the teacher);
 3. for each batch of packed sequences: logits on the device, then the targets on the device
-   (`logitcache.targets`): top-k, ``topk(logits) - logsumexp(logits)`` in float32 (log-probs
+   (`logitcache.dumping.targets`): top-k, ``topk(logits) - logsumexp(logits)`` in float32 (log-probs
    normalised over the FULL vocabulary, so the tail mass is known) cast or quantised there; or
    N draws per position, reproducible from (seed, sequence index, position), reduced to
    distinct ids and counts; copied to pinned host memory without blocking;
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache import __version__, data, sharding, stores, targets
+from logitcache.dumping import data, sharding, targets
+from logitcache.dumping.teacher import Teacher, load_teacher
 from logitcache.errors import LogitCacheError
-from logitcache.format import (
+from logitcache.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LOGPROB_DTYPES,
@@ -48,9 +49,10 @@ from logitcache.format import (
     version_for,
 )
 from logitcache.progress import Bar, progress_bar
-from logitcache.remote_writer import open_writer
-from logitcache.teacher import Teacher, load_teacher
-from logitcache.writer import CacheWriter
+from logitcache.storage import stores
+from logitcache.version import __version__
+from logitcache.write.remote_writer import open_writer
+from logitcache.write.writer import CacheWriter
 
 QUEUE_BATCHES = 4  # batches in flight between the device and the writer: bounds host memory
 
@@ -60,7 +62,7 @@ class DumpOptions:
     """Every setting of a dump; the CLI fills it from flags, Python callers directly."""
 
     data: str
-    out: str | Path  # a directory, or a URL (s3://...): see logitcache.stores
+    out: str | Path  # a directory, or a URL (s3://...): see logitcache.storage.stores
     teacher: str | None = None
     teacher_factory: str | None = None
     tokenizer: str | None = None
@@ -89,7 +91,7 @@ class DumpOptions:
     overwrite: bool = False
     progress: bool = True
     license: str = "unknown"  # shown on the README.md card
-    shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.sharding)
+    shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.dumping.sharding)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def dump(opts: DumpOptions) -> DumpSummary:
     """Run the teacher over `opts.data` and write (or finish) the cache at `opts.out`.
 
     With `opts.shard` ("I/N"), or launched by torchrun, dump one slice of the data instead
-    (`logitcache.sharding`: the same steps, on a slice of the parts)."""
+    (`logitcache.dumping.sharding`: the same steps, on a slice of the parts)."""
     shard = sharding.from_options(opts.shard)
     if shard is not None:
         return sharding.dump_sharded(opts, shard)
@@ -254,7 +256,7 @@ def _batches(sequences: Iterator[np.ndarray], per_part: int, batch_size: int, sk
 
 
 # The top-k log-softmax (no vocab-sized temporary on a CPU) and the sampled targets are
-# computed by `logitcache.targets.device_targets`, shared with the benchmarks.
+# computed by `logitcache.dumping.targets.device_targets`, shared with the benchmarks.
 
 
 def _teacher_targets(

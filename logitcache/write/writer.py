@@ -18,11 +18,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from logitcache import faults
-from logitcache.backends import get_backend, part_path
-from logitcache.card import CARD_NAME, DEFAULT_LICENSE, render_card
 from logitcache.errors import LogitCacheError, SettingsMismatchError
-from logitcache.format import (
+from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE, render_card
+from logitcache.format.manifest import (
     MANIFEST_NAME,
     PARTS_DIR,
     Manifest,
@@ -32,7 +30,9 @@ from logitcache.format import (
     parse_manifest,
     part_name,
 )
-from logitcache.lock import LOCK_NAME, CacheLock
+from logitcache.storage.backend import get_backend, part_path
+from logitcache.storage.lock import LOCK_NAME, CacheLock
+from logitcache.write import faults
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -104,7 +104,7 @@ class CacheWriter:
     Use as a context manager; `committed` is the number of parts already present, `write_part`
     commits the next one, `finish` marks the cache complete and writes the README.md card
     (`location` and `license` are shown on it). From opening to the end of the `with` block it
-    holds the directory's lock (`logitcache.lock`): a second writer is refused.
+    holds the directory's lock (`logitcache.storage.lock`): a second writer is refused.
     """
 
     def __init__(

@@ -6,7 +6,7 @@ inside the cache root, and the backend checks the part's array metadata (shapes,
 sizes) against the manifest, so nothing is allocated from unchecked sizes. It imports no writer
 and no teacher code, so a trainer can depend on it alone.
 
-A cache may also live in an object store (``s3://...``, see `logitcache.stores`): the manifest
+A cache may also live in an object store (``s3://...``, see `logitcache.storage.stores`): the manifest
 is fetched, and each part's files are fetched on first use into a bounded local cache,
 sha256-checked against the manifest, and read from there.
 """
@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache import codecs, stores
-from logitcache.backends import get_backend
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.format import (
+from logitcache.format import codecs
+from logitcache.format.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     PARTS_DIR,
@@ -37,6 +36,8 @@ from logitcache.format import (
     expected_arrays,
     parse_manifest,
 )
+from logitcache.storage import stores
+from logitcache.storage.backend import get_backend
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def open(
 
     A cache whose dump has not finished is refused unless `allow_partial` (then only its
     committed parts are visible). For a URL, fetched parts are kept under `cache_dir` (default:
-    ``LOGITCACHE_CACHE_DIR`` or ``~/.cache/logitcache``), see `logitcache.stores`.
+    ``LOGITCACHE_CACHE_DIR`` or ``~/.cache/logitcache``), see `logitcache.storage.stores`.
     """
     if stores.is_remote(path):
         return _open_remote(str(path), allow_partial, cache_dir)

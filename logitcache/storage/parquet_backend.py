@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
-from logitcache.format import CodecInfo, PartArrays
+from logitcache.format.manifest import CodecInfo, PartArrays
 
 SUFFIX = ".parquet"
 

@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from logitcache.format import ARRAY_NAMES, CodecInfo, PartArrays
+from logitcache.format.manifest import ARRAY_NAMES, CodecInfo, PartArrays
 
 SUFFIX = ""  # a part is a directory
 

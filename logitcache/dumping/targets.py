@@ -4,10 +4,10 @@ Two kinds (``targets.kind`` in the manifest; docs/FORMAT.md section 3):
 
 ``topk``
     the k most probable ids at the dump temperature with their log-probs normalised over the
-    full vocabulary, stored as float16, float32 or 8-bit codes (`logitcache.codecs`), in
+    full vocabulary, stored as float16, float32 or 8-bit codes (`logitcache.format.codecs`), in
     decreasing-probability order or in increasing id order.
 ``sample``
-    N draws per position from the teacher distribution (`logitcache.sampling`), stored as the
+    N draws per position from the teacher distribution (`logitcache.dumping.sampling`), stored as the
     distinct ids (increasing) with their counts, in a ragged layout: ``target_ids`` and
     ``target_counts`` hold every position's entries end to end, ``target_lengths`` how many
     belong to each position.
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache import codecs, sampling
-from logitcache.format import PartArrays, TargetInfo
+from logitcache.dumping import sampling
+from logitcache.format import codecs
+from logitcache.format.manifest import PartArrays, TargetInfo
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def target_info(
 ) -> TargetInfo:
     """The manifest's `targets` record for these dump settings (validated by the manifest
     schema's own checks when it is parsed or written)."""
-    from logitcache.format import id_dtype_for
+    from logitcache.format.manifest import id_dtype_for
 
     ids = id_dtype_for(vocab_size)
     if kind == "sample":

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from logitcache.errors import LogitCacheError
-from logitcache.format import TeacherInfo, TokenizerInfo
-from logitcache.tokenizer_id import tokenizer_fingerprint
+from logitcache.format.manifest import TeacherInfo, TokenizerInfo
+from logitcache.format.tokenizer_id import tokenizer_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,7 +154,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def tokenizer_info(tok: Any, name: str) -> TokenizerInfo:
-    """Identity of a tokenizer; see `logitcache.tokenizer_id.tokenizer_fingerprint`."""
+    """Identity of a tokenizer; see `logitcache.format.tokenizer_id.tokenizer_fingerprint`."""
     return TokenizerInfo(
         name=name,
         vocab_size=len(tok),

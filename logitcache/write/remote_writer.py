@@ -1,6 +1,6 @@
 """Writing a cache to an object store: stage each part locally, upload it, then the manifest.
 
-The commit protocol is the local one (`logitcache.writer`, docs/FORMAT.md section 8) with the
+The commit protocol is the local one (`logitcache.write.writer`, docs/FORMAT.md section 8) with the
 object store as the cache root:
 
 1. **Start.** Fetch the remote ``manifest.json``. None: the location must be empty, and an
@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from logitcache.card import CARD_NAME, DEFAULT_LICENSE
 from logitcache.errors import LogitCacheError, SettingsMismatchError
-from logitcache.format import (
+from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE
+from logitcache.format.manifest import (
     MANIFEST_NAME,
     PARTS_DIR,
     Manifest,
@@ -34,8 +34,8 @@ from logitcache.format import (
     PartInfo,
     parse_manifest,
 )
-from logitcache.stores import RemoteStore, default_cache_dir, is_remote, local_path
-from logitcache.writer import CacheWriter
+from logitcache.storage.stores import RemoteStore, default_cache_dir, is_remote, local_path
+from logitcache.write.writer import CacheWriter
 
 
 def open_writer(

@@ -5,7 +5,7 @@ through its crc32c (names the chunk), and the invariants a reader relies on: ids
 vocabulary size, offsets that start at 0, grow, and end at the token count, and counts equal to
 the manifest's; for top-k targets, log-probs finite and at most 0, in the stored order
 (decreasing, or ids increasing), and no position whose stored probabilities exceed 1 by more
-than the value codec's documented worst-case error allows (`logitcache.codecs`); for sampled
+than the value codec's documented worst-case error allows (`logitcache.format.codecs`); for sampled
 targets, every position's distinct ids increasing, counts at least 1 and summing to exactly N.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache import codecs
 from logitcache.errors import LogitCacheError
-from logitcache.format import PARTS_DIR, PartArrays, array_names
-from logitcache.reader import Cache
-from logitcache.writer import sha256_file
+from logitcache.format import codecs
+from logitcache.format.manifest import PARTS_DIR, PartArrays, array_names
+from logitcache.read.reader import Cache
+from logitcache.write.writer import sha256_file
 
 
 @dataclass

@@ -14,9 +14,12 @@ from pathlib import Path
 from types import ModuleType
 
 from logitcache.errors import LogitCacheError
-from logitcache.format import BACKENDS, PARTS_DIR
+from logitcache.format.manifest import BACKENDS, PARTS_DIR
 
-_MODULES = {"zarr": "logitcache._zarr", "parquet": "logitcache._arrow"}
+_MODULES = {
+    "zarr": "logitcache.storage.zarr_backend",
+    "parquet": "logitcache.storage.parquet_backend",
+}
 
 
 def get_backend(name: str) -> ModuleType:

@@ -21,8 +21,8 @@ from pathlib import Path
 import crc32c
 
 from logitcache.errors import LogitCacheError
-from logitcache.format import PARTS_DIR
-from logitcache.reader import Cache
+from logitcache.format.manifest import PARTS_DIR
+from logitcache.read.reader import Cache
 
 _EMPTY = (1 << 64) - 1
 
