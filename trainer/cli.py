@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from logitcache.clitools import run_app
+from logitcache.cli.common import run_app
 from trainer.fit import FitConfig
 
 app = typer.Typer(

@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 import logitcache
 from logitcache import Cache, CorruptCacheError, LogitCacheError, PartArrays
-from logitcache.format import PARTS_DIR
+from logitcache.format.manifest import PARTS_DIR
 
 SPLITS = ("train", "eval", "all")
 IGNORE_INDEX = -100

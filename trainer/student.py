@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from logitcache.errors import LogitCacheError
-from logitcache.format import Manifest
-from logitcache.tokenizer_id import tokenizer_fingerprint
+from logitcache.format.manifest import Manifest
+from logitcache.format.tokenizer_id import tokenizer_fingerprint
 
 #: Files that make a directory a saved model rather than a bare config.
 WEIGHT_FILES = (
