@@ -180,6 +180,15 @@ def _check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
         raise LogitCacheError(
             f"--top-k {opts.top_k} is not in 1..{vocab} (the teacher's vocabulary size)."
         )
+    words = teacher.tokenizer_info.vocab_size
+    if words > vocab:  # input ids up to words - 1: past the model's embedding, and any student's
+        raise LogitCacheError(
+            f"the tokenizer ({teacher.tokenizer_info.name}) has {words} ids but the teacher's "
+            f"logits have {vocab}: ids {vocab}..{words - 1} are outside the model's vocabulary, "
+            "and a cache of them would be refused by every reader. Pass the tokenizer the "
+            f"teacher was trained with (--tokenizer; at most {vocab} ids), or a teacher whose "
+            f"output covers all {words}."
+        )
     limit = teacher.info.max_positions
     if limit is not None and opts.seq_len > limit:
         raise LogitCacheError(
@@ -271,6 +280,13 @@ def _teacher_targets(
     for row, seq in enumerate(batch):
         ids[row, : len(seq)] = seq
     logits = teacher.logits(torch.from_numpy(ids).to(teacher.device))  # (batch, time, vocab)
+    if logits.shape[-1] != teacher.info.vocab_size:  # the width probed, and in the manifest
+        raise LogitCacheError(
+            f"the teacher returned logits over {logits.shape[-1]} ids for a batch, but "
+            f"{teacher.info.vocab_size} when probed (the vocab_size in the manifest): its ids "
+            "would not match the cache's. Use a teacher whose output width does not depend on "
+            "its input."
+        )
     index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
     computed = targets.device_targets(logits, spec, index)
     pinned = teacher.device.type == "cuda"

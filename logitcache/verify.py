@@ -20,7 +20,7 @@ import numpy as np
 from logitcache import codecs
 from logitcache.errors import LogitCacheError
 from logitcache.format import PARTS_DIR, PartArrays, array_names
-from logitcache.reader import Cache
+from logitcache.reader import Cache, completeness_problem
 from logitcache.writer import sha256_file
 
 
@@ -37,8 +37,14 @@ class VerifyReport:
 
 
 def verify(cache: Cache, on_part: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check every part of `cache`; problems are collected (not raised) so all are reported."""
+    """Check every part of `cache`; problems are collected (not raised) so all are reported.
+
+    An unfinished dump is a problem too (its committed parts are checked all the same): every
+    reader refuses it, so a cache that passes verify must be one they open."""
     report = VerifyReport()
+    unfinished = completeness_problem(cache.manifest, cache.root)
+    if unfinished is not None:
+        report.problems.append(unfinished)
     for index, info in enumerate(cache.manifest.parts):
         report.parts += 1
         try:  # a remote part is fetched here (again), each file checked against its sha256
