@@ -154,7 +154,8 @@ LINKS: dict[str, Callable[[Path, Path], Path]] = {
 }
 
 
-#: The commands that delete in their output (run by default), then those that read.
+#: The commands that delete in their output, then those that read (each test runs 4-9 CLI
+#: subprocesses, 30-90 s on 2 cores: all slow).
 WRITERS = ("dump_resume", "dump_overwrite", "merge_onto", "export_onto")
 READERS = ("merge_from", "export_from", "info", "verify", "fit")
 
@@ -232,7 +233,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "names"),
     [
-        pytest.param("parts_dir", WRITERS, id="parts_dir-writers"),
+        pytest.param("parts_dir", WRITERS, id="parts_dir-writers", marks=SLOW),
         pytest.param("parts_dir", READERS, id="parts_dir-readers", marks=SLOW),
         *(pytest.param(k, WRITERS + READERS, id=k, marks=SLOW) for k in list(LINKS)[1:]),
     ],
