@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import glob
 import itertools
 import queue
 import threading
@@ -47,6 +48,7 @@ from logitcache.format import (
     TargetInfo,
     version_for,
 )
+from logitcache.paths import refuse_overlap
 from logitcache.progress import Bar, progress_bar
 from logitcache.remote_writer import open_writer
 from logitcache.teacher import Teacher, load_teacher
@@ -172,6 +174,14 @@ def _check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(f"--temperature must be a positive number, got {opts.temperature}.")
     if not 0 <= opts.seed < 1 << 63:
         raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
+    refuse_overlap(opts.out, _local_inputs(opts), "--out")
+
+
+def _local_inputs(opts: DumpOptions) -> list[str]:
+    """What a dump reads from local disk, for the --out check: --data (for a glob, the files
+    it matches) and --teacher / --tokenizer where they are paths rather than hub names."""
+    found = [opts.data] if Path(opts.data).exists() else glob.glob(opts.data, recursive=True)
+    return found + [p for p in (opts.teacher, opts.tokenizer) if p and Path(p).exists()]
 
 
 def _check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:

@@ -15,6 +15,7 @@ from logitcache import __version__, reader
 from logitcache.backends import get_backend
 from logitcache.card import DEFAULT_LICENSE
 from logitcache.format import Manifest
+from logitcache.paths import refuse_overlap
 from logitcache.remote_writer import open_writer
 
 
@@ -29,7 +30,9 @@ def export(
 ) -> Manifest:
     """Write the complete cache `cache` to `out` with `backend` ("zarr" or "parquet")."""
     get_backend(backend)  # an unknown name is refused before anything is read
+    refuse_overlap(out, [cache], "OUT")
     source = reader.open(cache, cache_dir=cache_dir)
+    source.refuse_links()  # all of it now: before the writer deletes an old OUT
     template = dataclasses.replace(
         source.manifest,
         backend=backend,

@@ -41,9 +41,11 @@ from logitcache.format import (
     PartInfo,
     part_name,
 )
+from logitcache.paths import refuse_overlap
 from logitcache.reader import Cache
+from logitcache.remote_writer import start_over_remote
 from logitcache.stores import RemoteStore, is_remote, local_path, sha256_file
-from logitcache.writer import _remove, _write_atomic
+from logitcache.writer import _remove, _write_atomic, read_existing, start_over
 
 #: Identity fields that may differ between inputs (how a teacher or tokenizer was named).
 _NAMES = ("teacher.name", "tokenizer.name")
@@ -62,7 +64,10 @@ def merge(
     if not inputs:
         raise LogitCacheError("merge needs at least one input cache.")
     locations = [str(i) for i in inputs]
+    refuse_overlap(out, locations, "OUT")
     caches = [reader.open(i, cache_dir=cache_dir) for i in locations]
+    for cache in caches:
+        cache.refuse_links()  # all of it now: before `start` deletes an old OUT
     check_compatible(locations, caches)
     manifest = merged_manifest(locations, caches)
     remote_in = [loc for loc in locations if is_remote(loc)]
@@ -185,15 +190,13 @@ class _LocalDest:
 
     def start(self, initial: Manifest, overwrite: bool) -> None:
         root = self.root
-        if (root / MANIFEST_NAME).is_file():
+        if read_existing(root) is not None:
             if not overwrite:
                 raise LogitCacheError(
                     f"{root} already holds a cache. Choose another output, or pass --overwrite "
                     "to replace it."
                 )
-            (root / MANIFEST_NAME).unlink()  # uncommit first
-            _remove(root / CARD_NAME)
-            _remove(root / PARTS_DIR)
+            start_over(root, initial)
         elif root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise LogitCacheError(
                 f"{root} is not empty and holds no logitcache manifest. Refusing to write into "
@@ -250,9 +253,9 @@ class _RemoteDest:
                     f"{store.url} already holds a cache. Choose another output, or pass "
                     "--overwrite to replace it."
                 )
-            store.remove([MANIFEST_NAME])
-            store.remove(sorted(store.list_files()))
-        elif store.list_files():
+            start_over_remote(store, initial.to_json().encode("utf-8"))
+            return
+        if store.list_files():
             raise LogitCacheError(
                 f"{store.url} is not empty and holds no logitcache manifest. Refusing to write "
                 "into it; choose a new or empty location."

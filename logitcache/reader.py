@@ -37,6 +37,7 @@ from logitcache.format import (
     expected_arrays,
     parse_manifest,
 )
+from logitcache.paths import link_problem, link_under, refuse_links
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def open(
     manifest_path = root / MANIFEST_NAME
     if not root.exists():
         raise LogitCacheError(f"no cache at {root}: the path does not exist. Check --cache.")
+    refuse_links(root)  # before the manifest is opened: a link there leads elsewhere
     if not manifest_path.is_file():
         raise LogitCacheError(
             f"{root} is not a logitcache cache (no {MANIFEST_NAME}). "
@@ -183,23 +185,27 @@ class Cache:
         with self.open_part(index) as path:
             return path
 
+    def refuse_links(self) -> None:
+        """Refuse a symbolic link anywhere on the path to a listed file, for every part at once:
+        what a command that writes elsewhere checks of its inputs before it deletes or writes
+        anything (`open` checks the manifest and parts/, each read checks its own part). A
+        remote cache's files are fetched into the local cache, never linked: nothing to do."""
+        if self.mirror is None:
+            refuse_links(Path(self.root), self.manifest)
+
     def _check_part(self, base: Path, index: int) -> None:
-        """Every listed file is a regular file inside `base`, and the backend's metadata agrees
-        with the manifest: checked before anything of the part is decoded."""
+        """Every listed file is a regular file under `base` reached through no symbolic link
+        (manifest keys hold no ``..``, so it is inside the cache), and the backend's metadata
+        agrees with the manifest: checked before anything of the part is decoded."""
         key = (str(base), index)
         if key in self._checked:
             return
         info = self.manifest.parts[index]
-        real_base = os.path.realpath(base)
         for rel in info.files:
-            path = base / rel
-            real = os.path.realpath(path)
-            if not real.startswith(real_base + os.sep):
-                raise CorruptCacheError(
-                    f"{info.name} of {self.root}: {PARTS_DIR}/{rel} resolves outside the cache "
-                    "(a symbolic link?); refusing to read it."
-                )
-            if not os.path.isfile(real):
+            link = link_under(base, rel)
+            if link is not None:
+                raise CorruptCacheError(f"{info.name} of {self.root}: {link_problem(link)}")
+            if not (base / rel).is_file():
                 raise CorruptCacheError(
                     f"{info.name} of {self.root}: {PARTS_DIR}/{rel} is missing. Run "
                     "`logitcache verify` on the cache."

@@ -20,6 +20,7 @@ import numpy as np
 from logitcache import codecs
 from logitcache.errors import LogitCacheError
 from logitcache.format import PARTS_DIR, PartArrays, array_names
+from logitcache.paths import link_problem, link_under
 from logitcache.reader import Cache, completeness_problem
 from logitcache.writer import sha256_file
 
@@ -65,7 +66,11 @@ def _check_files(parts_dir: Path, files: dict[str, str], report: VerifyReport) -
     for rel, expected in files.items():
         path = parts_dir / rel
         report.files += 1
-        if not path.is_file():
+        link = link_under(parts_dir, rel)
+        if link is not None:  # never hashed through: it may lead anywhere
+            report.problems.append(link_problem(link))
+            bad = True
+        elif not path.is_file():
             report.problems.append(f"{PARTS_DIR}/{rel}: missing")
             bad = True
         elif sha256_file(path) != expected:

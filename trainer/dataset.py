@@ -42,6 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 import logitcache
 from logitcache import Cache, CorruptCacheError, LogitCacheError, PartArrays
 from logitcache.format import PARTS_DIR
+from logitcache.paths import link_problem, link_under
 
 SPLITS = ("train", "eval", "all")
 IGNORE_INDEX = -100
@@ -283,6 +284,9 @@ def check_part_files(cache: Cache, index: int) -> None:
     info = cache.manifest.parts[index]
     base = os.path.join(str(cache.root), PARTS_DIR)
     for rel, expected in info.files.items():
+        link = link_under(Path(base), rel)
+        if link is not None:  # checked before hashing: never read through a link
+            raise CorruptCacheError(f"{info.name} of {cache.root}: {link_problem(link)}")
         path = os.path.join(base, rel)
         try:
             st = os.stat(path)
