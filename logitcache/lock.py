@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitCacheError
+from logitcache.format import load_json
 
 LOCK_NAME = ".logitcache.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -165,7 +166,7 @@ def _read(fd: int) -> dict[str, Any]:
 
 def _parse(data: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = load_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}

@@ -372,7 +372,12 @@ def _reduce_step(
 
 
 def _check_config(c: FitConfig) -> None:
-    problems = []
+    # NaN fails every comparison below but inf passes "> 0": every float must be finite first
+    problems = [
+        f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(c, f.name)}"
+        for f in dataclasses.fields(c)
+        if f.type == "float" and not math.isfinite(getattr(c, f.name))
+    ]
     if c.loss not in LOSSES:
         problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
     if c.tail not in TAIL_MODES:
@@ -395,6 +400,13 @@ def _check_config(c: FitConfig) -> None:
         problems.append("give --steps or a positive --epochs")
     if not c.lr > 0 or not 0 <= c.min_lr <= c.lr:
         problems.append(f"need 0 < --lr and 0 <= --min-lr <= --lr (got {c.lr}, {c.min_lr})")
+    if not c.grad_clip >= 0:
+        problems.append(f"--grad-clip must be 0 (off) or a positive norm, got {c.grad_clip}")
+    if not c.weight_decay >= 0:
+        problems.append(f"--weight-decay must be 0 or more, got {c.weight_decay}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            problems.append(f"--{name} must be in [0, 1), got {getattr(c, name)}")
     if c.warmup_steps is not None and c.warmup_steps < 0:
         problems.append("--warmup-steps must be 0 or more")
     if c.resume and c.overwrite:
