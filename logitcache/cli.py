@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from logitcache import reader, stores
 from logitcache.clitools import human_bytes, run_app, size_per_token
-from logitcache.errors import CorruptCacheError
+from logitcache.errors import CorruptCacheError, LogitCacheError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -300,6 +300,10 @@ def stats(
     """
     from logitcache import stats as stats_mod
 
+    if max_tokens < 0:
+        raise LogitCacheError(
+            f"--max-tokens must be 0 (every position) or a number of positions, got {max_tokens}."
+        )
     c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     result = stats_mod.compute(c, max_tokens=max_tokens)
     doc = result.summary()

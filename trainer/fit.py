@@ -179,6 +179,12 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
             raise LogitCacheError(
                 f"the cache {cache.root} holds no sequences: nothing to train on. Dump data into it."
             )
+        if cache.manifest.tokens == cache.manifest.sequences:  # refused now, not after training
+            raise LogitCacheError(
+                f"every sequence of the cache {cache.root} is one token long (seq_len "
+                f"{cache.manifest.layout.seq_len}): no position has a next token to learn. "
+                "Dump it again with --seq-len 2 or more."
+            )
         train_ds = CacheDataset(
             cache, batch_size=config.batch_size, split="train",
             eval_fraction=config.eval_fraction, seed=config.seed, shuffle=True,

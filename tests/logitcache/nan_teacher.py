@@ -1,5 +1,5 @@
 """Teacher factories for CLI tests: `build` gives NaN logits (the "non-finite teacher logits"
-error test), `build_uniform` a cheap finite teacher.
+error test), `build_uniform` a cheap finite teacher, `build_broken` a factory that raises.
 
 Used as ``logitcache dump --teacher-factory tests.logitcache.nan_teacher:build --tokenizer DIR``
 with the repository root on PYTHONPATH.
@@ -45,3 +45,8 @@ def build_uniform() -> torch.nn.Module:
     time of a `from_pretrained` teacher), for CLI tests in which the teacher does not matter."""
     torch.manual_seed(0)
     return UniformTeacher()
+
+
+def build_broken() -> torch.nn.Module:
+    """A factory that fails the way user code does: `dump` must report it, not crash."""
+    raise ValueError("checkpoint teacher.bin not found")
