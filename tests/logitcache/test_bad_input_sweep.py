@@ -158,7 +158,7 @@ CASES: dict[str, Build] = {
     ),
     "dump_batch_size_zero": lambda i, t: dump(
         i, t, ["--batch-size must be at least 1"], batch_size=0
-    ),  # fmt: skip
+    ),
     "dump_part_tokens_zero": lambda i, t: dump(
         i, t, ["--part-tokens must be at least 1"], part_tokens=0
     ),
@@ -178,7 +178,7 @@ CASES: dict[str, Build] = {
         teacher=None,
         teacher_factory=BROKEN_TEACHER,
         tokenizer=i.teacher,
-    ),  # fmt: skip
+    ),
     "dump_factory_not_module_function": lambda i, t: dump(
         i,
         t,
@@ -186,7 +186,7 @@ CASES: dict[str, Build] = {
         teacher=None,
         teacher_factory="nocolon",
         tokenizer=i.teacher,
-    ),  # fmt: skip
+    ),
     "dump_factory_without_tokenizer": lambda i, t: dump(
         i, t, ["needs --tokenizer"], teacher=None, teacher_factory=BROKEN_TEACHER
     ),
@@ -195,13 +195,13 @@ CASES: dict[str, Build] = {
         t,
         ["ids.npy: document 1 holds token id -3", "vocabulary 0..511"],
         data=npy(t, np.array([[1, 2, 3, 4], [5, 6, -3, 7]])),
-    ),  # fmt: skip
+    ),
     "dump_npy_id_over_vocab": lambda i, t: dump(
         i,
         t,
         ["ids.npy: document 0 holds token id 512", "vocabulary 0..511"],
         data=npy(t, np.array([[1, 512, 3, 4]] * 3)),
-    ),  # fmt: skip
+    ),
     "dump_npy_floats": lambda i, t: dump(
         i, t, ["must be a 2-D integer array"], data=npy(t, np.ones((3, 4)))
     ),
@@ -209,9 +209,7 @@ CASES: dict[str, Build] = {
     "info_missing": lambda i, t: Case(["logitcache", "info", t / "nowhere"], ["no cache at"]),
     "info_not_a_cache": lambda i, t: Case(["logitcache", "info", i.corpus], ["no manifest.json"]),
     "info_deep_manifest": lambda i, t: Case(["logitcache", "info", i.deep_manifest], NESTED),
-    "info_deep_zarr_json": lambda i, t: Case(
-        ["logitcache", "info", i.deep_zarr_json], ZARR_NESTED
-    ),  # fmt: skip
+    "info_deep_zarr_json": lambda i, t: Case(["logitcache", "info", i.deep_zarr_json], ZARR_NESTED),
     "stats_max_tokens_negative": lambda i, t: Case(
         ["logitcache", "stats", i.cache, "--max-tokens", -1], ["--max-tokens must be 0"]
     ),
@@ -260,7 +258,7 @@ CASES: dict[str, Build] = {
         t,
         ["the eval split", "has no sequences", "larger --eval-fraction"],
         eval_fraction=1e-9,
-    ),  # fmt: skip
+    ),
     "fit_one_token_sequences": lambda i, t: fit(
         i, t, ["one token long", "--seq-len 2 or more"], cache=i.one_token
     ),
