@@ -185,6 +185,14 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
                 f"{cache.manifest.layout.seq_len}): no position has a next token to learn. "
                 "Dump it again with --seq-len 2 or more."
             )
+        # the student before the splits: a missing or mismatched student is the first thing to fix
+        checkpoint = _load_checkpoint(run_dir) if config.resume else None
+        if checkpoint is not None:
+            _check_resume(config, checkpoint, cache.manifest)
+        model, source = build_student(
+            config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
+            config_dict=None if checkpoint is None else checkpoint["student_config"],
+        )  # fmt: skip
         train_ds = CacheDataset(
             cache, batch_size=config.batch_size, split="train",
             eval_fraction=config.eval_fraction, seed=config.seed, shuffle=True,
@@ -198,13 +206,6 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
                 eval_fraction=config.eval_fraction, seed=config.seed, shuffle=False,
                 rank=d.rank, world_size=d.world_size, check_files=config.check_files,
             )  # fmt: skip
-        checkpoint = _load_checkpoint(run_dir) if config.resume else None
-        if checkpoint is not None:
-            _check_resume(config, checkpoint, cache.manifest)
-        model, source = build_student(
-            config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
-            config_dict=None if checkpoint is None else checkpoint["student_config"],
-        )  # fmt: skip
         return cache, train_ds, eval_ds, checkpoint, model, source
 
     cache, train_ds, eval_ds, checkpoint, model, source = distributed.agree(d, setup)
