@@ -375,3 +375,21 @@ def test_shards_in_order_merge_and_any_order_merges_as_given(tmp_path, inputs: I
         "corpus [shard 1/2]", "corpus [shard 0/2]"
     ]  # fmt: skip
     json.loads((tmp_path / "reverse" / "manifest.json").read_text())  # committed
+
+
+def test_info_of_a_cache_without_tokens_gives_no_bytes_per_token(tmp_path):
+    """An empty shard's cache is metadata only: its size over "max(tokens, 1)" printed as
+    "1360.0 bytes/token" was no rate."""
+    empty = make_cache(tmp_path / "empty", sequences=0)
+
+    def info(*flags: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "logitcache", "info", str(empty), *flags],
+            capture_output=True, text=True, env=cli_env(), timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    text = " ".join(info().split())
+    assert "no tokens yet, so no bytes/token" in text and " = " not in text.split("size")[-1]
+    assert json.loads(info("--json"))["bytes_per_token"] is None
