@@ -54,6 +54,10 @@ from logitcache.remote_writer import open_writer
 from logitcache.teacher import Teacher, load_teacher
 from logitcache.writer import CacheWriter
 
+#: --clevel ranges: Blosc's (zarr) levels, 0 (none) to 9; the Parquet backend's plain zstd
+#: levels, 1 to 22 (0 means zstd's default there). Checked up front: out of range, Blosc fails
+#: only when the first part is written, after --out was created.
+CLEVELS = {"zarr": (0, 9), "parquet": (0, 22)}
 QUEUE_BATCHES = 4  # batches in flight between the device and the writer: bounds host memory
 
 
@@ -102,8 +106,9 @@ class DumpSummary:
     wall_seconds: float
 
     @property
-    def bytes_per_token(self) -> float:
-        return self.bytes_on_disk / max(self.manifest.tokens, 1)
+    def bytes_per_token(self) -> float | None:
+        """None for a dump without tokens (an empty shard): its metadata is no rate."""
+        return self.bytes_on_disk / self.manifest.tokens if self.manifest.tokens else None
 
 
 def dump(opts: DumpOptions) -> DumpSummary:
@@ -126,6 +131,8 @@ def dump(opts: DumpOptions) -> DumpSummary:
         trust_remote_code=opts.trust_remote_code,
     )
     _check_against_teacher(opts, teacher)
+    if source.pretokenized:  # before touching --out: a bad id must leave nothing behind
+        data.check_ids(source, teacher.info.vocab_size)
     template = _manifest_template(opts, teacher, source)
     total = template.data.documents if template.data.documents >= 0 else None
     with progress_bar("dump", total=total, unit="docs", enabled=opts.progress) as bar:
@@ -148,11 +155,26 @@ def dump(opts: DumpOptions) -> DumpSummary:
 
 
 def _check_options(opts: DumpOptions) -> None:
-    for name in ("top_k", "samples", "seq_len", "batch_size", "part_tokens", "chunk_bytes"):
+    for name in ("top_k", "samples", "batch_size", "part_tokens", "chunk_bytes"):
         if getattr(opts, name) < 1:
             raise LogitCacheError(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}."
             )
+    if opts.seq_len < 2:  # a 1-token sequence has no next token: a student could not train
+        raise LogitCacheError(
+            f"--seq-len must be at least 2, got {opts.seq_len}: the student learns to predict "
+            "each token from the ones before it, so a sequence needs at least two tokens."
+        )
+    if opts.backend not in CLEVELS:
+        raise LogitCacheError(
+            f"--format must be one of {', '.join(CLEVELS)}, got {opts.backend!r}."
+        )
+    low, high = CLEVELS[opts.backend]
+    if not low <= opts.clevel <= high:
+        raise LogitCacheError(
+            f"--clevel must be in {low}..{high} for --format {opts.backend} (higher: smaller "
+            f"and slower), got {opts.clevel}."
+        )
     if opts.logprob_dtype not in LOGPROB_DTYPES:
         raise LogitCacheError(
             f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}, got "

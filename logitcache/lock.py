@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitCacheError
+from logitcache.format import load_json
 from logitcache.paths import link_problem
 
 LOCK_NAME = ".logitcache.lock"
@@ -176,7 +177,7 @@ def _read(fd: int) -> dict[str, Any]:
 
 def _parse(data: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = load_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}

@@ -44,6 +44,7 @@ from logitcache.format import (
 from logitcache.paths import refuse_overlap
 from logitcache.reader import Cache
 from logitcache.remote_writer import start_over_remote
+from logitcache.sharding import shard_of
 from logitcache.stores import RemoteStore, is_remote, local_path, sha256_file
 from logitcache.writer import _remove, _write_atomic, read_existing, start_over
 
@@ -59,8 +60,12 @@ def merge(
     overwrite: bool = False,
     license: str = DEFAULT_LICENSE,
     cache_dir: str | Path | None = None,
+    any_order: bool = False,
 ) -> Manifest:
-    """Merge the complete caches `inputs` into a new cache at `out`; returns its manifest."""
+    """Merge the complete caches `inputs` into a new cache at `out`; returns its manifest.
+
+    Shards of one dump (`--shard I/N`) must come in shard order unless `any_order`: in another
+    order the merged cache would hold the data in another order than the single dump."""
     if not inputs:
         raise LogitCacheError("merge needs at least one input cache.")
     locations = [str(i) for i in inputs]
@@ -69,6 +74,8 @@ def merge(
     for cache in caches:
         cache.refuse_links()  # all of it now: before `start` deletes an old OUT
     check_compatible(locations, caches)
+    if not any_order:
+        check_shard_order(locations, caches)
     manifest = merged_manifest(locations, caches)
     remote_in = [loc for loc in locations if is_remote(loc)]
     if not copy and (is_remote(out) or remote_in):
@@ -139,6 +146,27 @@ def check_compatible(locations: list[str], caches: list[Cache]) -> None:
                     f"{fingerprint[:16]}); merging would repeat it. Leave one of them out."
                 )
             seen[fingerprint] = item.cache
+
+
+def check_shard_order(locations: list[str], caches: list[Cache]) -> None:
+    """Refuse shards of the same data (`logitcache dump --shard I/N`) listed out of order."""
+    last: dict[tuple[str, int], tuple[int, str]] = {}  # (source, N) -> (index, location)
+    for location, cache in zip(locations, caches, strict=True):
+        for item in _inputs_of(location, cache):
+            found = shard_of(item.data)
+            if found is None:
+                continue
+            source, shard = found
+            key = (source, shard.count)
+            if key in last and shard.index < last[key][0]:
+                index, before = last[key]
+                raise LogitCacheError(
+                    f"{item.cache} (shard {shard.label} of {source}) comes after {before} "
+                    f"(shard {index}/{shard.count}): the merged cache would hold the data in "
+                    "another order than a single dump. List the shards in shard order, or pass "
+                    "--any-order to merge them in the order given."
+                )
+            last[key] = (shard.index, item.cache)
 
 
 def _inputs_of(location: str, cache: Cache) -> list[MergedInput]:

@@ -1,6 +1,7 @@
 """Teacher factories for CLI tests: `build` gives NaN logits (the "non-finite teacher logits"
 error test), `build_uniform` a cheap finite teacher, `build_narrow` one whose 100 ids are fewer
-than the tokenizer's, `build_shifty` one whose output width differs from what a probe sees.
+than the tokenizer's, `build_shifty` one whose output width differs from what a probe sees,
+`build_broken` a factory that raises.
 
 Used as ``logitcache dump --teacher-factory tests.logitcache.nan_teacher:build --tokenizer DIR``
 with the repository root on PYTHONPATH.
@@ -63,3 +64,8 @@ class ShiftyTeacher(UniformTeacher):
 
 def build_shifty() -> torch.nn.Module:
     return ShiftyTeacher()
+
+
+def build_broken() -> torch.nn.Module:
+    """A factory that fails the way user code does: `dump` must report it, not crash."""
+    raise ValueError("checkpoint teacher.bin not found")

@@ -362,3 +362,30 @@ def test_valid_caches_pass_the_same_checks(valid):
         assert seen["peak"] < PEAK_LIMIT
         assert verify(logitcache.open(root)).ok
         assert np.isfinite(logitcache.open(root)[0].target_logprobs.numpy()).all()
+
+
+# --------------------------------------------------------------------------------------------
+# JSON nested past the decoder's recursion limit (a few hundred KB of brackets)
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize("where", ["manifest.json", "zarr.json"])
+def test_json_nested_too_deeply_is_refused_naming_the_file(case, where: str):
+    """json.loads raises RecursionError on ``[[[[...``: refused as invalid metadata instead,
+    by the reader, `info`'s structure check and `verify` alike."""
+    from logitcache.health import structure_problems
+
+    root, sentinel = case()
+    nested = "[" * DEEP + "]" * DEEP
+    if where == "manifest.json":
+        (root / "manifest.json").write_text('{"format": "logitcache", "x": ' + nested + "}")
+        assert_refused(root, sentinel, r"manifest\.json is not valid JSON .*nested too deeply")
+        return
+    path, _ = _zarr_meta(root, "target_ids")
+    path.write_text('{"zarr_format": 3, "attributes": ' + nested + "}")
+    assert_refused(root, sentinel, r"target_ids/zarr\.json is not valid JSON.*nested too deep")
+    problems = structure_problems(logitcache.open(root))
+    assert any("part-000000" in p and "nested too deeply" in p for p in problems), problems
+    report = verify(logitcache.open(root))
+    assert any("part-000000/target_ids/zarr.json" in p for p in report.problems)
