@@ -16,6 +16,13 @@ Two figures, measured side by side in one run on one cache of the embedded defau
 * **reader headroom**: one `CacheDataset` iterated in the main process (one worker's work:
   decompression, collation) over the training split, in tokens/s, against the tokens/s the
   student consumes in the KD run. Target: at least 20 times.
+
+``--check-cost`` measures instead, on the same cache, only what the reader's per-part check of
+ids and values (`logitcache.read.reader.check_values`) costs: every part decoded with the check
+(`reader.decode`) and the check alone, in alternating repetitions, against the whole reading
+of a part (`Cache.read_decoded`: decompression, check, decode). Its figure goes to its own
+section of RESULTS.md (``bench_trainer_check``, next to this script's), in the quick form too:
+the full run takes about 15 minutes, the check's share a minute.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32")
+    p.add_argument(
+        "--check-cost", action="store_true", help="time only the reader's value check (above)"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.files, args.steps, args.repeats = 30, 12, 1
@@ -109,6 +119,58 @@ def reader_rate(args, cache: Path) -> tuple[float, int]:
     return tokens / (time.perf_counter() - start), tokens
 
 
+def check_cost(args, cache: Path) -> None:
+    """Seconds per part of decoding with the value check, of the check alone and of the whole
+    reading of a part; medians over alternating repetitions; written to RESULTS.md."""
+    import logitcache
+    from logitcache.read import reader
+
+    c = logitcache.open(cache)
+    stored = [c.read_part(i) for i in range(c.num_parts)]  # decompressed once, outside the timing
+    m, where = c.manifest, "bench"
+
+    def seconds(step) -> float:
+        start = time.perf_counter()
+        for i, arrays in enumerate(stored):
+            step(i, arrays)
+        return time.perf_counter() - start
+
+    steps = {
+        "decode with the check": lambda i, a: reader.decode(m, a, where),
+        "the check alone": lambda i, a: reader.check_values(m, a, where),
+        "read_decoded (decompress, check, decode)": lambda i, a: c.read_decoded(i),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(max(args.repeats, 5)):
+        for name, step in steps.items():
+            times[name].append(seconds(step))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    decoded, check, whole = (median[n] for n in steps)
+    tokens = m.tokens
+    rows = [[name, f"{median[name] * 1e3:.2f}", f"{tokens / median[name]:,.0f}"] for name in steps]
+    rows += [
+        ["decode with / without the check", f"{decoded / (decoded - check):.3f}", ""],
+        ["read_decoded with / without the check", f"{whole / (whole - check):.3f}", ""],
+    ]
+    table = common.markdown_table(["measure", "ms (median, all parts)", "tokens/s"], rows)
+    info = common.machine()
+    t = m.targets
+    body = f"""## The reader's value check (`bench_trainer.py --check-cost`)
+
+- Command: `{common.command_line()}`
+- Date: {common.now_utc()}
+- Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}; load average at the end {common.loadavg()}
+- Cache: {tokens:,} tokens in {c.num_parts} part(s), top-{t.k} {t.logprob_dtype} in {t.order} order,
+  ids {t.id_dtype}, vocabulary {m.teacher.vocab_size} (the `build_cache` cache of this script).
+  {len(times["the check alone"])} alternating repetitions over every part; "without the check"
+  is the time with it less the check's own.
+
+{table}
+"""
+    print(body)
+    common.update_results("bench_trainer_check", body)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from logitcache.testing import toy
@@ -117,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     teacher_dir = common.ensure_teacher(args.quick, args.work)
     cache = build_cache(args, teacher_dir)
+    if args.check_cost:
+        check_cost(args, cache)
+        return
     default_tail = FitConfig.tail
     tails = list(dict.fromkeys([default_tail, *args.tails.split(",")]))
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:

@@ -8,6 +8,7 @@ and ids, any backend or writer; `synthetic_cache`: known ids, many parts)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,10 +83,21 @@ def topk_part(input_ids: np.ndarray, logits: np.ndarray, lengths, k: int, id_dty
 
 
 def make_cache(
-    root: str | Path, *, sequences: int = 12, seed: int = 0, license: str = "unknown", **settings
+    root: str | Path,
+    *,
+    sequences: int = 12,
+    seed: int = 0,
+    license: str = "unknown",
+    tamper: Callable[[int, PartArrays], None] | None = None,
+    finish: bool = True,
+    **settings,
 ) -> str | Path:
     """Write `sequences` sequences (random lengths, real top-k of random logits) to `root`
-    (a local path or a store URL); `settings` go to `template`."""
+    (a local path or a store URL); `settings` go to `template`.
+
+    `tamper(index, arrays)` may change a part's arrays in place before it is written: the
+    writer hashes what it writes, so the cache's bytes match their sha256 whatever the values.
+    Without `finish` the dump is left unfinished (its parts committed, ``complete`` false)."""
     m = template(**settings)
     vocab, k, seq_len, per_part = (
         m.teacher.vocab_size, m.targets.k, m.layout.seq_len, m.layout.sequences_per_part,
@@ -97,8 +109,12 @@ def make_cache(
             tokens = int(lengths.sum())
             logits = rng.normal(size=(tokens, vocab)) * 3
             input_ids = rng.integers(0, vocab, size=tokens)
-            writer.write_part(topk_part(input_ids, logits, lengths, k, m.targets.id_dtype))
-        writer.finish()
+            part = topk_part(input_ids, logits, lengths, k, m.targets.id_dtype)
+            if tamper is not None:
+                tamper(first // per_part, part)
+            writer.write_part(part)
+        if finish:
+            writer.finish()
     return root
 
 

@@ -42,7 +42,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 import logitcache
 from logitcache import Cache, CorruptCacheError, LogitCacheError, PartArrays
 from logitcache.format.manifest import PARTS_DIR
+from logitcache.storage.paths import link_problem, link_under
 
+#: What fills an empty split: the eval split grows with the fraction, the train split shrinks.
+_EMPTY_SPLIT_FIX = {
+    "eval": "Use a larger --eval-fraction or a larger cache (`trainer fit --eval-fraction 0` "
+    "holds nothing out).",
+    "train": "Use a smaller --eval-fraction, or a larger cache.",
+    "all": "Dump data into the cache.",
+}
 SPLITS = ("train", "eval", "all")
 IGNORE_INDEX = -100
 _SPLIT_SALT = np.uint64(0x5EED_0F_CAC4E)
@@ -114,7 +122,7 @@ class CacheDataset(IterableDataset):
             raise LogitCacheError(
                 f"the {split} split of {self.cache.root} has no sequences "
                 f"({len(self.cache)} sequences in the cache, eval fraction {eval_fraction}). "
-                "Use a larger cache or a smaller --eval-fraction."
+                + _EMPTY_SPLIT_FIX[split]
             )
         if batch_size < world_size:
             raise LogitCacheError(
@@ -283,6 +291,9 @@ def check_part_files(cache: Cache, index: int) -> None:
     info = cache.manifest.parts[index]
     base = os.path.join(str(cache.root), PARTS_DIR)
     for rel, expected in info.files.items():
+        link = link_under(Path(base), rel)
+        if link is not None:  # checked before hashing: never read through a link
+            raise CorruptCacheError(f"{info.name} of {cache.root}: {link_problem(link)}")
         path = os.path.join(base, rel)
         try:
             st = os.stat(path)

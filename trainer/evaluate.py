@@ -159,17 +159,18 @@ def evaluate(
             "the run held out nothing (eval fraction 0), so there is no eval split; "
             "use --split all on a separately dumped held-out cache."
         )
-    ds = CacheDataset(
-        c, batch_size=batch_size, split=split,
-        eval_fraction=0.0 if split == "all" else eval_fraction, shuffle=False,
-    )  # fmt: skip
     torch_device = resolve_device(device)
+    # the model before the split: a missing or untrained student is the first thing to fix
     model, source = build_student(student, c.manifest)
     if source.kind != "pretrained":
         raise LogitCacheError(
             f"--student {student} has no trained weights (only a config). Pass a trainer run "
             f"directory (with {RUN_MODEL_DIR}/) or a model saved with save_pretrained."
         )
+    ds = CacheDataset(
+        c, batch_size=batch_size, split=split,
+        eval_fraction=0.0 if split == "all" else eval_fraction, shuffle=False,
+    )  # fmt: skip
     model.to(torch_device)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
     metrics = evaluate_model(

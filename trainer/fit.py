@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 import logitcache
 from logitcache.errors import LogitCacheError
@@ -178,6 +179,20 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
             raise LogitCacheError(
                 f"the cache {cache.root} holds no sequences: nothing to train on. Dump data into it."
             )
+        if cache.manifest.tokens == cache.manifest.sequences:  # refused now, not after training
+            raise LogitCacheError(
+                f"every sequence of the cache {cache.root} is one token long (seq_len "
+                f"{cache.manifest.layout.seq_len}): no position has a next token to learn. "
+                "Dump it again with --seq-len 2 or more."
+            )
+        # the student before the splits: a missing or mismatched student is the first thing to fix
+        checkpoint = _load_checkpoint(run_dir) if config.resume else None
+        if checkpoint is not None:
+            _check_resume(config, checkpoint, cache.manifest)
+        model, source = build_student(
+            config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
+            config_dict=None if checkpoint is None else checkpoint["student_config"],
+        )  # fmt: skip
         train_ds = CacheDataset(
             cache, batch_size=config.batch_size, split="train",
             eval_fraction=config.eval_fraction, seed=config.seed, shuffle=True,
@@ -191,13 +206,6 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
                 eval_fraction=config.eval_fraction, seed=config.seed, shuffle=False,
                 rank=d.rank, world_size=d.world_size, check_files=config.check_files,
             )  # fmt: skip
-        checkpoint = _load_checkpoint(run_dir) if config.resume else None
-        if checkpoint is not None:
-            _check_resume(config, checkpoint, cache.manifest)
-        model, source = build_student(
-            config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
-            config_dict=None if checkpoint is None else checkpoint["student_config"],
-        )  # fmt: skip
         return cache, train_ds, eval_ds, checkpoint, model, source
 
     cache, train_ds, eval_ds, checkpoint, model, source = distributed.agree(d, setup)
@@ -206,7 +214,8 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
     warmup = _warmup_steps(config, total_steps)
     model.to(device)
     if checkpoint is None and main:
-        _clear_run_dir(run_dir)  # only now: a bad cache or student leaves an old run intact
+        with _writing(run_dir, "creating it"):
+            _clear_run_dir(run_dir)  # only now: a bad cache or student leaves an old run intact
     optimizer = _optimizer(model, config, device)
     schedule = partial(
         _lr_factor, warmup=warmup, total=total_steps, min_ratio=config.min_lr / config.lr
@@ -225,7 +234,8 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
         _set_rng_state(ranks[d.rank] if len(ranks) == d.world_size else checkpoint["rng"])
         step = int(checkpoint["step"])
         if main:
-            _truncate_metrics(run_dir / METRICS_FILE, step)
+            with _writing(run_dir, METRICS_FILE):
+                _truncate_metrics(run_dir / METRICS_FILE, step)
         metrics_mode = "a"
     net: torch.nn.Module = model
     if d.enabled:  # gradients averaged over ranks; the loss is scaled so that this is exact
@@ -234,7 +244,8 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
         )
     n_params = sum(p.numel() for p in model.parameters())
     if main:
-        _write_json(run_dir / CONFIG_FILE, dataclasses.asdict(config))
+        with _writing(run_dir, CONFIG_FILE):
+            _write_json(run_dir / CONFIG_FILE, dataclasses.asdict(config))
     ranks_note = f" x {d.world_size} processes" if d.enabled else ""
     _log(
         f"{'resuming at step ' + str(step) if step else 'training'} {type(model).__name__} "
@@ -246,10 +257,13 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
     )
 
     # ---- train -----------------------------------------------------------------------------------
-    metrics = (run_dir / METRICS_FILE).open(metrics_mode, encoding="utf-8") if main else None
+    metrics = None
+    if main:
+        with _writing(run_dir, METRICS_FILE):
+            metrics = (run_dir / METRICS_FILE).open(metrics_mode, encoding="utf-8")
     state = _LoopState(config, run_dir, total_steps, per_epoch, metrics)
     if checkpoint is not None:
-        state.tokens_logged = int(checkpoint["tokens_seen"])
+        state.resume(checkpoint, device)
     hard_only = config.alpha == 1.0
     stop = _StopFlag()
     stopped = False
@@ -259,10 +273,11 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
     def save() -> None:
         rngs = distributed.all_gather(d, _rng_state())  # each rank's RNG, for an exact resume
         if main:
-            _save_checkpoint(
-                run_dir, model, optimizer, scheduler, train_ds, step, config, state,
-                rngs if d.enabled else None,
-            )  # fmt: skip
+            with _writing(run_dir, "the checkpoint"):
+                _save_checkpoint(
+                    run_dir, model, optimizer, scheduler, train_ds, step, config, state,
+                    rngs if d.enabled else None,
+                )  # fmt: skip
 
     try:
         with stop, _ProgressBar(progress, total_steps, step) as bar:
@@ -339,8 +354,10 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
     if d.enabled:
         summary["world_size"] = d.world_size
     if main:
-        model.save_pretrained(run_dir / MODEL_DIR, safe_serialization=True)
-        _write_json(run_dir / SUMMARY_FILE, summary)
+        with _writing(run_dir, "the final model", partial=run_dir / MODEL_DIR):
+            model.save_pretrained(run_dir / MODEL_DIR, safe_serialization=True)
+        with _writing(run_dir, SUMMARY_FILE):
+            _write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -372,7 +389,12 @@ def _reduce_step(
 
 
 def _check_config(c: FitConfig) -> None:
-    problems = []
+    # NaN fails every comparison below but inf passes "> 0": every float must be finite first
+    problems = [
+        f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(c, f.name)}"
+        for f in dataclasses.fields(c)
+        if f.type == "float" and not math.isfinite(getattr(c, f.name))
+    ]
     if c.loss not in LOSSES:
         problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
     if c.tail not in TAIL_MODES:
@@ -395,6 +417,13 @@ def _check_config(c: FitConfig) -> None:
         problems.append("give --steps or a positive --epochs")
     if not c.lr > 0 or not 0 <= c.min_lr <= c.lr:
         problems.append(f"need 0 < --lr and 0 <= --min-lr <= --lr (got {c.lr}, {c.min_lr})")
+    if not c.grad_clip >= 0:
+        problems.append(f"--grad-clip must be 0 (off) or a positive norm, got {c.grad_clip}")
+    if not c.weight_decay >= 0:
+        problems.append(f"--weight-decay must be 0 or more, got {c.weight_decay}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            problems.append(f"--{name} must be in [0, 1), got {getattr(c, name)}")
     if c.warmup_steps is not None and c.warmup_steps < 0:
         problems.append("--warmup-steps must be 0 or more")
     if c.resume and c.overwrite:
@@ -572,6 +601,28 @@ class _LoopState:
         finally:
             self.window_start += time.perf_counter() - start
 
+    def window(self) -> dict[str, Any]:
+        """The steps since the last metrics row, for the checkpoint: a resumed run's first row
+        then covers the same steps (and tokens, and averages, bit for bit) as the uninterrupted
+        run's row."""
+        as_tensor = lambda v: torch.as_tensor(v).detach().cpu()  # noqa: E731
+        return {
+            "sums": {k: as_tensor(v) for k, v in self.sums.items()},
+            "tokens": as_tensor(self.tokens),
+            "n": self.n,
+            "seconds": time.perf_counter() - self.window_start,  # for the row's tokens/s
+        }
+
+    def resume(self, checkpoint: dict[str, Any], device: torch.device) -> None:
+        """Continue the counts of `checkpoint`; one saved before "window" existed starts a new
+        window (its first row then covers only the steps after the checkpoint)."""
+        window = checkpoint.get("window")
+        if window is not None:
+            self.sums = {k: v.to(device) for k, v in window["sums"].items()}
+            self.tokens, self.n = window["tokens"].to(device), int(window["n"])
+            self.window_start -= float(window["seconds"])
+        self.tokens_logged = int(checkpoint["tokens_seen"]) - int(self.tokens)
+
     def tokens_seen(self) -> int:
         """Input tokens trained on since step 0 (syncs with the device)."""
         return self.tokens_logged + int(self.tokens)
@@ -620,8 +671,9 @@ class _LoopState:
     def _write(self, row: dict[str, Any]) -> None:
         if self.metrics is None:  # not rank 0: only rank 0 writes the run directory
             return
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        with _writing(self.run_dir, METRICS_FILE):
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -798,24 +850,13 @@ def _save_checkpoint(
     tmp, final, old = (run_dir / n for n in (".checkpoint.tmp", CHECKPOINT_DIR, ".checkpoint.old"))
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "dataset": ds.state_dict(),
-        "tokens_seen": state.tokens_seen(),
-        "rng": _rng_state() if rng_ranks is None else rng_ranks[0],
-        "rng_ranks": rng_ranks or [],
-        "world_size": len(rng_ranks or [None]),
-        "student_config": config_to_dict(model),
-        "config": dataclasses.asdict(config),
-        "manifest": _identity(ds.cache.manifest),
-    }
-    torch.save(state, tmp / "state.pt")
-    _write_json(tmp / "config.json", {"step": step, "config": state["config"]})
-    _fsync_dir(tmp)
+    try:
+        _write_checkpoint_files(
+            tmp, model, optimizer, scheduler, ds, step, config, state, rng_ranks
+        )
+    except BaseException:  # a full disk, a second Ctrl-C: no half-written checkpoint left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -824,6 +865,47 @@ def _save_checkpoint(
     _fsync_dir(run_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _write_checkpoint_files(
+    tmp, model, optimizer, scheduler, ds, step, config, state, rng_ranks
+) -> None:
+    """state.pt and config.json into the new directory `tmp`, fsynced."""
+    tmp.mkdir()
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "dataset": ds.state_dict(),
+        "tokens_seen": state.tokens_seen(),
+        "window": state.window(),
+        "rng": _rng_state() if rng_ranks is None else rng_ranks[0],
+        "rng_ranks": rng_ranks or [],
+        "world_size": len(rng_ranks or [None]),
+        "student_config": config_to_dict(model),
+        "config": dataclasses.asdict(config),
+        "manifest": _identity(ds.cache.manifest),
+    }
+    _torch_save(state, tmp / "state.pt")
+    _write_json(tmp / "config.json", {"step": step, "config": state["config"]})
+    _fsync_dir(tmp)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through a Python file, so that a failed write (a full disk) surfaces as the
+    OSError it is: torch's writer reports it as a RuntimeError ("unexpected pos ..."), keeping
+    the file's OSError only as that error's context."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:
+            cause = exc.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from exc
 
 
 def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -906,8 +988,36 @@ def _summary(config, cache, source, n_params, step, total, warmup, state, final_
 
 def _write_json(path: Path, doc: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, what: str, partial: Path | None = None) -> Iterator[None]:
+    """Writes into the run directory: an OSError (a full disk, a read-only filesystem, a
+    missing permission) becomes a `LogitCacheError` naming the directory, what was being
+    written and how to go on; `partial`, what the failed write leaves half-written, is removed
+    (the checkpoint and JSON writers clean up their own temporary files)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:  # safetensors: the final model's weights
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        resumable = any((run_dir / n).is_dir() for n in (CHECKPOINT_DIR, ".checkpoint.old"))
+        again = (
+            "then rerun the same command with --resume: it continues from the last checkpoint"
+            if resumable
+            else "then rerun the same command"
+        )
+        raise LogitCacheError(
+            f"cannot write to the run directory {run_dir} ({what}): "
+            f"{getattr(exc, 'strerror', None) or exc}. Free space on its filesystem or make it writable, or "
+            f"choose another --out; {again}."
+        ) from exc
 
 
 def _fsync_dir(path: Path) -> None:

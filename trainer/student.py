@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from logitcache.errors import LogitCacheError
 from logitcache.format.manifest import Manifest
@@ -192,10 +193,17 @@ def build_student(
         else:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        damaged = isinstance(exc, SafetensorError)  # a truncated or overwritten weights file
         raise LogitCacheError(
             f"cannot build a causal language model from --student {spec}: {first}."
+            + (
+                f" Its weights in {source.path} are damaged (truncated?): save the model "
+                "again, or rerun the `trainer fit` that wrote it."
+                if damaged
+                else ""
+            )
         ) from exc
     if manifest is not None:
         width = model.get_output_embeddings()

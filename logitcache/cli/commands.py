@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from logitcache.cli.common import human_bytes, run_app
-from logitcache.errors import CorruptCacheError
+from logitcache.cli.common import human_bytes, run_app, size_per_token
+from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.read import reader
 from logitcache.storage import stores
 
@@ -196,7 +196,7 @@ def dump(
     )
     print(
         f"wrote {out_dir}{resumed}: {m.tokens:,} tokens in {m.sequences:,} sequences, {len(m.parts)} parts; "
-        f"{human_bytes(summary.bytes_on_disk)} on disk = {summary.bytes_per_token:.1f} bytes/token; "
+        f"{size_per_token(summary.bytes_on_disk, m.tokens)} on disk; "
         f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s)"
     )
 
@@ -232,7 +232,7 @@ def info(
     if as_json:
         doc = dataclasses.asdict(m) | {
             "size_bytes": size,
-            "bytes_per_token": size / max(m.tokens, 1),
+            "bytes_per_token": size / m.tokens if m.tokens else None,
         }
         print(json.dumps(doc, indent=2))
         _report_damage(cache, problems)
@@ -247,7 +247,7 @@ def info(
         ("layout", f"seq_len {m.layout.seq_len}, {'packed' if m.layout.packing else 'one document per sequence'}, {m.layout.sequences_per_part} sequences/part"),
         ("codec", f"{m.codec.name}/{m.codec.cname} level {m.codec.clevel}, {m.codec.shuffle}, {m.codec.checksum}"),
         ("counts", f"{m.tokens:,} tokens, {m.sequences:,} sequences, {len(m.parts)} parts"),
-        ("size", f"{human_bytes(size)} = {size / max(m.tokens, 1):.1f} bytes/token"),
+        ("size", size_per_token(size, m.tokens)),
     ]  # fmt: skip
     if not c.is_remote and not problems:
         rows.append(("checked", "every part's files present, metadata and chunk indexes intact "
@@ -301,6 +301,10 @@ def stats(
     """
     from logitcache.read import stats as stats_mod
 
+    if max_tokens < 0:
+        raise LogitCacheError(
+            f"--max-tokens must be 0 (every position) or a number of positions, got {max_tokens}."
+        )
     c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
     result = stats_mod.compute(c, max_tokens=max_tokens)
     doc = result.summary()
@@ -377,6 +381,12 @@ def merge(
         ),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    any_order: Annotated[
+        bool,
+        typer.Option(
+            help="Accept shards of one dump (--shard I/N) out of shard order (default: refused)."
+        ),
+    ] = False,
     license: LicenseOption = "unknown",
     cache_dir: CacheDirOption = None,
 ) -> None:
@@ -394,8 +404,9 @@ def merge(
     from logitcache.write.merge import merge as run_merge
 
     m = run_merge(
-        out_dir, inputs, copy=copy, overwrite=overwrite, license=license, cache_dir=cache_dir
-    )
+        out_dir, inputs, copy=copy, overwrite=overwrite, license=license, cache_dir=cache_dir,
+        any_order=any_order,
+    )  # fmt: skip
     how = "copied" if copy else "hard-linked"
     print(
         f"wrote {out_dir}: {len(inputs)} caches merged ({how}), {m.tokens:,} tokens in "

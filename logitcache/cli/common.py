@@ -33,6 +33,14 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
         sys.exit(130)
 
 
+def size_per_token(size: int, tokens: int) -> str:
+    """ "SIZE = N.N bytes/token"; for a cache without tokens (an empty shard, an unfinished dump)
+    only the size: the metadata's bytes over no tokens are no rate."""
+    if not tokens:
+        return f"{human_bytes(size)} (no tokens yet, so no bytes/token)"
+    return f"{human_bytes(size)} = {size / tokens:.1f} bytes/token"
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

@@ -112,6 +112,12 @@ def count_documents(source: DataSource) -> int | None:
 
 def iter_documents(source: DataSource) -> Iterator[str | list[int]]:
     """Each document in order: a string, or a list of token ids for pre-tokenized input."""
+    for _, _, doc in _documents(source):
+        yield doc
+
+
+def _documents(source: DataSource) -> Iterator[tuple[Path, int, Any]]:
+    """(file, index of the document in the file, document) for each document, in order."""
     readers: dict[str, Callable[[Path, DataSource], Iterator[Any]]] = {
         "text": _read_text,
         "jsonl": _read_jsonl,
@@ -120,9 +126,32 @@ def iter_documents(source: DataSource) -> Iterator[str | list[int]]:
         "npy": _read_npy,
     }
     for f in source.files:
-        for doc in readers[source.format](f, source):
+        for number, doc in enumerate(readers[source.format](f, source)):
             _check_document(doc, f, source)
-            yield doc
+            yield f, number, doc
+
+
+def check_ids(source: DataSource, vocab_size: int) -> None:
+    """Refuse pre-tokenized input holding an id the teacher has no embedding row for (negative,
+    or ``>= vocab_size``), naming the file and the document. Run before the cache is touched: the
+    teacher would fail on the first such id mid-dump, with parts already committed. One pass
+    over the ids (the fingerprint reads every byte anyway); memory stays one document."""
+    for f, number, doc in _documents(source):
+        ids = np.asarray(doc)
+        if not ids.size:
+            continue
+        if ids.dtype.kind not in "iu":
+            raise LogitCacheError(
+                f"{f}: document {number} holds {ids.dtype} values, not integer token ids."
+            )
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise LogitCacheError(
+                f"{f}: document {number} holds token id {low if low < 0 else high}, outside the "
+                f"teacher's vocabulary 0..{vocab_size - 1}. Token ids must come from the "
+                "teacher's tokenizer: re-tokenize the data with it, or choose the matching "
+                "--teacher."
+            )
 
 
 def _check_document(doc: Any, f: Path, source: DataSource) -> None:

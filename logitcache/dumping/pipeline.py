@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import glob
 import itertools
 import queue
 import threading
@@ -50,10 +51,15 @@ from logitcache.format.manifest import (
 )
 from logitcache.progress import Bar, progress_bar
 from logitcache.storage import stores
+from logitcache.storage.paths import refuse_overlap
 from logitcache.version import __version__
 from logitcache.write.remote_writer import open_writer
 from logitcache.write.writer import CacheWriter
 
+#: --clevel ranges: Blosc's (zarr) levels, 0 (none) to 9; the Parquet backend's plain zstd
+#: levels, 1 to 22 (0 means zstd's default there). Checked up front: out of range, Blosc fails
+#: only when the first part is written, after --out was created.
+CLEVELS = {"zarr": (0, 9), "parquet": (0, 22)}
 QUEUE_BATCHES = 4  # batches in flight between the device and the writer: bounds host memory
 
 
@@ -102,8 +108,9 @@ class DumpSummary:
     wall_seconds: float
 
     @property
-    def bytes_per_token(self) -> float:
-        return self.bytes_on_disk / max(self.manifest.tokens, 1)
+    def bytes_per_token(self) -> float | None:
+        """None for a dump without tokens (an empty shard): its metadata is no rate."""
+        return self.bytes_on_disk / self.manifest.tokens if self.manifest.tokens else None
 
 
 def dump(opts: DumpOptions) -> DumpSummary:
@@ -126,6 +133,8 @@ def dump(opts: DumpOptions) -> DumpSummary:
         trust_remote_code=opts.trust_remote_code,
     )
     _check_against_teacher(opts, teacher)
+    if source.pretokenized:  # before touching --out: a bad id must leave nothing behind
+        data.check_ids(source, teacher.info.vocab_size)
     template = _manifest_template(opts, teacher, source)
     total = template.data.documents if template.data.documents >= 0 else None
     with progress_bar("dump", total=total, unit="docs", enabled=opts.progress) as bar:
@@ -148,11 +157,26 @@ def dump(opts: DumpOptions) -> DumpSummary:
 
 
 def _check_options(opts: DumpOptions) -> None:
-    for name in ("top_k", "samples", "seq_len", "batch_size", "part_tokens", "chunk_bytes"):
+    for name in ("top_k", "samples", "batch_size", "part_tokens", "chunk_bytes"):
         if getattr(opts, name) < 1:
             raise LogitCacheError(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}."
             )
+    if opts.seq_len < 2:  # a 1-token sequence has no next token: a student could not train
+        raise LogitCacheError(
+            f"--seq-len must be at least 2, got {opts.seq_len}: the student learns to predict "
+            "each token from the ones before it, so a sequence needs at least two tokens."
+        )
+    if opts.backend not in CLEVELS:
+        raise LogitCacheError(
+            f"--format must be one of {', '.join(CLEVELS)}, got {opts.backend!r}."
+        )
+    low, high = CLEVELS[opts.backend]
+    if not low <= opts.clevel <= high:
+        raise LogitCacheError(
+            f"--clevel must be in {low}..{high} for --format {opts.backend} (higher: smaller "
+            f"and slower), got {opts.clevel}."
+        )
     if opts.logprob_dtype not in LOGPROB_DTYPES:
         raise LogitCacheError(
             f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}, got "
@@ -174,6 +198,14 @@ def _check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(f"--temperature must be a positive number, got {opts.temperature}.")
     if not 0 <= opts.seed < 1 << 63:
         raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
+    refuse_overlap(opts.out, _local_inputs(opts), "--out")
+
+
+def _local_inputs(opts: DumpOptions) -> list[str]:
+    """What a dump reads from local disk, for the --out check: --data (for a glob, the files
+    it matches) and --teacher / --tokenizer where they are paths rather than hub names."""
+    found = [opts.data] if Path(opts.data).exists() else glob.glob(opts.data, recursive=True)
+    return found + [p for p in (opts.teacher, opts.tokenizer) if p and Path(p).exists()]
 
 
 def _check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
@@ -181,6 +213,15 @@ def _check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
     if opts.targets == "topk" and not 1 <= opts.top_k <= vocab:
         raise LogitCacheError(
             f"--top-k {opts.top_k} is not in 1..{vocab} (the teacher's vocabulary size)."
+        )
+    words = teacher.tokenizer_info.vocab_size
+    if words > vocab:  # input ids up to words - 1: past the model's embedding, and any student's
+        raise LogitCacheError(
+            f"the tokenizer ({teacher.tokenizer_info.name}) has {words} ids but the teacher's "
+            f"logits have {vocab}: ids {vocab}..{words - 1} are outside the model's vocabulary, "
+            "and a cache of them would be refused by every reader. Pass the tokenizer the "
+            f"teacher was trained with (--tokenizer; at most {vocab} ids), or a teacher whose "
+            f"output covers all {words}."
         )
     limit = teacher.info.max_positions
     if limit is not None and opts.seq_len > limit:
@@ -273,6 +314,13 @@ def _teacher_targets(
     for row, seq in enumerate(batch):
         ids[row, : len(seq)] = seq
     logits = teacher.logits(torch.from_numpy(ids).to(teacher.device))  # (batch, time, vocab)
+    if logits.shape[-1] != teacher.info.vocab_size:  # the width probed, and in the manifest
+        raise LogitCacheError(
+            f"the teacher returned logits over {logits.shape[-1]} ids for a batch, but "
+            f"{teacher.info.vocab_size} when probed (the vocab_size in the manifest): its ids "
+            "would not match the cache's. Use a teacher whose output width does not depend on "
+            "its input."
+        )
     index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
     computed = targets.device_targets(logits, spec, index)
     pinned = teacher.device.type == "cuda"

@@ -109,6 +109,18 @@ def shard_data(info: DataInfo, shard: Shard) -> DataInfo:
     )
 
 
+_SHARD_SOURCE = re.compile(r"(?P<source>.*) \[shard (?P<index>\d+)/(?P<count>\d+)\]")
+
+
+def shard_of(info: DataInfo) -> tuple[str, Shard] | None:
+    """(the whole data's source, the shard) that `shard_data` marked `info` with, or None for
+    the data record of a whole dump."""
+    found = _SHARD_SOURCE.fullmatch(info.source)
+    if found is None:
+        return None
+    return found["source"], Shard(int(found["index"]), int(found["count"]))
+
+
 def rank_location(out: str | Path, shard: Shard) -> str | Path:
     name = f"{RANKS_DIR}/rank-{shard.index:05d}-of-{shard.count:05d}"
     if stores.is_remote(out):

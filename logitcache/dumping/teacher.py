@@ -130,7 +130,13 @@ def _from_factory(spec: str) -> torch.nn.Module:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as exc:
         raise LogitCacheError(f"cannot import --teacher-factory {spec}: {exc}.") from exc
-    model = fn()
+    try:
+        model = fn()
+    except Exception as exc:  # the user's own code: any failure is theirs to fix, not a bug here
+        raise LogitCacheError(
+            f"--teacher-factory {spec} raised {type(exc).__name__}: {exc}. Fix the factory (set "
+            "LOGITCACHE_DEBUG=1 to see its traceback)."
+        ) from exc
     if not isinstance(model, torch.nn.Module):
         raise LogitCacheError(
             f"--teacher-factory {spec} returned {type(model).__name__}, not a torch module."

@@ -103,6 +103,33 @@ def probability_mass_bound(
     return np.where(finite, np.exp(lp - np.where(finite, err, 0.0)), 0.0).sum(-1)
 
 
+def logprobs_valid(values: np.ndarray, logprob_dtype: str) -> bool:
+    """Whether every stored top-k value decodes to a finite log-prob <= 0: the reader's cheap
+    per-part check (`invalid_logprobs` then finds where it fails).
+
+    Every encoder keeps values <= 0: rounding to float16 or float32 keeps the sign (a value may
+    be exactly 0, a top-1 of probability 1), and a uint8 code always decodes to -q / S, so any
+    positive, NaN or infinite value is damage, with no rounding allowance. float16 is checked
+    on its bit pattern, with two integer reductions (a float16 reduction in numpy is emulated,
+    15x slower): +0 is 0x0000, the negative finite values (and -0) are 0x8000..0xFBFF; -inf
+    and the negative NaNs lie above, and the positive values (+inf and NaNs included) below,
+    where subtracting 1 (wrapping +0 to 0xFFFF) leaves them under 0x7FFF.
+    """
+    values = np.asarray(values)
+    if logprob_dtype == "uint8" or values.size == 0:
+        return True
+    if logprob_dtype == "float16":
+        bits = values.view(np.uint16)
+        return bool(bits.max() <= 0xFBFF and (bits - np.uint16(1)).min() >= 0x7FFF)
+    return bool(values.max() <= 0 and values.min() > -np.inf)  # a NaN fails both
+
+
+def invalid_logprobs(values: np.ndarray) -> np.ndarray:
+    """Mask of the stored float values that are not a finite log-prob <= 0 (any shape)."""
+    v = np.asarray(values, dtype=np.float32)
+    return ~(np.isfinite(v) & (v <= 0))
+
+
 # --------------------------------------------------------------------------------------------
 # The uniform view
 
@@ -187,7 +214,9 @@ __all__ = [
     "decode_topk",
     "dequantize",
     "encode_ragged",
+    "invalid_logprobs",
     "logprob_error_bound",
+    "logprobs_valid",
     "probability_mass_bound",
     "quantize",
     "row_of_entries",

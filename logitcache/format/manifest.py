@@ -270,6 +270,16 @@ def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return lines
 
 
+def load_json(text: str | bytes) -> Any:
+    """`json.loads` for what a cache holds (manifest, zarr.json, lock file): a document nested
+    deeper than the decoder's recursion limit (``[[[[...`` in a few KB) raises ValueError, like
+    any other invalid JSON, instead of a RecursionError that no caller expects."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to be metadata") from None
+
+
 def parse_manifest(text: str | bytes, source: str = MANIFEST_NAME) -> Manifest:
     """Parse a manifest into the strict schema: unknown, missing or ill-typed fields are refused.
 
@@ -280,7 +290,7 @@ def parse_manifest(text: str | bytes, source: str = MANIFEST_NAME) -> Manifest:
             f"{source} is {len(text)} bytes, over the {MAX_MANIFEST_BYTES} limit."
         )
     try:
-        raw = json.loads(text)
+        raw = load_json(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptCacheError(f"{source} is not valid JSON ({exc}).") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:

@@ -12,7 +12,6 @@ reads a part) do.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -21,7 +20,7 @@ from pathlib import Path
 import crc32c
 
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import PARTS_DIR
+from logitcache.format.manifest import PARTS_DIR, load_json
 from logitcache.read.reader import Cache
 
 _EMPTY = (1 << 64) - 1
@@ -53,7 +52,7 @@ def _shard_index_problem(base: Path, rel: str) -> str | None:
     """Why the shard file `rel` (under `base`) has a damaged index, or None."""
     array_dir = base / rel.split("/c/")[0]
     try:
-        meta = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
+        meta = load_json((array_dir / "zarr.json").read_text(encoding="utf-8"))
         (codec,) = [c for c in meta["codecs"] if c.get("name") == "sharding_indexed"]
         config = codec["configuration"]
         outer = meta["chunk_grid"]["configuration"]["chunk_shape"]

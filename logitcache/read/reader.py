@@ -38,6 +38,7 @@ from logitcache.format.manifest import (
 )
 from logitcache.storage import stores
 from logitcache.storage.backend import get_backend
+from logitcache.storage.paths import link_problem, link_under, refuse_links
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def open(
     manifest_path = root / MANIFEST_NAME
     if not root.exists():
         raise LogitCacheError(f"no cache at {root}: the path does not exist. Check --cache.")
+    refuse_links(root)  # before the manifest is opened: a link there leads elsewhere
     if not manifest_path.is_file():
         raise LogitCacheError(
             f"{root} is not a logitcache cache (no {MANIFEST_NAME}). "
@@ -98,12 +100,23 @@ def _open_remote(url: str, allow_partial: bool, cache_dir: str | Path | None) ->
     return Cache(store.url, manifest, mirror=stores.PartMirror(store, cache_dir))
 
 
+def completeness_problem(manifest: Manifest, where: object) -> str | None:
+    """Why a reader refuses the cache at `where` as unfinished, or None when its dump finished.
+
+    One text for `open` and `logitcache verify`, so that verify fails on exactly what a reader
+    refuses (an interrupted dump, or the 0-part directory a failed one leaves) and says why."""
+    if manifest.complete:
+        return None
+    return (
+        f"{where} is an unfinished dump ({len(manifest.parts)} parts committed). Rerun the same "
+        "`logitcache dump` command to finish it."
+    )
+
+
 def _check_complete(manifest: Manifest, where: object, allow_partial: bool) -> None:
-    if not manifest.complete and not allow_partial:
-        raise LogitCacheError(
-            f"{where} is an unfinished dump ({len(manifest.parts)} parts committed). Rerun the same "
-            "`logitcache dump` command to finish it."
-        )
+    problem = completeness_problem(manifest, where)
+    if problem is not None and not allow_partial:
+        raise LogitCacheError(problem)
 
 
 class Cache:
@@ -173,23 +186,27 @@ class Cache:
         with self.open_part(index) as path:
             return path
 
+    def refuse_links(self) -> None:
+        """Refuse a symbolic link anywhere on the path to a listed file, for every part at once:
+        what a command that writes elsewhere checks of its inputs before it deletes or writes
+        anything (`open` checks the manifest and parts/, each read checks its own part). A
+        remote cache's files are fetched into the local cache, never linked: nothing to do."""
+        if self.mirror is None:
+            refuse_links(Path(self.root), self.manifest)
+
     def _check_part(self, base: Path, index: int) -> None:
-        """Every listed file is a regular file inside `base`, and the backend's metadata agrees
-        with the manifest: checked before anything of the part is decoded."""
+        """Every listed file is a regular file under `base` reached through no symbolic link
+        (manifest keys hold no ``..``, so it is inside the cache), and the backend's metadata
+        agrees with the manifest: checked before anything of the part is decoded."""
         key = (str(base), index)
         if key in self._checked:
             return
         info = self.manifest.parts[index]
-        real_base = os.path.realpath(base)
         for rel in info.files:
-            path = base / rel
-            real = os.path.realpath(path)
-            if not real.startswith(real_base + os.sep):
-                raise CorruptCacheError(
-                    f"{info.name} of {self.root}: {PARTS_DIR}/{rel} resolves outside the cache "
-                    "(a symbolic link?); refusing to read it."
-                )
-            if not os.path.isfile(real):
+            link = link_under(base, rel)
+            if link is not None:
+                raise CorruptCacheError(f"{info.name} of {self.root}: {link_problem(link)}")
+            if not (base / rel).is_file():
                 raise CorruptCacheError(
                     f"{info.name} of {self.root}: {PARTS_DIR}/{rel} is missing. Run "
                     "`logitcache verify` on the cache."
@@ -241,7 +258,8 @@ class Cache:
     def read_decoded(self, index: int) -> PartArrays:
         """Part `index` in the uniform view: ``target_ids`` (tokens, w) and ``target_logprobs``
         (tokens, w) in decreasing order, ``-inf`` on unused slots (see `CacheSequence`)."""
-        return decode(self.manifest, self.read_part(index))
+        where = f"{self.manifest.parts[index].name} of {self.root}"
+        return decode(self.manifest, self.read_part(index), where)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(part index, sequence index within the part) of global sequence `index`."""
@@ -274,7 +292,8 @@ class Cache:
                 )
             else:
                 rows = PartArrays(*(read(path, n, start, stop) for n in _TOKEN_ARRAYS), one)
-        decoded = decode(self.manifest, rows)
+        where = f"{self.manifest.parts[part].name} of {self.root}"
+        decoded = decode(self.manifest, rows, where, first_sequence=local)
         return _to_sequence(decoded.input_ids, decoded.target_ids, decoded.target_logprobs)
 
     def iter_parts(self) -> Iterator[PartArrays]:
@@ -299,9 +318,15 @@ def _to_sequence(input_ids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -
     )
 
 
-def decode(manifest: Manifest, arrays: PartArrays) -> PartArrays:
+def decode(
+    manifest: Manifest, arrays: PartArrays, where: str = "a part", first_sequence: int = 0
+) -> PartArrays:
     """A part's arrays as stored -> the uniform view (`CacheSequence`); float16 log-probs in
-    decreasing order pass through without a copy."""
+    decreasing order pass through without a copy.
+
+    The ids and values are checked first (`check_values`; `where` names the part in its error,
+    `first_sequence` is the part's sequence that `arrays` start with)."""
+    check_values(manifest, arrays, where, first_sequence)
     t = manifest.targets
     if t.kind == "sample":
         ids, logprobs = codecs.decode_sample(
@@ -312,6 +337,74 @@ def decode(manifest: Manifest, arrays: PartArrays) -> PartArrays:
             arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
         )
     return PartArrays(arrays.input_ids, ids, logprobs, arrays.seq_offsets)
+
+
+def check_values(
+    manifest: Manifest, arrays: PartArrays, where: str, first_sequence: int = 0
+) -> None:
+    """Raise a `CorruptCacheError` at the first id or value that no consumer can use.
+
+    A part whose files match their sha256 can still hold such values (written by a buggy or
+    mismatched dump, or by another tool): an id at or above the vocabulary size (an index error
+    deep inside training, or a silent wrong gather on a GPU), a NaN or positive log-prob (a
+    "diverged" loss that blames the learning rate), a sampled count of 0, lengths that do not
+    add up. Checked on every decoded part, before decoding, with a few vectorised reductions
+    (benchmarks/bench_trainer.py measures their share); only a failure pays for finding where.
+    """
+    vocab, t = manifest.teacher.vocab_size, manifest.targets
+    input_ids, target_ids = np.asarray(arrays.input_ids), np.asarray(arrays.target_ids)
+    if t.kind == "sample":
+        stored = int(np.asarray(arrays.target_lengths).sum(dtype=np.int64))
+        if stored != len(target_ids):
+            raise _bad_values(
+                where,
+                f"its target_lengths add up to {stored}, not the {len(target_ids)} (id, count) "
+                "entries stored",
+            )
+    if input_ids.size and input_ids.max() >= vocab:
+        row = int(np.argmax(input_ids >= vocab))
+        what = f"input id {int(input_ids[row])} is >= the vocabulary size {vocab}"
+    elif target_ids.size and target_ids.max() >= vocab:
+        flat = target_ids.reshape(-1)
+        entry = int(np.argmax(flat >= vocab))
+        row = _row_of_entry(arrays, t.kind, entry)
+        what = f"target id {int(flat[entry])} is >= the vocabulary size {vocab}"
+    elif t.kind == "sample":
+        counts = np.asarray(arrays.target_counts)
+        if not counts.size or counts.min() >= 1:
+            return
+        row = _row_of_entry(arrays, t.kind, int(np.argmax(counts < 1)))
+        what = "a stored sample count is 0"
+    elif codecs.logprobs_valid(arrays.target_logprobs, t.logprob_dtype):
+        return
+    else:
+        values = np.asarray(arrays.target_logprobs).reshape(-1)
+        entry = int(np.argmax(codecs.invalid_logprobs(values)))
+        row = _row_of_entry(arrays, t.kind, entry)
+        what = f"log-prob {float(values[entry])} is not a finite value <= 0"
+    offsets = np.asarray(arrays.seq_offsets)
+    sequence = int(np.searchsorted(offsets, row, side="right")) - 1
+    position = row - int(offsets[sequence])
+    raise _bad_values(
+        where, f"sequence {first_sequence + sequence} of the part, position {position}: {what}"
+    )
+
+
+def _row_of_entry(arrays: PartArrays, kind: str, entry: int) -> int:
+    """The position (token row) of target entry `entry`, counted in the flattened array."""
+    if kind == "sample":  # ragged: the entries of position i end at cumsum(lengths)[i]
+        ends = np.cumsum(arrays.target_lengths, dtype=np.int64)
+        return int(np.searchsorted(ends, entry, side="right"))
+    return entry // arrays.target_ids.shape[-1]
+
+
+def _bad_values(where: str, what: str) -> CorruptCacheError:
+    return CorruptCacheError(
+        f"{where} holds values that no reader can use: {what}. The sha256 of its files cannot "
+        "show this (they may have been written with these values): run `logitcache verify` on "
+        "the cache, and re-dump the part (delete the cache and rerun the dump) or restore it "
+        "from a copy."
+    )
 
 
 def split_sequences(arrays: PartArrays) -> Iterator[CacheSequence]:

@@ -20,7 +20,8 @@ import numpy as np
 from logitcache.errors import LogitCacheError
 from logitcache.format import codecs
 from logitcache.format.manifest import PARTS_DIR, PartArrays, array_names
-from logitcache.read.reader import Cache
+from logitcache.read.reader import Cache, completeness_problem
+from logitcache.storage.paths import link_problem, link_under
 from logitcache.write.writer import sha256_file
 
 
@@ -37,8 +38,14 @@ class VerifyReport:
 
 
 def verify(cache: Cache, on_part: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check every part of `cache`; problems are collected (not raised) so all are reported."""
+    """Check every part of `cache`; problems are collected (not raised) so all are reported.
+
+    An unfinished dump is a problem too (its committed parts are checked all the same): every
+    reader refuses it, so a cache that passes verify must be one they open."""
     report = VerifyReport()
+    unfinished = completeness_problem(cache.manifest, cache.root)
+    if unfinished is not None:
+        report.problems.append(unfinished)
     for index, info in enumerate(cache.manifest.parts):
         report.parts += 1
         try:  # a remote part is fetched here (again), each file checked against its sha256
@@ -59,7 +66,11 @@ def _check_files(parts_dir: Path, files: dict[str, str], report: VerifyReport) -
     for rel, expected in files.items():
         path = parts_dir / rel
         report.files += 1
-        if not path.is_file():
+        link = link_under(parts_dir, rel)
+        if link is not None:  # never hashed through: it may lead anywhere
+            report.problems.append(link_problem(link))
+            bad = True
+        elif not path.is_file():
             report.problems.append(f"{PARTS_DIR}/{rel}: missing")
             bad = True
         elif sha256_file(path) != expected:

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitCacheError
+from logitcache.format.manifest import load_json
+from logitcache.storage.paths import link_problem
 
 LOCK_NAME = ".logitcache.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -76,7 +78,7 @@ class CacheLock:
 
     def acquire(self) -> None:
         for _ in range(20):  # retried only while other processes release and remove the file
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self._open(os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -101,11 +103,21 @@ class CacheLock:
             return
         raise LogitCacheError(f"could not take the lock {self.path}: it keeps changing.")
 
+    def _open(self, flags: int) -> int:
+        """The lock file, never through a symbolic link (the holder's details are written into
+        it: a link could lead that write outside the cache)."""
+        try:
+            return os.open(self.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LogitCacheError(link_problem(self.path)) from None
+            raise
+
     def _acquire_exclusive(self) -> None:
         """No flock here: create the file with O_EXCL; take over a stale one of this host."""
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = self._open(os.O_RDWR | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 with open(self.path, "rb") as f:
                     holder = _parse(f.read(65536))
@@ -165,7 +177,7 @@ def _read(fd: int) -> dict[str, Any]:
 
 def _parse(data: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = load_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import warnings
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from logitcache.format.manifest import ARRAY_NAMES, CodecInfo, PartArrays
+from logitcache.format.manifest import ARRAY_NAMES, CodecInfo, PartArrays, load_json
 
 SUFFIX = ""  # a part is a directory
 
@@ -94,7 +93,10 @@ def _metadata(path: Path) -> dict:
         text = f.read(MAX_METADATA_BYTES + 1)
     if len(text) > MAX_METADATA_BYTES:
         raise ValueError(f"{path.name}/zarr.json is over {MAX_METADATA_BYTES} bytes")
-    meta = json.loads(text)
+    try:
+        meta = load_json(text)
+    except ValueError as exc:
+        raise ValueError(f"{path.name}/zarr.json is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
         raise ValueError(f"{path.name}/zarr.json is not Zarr v3 metadata")
     return meta

@@ -15,6 +15,7 @@ from logitcache.format.card import DEFAULT_LICENSE
 from logitcache.format.manifest import Manifest
 from logitcache.read import reader
 from logitcache.storage.backend import get_backend
+from logitcache.storage.paths import refuse_overlap
 from logitcache.version import __version__
 from logitcache.write.remote_writer import open_writer
 
@@ -30,7 +31,9 @@ def export(
 ) -> Manifest:
     """Write the complete cache `cache` to `out` with `backend` ("zarr" or "parquet")."""
     get_backend(backend)  # an unknown name is refused before anything is read
+    refuse_overlap(out, [cache], "OUT")
     source = reader.open(cache, cache_dir=cache_dir)
+    source.refuse_links()  # all of it now: before the writer deletes an old OUT
     template = dataclasses.replace(
         source.manifest,
         backend=backend,

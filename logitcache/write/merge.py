@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from logitcache.dumping.sharding import shard_of
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
 from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE, render_card
 from logitcache.format.manifest import (
@@ -42,9 +43,11 @@ from logitcache.format.manifest import (
 )
 from logitcache.read import reader
 from logitcache.read.reader import Cache
+from logitcache.storage.paths import refuse_overlap
 from logitcache.storage.stores import RemoteStore, is_remote, local_path, sha256_file
 from logitcache.version import __version__
-from logitcache.write.writer import _remove, _write_atomic
+from logitcache.write.remote_writer import start_over_remote
+from logitcache.write.writer import _remove, _write_atomic, read_existing, start_over
 
 #: Identity fields that may differ between inputs (how a teacher or tokenizer was named).
 _NAMES = ("teacher.name", "tokenizer.name")
@@ -58,13 +61,22 @@ def merge(
     overwrite: bool = False,
     license: str = DEFAULT_LICENSE,
     cache_dir: str | Path | None = None,
+    any_order: bool = False,
 ) -> Manifest:
-    """Merge the complete caches `inputs` into a new cache at `out`; returns its manifest."""
+    """Merge the complete caches `inputs` into a new cache at `out`; returns its manifest.
+
+    Shards of one dump (`--shard I/N`) must come in shard order unless `any_order`: in another
+    order the merged cache would hold the data in another order than the single dump."""
     if not inputs:
         raise LogitCacheError("merge needs at least one input cache.")
     locations = [str(i) for i in inputs]
+    refuse_overlap(out, locations, "OUT")
     caches = [reader.open(i, cache_dir=cache_dir) for i in locations]
+    for cache in caches:
+        cache.refuse_links()  # all of it now: before `start` deletes an old OUT
     check_compatible(locations, caches)
+    if not any_order:
+        check_shard_order(locations, caches)
     manifest = merged_manifest(locations, caches)
     remote_in = [loc for loc in locations if is_remote(loc)]
     if not copy and (is_remote(out) or remote_in):
@@ -137,6 +149,27 @@ def check_compatible(locations: list[str], caches: list[Cache]) -> None:
             seen[fingerprint] = item.cache
 
 
+def check_shard_order(locations: list[str], caches: list[Cache]) -> None:
+    """Refuse shards of the same data (`logitcache dump --shard I/N`) listed out of order."""
+    last: dict[tuple[str, int], tuple[int, str]] = {}  # (source, N) -> (index, location)
+    for location, cache in zip(locations, caches, strict=True):
+        for item in _inputs_of(location, cache):
+            found = shard_of(item.data)
+            if found is None:
+                continue
+            source, shard = found
+            key = (source, shard.count)
+            if key in last and shard.index < last[key][0]:
+                index, before = last[key]
+                raise LogitCacheError(
+                    f"{item.cache} (shard {shard.label} of {source}) comes after {before} "
+                    f"(shard {index}/{shard.count}): the merged cache would hold the data in "
+                    "another order than a single dump. List the shards in shard order, or pass "
+                    "--any-order to merge them in the order given."
+                )
+            last[key] = (shard.index, item.cache)
+
+
 def _inputs_of(location: str, cache: Cache) -> list[MergedInput]:
     """What `cache` contributes to merged_from: its own entries if it is itself a merge."""
     m = cache.manifest
@@ -186,15 +219,13 @@ class _LocalDest:
 
     def start(self, initial: Manifest, overwrite: bool) -> None:
         root = self.root
-        if (root / MANIFEST_NAME).is_file():
+        if read_existing(root) is not None:
             if not overwrite:
                 raise LogitCacheError(
                     f"{root} already holds a cache. Choose another output, or pass --overwrite "
                     "to replace it."
                 )
-            (root / MANIFEST_NAME).unlink()  # uncommit first
-            _remove(root / CARD_NAME)
-            _remove(root / PARTS_DIR)
+            start_over(root, initial)
         elif root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise LogitCacheError(
                 f"{root} is not empty and holds no logitcache manifest. Refusing to write into "
@@ -251,9 +282,9 @@ class _RemoteDest:
                     f"{store.url} already holds a cache. Choose another output, or pass "
                     "--overwrite to replace it."
                 )
-            store.remove([MANIFEST_NAME])
-            store.remove(sorted(store.list_files()))
-        elif store.list_files():
+            start_over_remote(store, initial.to_json().encode("utf-8"))
+            return
+        if store.list_files():
             raise LogitCacheError(
                 f"{store.url} is not empty and holds no logitcache manifest. Refusing to write "
                 "into it; choose a new or empty location."

@@ -19,6 +19,7 @@ A reader sees the last uploaded manifest: every part it lists was fully uploaded
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -49,6 +50,14 @@ def open_writer(
     if is_remote(location):
         return RemoteCacheWriter(str(location), template, overwrite=overwrite, license=license)
     return CacheWriter(local_path(location), template, overwrite=overwrite, license=license)
+
+
+def start_over_remote(store: RemoteStore, initial: bytes) -> None:
+    """--overwrite in an object store: uncommit the old cache by replacing its manifest with
+    `initial` (listing nothing) in one PUT, then delete every other object. A failure part way
+    leaves a valid, empty cache whose next run deletes the rest as orphans."""
+    store.write_bytes(MANIFEST_NAME, initial)
+    store.remove(sorted(rel for rel in store.list_files() if rel != MANIFEST_NAME))
 
 
 def staging_root() -> Path:
@@ -83,9 +92,9 @@ class RemoteCacheWriter:
         self.uploaded_bytes = 0
         existing = self.store.read_bytes(MANIFEST_NAME)
         if existing is not None and overwrite:
-            self.store.remove([MANIFEST_NAME])  # uncommit first
-            self.store.remove(sorted(self.store.list_files()))
-            existing = None
+            empty = dataclasses.replace(template, parts=[], sequences=0, tokens=0, complete=False)
+            existing = empty.to_json().encode("utf-8")
+            start_over_remote(self.store, existing)  # then resumed: a cache of no parts
         if existing is None:
             found = sorted(self.store.list_files())
             if found:

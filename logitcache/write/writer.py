@@ -32,6 +32,7 @@ from logitcache.format.manifest import (
 )
 from logitcache.storage.backend import get_backend, part_path
 from logitcache.storage.lock import LOCK_NAME, CacheLock
+from logitcache.storage.paths import refuse_links
 from logitcache.write import faults
 
 
@@ -92,10 +93,35 @@ def _remove_quietly(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    """Delete a file or a directory tree; a symbolic link is removed itself, never followed
+    (rmtree does not follow the links inside a tree either)."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_existing(root: Path) -> Manifest | None:
+    """The manifest of the cache at `root`, or None where there is none; a symbolic link at
+    the manifest, parts/, a part or a listed file is refused first, before anything is read
+    (and so before a writer deletes anything)."""
+    refuse_links(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    manifest = parse_manifest(path.read_bytes(), str(path))
+    refuse_links(root, manifest)
+    return manifest
+
+
+def start_over(root: Path, initial: Manifest) -> None:
+    """--overwrite: uncommit the old cache by replacing its manifest with `initial` (listing
+    nothing) in one atomic rename, then delete its card and parts. A failure part way leaves a
+    valid, empty cache whose next run deletes what is left as orphans: never a directory without
+    a manifest. Call it only after `read_existing` has checked what is deleted."""
+    _write_atomic(root / MANIFEST_NAME, initial.to_json())
+    _remove(root / CARD_NAME)
+    _remove(root / PARTS_DIR)
 
 
 class CacheWriter:
@@ -144,21 +170,24 @@ class CacheWriter:
         self._check_writable()
         self._lock.acquire()  # before anything is read or changed
         existing = self._existing_manifest()
+        empty = dataclasses.replace(template, parts=[], sequences=0, tokens=0, complete=False)
         if existing is not None and overwrite:
-            (self.root / MANIFEST_NAME).unlink()  # uncommit first: no reader sees a mix
-            _remove(self.root / CARD_NAME)
-            _remove(self.root / PARTS_DIR)
+            try:
+                start_over(self.root, empty)
+            except OSError as exc:
+                raise LogitCacheError(
+                    f"cannot delete the cache at {self.root} that --overwrite replaces: "
+                    f"{exc.strerror or exc} ({exc.filename}). It is uncommitted now (its "
+                    "manifest lists no part); fix that, then rerun the same command."
+                ) from exc
             existing = None
         if existing is None:
-            manifest = dataclasses.replace(
-                template, parts=[], sequences=0, tokens=0, complete=False
-            )
             try:
                 (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-                _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+                _write_atomic(self.root / MANIFEST_NAME, empty.to_json())
             except OSError as exc:
                 raise self._disk_error(exc, "creating the cache") from exc
-            return manifest
+            return empty
         differences = diff_settings(existing.settings(), template.settings())
         if differences:
             raise SettingsMismatchError(
@@ -183,9 +212,9 @@ class CacheWriter:
             ) from exc
 
     def _existing_manifest(self) -> Manifest | None:
-        manifest_path = self.root / MANIFEST_NAME
-        if manifest_path.is_file():
-            return parse_manifest(manifest_path.read_bytes(), str(manifest_path))
+        existing = read_existing(self.root)
+        if existing is not None:
+            return existing
         foreign = [
             p.name
             for p in self.root.iterdir()

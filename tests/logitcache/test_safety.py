@@ -201,7 +201,7 @@ def test_a_symlink_out_of_the_cache_is_not_followed(case):
     shard = root / "parts" / "part-000000" / "input_ids" / "c" / "0"
     shard.unlink()
     shard.symlink_to(sentinel)
-    assert_refused(root, sentinel, "resolves outside the cache")
+    assert_refused(root, sentinel, "is a symbolic link")
     assert verify(logitcache.open(root)).problems  # verify reports it, does not crash
 
 
@@ -210,7 +210,7 @@ def test_a_symlinked_part_directory_is_not_followed(case, tmp_path: Path):
     outside = tmp_path / "outside-part"
     shutil.move(root / "parts" / "part-000000", outside)
     (root / "parts" / "part-000000").symlink_to(outside, target_is_directory=True)
-    with watch() as seen, pytest.raises(CorruptCacheError, match="resolves outside the cache"):
+    with watch() as seen, pytest.raises(CorruptCacheError, match="is a symbolic link"):
         read_everything(root)
     assert not [p for p in seen["opened"] if str(outside) in p]
 
@@ -362,3 +362,30 @@ def test_valid_caches_pass_the_same_checks(valid):
         assert seen["peak"] < PEAK_LIMIT
         assert verify(logitcache.open(root)).ok
         assert np.isfinite(logitcache.open(root)[0].target_logprobs.numpy()).all()
+
+
+# --------------------------------------------------------------------------------------------
+# JSON nested past the decoder's recursion limit (a few hundred KB of brackets)
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize("where", ["manifest.json", "zarr.json"])
+def test_json_nested_too_deeply_is_refused_naming_the_file(case, where: str):
+    """json.loads raises RecursionError on ``[[[[...``: refused as invalid metadata instead,
+    by the reader, `info`'s structure check and `verify` alike."""
+    from logitcache.read.health import structure_problems
+
+    root, sentinel = case()
+    nested = "[" * DEEP + "]" * DEEP
+    if where == "manifest.json":
+        (root / "manifest.json").write_text('{"format": "logitcache", "x": ' + nested + "}")
+        assert_refused(root, sentinel, r"manifest\.json is not valid JSON .*nested too deeply")
+        return
+    path, _ = _zarr_meta(root, "target_ids")
+    path.write_text('{"zarr_format": 3, "attributes": ' + nested + "}")
+    assert_refused(root, sentinel, r"target_ids/zarr\.json is not valid JSON.*nested too deep")
+    problems = structure_problems(logitcache.open(root))
+    assert any("part-000000" in p and "nested too deeply" in p for p in problems), problems
+    report = verify(logitcache.open(root))
+    assert any("part-000000/target_ids/zarr.json" in p for p in report.problems)
