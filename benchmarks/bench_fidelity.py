@@ -16,9 +16,9 @@ train and held-out by `logitcache.testing.toy`), with a byte-level BPE of 8192 i
 3. students from the same initialisation (seed), on the same sequences in the same order, for
    the same number of steps with the same hyper-parameters (`trainer.fit` defaults except the
    step count): hard labels only (alpha 1); online KD with the teacher in the loop and the full
-   distribution (`trainer.losses.dense_kd_loss`, a hook in this script; the trainer package
-   never imports a teacher); and from every cache under each tail mode (top-k) or as is
-   (sampled: counts / N carries all the mass, the tail modes coincide);
+   distribution (`trainer.losses.dense_kd_loss`, this script's `loss_fn` for `trainer.fit`;
+   the trainer package never imports a teacher); and from every cache under each tail mode
+   (top-k) or as is (sampled: counts / N carries all the mass, the tail modes coincide);
 4. each student evaluated on held-out files against the **full** teacher distribution: CE on
    the real next tokens, exact KL(teacher || student) over the whole vocabulary, expected
    calibration error of the student's top-1 (15 equal-width confidence bins), and top-1
