@@ -16,9 +16,9 @@ train and held-out by `logitcache.testing.toy`), with a byte-level BPE of 8192 i
 3. students from the same initialisation (seed), on the same sequences in the same order, for
    the same number of steps with the same hyper-parameters (`trainer.fit` defaults except the
    step count): hard labels only (alpha 1); online KD with the teacher in the loop and the full
-   distribution (`trainer.losses.dense_kd_loss`, a hook in this script; the trainer package
-   never imports a teacher); and from every cache under each tail mode (top-k) or as is
-   (sampled: counts / N carries all the mass, the tail modes coincide);
+   distribution (`trainer.losses.dense_kd_loss`, this script's `loss_fn` for `trainer.fit`;
+   the trainer package never imports a teacher); and from every cache under each tail mode
+   (top-k) or as is (sampled: counts / N carries all the mass, the tail modes coincide);
 4. each student evaluated on held-out files against the **full** teacher distribution: CE on
    the real next tokens, exact KL(teacher || student) over the whole vocabulary, expected
    calibration error of the student's top-1 (15 equal-width confidence bins), and top-1
@@ -50,6 +50,8 @@ from common import (
     now_utc,
     update_results,
 )
+
+from trainer.losses import DEFAULT_TAIL
 
 HERE = Path(__file__).resolve().parent
 PLOT = HERE / "fidelity.png"
@@ -138,7 +140,7 @@ def write_corpus(dest: Path, teacher_dir: Path, split: str, tokens: int) -> int:
     backend = AutoTokenizer.from_pretrained(str(teacher_dir)).backend_tokenizer
     chosen, count = [], 0
     for path in _stable_order(toy.stdlib_files(split)):
-        text = toy._read_text(path)
+        text = toy.read_text(path)
         if text is None:
             continue
         chosen.append(path)
@@ -162,7 +164,7 @@ def heldout_sequences(teacher_dir: Path, tokens: int, seq_len: int = SEQ_LEN):
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     ids: list[int] = []
     for path in _stable_order(toy.stdlib_files("heldout")):
-        text = toy._read_text(path)
+        text = toy.read_text(path)
         if text is None:
             continue
         ids += [*tok.backend_tokenizer.encode(text).ids, tok.eos_token_id]
@@ -209,7 +211,7 @@ def dump_cache(spec: CacheSpec, teacher_dir: Path, corpus: Path, work: Path) -> 
 
 
 class OnlineTeacher:
-    """Replaces `trainer.fit._loss` during one run: the teacher in the loop, full distribution."""
+    """The teacher in the loop, full distribution: `loss_fn` gives `trainer.fit` its loss."""
 
     def __init__(self, teacher_dir: Path) -> None:
         import torch
@@ -218,28 +220,28 @@ class OnlineTeacher:
         self.model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
         self.model.eval()
 
-    def loss(self, logits, b, c, hard_only):
+    def loss_fn(self, alpha: float, temperature: float):
+        """A `trainer.LossFn`: CE on the labels mixed with dense KL against this teacher."""
         import torch
 
-        from trainer.losses import LossParts, dense_kd_loss
+        from trainer.losses import LossParts, dense_kd_loss, hard_label_loss
 
-        with torch.no_grad():
-            teacher = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        labels = b["labels"]
-        total = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
-        ce = total / (labels != -100).sum().clamp(min=1)
-        kd = dense_kd_loss(logits, teacher.logits, labels, temperature=c.temperature)
-        loss = c.alpha * ce + (1.0 - c.alpha) * c.temperature**2 * kd
-        return LossParts(loss=loss, ce=ce.detach(), kd=kd.detach())
+        def loss(logits, b) -> LossParts:
+            with torch.no_grad():
+                teacher = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            labels = b["labels"]
+            ce = hard_label_loss(logits, labels).loss
+            kd = dense_kd_loss(logits, teacher.logits, labels, temperature=temperature)
+            total = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+            return LossParts(loss=total, ce=ce.detach(), kd=kd.detach())
+
+        return loss
 
 
 def train_student(
     name: str, cache: Path, student_cfg: Path, steps: int, work: Path, *, alpha: float,
-    tail: str = "bucket", online: OnlineTeacher | None = None,
+    tail: str = DEFAULT_TAIL, online: OnlineTeacher | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    import trainer.fit as fit_mod
     from trainer.fit import FitConfig, fit
 
     out = work / "runs" / name
@@ -248,14 +250,9 @@ def train_student(
         batch_size=BATCH, steps=steps, eval_fraction=0.0, eval_every=0, checkpoint_every=0,
         log_every=10, device="cpu", progress=False, overwrite=True, seed=0,
     )  # fmt: skip
-    original = fit_mod._loss
-    if online is not None:
-        fit_mod._loss = online.loss
+    loss_fn = None if online is None else online.loss_fn(config.alpha, config.temperature)
     cpu = time.process_time()
-    try:
-        fit(config)
-    finally:
-        fit_mod._loss = original
+    fit(config, loss_fn=loss_fn)
     cpu = time.process_time() - cpu
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     train = [r for r in rows if r.get("kind") == "train"]

@@ -1,4 +1,6 @@
-"""A progress bar on stderr (stdout stays parseable) showing documents, tokens/s and ETA."""
+"""A progress bar on stderr (stdout stays parseable): items (documents, steps), a status text
+(tokens and tokens/s, or the trainer's loss), elapsed time and ETA. The dump and the trainer
+share it."""
 
 from __future__ import annotations
 
@@ -34,13 +36,20 @@ class Bar:
         self.tokens += n
         if self._progress is not None:
             rate = self.tokens / max(time.perf_counter() - self._start, 1e-9)
-            self._progress.update(self._task, tokens=f"{self.tokens:,} tok  {rate:,.0f} tok/s")
+            self.set_status(f"{self.tokens:,} tok  {rate:,.0f} tok/s")
+
+    def set_status(self, text: str) -> None:
+        """Replace the text after the count (e.g. the trainer's loss and tokens/s)."""
+        if self._progress is not None:
+            self._progress.update(self._task, status=text)
 
 
 @contextmanager
 def progress_bar(
-    label: str, *, total: int | None, unit: str, enabled: bool = True
+    label: str, *, total: int | None, unit: str, enabled: bool = True, completed: int = 0
 ) -> Iterator[Bar]:
+    """A bar counting `unit` up to `total` (None: no total), starting at `completed` (a
+    resumed run); `enabled` False gives a bar that shows nothing."""
     if not enabled:
         yield Bar(None, None)
         return
@@ -50,11 +59,11 @@ def progress_bar(
         TextColumn(
             "{task.completed}/{task.total} " + unit if total else "{task.completed} " + unit
         ),
-        TextColumn("{task.fields[tokens]}"),
+        TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(label, total=total, tokens="")
+        task = progress.add_task(label, total=total, completed=completed, status="")
         yield Bar(progress, task)

@@ -10,9 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "DEFAULT_TAIL",
     "TAIL_MODES",
     "CacheDataset",
+    "DistillationLoss",
     "FitConfig",
+    "LossFn",
+    "LossParts",
     "build_student",
     "distillation_loss",
     "evaluate",
@@ -21,10 +25,14 @@ __all__ = [
 ]
 
 _HOME = {
+    "DEFAULT_TAIL": "trainer.losses",
     "TAIL_MODES": "trainer.losses",
+    "DistillationLoss": "trainer.losses",
+    "LossFn": "trainer.losses",
+    "LossParts": "trainer.losses",
     "distillation_loss": "trainer.losses",
     "CacheDataset": "trainer.dataset",
-    "FitConfig": "trainer.fit",
+    "FitConfig": "trainer.config",
     "fit": "trainer.fit",
     "build_student": "trainer.student",
     "evaluate": "trainer.evaluate",
@@ -32,10 +40,18 @@ _HOME = {
 }
 
 if TYPE_CHECKING:
+    from trainer.config import FitConfig
     from trainer.dataset import CacheDataset
     from trainer.evaluate import evaluate
-    from trainer.fit import FitConfig, fit
-    from trainer.losses import TAIL_MODES, distillation_loss
+    from trainer.fit import fit
+    from trainer.losses import (
+        DEFAULT_TAIL,
+        TAIL_MODES,
+        DistillationLoss,
+        LossFn,
+        LossParts,
+        distillation_loss,
+    )
     from trainer.plot import plot_run
     from trainer.student import build_student
 

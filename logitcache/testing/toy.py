@@ -41,6 +41,7 @@ __all__ = [
     "build_teacher",
     "ensure_teacher",
     "read_info",
+    "read_text",
     "stdlib_files",
     "stdlib_root",
     "train_tokenizer",
@@ -125,7 +126,7 @@ def stdlib_files(
     return [path for _, path in chosen]
 
 
-def _read_text(path: Path, max_bytes: int | None = None) -> str | None:
+def read_text(path: Path, max_bytes: int | None = None) -> str | None:
     """File contents as UTF-8, or None if undecodable/empty.
 
     With ``max_bytes`` the document is cut to at most that many UTF-8 bytes, at the last line
@@ -174,7 +175,7 @@ def write_corpus(
     chosen = list(files) if files is not None else stdlib_files(split, limit=limit)
     written = 0
     for path in chosen:
-        text = _read_text(path, max_bytes)
+        text = read_text(path, max_bytes)
         if text is None:
             continue
         (dest / _doc_name(written, Path(path))).write_text(text, encoding="utf-8")
@@ -189,7 +190,7 @@ def write_corpus(
 
 def _iter_texts(files: Iterable[Path]) -> Iterator[str]:
     for path in files:
-        text = _read_text(Path(path))
+        text = read_text(Path(path))
         if text is not None:
             yield text
 
@@ -263,7 +264,7 @@ def _packed_batches(
         rng.shuffle(order)
         produced = False
         for path in order:
-            text = _read_text(Path(path))
+            text = read_text(Path(path))
             if text is None:
                 continue
             produced = True

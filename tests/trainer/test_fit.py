@@ -345,12 +345,12 @@ def test_plot_writes_a_png(reference_run):
 def test_kd_is_closer_to_the_teacher_than_hard_labels(
     tmp_path, monkeypatch, cache_dir, student_config, reference_run
 ):
-    import trainer.fit
+    import trainer.losses
 
     def no_targets(*args, **kwargs):
         raise AssertionError("alpha=1 must not compute a loss from the cached targets")
 
-    monkeypatch.setattr(trainer.fit, "distillation_loss", no_targets)
+    monkeypatch.setattr(trainer.losses, "distillation_loss", no_targets)
     hard = api_fit(cache_dir, student_config, tmp_path / "hard", alpha=1.0)
     kd = json.loads((reference_run / "summary.json").read_text())
     # Same init, data order and steps; only the objective differs.

@@ -402,3 +402,16 @@ def test_half_precision_student_logits(dtype, tail):
     assert parts.loss.dtype == torch.float32 and torch.isfinite(parts.loss)
     parts.loss.backward()
     assert torch.isfinite(student.grad).all()
+
+
+def test_one_default_tail_everywhere():
+    import inspect
+
+    from trainer import FitConfig
+    from trainer.losses import DEFAULT_TAIL, DistillationLoss
+
+    assert DEFAULT_TAIL == "renorm"
+    assert FitConfig(cache="", student="").tail == DEFAULT_TAIL
+    assert DistillationLoss().tail == DEFAULT_TAIL
+    for fn in (sparse_kd_loss, distillation_loss):
+        assert inspect.signature(fn).parameters["tail"].default == DEFAULT_TAIL
