@@ -56,12 +56,12 @@ from trainer import distributed
 from trainer.dataset import CacheDataset
 from trainer.evaluate import autocast, evaluate_model
 from trainer.losses import TAIL_MODES, distillation_loss
+from trainer.student import RUN_MODEL_DIR as MODEL_DIR
 from trainer.student import build_student, config_to_dict
 
 LOSSES = ("forward_kl",)
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_DIR = "checkpoint"
-MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "fit_config.json"
@@ -78,7 +78,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "cache", "student", "tokenizer", "out", "resume", "overwrite", "progress", "num_workers",
         "eval_every", "eval_batches", "checkpoint_every", "log_every", "stop_at", "device",
-        "check_files",
+        "check_files", "cache_dir",
     }
 )  # fmt: skip
 
@@ -127,6 +127,7 @@ class FitConfig:
     stop_at: int = 0  # stop (with a checkpoint) after this global step, as if interrupted
     progress: bool = True
     check_files: bool = True  # sha256 of a part's files against the manifest before reading it
+    cache_dir: str | None = None  # where a cache at a URL fetches its parts (`logitcache.open`)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -174,7 +175,7 @@ def _fit(config: FitConfig, d: distributed.Dist, device: torch.device) -> dict[s
     # ---- setup: data, checkpoint, student (a failure on any rank stops every rank) -------------
     def setup():
         _check_run_dir(run_dir, config)
-        cache = logitcache.open(config.cache)
+        cache = logitcache.open(config.cache, cache_dir=config.cache_dir)
         if len(cache) == 0:
             raise LogitCacheError(
                 f"the cache {cache.root} holds no sequences: nothing to train on. Dump data into it."
