@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from logitcache.cli.common import run_app
+from logitcache.cli.common import CacheDirOption, run_app
 from trainer.fit import FitConfig
 
 app = typer.Typer(
@@ -20,20 +20,6 @@ app = typer.Typer(
     help="Train students from a logitcache cache, without the teacher; evaluate and plot runs.",
 )
 D = FitConfig(cache="", student="")  # the defaults, in one place
-CacheDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        envvar="LOGITCACHE_CACHE_DIR",
-        help="Local cache of parts fetched when --cache is a URL [default: "
-        "~/.cache/logitcache]; size limit LOGITCACHE_CACHE_SIZE (default 10GB).",
-    ),
-]
-
-
-def _use_cache_dir(cache_dir: Path | None) -> None:
-    """Through the environment, so that DataLoader workers (forked or spawned) see it too."""
-    if cache_dir is not None:
-        os.environ["LOGITCACHE_CACHE_DIR"] = str(cache_dir)
 
 
 @app.command()
@@ -152,8 +138,6 @@ def fit(
     from trainer.fit import Interrupted
     from trainer.fit import fit as run_fit
 
-    _use_cache_dir(cache_dir)
-
     config = FitConfig(
         cache=cache, student=student, out=out, tokenizer=tokenizer, alpha=alpha,
         temperature=temperature, loss=loss, tail=tail, batch_size=batch_size,
@@ -163,6 +147,7 @@ def fit(
         device=device, precision=precision, eval_every=eval_every, eval_batches=eval_batches,
         checkpoint_every=checkpoint_every, log_every=log_every, resume=resume,
         overwrite=overwrite, stop_at=stop_at, progress=progress, check_files=check_files,
+        cache_dir=None if cache_dir is None else str(cache_dir),
     )  # fmt: skip
     try:
         summary = run_fit(config)
@@ -226,10 +211,9 @@ def eval_(
     """
     from trainer.evaluate import evaluate
 
-    _use_cache_dir(cache_dir)
     result = evaluate(
         cache, student, split=split, eval_fraction=eval_fraction, batch_size=batch_size,
-        device=device, precision=precision, max_batches=max_batches,
+        device=device, precision=precision, max_batches=max_batches, cache_dir=cache_dir,
     )  # fmt: skip
     if as_json:
         print(json.dumps(result, indent=2))

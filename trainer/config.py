@@ -23,6 +23,7 @@ from pathlib import Path
 
 from logitcache.errors import LogitCacheError
 from trainer.losses import DEFAULT_TAIL, TAIL_MODES
+from trainer.student import RUN_MODEL_DIR as MODEL_DIR
 
 LOSSES = ("forward_kl",)
 PRECISIONS = ("fp32", "bf16")
@@ -30,7 +31,6 @@ CHECKPOINT_DIR = "checkpoint"
 #: The next checkpoint while it is written, and the previous one while it is replaced.
 CHECKPOINT_TMP = ".checkpoint.tmp"
 CHECKPOINT_OLD = ".checkpoint.old"
-MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "fit_config.json"
@@ -47,7 +47,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "cache", "student", "tokenizer", "out", "resume", "overwrite", "progress", "num_workers",
         "eval_every", "eval_batches", "checkpoint_every", "log_every", "stop_at", "device",
-        "check_files",
+        "check_files", "cache_dir",
     }
 )  # fmt: skip
 
@@ -96,6 +96,7 @@ class FitConfig:
     stop_at: int = 0  # stop (with a checkpoint) after this global step, as if interrupted
     progress: bool = True
     check_files: bool = True  # sha256 of a part's files against the manifest before reading it
+    cache_dir: str | None = None  # where a cache at a URL fetches its parts (`logitcache.open`)
 
 
 def check_config(c: FitConfig) -> None:

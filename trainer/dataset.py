@@ -27,9 +27,7 @@ its storage index with a fixed salt (not the seed), so it never changes between 
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,9 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 import logitcache
-from logitcache import Cache, CorruptCacheError, LogitCacheError, PartArrays
-from logitcache.format.manifest import PARTS_DIR
-from logitcache.storage.paths import link_problem, link_under
+from logitcache import Cache, LogitCacheError, PartArrays
 
 #: What fills an empty split: the eval split grows with the fraction, the train split shrinks.
 _EMPTY_SPLIT_FIX = {
@@ -51,7 +47,8 @@ _EMPTY_SPLIT_FIX = {
     "train": "Use a smaller --eval-fraction, or a larger cache.",
     "all": "Dump data into the cache.",
 }
-SPLITS = ("train", "eval", "all")
+#: The held-out sequences, the rest, or every sequence (`trainer eval --split`).
+SPLITS = ("eval", "train", "all")
 IGNORE_INDEX = -100
 _SPLIT_SALT = np.uint64(0x5EED_0F_CAC4E)
 
@@ -207,8 +204,7 @@ class CacheDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        check = self.check_files and not getattr(self.cache, "is_remote", False)
-        parts = _PartCache(self.cache, capacity=2 * self.shuffle_window, check_files=check)
+        parts = _PartCache(self.cache, 2 * self.shuffle_window, check_files=self.check_files)
         for i, whole in enumerate(self.global_batches(self._epoch)):
             if i < self._batches or (i - self._batches) % workers != worker_id:
                 continue
@@ -233,7 +229,7 @@ class _PartCache:
     def sequence(self, part: int, local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if part not in self._parts:
             if self.check_files:
-                check_part_files(self.cache, part)
+                self.cache.check_part_files(part)
             self._parts[part] = self.cache.read_decoded(part)  # same view for every kind
             while len(self._parts) > self.capacity:
                 self._parts.popitem(last=False)
@@ -270,45 +266,3 @@ def collate(
         "target_logprobs": torch.from_numpy(target_logprobs),
         "index": torch.from_numpy(np.asarray(indices, dtype=np.int64)),
     }
-
-
-#: (path, size, mtime) of files whose sha256 this process has checked: not hashed again.
-_CHECKED: set[tuple[str, int, int]] = set()
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_part_files(cache: Cache, index: int) -> None:
-    """Every file of part `index` exists and matches its sha256 in the manifest, or a
-    `CorruptCacheError` naming the part and the file. A file already checked by this process,
-    and unchanged since (same size and mtime), is not hashed again."""
-    info = cache.manifest.parts[index]
-    base = os.path.join(str(cache.root), PARTS_DIR)
-    for rel, expected in info.files.items():
-        link = link_under(Path(base), rel)
-        if link is not None:  # checked before hashing: never read through a link
-            raise CorruptCacheError(f"{info.name} of {cache.root}: {link_problem(link)}")
-        path = os.path.join(base, rel)
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise CorruptCacheError(
-                f"{info.name} of {cache.root}: {PARTS_DIR}/{rel} is missing. Run "
-                "`logitcache verify` on the cache."
-            ) from None
-        key = (path, st.st_size, st.st_mtime_ns)
-        if key in _CHECKED:
-            continue
-        if _sha256(path) != expected:
-            raise CorruptCacheError(
-                f"{info.name} of {cache.root}: {PARTS_DIR}/{rel} does not match its sha256 in "
-                "the manifest (the file was changed, truncated or corrupted, or the manifest "
-                "belongs to another cache). Run `logitcache verify` on the cache."
-            )
-        _CHECKED.add(key)

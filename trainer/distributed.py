@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from logitcache.errors import LogitCacheError
-from trainer.evaluate import resolve_device
+from logitcache.runtime import agree_on_errors, resolve_device, torchrun_world_size
 
 T = TypeVar("T")
 
@@ -46,17 +47,9 @@ class Dist:
         return self.rank == 0
 
 
-def launched_world_size() -> int:
-    """WORLD_SIZE as torchrun sets it (1 when not launched by torchrun)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 def init(device_name: str) -> tuple[Dist, torch.device]:
     """Join the torchrun process group if there is one; the device this process trains on."""
-    world = launched_world_size()
+    world = torchrun_world_size()
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
         return Dist(), resolve_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -89,20 +82,7 @@ def shutdown(d: Dist) -> None:
 def agree(d: Dist, fn: Callable[[], T]) -> T:
     """Run `fn` on every rank; if it raised a `LogitCacheError` on any, raise one on all (the
     lowest failing rank's message), so that no rank goes on to wait for the others forever."""
-    error: LogitCacheError | None = None
-    result: Any = None
-    try:
-        result = fn()
-    except LogitCacheError as exc:
-        error = exc
-    if d.enabled:
-        messages = all_gather(d, None if error is None else str(error))
-        first = next((m for m in messages if m is not None), None)
-        if first is not None and error is None:
-            raise LogitCacheError(first)
-    if error is not None:
-        raise error
-    return result
+    return agree_on_errors(partial(all_gather, d), fn)
 
 
 def all_gather(d: Dist, obj: Any) -> list[Any]:

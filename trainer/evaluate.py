@@ -30,24 +30,10 @@ import torch
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from trainer.dataset import CacheDataset
+from logitcache.runtime import resolve_device
+from trainer.dataset import SPLITS, CacheDataset
 from trainer.losses import distillation_loss
 from trainer.student import RUN_MODEL_DIR, build_student
-
-SPLITS = ("eval", "train", "all")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise LogitCacheError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LogitCacheError(f"--device {name} asked for CUDA, but none is available; use cpu.")
-    return device
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -138,19 +124,22 @@ def evaluate(
     precision: str = "fp32",
     max_batches: int = 0,
     num_workers: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved student (a model directory or a trainer run directory) on a cache split.
 
     ``split`` "eval" is the held-out split that training left out; its ``eval_fraction``
     defaults to the run's own (read from the run's summary.json), else 0.01. "train" is the
-    rest, "all" every sequence (use it for a separately dumped held-out cache). Returns the
+    rest, "all" every sequence (use it for a separately dumped held-out cache). `cache_dir` is
+    where the parts of a cache at a URL are fetched to (see `logitcache.open`). Returns the
     metrics of `evaluate_model` plus the split, cache and student.
     """
     if split not in SPLITS:
         raise LogitCacheError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}.")
     if precision not in ("fp32", "bf16"):
         raise LogitCacheError(f"--precision must be fp32 or bf16, got {precision!r}.")
-    c = cache if isinstance(cache, logitcache.Cache) else logitcache.open(cache)
+    is_open = isinstance(cache, logitcache.Cache)
+    c = cache if is_open else logitcache.open(cache, cache_dir=cache_dir)
     if eval_fraction is None:
         trained = run_config(student) or {}
         eval_fraction = float(trained.get("eval_fraction", 0.01))

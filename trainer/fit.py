@@ -142,7 +142,7 @@ def _open(
 ) -> tuple[Any, CacheDataset, CacheDataset | None, dict[str, Any] | None, Any, StudentSource]:
     """Cache, checkpoint, student and datasets; every refusal happens here, before any write."""
     check_run_dir(Path(config.out), config)
-    cache = logitcache.open(config.cache)
+    cache = logitcache.open(config.cache, cache_dir=config.cache_dir)
     if len(cache) == 0:
         raise LogitCacheError(
             f"the cache {cache.root} holds no sequences: nothing to train on. Dump data into it."

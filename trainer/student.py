@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from logitcache import Manifest, tokenizer_fingerprint
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import Manifest
-from logitcache.format.tokenizer_id import tokenizer_fingerprint
+from logitcache.runtime import load_tokenizer
 
 #: Files that make a directory a saved model rather than a bare config.
 WEIGHT_FILES = (
@@ -127,27 +127,9 @@ def check_student(config: Any, manifest: Manifest, where: str = "the student") -
         )
 
 
-def load_tokenizer(spec: str) -> Any:
-    """A tokenizer from a directory saved with save_pretrained, or a tokenizer.json file."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        if spec.endswith(".json") and Path(spec).is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=spec)
-        if not Path(spec).exists():
-            raise OSError("the path does not exist")
-        return AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LogitCacheError(
-            f"cannot load a tokenizer from --tokenizer {spec}: {first}. Pass a directory saved "
-            "with save_pretrained or a tokenizer.json file."
-        ) from exc
-
-
 def check_tokenizer(spec: str, manifest: Manifest) -> None:
     """Refuse a tokenizer that is not the one the cache's input ids come from."""
-    fingerprint = tokenizer_fingerprint(load_tokenizer(spec))
+    fingerprint = tokenizer_fingerprint(load_tokenizer(spec, flag="--tokenizer", local_only=True))
     want = manifest.tokenizer.fingerprint
     if fingerprint != want:
         raise LogitCacheError(

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from logitcache.cli.common import human_bytes, run_app, size_per_token
+from logitcache.cli.common import CacheDirOption, human_bytes, run_app, size_per_token
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.read import reader
 from logitcache.storage import stores
@@ -26,14 +26,6 @@ app = typer.Typer(
 )
 out = Console()
 
-CacheDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        envvar="LOGITCACHE_CACHE_DIR",
-        help="Local cache of parts fetched from a URL [default: ~/.cache/logitcache]; size "
-        "limit LOGITCACHE_CACHE_SIZE (default 10GB).",
-    ),
-]
 LicenseOption = Annotated[
     str, typer.Option("--license", help="Licence of the cached data, shown on the README.md card.")
 ]

@@ -1,4 +1,5 @@
-"""What both CLIs share: known errors become one paragraph on stderr and exit code 2.
+"""What both CLIs share: known errors become one paragraph on stderr and exit code 2, the
+options both take, and how sizes are printed.
 
 Set LOGITCACHE_DEBUG=1 to see the traceback instead.
 """
@@ -8,10 +9,22 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from logitcache.errors import LogitCacheError
+
+#: ``--cache-dir``: where the parts of a cache at a URL are fetched to (`logitcache.open`).
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="LOGITCACHE_CACHE_DIR",
+        help="Local cache of parts fetched from a URL [default: ~/.cache/logitcache]; size "
+        "limit LOGITCACHE_CACHE_SIZE (default 10GB).",
+    ),
+]
 
 
 def run_app(app: typer.Typer, prog_name: str) -> None:

@@ -39,7 +39,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from logitcache.dumping import data
 from logitcache.errors import LogitCacheError
 from logitcache.format.manifest import PARTS_DIR, DataInfo, Manifest, part_name
 from logitcache.read import reader
+from logitcache.runtime import agree_on_errors, torchrun_world_size
 from logitcache.storage import stores
 
 RANKS_DIR = "ranks"
@@ -68,16 +69,9 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def torchrun_world() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 def from_options(shard: str | None) -> Shard | None:
     """The slice this process dumps: --shard I/N, torchrun's RANK/WORLD_SIZE, or None."""
-    world = torchrun_world()
+    world = torchrun_world_size()
     if shard is not None:
         if world > 1:
             raise LogitCacheError(
@@ -179,18 +173,16 @@ class Group:
             self.dist.destroy_process_group()
 
 
-def agreed(group: Group, fn) -> Any:
+def agreed(group: Group, fn: Callable[[], Any]) -> Any:
     """`fn()` on rank 0, its result (or its error) on every rank."""
-    outcome: tuple[str, Any] = ("ok", None)
-    if group.rank == 0:
-        try:
-            outcome = ("ok", fn())
-        except LogitCacheError as exc:
-            outcome = ("error", str(exc))
-    kind, value = group.broadcast(outcome)
-    if kind == "error":
-        raise LogitCacheError(value if group.rank == 0 else f"rank 0 failed: {value}")
-    return value
+
+    def gather(obj: str | None) -> list[str | None]:
+        out: list[str | None] = [None] * group.world
+        group.dist.all_gather_object(out, obj)
+        return out
+
+    mine = agree_on_errors(gather, lambda: fn() if group.rank == 0 else None, name_the_rank=True)
+    return group.broadcast(mine)
 
 
 def remove_ranks(out: str | Path) -> None:

@@ -18,6 +18,7 @@ import torch
 from logitcache.errors import LogitCacheError
 from logitcache.format.manifest import TeacherInfo, TokenizerInfo
 from logitcache.format.tokenizer_id import tokenizer_fingerprint
+from logitcache.runtime import load_tokenizer, resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,20 +43,6 @@ def _as_logits(out: Any) -> Any:
     """The logits in whatever a module returned: a tensor, a HF output, or a tuple."""
     out = getattr(out, "logits", out)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise LogitCacheError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LogitCacheError(
-            f"--device {name} asked for CUDA, but none is available here; use cpu."
-        )
-    return device
 
 
 def load_teacher(
@@ -142,21 +129,6 @@ def _from_factory(spec: str) -> torch.nn.Module:
             f"--teacher-factory {spec} returned {type(model).__name__}, not a torch module."
         )
     return model
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """A Hugging Face tokenizer from a directory/hub name, or a `tokenizers` JSON file."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        if name_or_path.endswith(".json") and Path(name_or_path).is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=name_or_path)
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LogitCacheError(
-            f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]} "
-            "Pass --tokenizer with a directory saved by save_pretrained or a tokenizer.json."
-        ) from exc
 
 
 def tokenizer_info(tok: Any, name: str) -> TokenizerInfo:

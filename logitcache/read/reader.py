@@ -40,6 +40,9 @@ from logitcache.storage import stores
 from logitcache.storage.backend import get_backend
 from logitcache.storage.paths import link_problem, link_under, refuse_links
 
+#: (path, size, mtime) of the local part files whose sha256 this process has checked.
+_HASHED: set[tuple[str, int, int]] = set()
+
 
 @dataclass(frozen=True)
 class CacheSequence:
@@ -223,6 +226,41 @@ class Cache:
                     "Run `logitcache verify` on it."
                 ) from exc
         self._checked.add(key)
+
+    def check_part_files(self, index: int) -> None:
+        """Every file of part `index` exists and matches its sha256 in the manifest, or a
+        `CorruptCacheError` naming the part and the file: what a trainer checks before it first
+        decodes a part (a flipped byte, a truncated file or a manifest copied from another
+        cache is reported, instead of trained on). A remote cache's part is fetched into the
+        local cache if it is not there yet, and fetching checks every sha256. A local file this
+        process already checked, unchanged since (same size and mtime), is not hashed again."""
+        info = self.manifest.parts[index]
+        if self.mirror is not None:
+            self.mirror.ensure(info)
+            return
+        base = Path(self.root) / PARTS_DIR
+        for rel, expected in info.files.items():
+            link = link_under(base, rel)
+            if link is not None:  # checked before hashing: never read through a link
+                raise CorruptCacheError(f"{info.name} of {self.root}: {link_problem(link)}")
+            path = base / rel
+            try:
+                st = os.stat(path)
+            except OSError:
+                raise CorruptCacheError(
+                    f"{info.name} of {self.root}: {PARTS_DIR}/{rel} is missing. Run "
+                    "`logitcache verify` on the cache."
+                ) from None
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key in _HASHED:
+                continue
+            if stores.sha256_file(path) != expected:
+                raise CorruptCacheError(
+                    f"{info.name} of {self.root}: {PARTS_DIR}/{rel} does not match its sha256 in "
+                    "the manifest (the file was changed, truncated or corrupted, or the manifest "
+                    "belongs to another cache). Run `logitcache verify` on the cache."
+                )
+            _HASHED.add(key)
 
     def read_part(self, index: int) -> PartArrays:
         """Every array of part `index` as stored, checked against the manifest's counts (for
