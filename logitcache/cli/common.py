@@ -1,6 +1,6 @@
-"""What both CLIs share: known errors become one paragraph on stderr and exit code 2.
-
-Set LOGITCACHE_DEBUG=1 to see the traceback instead.
+"""What both CLIs share: known errors become one paragraph on stderr and exit code 2 (set
+LOGITCACHE_DEBUG=1 to see the traceback instead); and the option aliases and size formatting
+the `logitcache` commands share.
 """
 
 from __future__ import annotations
@@ -8,10 +8,24 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from logitcache.errors import LogitCacheError
+
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="LOGITCACHE_CACHE_DIR",
+        help="Local cache of parts fetched from a URL [default: ~/.cache/logitcache]; size "
+        "limit LOGITCACHE_CACHE_SIZE (default 10GB).",
+    ),
+]
+LicenseOption = Annotated[
+    str, typer.Option("--license", help="Licence of the cached data, shown on the README.md card.")
+]
 
 
 def run_app(app: typer.Typer, prog_name: str) -> None:
