@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from logitcache.errors import LogitCacheError
+from logitcache.format.card import DEFAULT_LICENSE
 from logitcache.format.manifest import (
     LOGPROB_DTYPES,
     MAX_SAMPLES,
@@ -67,7 +68,7 @@ class DumpOptions:
     shuffle: str = "shuffle"  # Blosc byte shuffle: smallest for id-ordered targets (FORMAT.md)
     overwrite: bool = False
     progress: bool = True
-    license: str = "unknown"  # shown on the README.md card
+    license: str = DEFAULT_LICENSE  # shown on the README.md card
     shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.dumping.sharding)
 
 
