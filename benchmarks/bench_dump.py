@@ -9,7 +9,7 @@ What it measures, side by side in one process and on the same packed sequences:
 * **bare**: ``Teacher.logits(ids)`` over every batch of the dataset, nothing else: the batches
   are formed exactly as `dump` forms them (``seq_len`` packing, ``batch_size`` sequences, no
   batch across a part boundary) and turned into tensors before the clock starts.
-* **dump steady**: the wall time of ``logitcache.dumping.pipeline._run``, the loop that tokenizes, runs the
+* **dump steady**: the wall time of ``logitcache.dumping.pipeline.run``, the loop that tokenizes, runs the
   teacher, takes log-softmax top-k, and assembles, compresses, checksums and commits every
   part (the writer thread is joined before the clock stops).
 * **dump total**: the whole ``logitcache.dumping.pipeline.dump()`` call: on top of the loop, loading the
@@ -34,7 +34,6 @@ Full runs (not ``--quick``) write their section of ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -156,24 +155,18 @@ def _sync(device: str) -> None:
 
 def bare_batches(corpus: Path, teacher, seq_len: int, batch_size: int, part_tokens: int):
     """The batches `dump` would form for `corpus`, as (batch, time) int64 tensors on the device."""
-    import numpy as np
     import torch
 
-    from logitcache.dumping import data
-    from logitcache.dumping import pipeline as dump_mod
+    from logitcache.dumping import data, pipeline
 
     source = data.resolve(str(corpus))
     tokens = data.tokenize(data.iter_documents(source), teacher.tokenizer, source.pretokenized)
     sequences = data.pack(tokens, seq_len, teacher.tokenizer_info.eos_token_id, True)
     per_part = max(1, part_tokens // seq_len)
-    out = []
-    for batch, _ in dump_mod._batches(sequences, per_part, batch_size, 0):
-        lengths = [len(s) for s in batch]
-        ids = np.zeros((len(batch), max(lengths)), dtype=np.int64)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = seq
-        out.append(torch.from_numpy(ids).to(teacher.device))
-    return out
+    return [
+        torch.from_numpy(pipeline.input_ids(batch)).to(teacher.device)
+        for batch, _ in pipeline.batches(sequences, per_part, batch_size, 0)
+    ]
 
 
 def time_bare(teacher, batches, device: str) -> Timing:
@@ -185,33 +178,29 @@ def time_bare(teacher, batches, device: str) -> Timing:
     return clock.stop()
 
 
-def time_dump(opts) -> tuple[Timing, Timing, object]:
-    """(steady-state loop, whole call, summary) of one `dump`."""
-    from logitcache.dumping import pipeline as dump_mod
+def time_dump(opts, **stand_ins) -> tuple[Timing, Timing, object]:
+    """(steady-state loop, whole call, summary) of one `dump`; `stand_ins` go to
+    `pipeline.run` (the breakdown's replacements for a stage, see `_without`)."""
+    from logitcache.dumping import pipeline
 
     loop: list[Timing] = []
-    inner = dump_mod._run
 
     def timed_run(*args, **kw):
         clock = Clock()
         try:
-            return inner(*args, **kw)
+            return pipeline.run(*args, **kw, **stand_ins)
         finally:
             loop.append(clock.stop())
 
     shutil.rmtree(opts.out, ignore_errors=True)
-    dump_mod._run = timed_run
-    try:
-        clock = Clock()
-        summary = dump_mod.dump(opts)
-        total = clock.stop()
-    finally:
-        dump_mod._run = inner
+    clock = Clock()
+    summary = pipeline.dump(opts, loop=timed_run)
+    total = clock.stop()
     return loop[0], total, summary
 
 
 def dump_options(args, teacher_dir: Path, corpus: Path, out: Path):
-    from logitcache.dumping.pipeline import DumpOptions
+    from logitcache.dumping.options import DumpOptions
 
     return DumpOptions(
         data=str(corpus),
@@ -233,33 +222,24 @@ def dump_options(args, teacher_dir: Path, corpus: Path, out: Path):
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _without(part: str):
-    """Run dumps without one of their stages (for the breakdown only; the cache is then wrong):
-    "writer" (batches are dropped instead of assembled, compressed and committed) or
-    "targets" (the log-softmax top-k of one position per row, repeated along the row)."""
-    from logitcache.dumping import pipeline as dump_mod
+def _without(parts: tuple[str, ...]) -> dict[str, object]:
+    """`pipeline.run` arguments that leave stages out of a dump (for the breakdown only; the
+    cache is then wrong): "writer" (batches are dropped instead of assembled, compressed and
+    committed) or "targets" (the log-softmax top-k of one position per row, repeated along
+    the row)."""
     from logitcache.dumping import targets
 
-    if part == "writer":
-        saved, dump_mod._PartAssembler.add = dump_mod._PartAssembler.add, lambda self, batch: None
-        try:
-            yield
-        finally:
-            dump_mod._PartAssembler.add = saved
-        return
-    real = targets.device_targets
-
     def one_position(logits, spec, sequences):
-        small = real(logits[:, :1], spec, sequences)
+        small = targets.device_targets(logits[:, :1], spec, sequences)
         shape = logits.shape[:2]
         return {k: v.expand(*shape, *v.shape[2:]).contiguous() for k, v in small.items()}
 
-    targets.device_targets = one_position
-    try:
-        yield
-    finally:
-        targets.device_targets = real
+    stand_ins: dict[str, object] = {}
+    if "writer" in parts:
+        stand_ins["sink"] = lambda batch: None
+    if "targets" in parts:
+        stand_ins["targets_fn"] = one_position
+    return stand_ins
 
 
 def breakdown(args, teacher, teacher_dir: Path, corpus: Path) -> tuple[str, int]:
@@ -287,10 +267,7 @@ def breakdown(args, teacher, teacher_dir: Path, corpus: Path) -> tuple[str, int]
                 if skipped is None:
                     runs[name].append(time_bare(teacher, batches, args.device))
                 else:
-                    with contextlib.ExitStack() as stack:
-                        for part in skipped:
-                            stack.enter_context(_without(part))
-                        runs[name].append(time_dump(opts)[0])
+                    runs[name].append(time_dump(opts, **_without(skipped))[0])
                 print(f"[bench_dump] breakdown {rep + 1}/{args.repeats}: {name}", file=sys.stderr)
     finally:
         torch.set_num_threads(threads)
@@ -586,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     timing_rows = [
         ["bare forward", f"{b_wall:.2f}", each(bare, "wall"), f"{tokens / b_wall:,.0f}",
          "1.000", f"{b_cpu:.2f}", "1.000", others(bare)],
-        ["dump, steady state (`_run`)", f"{s_wall:.2f}", each(steady, "wall"),
+        ["dump, steady state (`run`)", f"{s_wall:.2f}", each(steady, "wall"),
          f"{tokens / s_wall:,.0f}", f"**{s_wall / b_wall:.3f}**", f"{s_cpu:.2f}",
          f"{s_cpu / b_cpu:.3f}", others(steady)],
         ["dump, total (`dump()`)", f"{t_wall:.2f}", each(total, "wall"),
@@ -637,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         "last column is the share of the machine's CPU time that other processes used during "
         "each run (from /proc/stat), i.e. how clean the run was. "
         "*bare* = `Teacher.logits(ids)` over the same batches, nothing else; *steady state* = "
-        "`logitcache.dumping.pipeline._run` (tokenize, forward, log-softmax top-k, assemble, compress, "
+        "`logitcache.dumping.pipeline.run` (tokenize, forward, log-softmax top-k, assemble, compress, "
         "checksum, commit; writer thread joined); *total* = the whole `dump()` call (adds "
         "teacher load with weight hashing, data fingerprint, sizing the output).",
         "",

@@ -55,8 +55,8 @@ from common import (  # noqa: E402
 )
 
 import logitcache  # noqa: E402
-from logitcache import stores  # noqa: E402
 from logitcache.format.manifest import MANIFEST_NAME, PARTS_DIR, LayoutInfo, PartArrays  # noqa: E402
+from logitcache.storage import stores  # noqa: E402
 from logitcache.write.writer import CacheWriter  # noqa: E402
 from tests.logitcache.s3server import environment, moto_server  # noqa: E402
 from tests.synthetic import template  # noqa: E402

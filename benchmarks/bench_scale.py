@@ -158,7 +158,7 @@ def counting_rate(teacher: Path, corpus: Path, seq_len: int) -> tuple[float, int
     import torch
     from transformers import AutoTokenizer
 
-    from logitcache.dumping import data, sharding
+    from logitcache.dumping import data
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher))
@@ -167,7 +167,8 @@ def counting_rate(teacher: Path, corpus: Path, seq_len: int) -> tuple[float, int
     start = time.perf_counter()
     lengths = [len(ids) + 1 for ids in data.tokenize(iter(docs), tokenizer, False)]
     seconds = time.perf_counter() - start
-    count = sharding.count_sequences(iter([[0] * (n - 1) for n in lengths]), seq_len, True)
+    docs = iter([[0] * (n - 1) for n in lengths])
+    count = data.count_sequences(docs, seq_len, tokenizer.eos_token_id, True)
     return sum(lengths) / seconds, count
 
 

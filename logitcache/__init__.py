@@ -39,15 +39,16 @@ __all__ = [
 
 _HOME = {
     "dump": "logitcache.dumping.pipeline",
-    "DumpOptions": "logitcache.dumping.pipeline",
-    "DumpSummary": "logitcache.dumping.pipeline",
+    "DumpOptions": "logitcache.dumping.options",
+    "DumpSummary": "logitcache.dumping.options",
     "merge": "logitcache.write.merge",
     "export": "logitcache.write.export",
     "verify": "logitcache.read.verify",
 }
 
 if TYPE_CHECKING:
-    from logitcache.dumping.pipeline import DumpOptions, DumpSummary, dump
+    from logitcache.dumping.options import DumpOptions, DumpSummary
+    from logitcache.dumping.pipeline import dump
     from logitcache.read.verify import verify
     from logitcache.write.export import export
     from logitcache.write.merge import merge

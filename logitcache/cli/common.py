@@ -1,7 +1,6 @@
-"""What both CLIs share: known errors become one paragraph on stderr and exit code 2, the
-options both take, and how sizes are printed.
-
-Set LOGITCACHE_DEBUG=1 to see the traceback instead.
+"""What both CLIs share: known errors become one paragraph on stderr and exit code 2 (set
+LOGITCACHE_DEBUG=1 to see the traceback instead); and the option aliases and size formatting
+the `logitcache` commands share.
 """
 
 from __future__ import annotations
@@ -24,6 +23,9 @@ CacheDirOption = Annotated[
         help="Local cache of parts fetched from a URL [default: ~/.cache/logitcache]; size "
         "limit LOGITCACHE_CACHE_SIZE (default 10GB).",
     ),
+]
+LicenseOption = Annotated[
+    str, typer.Option("--license", help="Licence of the cached data, shown on the README.md card.")
 ]
 
 

@@ -284,10 +284,7 @@ def pack(
             if ids:
                 yield np.asarray(ids[:seq_len], dtype=np.int64)
         return
-    if eos_id is None:
-        raise LogitCacheError(
-            "the tokenizer has no EOS token to join documents with; pass --no-pack."
-        )
+    _require_eos(eos_id)
     buffer: list[int] = []
     for ids in token_docs:
         if not ids:
@@ -299,3 +296,21 @@ def pack(
             del buffer[:seq_len]
     if buffer:
         yield np.asarray(buffer, dtype=np.int64)
+
+
+def count_sequences(
+    token_docs: Iterator[list[int]], seq_len: int, eos_id: int | None, packing: bool = True
+) -> int:
+    """How many sequences `pack` makes of these documents, without building them."""
+    if not packing:
+        return sum(1 for ids in token_docs if ids)
+    _require_eos(eos_id)
+    tokens = sum(len(ids) + 1 for ids in token_docs if ids)  # each document and its EOS
+    return -(-tokens // seq_len)
+
+
+def _require_eos(eos_id: int | None) -> None:
+    if eos_id is None:
+        raise LogitCacheError(
+            "the tokenizer has no EOS token to join documents with; pass --no-pack."
+        )

@@ -33,40 +33,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import itertools
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
-from logitcache.dumping import data
+from logitcache.dumping.options import DumpOptions, DumpSummary
+from logitcache.dumping.prepare import Prepared, prepare
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import PARTS_DIR, DataInfo, Manifest, part_name
+from logitcache.format.manifest import PARTS_DIR, Manifest, diff_settings, part_name
+from logitcache.format.shards import Shard, shard_data
+from logitcache.progress import Bar, progress_bar
 from logitcache.read import reader
 from logitcache.runtime import agree_on_errors, torchrun_world_size
 from logitcache.storage import stores
+from logitcache.write.remote_writer import open_writer
+from logitcache.write.writer import CacheWriter
 
 RANKS_DIR = "ranks"
 #: How long a rank waits for the others (they finish at different times): a week by default.
 TIMEOUT_ENV = "LOGITCACHE_DIST_TIMEOUT"
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    count: int
-    torchrun: bool = False  # a rank of a torchrun job, else an independent --shard job
-
-    @property
-    def label(self) -> str:
-        return f"{self.index}/{self.count}"
 
 
 def from_options(shard: str | None) -> Shard | None:
@@ -94,40 +87,11 @@ def part_range(total: int, shard: Shard) -> tuple[int, int]:
     return shard.index * total // shard.count, (shard.index + 1) * total // shard.count
 
 
-def shard_data(info: DataInfo, shard: Shard) -> DataInfo:
-    """The data record of one shard's cache: the whole data's, marked with the shard (so that
-    a resume checks it is the same shard, and `merge` sees different data)."""
-    fingerprint = hashlib.sha256(f"{info.fingerprint}\nshard {shard.label}".encode()).hexdigest()
-    return dataclasses.replace(
-        info, source=f"{info.source} [shard {shard.label}]", fingerprint=fingerprint, documents=-1
-    )
-
-
-_SHARD_SOURCE = re.compile(r"(?P<source>.*) \[shard (?P<index>\d+)/(?P<count>\d+)\]")
-
-
-def shard_of(info: DataInfo) -> tuple[str, Shard] | None:
-    """(the whole data's source, the shard) that `shard_data` marked `info` with, or None for
-    the data record of a whole dump."""
-    found = _SHARD_SOURCE.fullmatch(info.source)
-    if found is None:
-        return None
-    return found["source"], Shard(int(found["index"]), int(found["count"]))
-
-
 def rank_location(out: str | Path, shard: Shard) -> str | Path:
     name = f"{RANKS_DIR}/rank-{shard.index:05d}-of-{shard.count:05d}"
     if stores.is_remote(out):
         return f"{str(out).rstrip('/')}/{name}"
     return stores.local_path(out) / name
-
-
-def count_sequences(token_docs: Iterator[list[int]], seq_len: int, packing: bool) -> int:
-    """How many sequences `data.pack` makes of these documents, without building them."""
-    if not packing:
-        return sum(1 for ids in token_docs if ids)
-    tokens = sum(len(ids) + 1 for ids in token_docs if ids)  # each document and its EOS
-    return -(-tokens // seq_len)
 
 
 def select(sequences: Iterator[np.ndarray], per_part: int, first: int, stop: int):
@@ -256,58 +220,50 @@ def join(top: Any, out: str | Path, shards: list[Shard], total: int) -> Manifest
 # The dump of one shard (and, under torchrun, the whole job's commit)
 
 
-def dump_sharded(opts: Any, shard: Shard) -> Any:
-    """`logitcache.dumping.pipeline.dump` for --shard I/N or a torchrun rank (see the module docstring)."""
-    from logitcache.dumping import pipeline as dumping
+class Loop(Protocol):
+    """The dump loop a shard runs on its slice: `logitcache.dumping.pipeline.run`, passed in by
+    `pipeline.dump` (which imports this module to hand a sharded dump over)."""
 
+    def __call__(
+        self,
+        job: Prepared,
+        sequences: Iterator[np.ndarray],
+        writer: CacheWriter,
+        bar: Bar,
+        first_part: int = 0,
+    ) -> None: ...
+
+
+def dump_sharded(opts: DumpOptions, shard: Shard, loop: Loop) -> DumpSummary:
+    """`logitcache.dumping.pipeline.dump` for --shard I/N or a torchrun rank (see the module
+    docstring): the same `prepare`, then `loop` over this shard's parts."""
     start = time.perf_counter()
-    dumping._check_options(opts)
+    job = prepare(dataclasses.replace(opts, device=_device(opts.device, shard)))
     group = Group() if shard.torchrun else None
-    if group is not None and (group.rank, group.world) != (shard.index, shard.count):
-        raise LogitCacheError(f"RANK/WORLD_SIZE {shard.label} disagree with the process group.")
     try:
-        return _dump_shard(opts, shard, group, start)
+        if group is not None and (group.rank, group.world) != (shard.index, shard.count):
+            raise LogitCacheError(f"RANK/WORLD_SIZE {shard.label} disagree with the process group.")
+        return _dump_shard(job, shard, group, loop, start)
     finally:
         if group is not None:
             group.close()
 
 
-def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> Any:
-    import torch
-
-    from logitcache.dumping import pipeline as dumping
-    from logitcache.dumping.teacher import load_teacher
-    from logitcache.progress import progress_bar
-    from logitcache.write.remote_writer import open_writer
-
-    device = opts.device
+def _device(device: str, shard: Shard) -> str:
+    """One GPU per torchrun process: cuda:LOCAL_RANK where --device leaves the GPU open."""
     if shard.torchrun and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
-    source = data.resolve(opts.data, opts.data_format, opts.text_field, opts.ids_field)
-    teacher = load_teacher(
-        opts.teacher, factory=opts.teacher_factory, tokenizer=opts.tokenizer, device=device,
-        dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
-    )  # fmt: skip
-    dumping._check_against_teacher(opts, teacher)
-    whole = dumping._manifest_template(opts, teacher, source)
-    per_part = whole.layout.sequences_per_part
-    eos = teacher.tokenizer_info.eos_token_id
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
 
-    def count_parts() -> int:
-        if opts.pack and eos is None:
-            raise LogitCacheError(
-                "the tokenizer has no EOS token to join documents with; pass --no-pack."
-            )
-        docs = data.tokenize(data.iter_documents(source), teacher.tokenizer, source.pretokenized)
-        sequences = count_sequences(docs, opts.seq_len, opts.pack)
-        if sequences == 0:
-            raise LogitCacheError(f"--data {opts.data} holds no tokens: every document is empty.")
-        return -(-sequences // per_part)
 
+def _dump_shard(
+    job: Prepared, shard: Shard, group: Group | None, loop: Loop, start: float
+) -> DumpSummary:
+    opts, whole = job.opts, job.template
     top = None
     try:
         if group is None:
-            total = count_parts()
+            total = job.count_parts()
         else:
 
             def open_top() -> int | None:
@@ -315,14 +271,12 @@ def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> A
                 top = open_writer(opts.out, whole, overwrite=opts.overwrite, license=opts.license)
                 if opts.overwrite:
                     remove_ranks(opts.out)
-                return None if top.manifest.complete else count_parts()
+                return None if top.manifest.complete else job.count_parts()
 
             total = agreed(group, open_top)
             theirs = group.broadcast(whole.settings())  # every rank must see the same job
             mine = whole.settings()
             if theirs != mine:
-                from logitcache.format.manifest import diff_settings
-
                 raise LogitCacheError(
                     f"rank {shard.index} does not see what rank 0 sees (another --data, teacher or "
                     "tokenizer on this node?):\n  " + "\n  ".join(diff_settings(theirs, mine))
@@ -338,17 +292,15 @@ def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> A
         if first < stop or group is None:
             show = opts.progress and shard.index == 0
             with progress_bar("dump", total=None, unit="docs", enabled=show) as bar:
-                documents = bar.counting(data.iter_documents(source))
-                tokens = data.tokenize(documents, teacher.tokenizer, source.pretokenized)
-                sequences = data.pack(tokens, opts.seq_len, eos, opts.pack)
-                mine = select(sequences, per_part, first, stop)
+                per_part = whole.layout.sequences_per_part
+                sequences = select(job.sequences(bar), per_part, first, stop)
                 with open_writer(
                     location, template, overwrite=opts.overwrite, license=opts.license
                 ) as writer:
                     resumed = writer.committed
                     if not writer.manifest.complete:
                         if first < stop:
-                            dumping._run(opts, teacher, mine, writer, bar, first_part=first)
+                            loop(job, sequences, writer, bar, first_part=first)
                         writer.finish()  # an empty shard (more jobs than parts): no parts
                     manifest = writer.manifest
         if group is None:
@@ -362,7 +314,5 @@ def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> A
             top.__exit__(None, None, None)  # release --out's lock
 
 
-def _summary(manifest: Manifest, resumed: int, out: Any, start: float) -> Any:
-    from logitcache.dumping.pipeline import DumpSummary
-
+def _summary(manifest: Manifest, resumed: int, out: str | Path, start: float) -> DumpSummary:
     return DumpSummary(manifest, resumed, stores.disk_usage(out), time.perf_counter() - start)

@@ -28,7 +28,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from logitcache.dumping.sharding import shard_of
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
 from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE, render_card
 from logitcache.format.manifest import (
@@ -41,6 +40,7 @@ from logitcache.format.manifest import (
     PartInfo,
     part_name,
 )
+from logitcache.format.shards import shard_of
 from logitcache.read import reader
 from logitcache.read.reader import Cache
 from logitcache.storage.paths import refuse_overlap

@@ -1,0 +1,179 @@
+"""`logitcache info`, `stats` and `verify`: look at a cache, change nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from logitcache.cli.common import CacheDirOption, human_bytes, size_per_token
+from logitcache.errors import CorruptCacheError, LogitCacheError
+from logitcache.format.manifest import Manifest
+from logitcache.read import reader
+from logitcache.storage import stores
+
+out = Console()
+
+
+def info(
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest and sizes as JSON.")
+    ] = False,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Describe a cache: teacher, tokenizer, data, targets, counts, size and bytes/token.
+
+    --json prints the whole manifest (teacher identity and hashes, tokenizer fingerprint and
+    vocabulary size, data fingerprint, ...) plus size_bytes and bytes_per_token.
+
+    It also checks, cheaply, that every part's files are there and its metadata intact
+    (missing, truncated or mismatched files: exit 2 naming the part); `verify` reads the data.
+
+    Examples: logitcache info ./cache --json | jq .teacher ; logitcache info s3://bucket/cache
+    """
+    from logitcache.read.health import structure_problems
+
+    c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
+    m = c.manifest
+    size = stores.disk_usage(cache)
+    problems = structure_problems(c)
+    if as_json:
+        doc = dataclasses.asdict(m) | {
+            "size_bytes": size,
+            "bytes_per_token": size / m.tokens if m.tokens else None,
+        }
+        print(json.dumps(doc, indent=2))
+        _report_damage(cache, problems)
+        return
+    state = "complete" if m.complete else "UNFINISHED (rerun the dump to finish)"
+    rows = [
+        ("cache", f"{c.root}  [{m.backend}, format {m.format_version}, {state}]"),
+        ("teacher", f"{m.teacher.name}  ({m.teacher.dtype}, vocab {m.teacher.vocab_size}, weights {m.teacher.weights_sha256[:12]})"),
+        ("tokenizer", f"{m.tokenizer.name}  (vocab {m.tokenizer.vocab_size}, fingerprint {m.tokenizer.fingerprint[:12]})"),
+        ("data", f"{m.data.source}  ({m.data.format}, {m.data.documents} documents, fingerprint {m.data.fingerprint[:12]})"),
+        ("targets", describe_targets(m)),
+        ("layout", f"seq_len {m.layout.seq_len}, {'packed' if m.layout.packing else 'one document per sequence'}, {m.layout.sequences_per_part} sequences/part"),
+        ("codec", f"{m.codec.name}/{m.codec.cname} level {m.codec.clevel}, {m.codec.shuffle}, {m.codec.checksum}"),
+        ("counts", f"{m.tokens:,} tokens, {m.sequences:,} sequences, {len(m.parts)} parts"),
+        ("size", size_per_token(size, m.tokens)),
+    ]  # fmt: skip
+    if not c.is_remote and not problems:
+        rows.append(("checked", "every part's files present, metadata and chunk indexes intact "
+                     "(data: logitcache verify)"))  # fmt: skip
+    for key, value in rows:
+        out.print(f"[bold]{key:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
+    _report_damage(cache, problems)
+
+
+def _report_damage(cache: str, problems: list[str]) -> None:
+    if problems:
+        raise CorruptCacheError(
+            f"{cache} is damaged:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nRun `logitcache verify` on it for a full check; re-dump the parts named above "
+            "(delete the cache and rerun the dump), or restore them from a copy."
+        )
+
+
+def describe_targets(m: Manifest) -> str:
+    """One line on what a cache stores per position, and how."""
+    t = m.targets
+    delta = f", delta-filtered {'+'.join(m.codec.delta)}" if m.codec.delta else ""
+    if t.kind == "sample":
+        return (
+            f"sample N={t.samples} (at most {t.k} distinct ids), T={t.temperature}, seed "
+            f"{t.seed}, ids {t.id_dtype}, counts {t.count_dtype}{delta}"
+        )
+    values = t.logprob_dtype + (f" (1/{t.logprob_scale:g} nat)" if t.logprob_scale else "")
+    return (
+        f"topk k={t.k}, T={t.temperature}, ids {t.id_dtype} in {t.order} order, "
+        f"log-probs {values}{delta}"
+    )
+
+
+def stats(
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
+    plot: Annotated[Path | None, typer.Option(help="Write the histograms to this PNG.")] = None,
+    max_tokens: Annotated[
+        int, typer.Option(help="Positions to read (0: all); bytes are always the whole cache's.")
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Per position: the teacher mass on the stored ids (top-k coverage), the entropy of the
+    stored part, the distinct ids; and the bytes per token of each array. The exact definitions
+    are in logitcache/read/stats.py.
+
+    Example: logitcache stats ./cache --plot stats.png
+    """
+    from logitcache.read import stats as stats_mod
+
+    if max_tokens < 0:
+        raise LogitCacheError(
+            f"--max-tokens must be 0 (every position) or a number of positions, got {max_tokens}."
+        )
+    c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
+    result = stats_mod.compute(c, max_tokens=max_tokens)
+    doc = result.summary()
+    if plot is not None:
+        stats_mod.plot(result, plot, title=f"{cache}: {describe_targets(c.manifest)}")
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    say = lambda text: out.print(escape(text), highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"{cache}: {describe_targets(c.manifest)}")
+    say(f"{doc['positions']:,} positions")
+    rows = [
+        ("mass", "teacher mass on the stored ids"),
+        ("entropy", "entropy of the stored part, nats"),
+        ("tail_entropy_max", "largest entropy with the tail, nats"),
+        ("distinct", "distinct ids per position"),
+    ]
+    say(f"{'':>36}  {'mean':>9} {'p10':>9} {'p50':>9} {'p90':>9}")
+    for key, label in rows:
+        if doc.get(key):
+            d = doc[key]
+            say(f"{label:>36}  {d['mean']:9.4f} {d['p10']:9.4f} {d['p50']:9.4f} {d['p90']:9.4f}")
+    say("bytes/token by array:")
+    for name, value in sorted(doc["bytes_per_token"].items(), key=lambda x: -x[1]):
+        say(f"{name:>36}  {value:9.2f}")
+    say(f"{'total':>36}  {doc['bytes_per_token_total']:9.2f}")
+    if plot is not None:
+        say(f"wrote {plot}")
+
+
+def verify(
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL.")],
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Read every chunk of a cache and check checksums and invariants; exit 2 naming what is wrong.
+
+    A cache at a URL is fetched part by part into the local cache (--cache-dir) and checked
+    there. The README.md card is not checked (it is not part of the manifest).
+
+    Examples: logitcache verify ./cache ; logitcache verify s3://bucket/cache
+    """
+    from logitcache.read.verify import verify as run_verify
+
+    c = reader.open(cache, allow_partial=True, cache_dir=cache_dir)
+    report = run_verify(c)
+    if not report.ok:
+        raise CorruptCacheError(
+            f"{cache} failed verification:\n"
+            + "\n".join(f"  {p}" for p in report.problems)
+            + "\nRe-dump the parts named above (delete the cache and rerun the dump), or restore them from a copy."
+        )
+    got = stores.FETCH_STATS
+    fetched = (
+        f" (downloaded {got['files']} files, {human_bytes(got['bytes'])})" if c.is_remote else ""
+    )
+    print(
+        f"ok: {report.parts} parts, {report.files} files, {report.chunks} chunks, "
+        f"{c.manifest.tokens:,} tokens checked{fetched}"
+    )
