@@ -16,7 +16,7 @@ from rich.markup import escape
 from logitcache.cli.common import human_bytes, run_app, size_per_token
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.read import reader
-from logitcache.storage import stores
+from logitcache.storage import mirror, stores
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -357,7 +357,7 @@ def verify(
             + "\n".join(f"  {p}" for p in report.problems)
             + "\nRe-dump the parts named above (delete the cache and rerun the dump), or restore them from a copy."
         )
-    got = stores.FETCH_STATS
+    got = mirror.FETCH_STATS
     fetched = (
         f" (downloaded {got['files']} files, {human_bytes(got['bytes'])})" if c.is_remote else ""
     )

@@ -30,17 +30,14 @@ command rerun to join.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import hashlib
 import itertools
 import os
 import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +45,15 @@ import numpy as np
 
 from logitcache.dumping import data
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import PARTS_DIR, DataInfo, Manifest, part_name
+from logitcache.format.manifest import Manifest, part_name
+from logitcache.format.shard import Shard, shard_data
 from logitcache.read import reader
 from logitcache.storage import stores
+from logitcache.write.writer import Writer
 
 RANKS_DIR = "ranks"
 #: How long a rank waits for the others (they finish at different times): a week by default.
 TIMEOUT_ENV = "LOGITCACHE_DIST_TIMEOUT"
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    count: int
-    torchrun: bool = False  # a rank of a torchrun job, else an independent --shard job
-
-    @property
-    def label(self) -> str:
-        return f"{self.index}/{self.count}"
 
 
 def torchrun_world() -> int:
@@ -98,27 +86,6 @@ def from_options(shard: str | None) -> Shard | None:
 def part_range(total: int, shard: Shard) -> tuple[int, int]:
     """[first, stop) of the parts shard `shard` dumps, out of `total`."""
     return shard.index * total // shard.count, (shard.index + 1) * total // shard.count
-
-
-def shard_data(info: DataInfo, shard: Shard) -> DataInfo:
-    """The data record of one shard's cache: the whole data's, marked with the shard (so that
-    a resume checks it is the same shard, and `merge` sees different data)."""
-    fingerprint = hashlib.sha256(f"{info.fingerprint}\nshard {shard.label}".encode()).hexdigest()
-    return dataclasses.replace(
-        info, source=f"{info.source} [shard {shard.label}]", fingerprint=fingerprint, documents=-1
-    )
-
-
-_SHARD_SOURCE = re.compile(r"(?P<source>.*) \[shard (?P<index>\d+)/(?P<count>\d+)\]")
-
-
-def shard_of(info: DataInfo) -> tuple[str, Shard] | None:
-    """(the whole data's source, the shard) that `shard_data` marked `info` with, or None for
-    the data record of a whole dump."""
-    found = _SHARD_SOURCE.fullmatch(info.source)
-    if found is None:
-        return None
-    return found["source"], Shard(int(found["index"]), int(found["count"]))
 
 
 def rank_location(out: str | Path, shard: Shard) -> str | Path:
@@ -202,30 +169,9 @@ def remove_ranks(out: str | Path) -> None:
         shutil.rmtree(stores.local_path(out) / RANKS_DIR, ignore_errors=True)
 
 
-def _put(out: str | Path, src_cache: reader.Cache, index: int, rel: str, new_rel: str) -> None:
-    """Part file `rel` of a rank's cache into OUT/parts/`new_rel`: a hard link (a copy where
-    links are not possible), or a server-side copy in an object store."""
-    if stores.is_remote(out):
-        dest = stores.RemoteStore(str(out))
-        mirror = src_cache.mirror
-        if mirror is not None and mirror.store.same_filesystem(dest):
-            dest.copy_within(mirror.store, f"{PARTS_DIR}/{rel}", f"{PARTS_DIR}/{new_rel}")
-        else:
-            dest.put_file(src_cache.parts_dir(index) / rel, f"{PARTS_DIR}/{new_rel}")
-        return
-    src = Path(src_cache.root) / PARTS_DIR / rel
-    dst = stores.local_path(out) / PARTS_DIR / new_rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)  # a filesystem without hard links
-
-
-def join(top: Any, out: str | Path, shards: list[Shard], total: int) -> Manifest:
-    """Rank 0, after the barrier: every rank's parts into OUT under their global names, then
+def join(top: Writer, out: str | Path, shards: list[Shard], total: int) -> Manifest:
+    """Rank 0, after the barrier: every rank's parts into OUT under their global names (hard
+    links, copies where links are not possible, server-side copies in an object store), then
     one manifest commits them all (the single-process dump's manifest, but `created`)."""
     parts = []
     for shard in shards:
@@ -244,18 +190,10 @@ def join(top: Any, out: str | Path, shards: list[Shard], total: int) -> Manifest
             files = {}
             for rel, digest in part.files.items():
                 new_rel = name + rel[len(part.name) :]
-                _put(out, cache, index, rel, new_rel)
+                top.put_file(cache, index, rel, new_rel, digest)  # a hard link, or a copy
                 files[new_rel] = digest
             parts.append(dataclasses.replace(part, name=name, files=files))
-    manifest = dataclasses.replace(
-        top.manifest,
-        parts=parts,
-        sequences=sum(p.sequences for p in parts),
-        tokens=sum(p.tokens for p in parts),
-    )
-    local = getattr(top, "local", top)  # a RemoteCacheWriter stages its manifest locally
-    local.manifest = manifest
-    manifest = top.finish()  # the commit: one manifest write (or upload), then the card
+    manifest = top.commit_parts(parts)  # one manifest write (or upload), then the card
     remove_ranks(out)
     return manifest
 
@@ -367,7 +305,7 @@ def _dump_shard(opts: Any, shard: Shard, group: Group | None, start: float) -> A
         return _summary(manifest, resumed, opts.out, start)
     finally:
         if top is not None:
-            top.__exit__(None, None, None)  # release --out's lock
+            top.close()  # release --out's lock
 
 
 def _summary(manifest: Manifest, resumed: int, out: Any, start: float) -> Any:

@@ -38,6 +38,7 @@ from logitcache.format.manifest import (
 )
 from logitcache.storage import stores
 from logitcache.storage.backend import get_backend
+from logitcache.storage.mirror import PartMirror
 from logitcache.storage.paths import link_problem, link_under, refuse_links
 
 
@@ -97,7 +98,7 @@ def _open_remote(url: str, allow_partial: bool, cache_dir: str | Path | None) ->
         )
     manifest = parse_manifest(text, store.describe(MANIFEST_NAME))
     _check_complete(manifest, store.url, allow_partial)
-    return Cache(store.url, manifest, mirror=stores.PartMirror(store, cache_dir))
+    return Cache(store.url, manifest, mirror=PartMirror(store, cache_dir))
 
 
 def completeness_problem(manifest: Manifest, where: object) -> str | None:
@@ -127,7 +128,7 @@ class Cache:
     """
 
     def __init__(
-        self, root: Path | str, manifest: Manifest, mirror: stores.PartMirror | None = None
+        self, root: Path | str, manifest: Manifest, mirror: PartMirror | None = None
     ) -> None:
         self.root = root
         self.manifest = manifest
@@ -211,17 +212,15 @@ class Cache:
                     f"{info.name} of {self.root}: {PARTS_DIR}/{rel} is missing. Run "
                     "`logitcache verify` on the cache."
                 )
-        check = getattr(self.backend, "check_part", None)
-        if check is not None:
-            path = base / (info.name + self.backend.SUFFIX)
-            listed = {rel[len(path.name) + 1 :] for rel in info.files if "/" in rel}
-            try:
-                check(path, expected_arrays(self.manifest, info), listed)
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                raise CorruptCacheError(
-                    f"{info.name} of {self.root} does not match its manifest entry: {exc}. "
-                    "Run `logitcache verify` on it."
-                ) from exc
+        path = base / (info.name + self.backend.SUFFIX)
+        listed = {rel[len(path.name) + 1 :] for rel in info.files if "/" in rel}
+        try:
+            self.backend.check_part(path, expected_arrays(self.manifest, info), listed)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise CorruptCacheError(
+                f"{info.name} of {self.root} does not match its manifest entry: {exc}. "
+                "Run `logitcache verify` on it."
+            ) from exc
         self._checked.add(key)
 
     def read_part(self, index: int) -> PartArrays:
