@@ -56,7 +56,7 @@ from common import (  # noqa: E402
 
 import logitcache  # noqa: E402
 from logitcache.format.manifest import MANIFEST_NAME, PARTS_DIR, LayoutInfo, PartArrays  # noqa: E402
-from logitcache.storage import stores  # noqa: E402
+from logitcache.storage import mirror, stores  # noqa: E402
 from logitcache.write.writer import CacheWriter  # noqa: E402
 from tests.logitcache.s3server import environment, moto_server  # noqa: E402
 from tests.synthetic import template  # noqa: E402
@@ -147,7 +147,7 @@ def main() -> None:
             read_all(local)  # page cache warm, imports done: the same start for everyone
             for r in range(args.repeats):
                 cold = work / f"local-cache-{r}"
-                before = dict(stores.FETCH_STATS)
+                before = dict(mirror.FETCH_STATS)
                 for key, location, cache_dir in (
                     ("local", local, None), ("epoch1", url, cold), ("epoch2", url, cold)
                 ):  # fmt: skip
@@ -155,9 +155,9 @@ def main() -> None:
                     times[key].append(total)
                     opens[key].append(opening)
                     if key == "epoch1":
-                        assert stores.FETCH_STATS["bytes"] - before["bytes"] == size
-                        before = dict(stores.FETCH_STATS)
-                assert before == stores.FETCH_STATS, "epoch 2 downloaded again"
+                        assert mirror.FETCH_STATS["bytes"] - before["bytes"] == size
+                        before = dict(mirror.FETCH_STATS)
+                assert before == mirror.FETCH_STATS, "epoch 2 downloaded again"
                 shutil.rmtree(cold)
                 print(
                     f"  repeat {r + 1}: local {times['local'][-1]:.3f} s, S3 epoch 1 "

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from logitcache.errors import LogitCacheError
+from logitcache.storage.files import fsync_dir, write_json_atomic
 from trainer.config import (
     CHECKPOINT_DIR,
     CHECKPOINT_OLD,
@@ -123,7 +122,7 @@ def save_checkpoint(
             shutil.rmtree(old)
         final.rename(old)
     tmp.rename(final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     if old.exists():
         shutil.rmtree(old)
 
@@ -132,8 +131,8 @@ def _write_checkpoint_files(tmp: Path, state: dict[str, Any]) -> None:
     """state.pt and config.json into the new directory `tmp`, fsynced."""
     tmp.mkdir()
     _torch_save(state, tmp / STATE_FILE)
-    write_json(tmp / "config.json", {"step": state["step"], "config": state["config"]})
-    _fsync_dir(tmp)
+    write_json_atomic(tmp / "config.json", {"step": state["step"], "config": state["config"]})
+    fsync_dir(tmp)
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -229,17 +228,6 @@ def _identity(manifest: Any) -> dict[str, Any]:
 # Writing into the run directory
 
 
-def write_json(path: Path, doc: Any) -> None:
-    """`doc` as indented JSON, atomically (written aside, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @contextlib.contextmanager
 def writing(run_dir: Path, what: str, partial: Path | None = None) -> Iterator[None]:
     """Writes into the run directory: an OSError (a full disk, a read-only filesystem, a
@@ -261,16 +249,3 @@ def writing(run_dir: Path, what: str, partial: Path | None = None) -> Iterator[N
             f"{getattr(exc, 'strerror', None) or exc}. Free space on its filesystem or make it writable, or "
             f"choose another --out; {again}."
         ) from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

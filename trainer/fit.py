@@ -33,6 +33,7 @@ import torch.distributed as dist
 import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.progress import Bar, progress_bar
+from logitcache.storage.files import write_json_atomic
 from trainer import distributed
 from trainer.checkpoint import (
     check_resume,
@@ -41,7 +42,6 @@ from trainer.checkpoint import (
     rng_state,
     save_checkpoint,
     seed_everything,
-    write_json,
     writing,
 )
 from trainer.config import (
@@ -206,7 +206,7 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         )
     if main:
         with writing(run_dir, CONFIG_FILE):
-            write_json(run_dir / CONFIG_FILE, dataclasses.asdict(config))
+            write_json_atomic(run_dir / CONFIG_FILE, dataclasses.asdict(config))
     n_params = sum(p.numel() for p in model.parameters())
     log_message(
         f"{'resuming at step ' + str(step) if step else 'training'} {type(model).__name__} "
@@ -372,7 +372,7 @@ def _finish(run: _Run, stopped: bool) -> dict[str, Any]:
         with writing(run_dir, "the final model", partial=run_dir / MODEL_DIR):
             run.model.save_pretrained(run_dir / MODEL_DIR, safe_serialization=True)
         with writing(run_dir, SUMMARY_FILE):
-            write_json(run_dir / SUMMARY_FILE, result)
+            write_json_atomic(run_dir / SUMMARY_FILE, result)
     return result
 
 

@@ -15,7 +15,7 @@ from logitcache.cli.common import CacheDirOption, human_bytes, size_per_token
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.format.manifest import Manifest
 from logitcache.read import reader
-from logitcache.storage import stores
+from logitcache.storage import mirror, stores
 
 out = Console()
 
@@ -169,7 +169,7 @@ def verify(
             + "\n".join(f"  {p}" for p in report.problems)
             + "\nRe-dump the parts named above (delete the cache and rerun the dump), or restore them from a copy."
         )
-    got = stores.FETCH_STATS
+    got = mirror.FETCH_STATS
     fetched = (
         f" (downloaded {got['files']} files, {human_bytes(got['bytes'])})" if c.is_remote else ""
     )

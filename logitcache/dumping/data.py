@@ -100,7 +100,7 @@ def count_documents(source: DataSource) -> int | None:
     if source.format == "text":
         return len(source.files)
     if source.format == "parquet":
-        from logitcache.storage.parquet_backend import parquet_rows
+        from logitcache.dumping.arrow_input import parquet_rows
 
         return sum(parquet_rows(f) for f in source.files)
     if source.format == "npy":
@@ -205,7 +205,7 @@ def _read_jsonl(f: Path, source: DataSource) -> Iterator[Any]:
 
 
 def _read_parquet(f: Path, source: DataSource) -> Iterator[Any]:
-    from logitcache.storage.parquet_backend import iter_parquet_column
+    from logitcache.dumping.arrow_input import iter_parquet_column
 
     try:
         yield from iter_parquet_column(f, source.ids_field or source.text_field)

@@ -30,7 +30,6 @@ command rerun to join.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -48,14 +47,14 @@ import torch
 from logitcache.dumping.options import DumpOptions, DumpSummary
 from logitcache.dumping.prepare import Prepared, prepare
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import PARTS_DIR, Manifest, diff_settings, part_name
+from logitcache.format.manifest import Manifest, diff_settings, part_name
 from logitcache.format.shards import Shard, shard_data
 from logitcache.progress import Bar, progress_bar
 from logitcache.read import reader
 from logitcache.runtime import agree_on_errors, torchrun_world_size
 from logitcache.storage import stores
 from logitcache.write.remote_writer import open_writer
-from logitcache.write.writer import CacheWriter
+from logitcache.write.writer import CacheWriter, Writer
 
 RANKS_DIR = "ranks"
 #: How long a rank waits for the others (they finish at different times): a week by default.
@@ -158,30 +157,9 @@ def remove_ranks(out: str | Path) -> None:
         shutil.rmtree(stores.local_path(out) / RANKS_DIR, ignore_errors=True)
 
 
-def _put(out: str | Path, src_cache: reader.Cache, index: int, rel: str, new_rel: str) -> None:
-    """Part file `rel` of a rank's cache into OUT/parts/`new_rel`: a hard link (a copy where
-    links are not possible), or a server-side copy in an object store."""
-    if stores.is_remote(out):
-        dest = stores.RemoteStore(str(out))
-        mirror = src_cache.mirror
-        if mirror is not None and mirror.store.same_filesystem(dest):
-            dest.copy_within(mirror.store, f"{PARTS_DIR}/{rel}", f"{PARTS_DIR}/{new_rel}")
-        else:
-            dest.put_file(src_cache.parts_dir(index) / rel, f"{PARTS_DIR}/{new_rel}")
-        return
-    src = Path(src_cache.root) / PARTS_DIR / rel
-    dst = stores.local_path(out) / PARTS_DIR / new_rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)  # a filesystem without hard links
-
-
-def join(top: Any, out: str | Path, shards: list[Shard], total: int) -> Manifest:
-    """Rank 0, after the barrier: every rank's parts into OUT under their global names, then
+def join(top: Writer, out: str | Path, shards: list[Shard], total: int) -> Manifest:
+    """Rank 0, after the barrier: every rank's parts into OUT under their global names (hard
+    links, copies where links are not possible, server-side copies in an object store), then
     one manifest commits them all (the single-process dump's manifest, but `created`)."""
     parts = []
     for shard in shards:
@@ -200,18 +178,10 @@ def join(top: Any, out: str | Path, shards: list[Shard], total: int) -> Manifest
             files = {}
             for rel, digest in part.files.items():
                 new_rel = name + rel[len(part.name) :]
-                _put(out, cache, index, rel, new_rel)
+                top.put_file(cache, index, rel, new_rel, digest)  # a hard link, or a copy
                 files[new_rel] = digest
             parts.append(dataclasses.replace(part, name=name, files=files))
-    manifest = dataclasses.replace(
-        top.manifest,
-        parts=parts,
-        sequences=sum(p.sequences for p in parts),
-        tokens=sum(p.tokens for p in parts),
-    )
-    local = getattr(top, "local", top)  # a RemoteCacheWriter stages its manifest locally
-    local.manifest = manifest
-    manifest = top.finish()  # the commit: one manifest write (or upload), then the card
+    manifest = top.commit_parts(parts)  # one manifest write (or upload), then the card
     remove_ranks(out)
     return manifest
 
@@ -311,7 +281,7 @@ def _dump_shard(
         return _summary(manifest, resumed, opts.out, start)
     finally:
         if top is not None:
-            top.__exit__(None, None, None)  # release --out's lock
+            top.close()  # release --out's lock
 
 
 def _summary(manifest: Manifest, resumed: int, out: str | Path, start: float) -> DumpSummary:

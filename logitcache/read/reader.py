@@ -36,8 +36,9 @@ from logitcache.format.manifest import (
     expected_arrays,
     parse_manifest,
 )
-from logitcache.storage import stores
+from logitcache.storage import files, stores
 from logitcache.storage.backend import get_backend
+from logitcache.storage.mirror import PartMirror
 from logitcache.storage.paths import link_problem, link_under, refuse_links
 
 #: (path, size, mtime) of the local part files whose sha256 this process has checked.
@@ -100,7 +101,7 @@ def _open_remote(url: str, allow_partial: bool, cache_dir: str | Path | None) ->
         )
     manifest = parse_manifest(text, store.describe(MANIFEST_NAME))
     _check_complete(manifest, store.url, allow_partial)
-    return Cache(store.url, manifest, mirror=stores.PartMirror(store, cache_dir))
+    return Cache(store.url, manifest, mirror=PartMirror(store, cache_dir))
 
 
 def completeness_problem(manifest: Manifest, where: object) -> str | None:
@@ -130,7 +131,7 @@ class Cache:
     """
 
     def __init__(
-        self, root: Path | str, manifest: Manifest, mirror: stores.PartMirror | None = None
+        self, root: Path | str, manifest: Manifest, mirror: PartMirror | None = None
     ) -> None:
         self.root = root
         self.manifest = manifest
@@ -214,17 +215,15 @@ class Cache:
                     f"{info.name} of {self.root}: {PARTS_DIR}/{rel} is missing. Run "
                     "`logitcache verify` on the cache."
                 )
-        check = getattr(self.backend, "check_part", None)
-        if check is not None:
-            path = base / (info.name + self.backend.SUFFIX)
-            listed = {rel[len(path.name) + 1 :] for rel in info.files if "/" in rel}
-            try:
-                check(path, expected_arrays(self.manifest, info), listed)
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                raise CorruptCacheError(
-                    f"{info.name} of {self.root} does not match its manifest entry: {exc}. "
-                    "Run `logitcache verify` on it."
-                ) from exc
+        path = base / (info.name + self.backend.SUFFIX)
+        listed = {rel[len(path.name) + 1 :] for rel in info.files if "/" in rel}
+        try:
+            self.backend.check_part(path, expected_arrays(self.manifest, info), listed)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise CorruptCacheError(
+                f"{info.name} of {self.root} does not match its manifest entry: {exc}. "
+                "Run `logitcache verify` on it."
+            ) from exc
         self._checked.add(key)
 
     def check_part_files(self, index: int) -> None:
@@ -254,7 +253,7 @@ class Cache:
             key = (str(path), st.st_size, st.st_mtime_ns)
             if key in _HASHED:
                 continue
-            if stores.sha256_file(path) != expected:
+            if files.sha256_file(path) != expected:
                 raise CorruptCacheError(
                     f"{info.name} of {self.root}: {PARTS_DIR}/{rel} does not match its sha256 in "
                     "the manifest (the file was changed, truncated or corrupted, or the manifest "

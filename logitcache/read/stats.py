@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.format.manifest import MANIFEST_NAME, PARTS_DIR
+from logitcache.format.manifest import MANIFEST_NAME
 from logitcache.read.reader import Cache
 
 
@@ -133,37 +133,13 @@ def compute(cache: Cache, max_tokens: int = 0) -> CacheStats:
 
 def bytes_by_array(cache: Cache) -> dict[str, int]:
     """On-disk bytes of the cache by array name (see the module docstring)."""
-    m = cache.manifest
     sizes: dict[str, int] = {}
-    root = Path(cache.root)
-    for index, part in enumerate(m.parts):
-        base = cache.parts_dir(index) if hasattr(cache, "parts_dir") else root / PARTS_DIR
-        if m.backend == "parquet":
-            for name, size in _parquet_columns(base / f"{part.name}.parquet").items():
-                sizes[name] = sizes.get(name, 0) + size
-            continue
-        for rel in part.files:
-            pieces = rel.split("/")
-            name = pieces[1] if len(pieces) >= 3 else "zarr metadata"
-            sizes[name] = sizes.get(name, 0) + (base / rel).stat().st_size
-    manifest = root / MANIFEST_NAME
+    for index, part in enumerate(cache.manifest.parts):
+        for name, size in cache.backend.array_bytes(cache.parts_dir(index), part).items():
+            sizes[name] = sizes.get(name, 0) + size
+    manifest = Path(cache.root) / MANIFEST_NAME
     if manifest.is_file():
         sizes["manifest"] = manifest.stat().st_size
-    return sizes
-
-
-def _parquet_columns(path: Path) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(str(path)).metadata
-    sizes: dict[str, int] = {}
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
-        for c in range(group.num_columns):
-            column = group.column(c)
-            name = column.path_in_schema.split(".")[0]
-            sizes[name] = sizes.get(name, 0) + column.total_compressed_size
-    sizes["parquet metadata"] = path.stat().st_size - sum(sizes.values())
     return sizes
 
 

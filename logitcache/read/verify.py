@@ -21,8 +21,8 @@ from logitcache.errors import LogitCacheError
 from logitcache.format import codecs
 from logitcache.format.manifest import PARTS_DIR, PartArrays, array_names
 from logitcache.read.reader import Cache, completeness_problem
+from logitcache.storage.files import sha256_file
 from logitcache.storage.paths import link_problem, link_under
-from logitcache.write.writer import sha256_file
 
 
 @dataclass

@@ -1,8 +1,6 @@
-"""Arrow/Parquet: the only module that imports pyarrow.
-
-Two jobs: the Parquet backend of the cache (one file per part, one row per sequence, readable by
-`pyarrow.dataset` and `datasets.load_dataset("parquet", ...)` as is), and reading Parquet input
-data for `dump`.
+"""The Parquet backend of the cache: one file per part, one row per sequence, readable by
+`pyarrow.dataset` and `datasets.load_dataset("parquet", ...)` as is. The only module of the
+storage side that imports pyarrow (Parquet *input* data is read by `logitcache.dumping.arrow_input`).
 """
 
 from __future__ import annotations
@@ -15,8 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import CodecInfo, PartArrays
+from logitcache.format.manifest import CodecInfo, PartArrays, PartInfo
 
 SUFFIX = ".parquet"
 
@@ -143,37 +140,23 @@ def iter_chunks(path: Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
         yield index, _tokens_of(file.read_row_group(index, columns=[name]).column(name))
 
 
-def _unreadable(path: Path, exc: Exception) -> LogitCacheError:
-    return LogitCacheError(f"{path} is not a readable Parquet file ({exc}).")
+def file_problems(base: Path, part: PartInfo) -> list[tuple[str, str]]:
+    """None to report: a part is one file whose footer `check_part` already reads."""
+    del base, part
+    return []
 
 
-def _open_input(path: Path) -> pq.ParquetFile:
-    """An input Parquet file; a corrupt or non-Parquet file is a user error, not a crash."""
-    try:
-        return pq.ParquetFile(str(path))
-    except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(path, exc) from exc
-
-
-def parquet_rows(path: Path) -> int:
-    """Row count from the footer, without reading data (used for progress totals)."""
-    return _open_input(path).metadata.num_rows
-
-
-def iter_parquet_column(path: Path, field: str) -> Iterator[object]:
-    """Yield one column's values row by row, a record batch at a time (bounded memory)."""
-    file = _open_input(path)
-    if field not in file.schema_arrow.names:
-        raise LogitCacheError(
-            f"{path} has no column {field!r} (columns: {', '.join(file.schema_arrow.names)}). "
-            "Pass the right one with --text-field."
-        )
-    batches = file.iter_batches(columns=[field], batch_size=1024)
-    while True:
-        try:
-            batch = next(batches, None)
-        except (OSError, pa.ArrowException) as exc:  # a damaged page inside a valid file
-            raise _unreadable(path, exc) from exc
-        if batch is None:
-            return
-        yield from batch.column(0).to_pylist()
+def array_bytes(base: Path, part: PartInfo) -> dict[str, int]:
+    """On-disk bytes by column (its compressed chunks), the footer and page headers as
+    "parquet metadata"."""
+    path = base / f"{part.name}{SUFFIX}"
+    meta = pq.ParquetFile(str(path)).metadata
+    sizes: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name = column.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0) + column.total_compressed_size
+    sizes["parquet metadata"] = path.stat().st_size - sum(sizes.values())
+    return sizes

@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from logitcache.format.manifest import ARRAY_NAMES, CodecInfo, PartArrays, load_json
+from logitcache.format.manifest import ARRAY_NAMES, CodecInfo, PartArrays, PartInfo, load_json
 
 SUFFIX = ""  # a part is a directory
 
@@ -191,3 +194,70 @@ def iter_chunks(path: Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
         rows = array.chunks[0]
         for index, start in enumerate(range(0, array.shape[0], rows)):
             yield index, array[start : start + rows]
+
+
+def array_bytes(base: Path, part: PartInfo) -> dict[str, int]:
+    """On-disk bytes by array: each array's directory, its zarr.json included; the group's
+    zarr.json as "zarr metadata"."""
+    sizes: dict[str, int] = {}
+    for rel in part.files:
+        pieces = rel.split("/")
+        name = pieces[1] if len(pieces) >= 3 else "zarr metadata"
+        sizes[name] = sizes.get(name, 0) + (base / rel).stat().st_size
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------
+# The shard index (the zarr v3 sharding codec): read without zarr, to see a truncated file
+
+_EMPTY = (1 << 64) - 1  # an index entry of a chunk that was never written
+
+
+def file_problems(base: Path, part: PartInfo) -> list[tuple[str, str]]:
+    """(shard file, why) for each shard file of `part` whose chunk index is damaged: its
+    CRC-32C, and every chunk it points to inside the file (a truncated file)."""
+    found = []
+    for rel in part.files:
+        if "/c/" in rel:
+            problem = _shard_index_problem(base, rel)
+            if problem:
+                found.append((rel, problem))
+    return found
+
+
+def _shard_index_problem(base: Path, rel: str) -> str | None:
+    """Why the shard file `rel` (under `base`) has a damaged index, or None."""
+    array_dir = base / rel.split("/c/")[0]
+    try:
+        meta = load_json((array_dir / "zarr.json").read_text(encoding="utf-8"))
+        (codec,) = [c for c in meta["codecs"] if c.get("name") == "sharding_indexed"]
+        config = codec["configuration"]
+        outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        inner = config["chunk_shape"]
+        checksummed = any(c.get("name") == "crc32c" for c in config.get("index_codecs", []))
+        at_end = config.get("index_location", "end") == "end"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # metadata problems are `check_part`'s to report
+    chunks = math.prod(math.ceil(o / i) for o, i in zip(outer, inner, strict=True))
+    size = chunks * 16 + (4 if checksummed else 0)
+    path = base / rel
+    try:
+        length = os.path.getsize(path)
+        if length < size:
+            return f"is truncated ({length} bytes, shorter than its {size}-byte chunk index)"
+        with open(path, "rb") as f:
+            f.seek(length - size if at_end else 0)
+            index = f.read(size)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    body = index[: chunks * 16]
+    if checksummed and struct.unpack("<I", index[-4:])[0] != crc32c.crc32c(body):
+        return "has a damaged chunk index (its CRC-32C does not match): truncated or corrupted"
+    data_end = length - size if at_end else length
+    data_start = 0 if at_end else size
+    for offset, nbytes in struct.iter_unpack("<QQ", body):
+        if (offset, nbytes) == (_EMPTY, _EMPTY):
+            continue
+        if offset < data_start or offset + nbytes > data_end:
+            return "is truncated or corrupted (its index points past the end of the data)"
+    return None

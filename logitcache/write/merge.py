@@ -23,17 +23,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
-from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE, render_card
+from logitcache.errors import LogitCacheError, SettingsMismatchError
+from logitcache.format.card import DEFAULT_LICENSE, render_card
 from logitcache.format.manifest import (
-    MANIFEST_NAME,
     MERGED_FORMAT_VERSION,
-    PARTS_DIR,
     DataInfo,
     Manifest,
     MergedInput,
@@ -44,10 +40,11 @@ from logitcache.format.shards import shard_of
 from logitcache.read import reader
 from logitcache.read.reader import Cache
 from logitcache.storage.paths import refuse_overlap
-from logitcache.storage.stores import RemoteStore, is_remote, local_path, sha256_file
+from logitcache.storage.stores import is_remote, local_path
 from logitcache.version import __version__
-from logitcache.write.remote_writer import start_over_remote
-from logitcache.write.writer import _remove, _write_atomic, read_existing, start_over
+from logitcache.write.destination import Destination, LocalDestination, RemoteDestination
+
+__all__ = ["check_compatible", "check_shard_order", "merge", "merged_manifest"]
 
 #: Identity fields that may differ between inputs (how a teacher or tokenizer was named).
 _NAMES = ("teacher.name", "tokenizer.name")
@@ -86,7 +83,11 @@ def merge(
             "have: inputs and output must be local directories on one filesystem. Pass --copy "
             "to copy the data (server-side within one object store)."
         )
-    dest = _RemoteDest(str(out)) if is_remote(out) else _LocalDest(local_path(out), copy)
+    dest: Destination = (
+        RemoteDestination(str(out))
+        if is_remote(out)
+        else LocalDestination(local_path(out), "copy" if copy else "link")
+    )
     dest.start(dataclasses.replace(
         manifest, parts=[], sequences=0, tokens=0, complete=False, merged_from=[]
     ), overwrite)  # fmt: skip
@@ -96,7 +97,8 @@ def merge(
             for index, part in enumerate(cache.manifest.parts):
                 new = next(new_parts)
                 for rel in part.files:
-                    dest.put(cache, index, rel, new.name + rel[len(part.name) :], part.files[rel])
+                    new_rel = new.name + rel[len(part.name) :]
+                    dest.put_file(cache, index, rel, new_rel, part.files[rel])
         dest.commit(manifest)
     except BaseException:
         dest.abort()
@@ -210,100 +212,3 @@ def merged_manifest(locations: list[str], caches: list[Cache]) -> Manifest:
         tool_version=__version__,
         merged_from=merged_from,
     )
-
-
-class _LocalDest:
-    def __init__(self, root: Path, copy: bool) -> None:
-        self.root, self.copy = root, copy
-        self.created = False
-
-    def start(self, initial: Manifest, overwrite: bool) -> None:
-        root = self.root
-        if read_existing(root) is not None:
-            if not overwrite:
-                raise LogitCacheError(
-                    f"{root} already holds a cache. Choose another output, or pass --overwrite "
-                    "to replace it."
-                )
-            start_over(root, initial)
-        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise LogitCacheError(
-                f"{root} is not empty and holds no logitcache manifest. Refusing to write into "
-                "it; choose a new or empty directory."
-            )
-        try:
-            (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LogitCacheError(f"cannot create {root} ({exc.strerror}).") from exc
-        self.created = True
-        _write_atomic(root / MANIFEST_NAME, initial.to_json())
-
-    def put(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
-        src = cache.parts_dir(index) / rel  # a remote input's part is fetched and checked
-        dst = self.root / PARTS_DIR / new_rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if not self.copy:
-            try:
-                os.link(src, dst)
-            except OSError as exc:
-                raise LogitCacheError(
-                    f"cannot hard-link {src} into {self.root} ({exc.strerror}): a merge by "
-                    "reference needs the inputs and the output on one local filesystem that "
-                    "supports hard links. Pass --copy to copy the data instead."
-                ) from exc
-            return
-        shutil.copyfile(src, dst)
-        if sha256_file(dst) != digest:
-            raise CorruptCacheError(
-                f"{cache.root}: {PARTS_DIR}/{rel} does not match its sha256 in the manifest; "
-                "not merging a damaged cache. Run `logitcache verify` on it."
-            )
-
-    def commit(self, manifest: Manifest) -> None:
-        _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
-
-    def write_card(self, text: str) -> None:
-        _write_atomic(self.root / CARD_NAME, text)
-
-    def abort(self) -> None:
-        if self.created:  # leave an empty, uncommitted cache: rerun with --overwrite
-            _remove(self.root / PARTS_DIR)
-
-
-class _RemoteDest:
-    def __init__(self, url: str) -> None:
-        self.store = RemoteStore(url)
-
-    def start(self, initial: Manifest, overwrite: bool) -> None:
-        store = self.store
-        if store.read_bytes(MANIFEST_NAME) is not None:
-            if not overwrite:
-                raise LogitCacheError(
-                    f"{store.url} already holds a cache. Choose another output, or pass "
-                    "--overwrite to replace it."
-                )
-            start_over_remote(store, initial.to_json().encode("utf-8"))
-            return
-        if store.list_files():
-            raise LogitCacheError(
-                f"{store.url} is not empty and holds no logitcache manifest. Refusing to write "
-                "into it; choose a new or empty location."
-            )
-        store.write_bytes(MANIFEST_NAME, initial.to_json().encode("utf-8"))
-
-    def put(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
-        del digest  # checked when fetched (remote input) or by `verify`
-        mirror = cache.mirror
-        if mirror is not None and mirror.store.same_filesystem(self.store):
-            self.store.copy_within(mirror.store, f"{PARTS_DIR}/{rel}", f"{PARTS_DIR}/{new_rel}")
-            return
-        self.store.put_file(cache.parts_dir(index) / rel, f"{PARTS_DIR}/{new_rel}")
-
-    def commit(self, manifest: Manifest) -> None:
-        self.store.write_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
-
-    def write_card(self, text: str) -> None:
-        self.store.write_bytes(CARD_NAME, text.encode("utf-8"))
-
-    def abort(self) -> None:
-        pass  # the initial manifest lists nothing: uploaded files are orphans

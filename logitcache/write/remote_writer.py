@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from logitcache.errors import LogitCacheError, SettingsMismatchError
 from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE
@@ -35,8 +36,15 @@ from logitcache.format.manifest import (
     PartInfo,
     parse_manifest,
 )
-from logitcache.storage.stores import RemoteStore, default_cache_dir, is_remote, local_path
-from logitcache.write.writer import CacheWriter
+from logitcache.storage.mirror import default_cache_dir
+from logitcache.storage.stores import is_remote, local_path
+from logitcache.write.destination import RemoteDestination
+from logitcache.write.writer import CacheWriter, Writer
+
+if TYPE_CHECKING:  # the reader (and torch) is not loaded to write a cache
+    from logitcache.read.reader import Cache
+
+__all__ = ["RemoteCacheWriter", "open_writer", "staging_root"]
 
 
 def open_writer(
@@ -45,19 +53,11 @@ def open_writer(
     *,
     overwrite: bool = False,
     license: str = DEFAULT_LICENSE,
-) -> CacheWriter | RemoteCacheWriter:
+) -> Writer:
     """A writer for the cache at `location`: a local directory or a URL."""
     if is_remote(location):
         return RemoteCacheWriter(str(location), template, overwrite=overwrite, license=license)
     return CacheWriter(local_path(location), template, overwrite=overwrite, license=license)
-
-
-def start_over_remote(store: RemoteStore, initial: bytes) -> None:
-    """--overwrite in an object store: uncommit the old cache by replacing its manifest with
-    `initial` (listing nothing) in one PUT, then delete every other object. A failure part way
-    leaves a valid, empty cache whose next run deletes the rest as orphans."""
-    store.write_bytes(MANIFEST_NAME, initial)
-    store.remove(sorted(rel for rel in store.list_files() if rel != MANIFEST_NAME))
 
 
 def staging_root() -> Path:
@@ -77,8 +77,8 @@ def _remove_stale(root: Path) -> None:
 
 
 class RemoteCacheWriter:
-    """`CacheWriter`'s interface (`committed`, `manifest`, `write_part`, `finish`, context
-    manager) for a cache in an object store."""
+    """A `Writer` for a cache in an object store: parts are staged by a local `CacheWriter`,
+    then uploaded to its `RemoteDestination`."""
 
     def __init__(
         self,
@@ -88,13 +88,14 @@ class RemoteCacheWriter:
         overwrite: bool = False,
         license: str = DEFAULT_LICENSE,
     ) -> None:
-        self.store = RemoteStore(url)
+        self.destination = RemoteDestination(url)
+        self.store = self.destination.store
         self.uploaded_bytes = 0
         existing = self.store.read_bytes(MANIFEST_NAME)
         if existing is not None and overwrite:
             empty = dataclasses.replace(template, parts=[], sequences=0, tokens=0, complete=False)
+            self.destination.start_over(empty)  # then resumed: a cache of no parts
             existing = empty.to_json().encode("utf-8")
-            start_over_remote(self.store, existing)  # then resumed: a cache of no parts
         if existing is None:
             found = sorted(self.store.list_files())
             if found:
@@ -140,10 +141,14 @@ class RemoteCacheWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete the staging directory (what is uploaded stays)."""
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _upload_manifest(self) -> None:
-        self.store.write_bytes(MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
+        self.destination.commit(self.manifest)
 
     def _remove_orphans(self) -> None:
         listed = {f"{PARTS_DIR}/{rel}" for part in self.manifest.parts for rel in part.files}
@@ -169,8 +174,21 @@ class RemoteCacheWriter:
             if entry.is_dir():
                 shutil.rmtree(entry)
 
+    def put_file(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
+        self.destination.put_file(cache, index, rel, new_rel, digest)
+
+    def commit_parts(self, parts: list[PartInfo]) -> Manifest:
+        """Commit `parts` (placed with `put_file`) as the whole cache and finish it: the staged
+        manifest lists them, then it and the card are uploaded."""
+        self.local.commit_parts(parts)
+        return self._publish()
+
     def finish(self) -> Manifest:
-        manifest = self.local.finish()
+        self.local.finish()
+        return self._publish()
+
+    def _publish(self) -> Manifest:
+        """Upload the finished staged manifest (the commit), then the card."""
         self._upload_manifest()
         self.store.put_file(self.staging / CARD_NAME, CARD_NAME)
-        return manifest
+        return self.manifest

@@ -8,120 +8,79 @@ part is complete). Readers trust only what the manifest lists.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import hashlib
 import os
-import re
-import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from logitcache.errors import LogitCacheError, SettingsMismatchError
 from logitcache.format.card import CARD_NAME, DEFAULT_LICENSE, render_card
 from logitcache.format.manifest import (
-    MANIFEST_NAME,
     PARTS_DIR,
     Manifest,
     PartArrays,
     PartInfo,
     diff_settings,
-    parse_manifest,
     part_name,
 )
 from logitcache.storage.backend import get_backend, part_path
+from logitcache.storage.files import (
+    bytes_under,
+    fsync_dir,
+    hash_files,
+    is_temporary,
+    probe_writable,
+    remove,
+    remove_quietly,
+)
 from logitcache.storage.lock import LOCK_NAME, CacheLock
-from logitcache.storage.paths import refuse_links
 from logitcache.write import faults
+from logitcache.write.destination import LocalDestination
+
+if TYPE_CHECKING:  # the reader (and torch) is not loaded to write a cache
+    from logitcache.read.reader import Cache
+
+__all__ = ["CacheWriter", "Writer"]
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+class Writer(Protocol):
+    """What every cache writer offers (`CacheWriter`, `RemoteCacheWriter`): a context manager
+    that commits parts one by one, or adopts parts another cache holds (the sharded join)."""
 
+    @property
+    def manifest(self) -> Manifest: ...
 
-def hash_files(path: Path, name: str) -> dict[str, str]:
-    """sha256 of every file of the part at `path`, keyed by its path under parts/ once it is
-    renamed to `name` (so the keys do not depend on the temporary name it was written under)."""
-    if path.is_file():
-        return {name: sha256_file(path)}
-    files = sorted(f for f in path.rglob("*") if f.is_file())
-    return {f"{name}/{f.relative_to(path).as_posix()}": sha256_file(f) for f in files}
+    @property
+    def committed(self) -> int:
+        """The number of parts committed (already present when resuming)."""
+        ...
 
+    def write_part(self, arrays: PartArrays) -> PartInfo:
+        """Write the next part and commit it."""
+        ...
 
-#: What `_write_atomic` and `_check_writable` leave behind when killed mid-write: theirs to remove.
-_TEMPORARY = re.compile(r"^\.(write-probe-[0-9a-f]{32}|.+\.[0-9a-f]{32}\.tmp)$")
+    def put_file(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
+        """Place a file of another cache's part under this cache's parts/ (`commit_parts`
+        commits it)."""
+        ...
 
+    def commit_parts(self, parts: list[PartInfo]) -> Manifest:
+        """Commit `parts`, placed with `put_file`, as the whole cache, and finish it."""
+        ...
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk: give back what was written
-        raise
-    if faults.ACTIVE and path.name == MANIFEST_NAME:
-        faults.point("manifest_staged")
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    def finish(self) -> Manifest:
+        """Mark the cache complete, then write its card."""
+        ...
 
+    def close(self) -> None:
+        """Let go of the destination (its lock, its staging directory)."""
+        ...
 
-def _bytes_under(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    def __enter__(self) -> Writer: ...
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):  # else removed on the next run (an orphan)
-        _remove(path)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or a directory tree; a symbolic link is removed itself, never followed
-    (rmtree does not follow the links inside a tree either)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def read_existing(root: Path) -> Manifest | None:
-    """The manifest of the cache at `root`, or None where there is none; a symbolic link at
-    the manifest, parts/, a part or a listed file is refused first, before anything is read
-    (and so before a writer deletes anything)."""
-    refuse_links(root)
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    manifest = parse_manifest(path.read_bytes(), str(path))
-    refuse_links(root, manifest)
-    return manifest
-
-
-def start_over(root: Path, initial: Manifest) -> None:
-    """--overwrite: uncommit the old cache by replacing its manifest with `initial` (listing
-    nothing) in one atomic rename, then delete its card and parts. A failure part way leaves a
-    valid, empty cache whose next run deletes what is left as orphans: never a directory without
-    a manifest. Call it only after `read_existing` has checked what is deleted."""
-    _write_atomic(root / MANIFEST_NAME, initial.to_json())
-    _remove(root / CARD_NAME)
-    _remove(root / PARTS_DIR)
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class CacheWriter:
@@ -146,6 +105,9 @@ class CacheWriter:
         self.license = license
         self.location = str(root) if location is None else location
         self.backend = get_backend(template.backend)
+        #: where committed bytes go; other caches' part files are linked in (copied where a
+        #: filesystem has no hard links) for the join of a sharded dump
+        self.destination = LocalDestination(self.root, files="link-or-copy")
         self._lock = CacheLock(self.root)
         try:
             self.manifest = self._open(template, overwrite)
@@ -161,6 +123,10 @@ class CacheWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove what a failed write left, then release the lock."""
         try:
             self._remove_orphans()
         finally:
@@ -173,7 +139,7 @@ class CacheWriter:
         empty = dataclasses.replace(template, parts=[], sequences=0, tokens=0, complete=False)
         if existing is not None and overwrite:
             try:
-                start_over(self.root, empty)
+                self.destination.start_over(empty)
             except OSError as exc:
                 raise LogitCacheError(
                     f"cannot delete the cache at {self.root} that --overwrite replaces: "
@@ -184,7 +150,7 @@ class CacheWriter:
         if existing is None:
             try:
                 (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-                _write_atomic(self.root / MANIFEST_NAME, empty.to_json())
+                self.destination.commit(empty)
             except OSError as exc:
                 raise self._disk_error(exc, "creating the cache") from exc
             return empty
@@ -201,10 +167,7 @@ class CacheWriter:
 
     def _check_writable(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-probe-{uuid.uuid4().hex}"
-            probe.touch()
-            probe.unlink()
+            probe_writable(self.root)
         except OSError as exc:
             raise LogitCacheError(
                 f"cannot write to the output directory {self.root} ({exc.strerror}). "
@@ -212,13 +175,11 @@ class CacheWriter:
             ) from exc
 
     def _existing_manifest(self) -> Manifest | None:
-        existing = read_existing(self.root)
+        existing = self.destination.existing()
         if existing is not None:
             return existing
         foreign = [
-            p.name
-            for p in self.root.iterdir()
-            if not _TEMPORARY.match(p.name) and p.name != LOCK_NAME
+            p.name for p in self.root.iterdir() if not is_temporary(p.name) and p.name != LOCK_NAME
         ]
         if foreign:
             raise LogitCacheError(
@@ -233,14 +194,14 @@ class CacheWriter:
         the temporary files of an atomic write that was killed."""
         manifest = manifest or self.manifest
         for entry in self.root.iterdir():
-            if _TEMPORARY.match(entry.name) and entry.is_file():
+            if is_temporary(entry.name) and entry.is_file():
                 entry.unlink()
         listed = {p.name + self.backend.SUFFIX for p in manifest.parts}
         parts_dir = self.root / PARTS_DIR
         if parts_dir.is_dir():
             for entry in parts_dir.iterdir():
                 if entry.name not in listed:
-                    _remove(entry)
+                    remove(entry)
 
     def write_part(self, arrays: PartArrays) -> PartInfo:
         """Write the next part and commit it in the manifest. A failed write (a full disk, an
@@ -253,14 +214,14 @@ class CacheWriter:
                 tmp, arrays, self.manifest.codec, self.manifest.layout.chunk_bytes
             )
             if faults.ACTIVE:
-                faults.wrote(_bytes_under(tmp), str(tmp))
+                faults.wrote(bytes_under(tmp), str(tmp))
                 faults.point("part_written")
             entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
             info = PartInfo(
                 name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries
             )
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             faults.point("part_renamed")
             manifest = dataclasses.replace(
                 self.manifest,
@@ -268,18 +229,32 @@ class CacheWriter:
                 sequences=self.manifest.sequences + info.sequences,
                 tokens=self.manifest.tokens + info.tokens,
             )
-            _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+            self.destination.commit(manifest)
         except OSError as exc:
-            _remove_quietly(tmp)  # a full disk: free what the failed part took
+            remove_quietly(tmp)  # a full disk: free what the failed part took
             raise self._disk_error(exc, f"writing {name}") from exc
         self.manifest = manifest
         faults.point("part_committed")
         return info
 
+    def put_file(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
+        self.destination.put_file(cache, index, rel, new_rel, digest)
+
+    def commit_parts(self, parts: list[PartInfo]) -> Manifest:
+        """Commit `parts` (placed with `put_file`) as the cache's whole content and finish it:
+        one manifest write, then the card (the join of a sharded dump)."""
+        self.manifest = dataclasses.replace(
+            self.manifest,
+            parts=parts,
+            sequences=sum(p.sequences for p in parts),
+            tokens=sum(p.tokens for p in parts),
+        )
+        return self.finish()
+
     def finish(self) -> Manifest:
         manifest = dataclasses.replace(self.manifest, complete=True)
         try:
-            _write_atomic(self.root / MANIFEST_NAME, manifest.to_json())
+            self.destination.commit(manifest)
         except OSError as exc:
             raise self._disk_error(exc, "marking the cache complete") from exc
         self.manifest = manifest
@@ -306,6 +281,5 @@ class CacheWriter:
 
     def write_card(self) -> Path:
         """(Re)write README.md from the manifest; not part of the commit."""
-        path = self.root / CARD_NAME
-        _write_atomic(path, render_card(self.manifest, self.location, self.license))
-        return path
+        self.destination.write_card(render_card(self.manifest, self.location, self.license))
+        return self.root / CARD_NAME

@@ -11,7 +11,7 @@ import torch
 
 import logitcache
 from logitcache import CorruptCacheError
-from logitcache.storage import stores
+from logitcache.storage import files, stores
 from tests.synthetic import make_cache
 from trainer.dataset import CacheDataset
 
@@ -64,8 +64,8 @@ def test_a_missing_local_file_is_named(local) -> None:
 
 def test_an_unchanged_local_file_is_hashed_once(local, monkeypatch) -> None:
     hashed: list[Path] = []
-    real = stores.sha256_file
-    monkeypatch.setattr(stores, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(p) or real(p))
     local.check_part_files(0)
     first = len(hashed)
     local.check_part_files(0)

@@ -23,7 +23,7 @@ import torch
 import logitcache
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.read.verify import verify
-from logitcache.storage import stores
+from logitcache.storage import mirror, stores
 from logitcache.testing import toy
 from logitcache.write.export import export
 from logitcache.write.merge import merge
@@ -298,12 +298,12 @@ def test_an_unfinished_remote_dump_is_refused_unless_partial_is_allowed(referenc
 def test_second_read_uses_the_local_cache(reference: str, tmp_path: Path):
     local = tmp_path / "fetched"
     listed = sum(len(p.files) for p in logitcache.open(reference).manifest.parts)
-    before = stores.FETCH_STATS["files"]
+    before = mirror.FETCH_STATS["files"]
     first = list(logitcache.open(reference, cache_dir=local))
-    assert stores.FETCH_STATS["files"] - before == listed  # every file downloaded once
-    again = stores.FETCH_STATS["files"]
+    assert mirror.FETCH_STATS["files"] - before == listed  # every file downloaded once
+    again = mirror.FETCH_STATS["files"]
     second = list(logitcache.open(reference, cache_dir=local))  # a new epoch, a new process view
-    assert stores.FETCH_STATS["files"] == again, "the second epoch downloaded again"
+    assert mirror.FETCH_STATS["files"] == again, "the second epoch downloaded again"
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a.target_ids, b.target_ids)
 
