@@ -18,8 +18,8 @@ Two figures, measured side by side in one run on one cache of the embedded defau
   student consumes in the KD run. Target: at least 20 times.
 
 ``--check-cost`` measures instead, on the same cache, only what the reader's per-part check of
-ids and values (`logitcache.read.reader.check_values`) costs: every part decoded with the check
-(`reader.decode`) and the check alone, in alternating repetitions, against the whole reading
+ids and values (`logitcache.read.decoded.check_values`) costs: every part decoded with the check
+(`decoded.decode`) and the check alone, in alternating repetitions, against the whole reading
 of a part (`Cache.read_decoded`: decompression, check, decode). Its figure goes to its own
 section of RESULTS.md (``bench_trainer_check``, next to this script's), in the quick form too:
 the full run takes about 15 minutes, the check's share a minute.
@@ -123,7 +123,7 @@ def check_cost(args, cache: Path) -> None:
     """Seconds per part of decoding with the value check, of the check alone and of the whole
     reading of a part; medians over alternating repetitions; written to RESULTS.md."""
     import logitcache
-    from logitcache.read import reader
+    from logitcache.read import decoded
 
     c = logitcache.open(cache)
     stored = [c.read_part(i) for i in range(c.num_parts)]  # decompressed once, outside the timing
@@ -136,8 +136,8 @@ def check_cost(args, cache: Path) -> None:
         return time.perf_counter() - start
 
     steps = {
-        "decode with the check": lambda i, a: reader.decode(m, a, where),
-        "the check alone": lambda i, a: reader.check_values(m, a, where),
+        "decode with the check": lambda i, a: decoded.decode(m, a, where),
+        "the check alone": lambda i, a: decoded.check_values(m, a, where),
         "read_decoded (decompress, check, decode)": lambda i, a: c.read_decoded(i),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -145,11 +145,11 @@ def check_cost(args, cache: Path) -> None:
         for name, step in steps.items():
             times[name].append(seconds(step))
     median = {name: statistics.median(t) for name, t in times.items()}
-    decoded, check, whole = (median[n] for n in steps)
+    decode_s, check, whole = (median[n] for n in steps)
     tokens = m.tokens
     rows = [[name, f"{median[name] * 1e3:.2f}", f"{tokens / median[name]:,.0f}"] for name in steps]
     rows += [
-        ["decode with / without the check", f"{decoded / (decoded - check):.3f}", ""],
+        ["decode with / without the check", f"{decode_s / (decode_s - check):.3f}", ""],
         ["read_decoded with / without the check", f"{whole / (whole - check):.3f}", ""],
     ]
     table = common.markdown_table(["measure", "ms (median, all parts)", "tokens/s"], rows)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
 from logitcache.format.manifest import FORMAT_VERSION, Manifest, PartArrays
 from logitcache.format.tokenizer_id import tokenizer_fingerprint
-from logitcache.read.reader import Cache, CacheSequence, open
+from logitcache.read.decoded import CacheSequence
+from logitcache.read.reader import Cache, open
 from logitcache.version import __version__
 
 __all__ = [

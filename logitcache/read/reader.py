@@ -17,15 +17,12 @@ import bisect
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.format import codecs
 from logitcache.format.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -36,6 +33,13 @@ from logitcache.format.manifest import (
     expected_arrays,
     parse_manifest,
 )
+from logitcache.read.decoded import (
+    TOKEN_ARRAYS,
+    CacheSequence,
+    decode,
+    split_sequences,
+    to_sequence,
+)
 from logitcache.storage import files, stores
 from logitcache.storage.backend import get_backend
 from logitcache.storage.mirror import PartMirror
@@ -43,19 +47,6 @@ from logitcache.storage.paths import link_problem, link_under, refuse_links
 
 #: (path, size, mtime) of the local part files whose sha256 this process has checked.
 _HASHED: set[tuple[str, int, int]] = set()
-
-
-@dataclass(frozen=True)
-class CacheSequence:
-    """One sequence in the uniform view of every target kind and codec: input ids (T,), target
-    ids (T, w) and their log-probs (T, w) at the dump temperature, in decreasing order, with
-    ``-inf`` (and id 0) in slots a position does not use. Top-k: w = k. Sampled targets:
-    ``log(count / N)``, w the most distinct ids at one position of the part (of the sequence,
-    for ``cache[i]``)."""
-
-    input_ids: torch.Tensor  # (T,) int64
-    target_ids: torch.Tensor  # (T, k) int64
-    target_logprobs: torch.Tensor  # (T, k) float32
 
 
 def open(
@@ -328,10 +319,10 @@ class Cache:
                     target_lengths=lengths[start:],
                 )
             else:
-                rows = PartArrays(*(read(path, n, start, stop) for n in _TOKEN_ARRAYS), one)
+                rows = PartArrays(*(read(path, n, start, stop) for n in TOKEN_ARRAYS), one)
         where = f"{self.manifest.parts[part].name} of {self.root}"
         decoded = decode(self.manifest, rows, where, first_sequence=local)
-        return _to_sequence(decoded.input_ids, decoded.target_ids, decoded.target_logprobs)
+        return to_sequence(decoded.input_ids, decoded.target_ids, decoded.target_logprobs)
 
     def iter_parts(self) -> Iterator[PartArrays]:
         """Every part's arrays as stored (`read_part`), in storage order."""
@@ -342,113 +333,3 @@ class Cache:
         """Every sequence in storage order (uniform view), decompressing each part once."""
         for index in range(self.num_parts):
             yield from split_sequences(self.read_decoded(index))
-
-
-_TOKEN_ARRAYS = ("input_ids", "target_ids", "target_logprobs")
-
-
-def _to_sequence(input_ids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> CacheSequence:
-    return CacheSequence(
-        torch.from_numpy(input_ids.astype(np.int64)),
-        torch.from_numpy(ids.astype(np.int64)),
-        torch.from_numpy(logprobs.astype(np.float32)),
-    )
-
-
-def decode(
-    manifest: Manifest, arrays: PartArrays, where: str = "a part", first_sequence: int = 0
-) -> PartArrays:
-    """A part's arrays as stored -> the uniform view (`CacheSequence`); float16 log-probs in
-    decreasing order pass through without a copy.
-
-    The ids and values are checked first (`check_values`; `where` names the part in its error,
-    `first_sequence` is the part's sequence that `arrays` start with)."""
-    check_values(manifest, arrays, where, first_sequence)
-    t = manifest.targets
-    if t.kind == "sample":
-        ids, logprobs = codecs.decode_sample(
-            arrays.target_ids, arrays.target_counts, arrays.target_lengths, t.samples
-        )
-    else:
-        ids, logprobs = codecs.decode_topk(
-            arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
-        )
-    return PartArrays(arrays.input_ids, ids, logprobs, arrays.seq_offsets)
-
-
-def check_values(
-    manifest: Manifest, arrays: PartArrays, where: str, first_sequence: int = 0
-) -> None:
-    """Raise a `CorruptCacheError` at the first id or value that no consumer can use.
-
-    A part whose files match their sha256 can still hold such values (written by a buggy or
-    mismatched dump, or by another tool): an id at or above the vocabulary size (an index error
-    deep inside training, or a silent wrong gather on a GPU), a NaN or positive log-prob (a
-    "diverged" loss that blames the learning rate), a sampled count of 0, lengths that do not
-    add up. Checked on every decoded part, before decoding, with a few vectorised reductions
-    (benchmarks/bench_trainer.py measures their share); only a failure pays for finding where.
-    """
-    vocab, t = manifest.teacher.vocab_size, manifest.targets
-    input_ids, target_ids = np.asarray(arrays.input_ids), np.asarray(arrays.target_ids)
-    if t.kind == "sample":
-        stored = int(np.asarray(arrays.target_lengths).sum(dtype=np.int64))
-        if stored != len(target_ids):
-            raise _bad_values(
-                where,
-                f"its target_lengths add up to {stored}, not the {len(target_ids)} (id, count) "
-                "entries stored",
-            )
-    if input_ids.size and input_ids.max() >= vocab:
-        row = int(np.argmax(input_ids >= vocab))
-        what = f"input id {int(input_ids[row])} is >= the vocabulary size {vocab}"
-    elif target_ids.size and target_ids.max() >= vocab:
-        flat = target_ids.reshape(-1)
-        entry = int(np.argmax(flat >= vocab))
-        row = _row_of_entry(arrays, t.kind, entry)
-        what = f"target id {int(flat[entry])} is >= the vocabulary size {vocab}"
-    elif t.kind == "sample":
-        counts = np.asarray(arrays.target_counts)
-        if not counts.size or counts.min() >= 1:
-            return
-        row = _row_of_entry(arrays, t.kind, int(np.argmax(counts < 1)))
-        what = "a stored sample count is 0"
-    elif codecs.logprobs_valid(arrays.target_logprobs, t.logprob_dtype):
-        return
-    else:
-        values = np.asarray(arrays.target_logprobs).reshape(-1)
-        entry = int(np.argmax(codecs.invalid_logprobs(values)))
-        row = _row_of_entry(arrays, t.kind, entry)
-        what = f"log-prob {float(values[entry])} is not a finite value <= 0"
-    offsets = np.asarray(arrays.seq_offsets)
-    sequence = int(np.searchsorted(offsets, row, side="right")) - 1
-    position = row - int(offsets[sequence])
-    raise _bad_values(
-        where, f"sequence {first_sequence + sequence} of the part, position {position}: {what}"
-    )
-
-
-def _row_of_entry(arrays: PartArrays, kind: str, entry: int) -> int:
-    """The position (token row) of target entry `entry`, counted in the flattened array."""
-    if kind == "sample":  # ragged: the entries of position i end at cumsum(lengths)[i]
-        ends = np.cumsum(arrays.target_lengths, dtype=np.int64)
-        return int(np.searchsorted(ends, entry, side="right"))
-    return entry // arrays.target_ids.shape[-1]
-
-
-def _bad_values(where: str, what: str) -> CorruptCacheError:
-    return CorruptCacheError(
-        f"{where} holds values that no reader can use: {what}. The sha256 of its files cannot "
-        "show this (they may have been written with these values): run `logitcache verify` on "
-        "the cache, and re-dump the part (delete the cache and rerun the dump) or restore it "
-        "from a copy."
-    )
-
-
-def split_sequences(arrays: PartArrays) -> Iterator[CacheSequence]:
-    """The sequences of one part in the uniform view (`Cache.read_decoded`), in order."""
-    offsets = arrays.seq_offsets
-    for s in range(arrays.sequences):
-        a, b = int(offsets[s]), int(offsets[s + 1])
-        yield _to_sequence(
-            arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b]
-        )
