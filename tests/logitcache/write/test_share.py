@@ -27,7 +27,7 @@ from logitcache.write.merge import merge
 from logitcache.write.remote_writer import open_writer
 from tests.synthetic import make_cache, template
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
