@@ -20,7 +20,8 @@ from pathlib import Path
 import crc32c
 
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import PARTS_DIR, load_json
+from logitcache.format.manifest import PARTS_DIR
+from logitcache.format.parse import load_json
 from logitcache.read.reader import Cache
 
 _EMPTY = (1 << 64) - 1

@@ -34,8 +34,8 @@ from logitcache.format.manifest import (
     PartArrays,
     array_names,
     expected_arrays,
-    parse_manifest,
 )
+from logitcache.format.parse import parse_manifest
 from logitcache.storage import stores
 from logitcache.storage.backend import get_backend
 from logitcache.storage.paths import link_problem, link_under, refuse_links

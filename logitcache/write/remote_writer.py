@@ -33,8 +33,8 @@ from logitcache.format.manifest import (
     Manifest,
     PartArrays,
     PartInfo,
-    parse_manifest,
 )
+from logitcache.format.parse import parse_manifest
 from logitcache.storage.stores import RemoteStore, default_cache_dir, is_remote, local_path
 from logitcache.write.writer import CacheWriter
 

@@ -27,9 +27,9 @@ from logitcache.format.manifest import (
     PartArrays,
     PartInfo,
     diff_settings,
-    parse_manifest,
     part_name,
 )
+from logitcache.format.parse import parse_manifest
 from logitcache.storage.backend import get_backend, part_path
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.paths import refuse_links

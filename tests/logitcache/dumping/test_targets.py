@@ -22,7 +22,7 @@ from logitcache.dumping import sampling
 from logitcache.dumping.pipeline import DumpOptions, dump
 from logitcache.errors import CorruptCacheError
 from logitcache.format import codecs
-from logitcache.format.manifest import parse_manifest
+from logitcache.format.parse import parse_manifest
 from logitcache.read.verify import check_invariants, verify
 
 REPO = Path(__file__).resolve().parents[3]

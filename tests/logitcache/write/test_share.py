@@ -20,7 +20,7 @@ import pytest
 
 import logitcache
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
-from logitcache.format.manifest import parse_manifest
+from logitcache.format.parse import parse_manifest
 from logitcache.read.verify import verify
 from logitcache.write.export import export
 from logitcache.write.merge import merge
