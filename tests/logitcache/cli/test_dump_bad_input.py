@@ -247,7 +247,9 @@ def submit_bad_inputs(jobs: Background, wanted: set[str], root: Path, teacher, c
             jobs.cleanups.append(lambda path=case.watch: path.chmod(0o700))
 
 
-def submit_background_jobs(jobs: Background, wanted: set[str], root: Path, request) -> None:
+def submit_background_jobs(
+    jobs: Background, wanted: set[str], root: Path, request: pytest.FixtureRequest
+) -> None:
     teacher = request.getfixturevalue("tiny_teacher_dir")
     small_corpus = request.getfixturevalue("small_corpus")
     small_caches = request.getfixturevalue("small_caches")

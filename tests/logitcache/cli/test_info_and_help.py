@@ -12,7 +12,9 @@ from tests.logitcache.background import Background, cli_jobs
 from tests.logitcache.dump_helpers import SMALL, VOCAB, describe, run_cli
 
 
-def submit_background_jobs(jobs: Background, wanted: set[str], root: Path, request) -> None:
+def submit_background_jobs(
+    jobs: Background, wanted: set[str], root: Path, request: pytest.FixtureRequest
+) -> None:
     for key, args in {
         "info": ["info", request.getfixturevalue("small_caches")["zarr"], "--json"],
         "help": ["--help"],

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import logitcache
 from logitcache.errors import LogitCacheError
@@ -87,7 +88,9 @@ def sigkill_scenario(root: Path, teacher: Path, stdlib_corpus: Path) -> dict:
     }
 
 
-def submit_background_jobs(jobs: Background, wanted: set[str], root: Path, request) -> None:
+def submit_background_jobs(
+    jobs: Background, wanted: set[str], root: Path, request: pytest.FixtureRequest
+) -> None:
     if "kill" in wanted:
         teacher = request.getfixturevalue("tiny_teacher_dir")
         corpus = request.getfixturevalue("stdlib_corpus")

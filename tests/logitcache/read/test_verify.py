@@ -39,7 +39,9 @@ def submit_verify_runs(jobs: Background, wanted: set[str], root: Path, small_cac
             jobs.submit(f"verify:{backend}", run_cli, "verify", copy)
 
 
-def submit_background_jobs(jobs: Background, wanted: set[str], root: Path, request) -> None:
+def submit_background_jobs(
+    jobs: Background, wanted: set[str], root: Path, request: pytest.FixtureRequest
+) -> None:
     submit_verify_runs(jobs, wanted, root / "verify", request.getfixturevalue("small_caches"))
 
 
