@@ -31,8 +31,8 @@ from logitcache.format.manifest import (
     PartArrays,
     array_names,
     expected_arrays,
-    parse_manifest,
 )
+from logitcache.format.parse import parse_manifest
 from logitcache.read.decoded import (
     TOKEN_ARRAYS,
     CacheSequence,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import load_json
+from logitcache.format.parse import load_json
 from logitcache.storage.paths import link_problem
 
 LOCK_NAME = ".logitcache.lock"

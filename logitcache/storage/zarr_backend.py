@@ -22,7 +22,8 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from logitcache.format.manifest import ARRAY_NAMES, CodecInfo, PartArrays, PartInfo, load_json
+from logitcache.format.manifest import ARRAY_NAMES, CodecInfo, PartArrays, PartInfo
+from logitcache.format.parse import load_json
 
 SUFFIX = ""  # a part is a directory
 

@@ -1,16 +1,12 @@
 """The embedded default teacher: a small GPT-2 trained on the Python standard library.
 
-The demo, the tests and the benchmarks need a teacher model and some text, but this project
-must work offline (no model hub, no dataset downloads). Every Python installation ships the
-same kind of real, varied text: the standard library's own ``.py`` sources. This module turns
-that into
-
-* a deterministic corpus split by *file* (train vs. held-out never share a file, so held-out
-  numbers measure generalisation rather than memorisation),
-* a byte-level BPE tokenizer trained locally with the ``tokenizers`` library,
-* a GPT-2 teacher (random init, optionally trained for a few seconds so that its soft targets
-  are not uniform), saved with ``save_pretrained`` so that every consumer loads it through the
-  real code path: ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
+The demo, the tests and the benchmarks need a teacher model, but this project must work offline
+(no model hub, no dataset downloads). This module builds one from the standard library's own
+sources (`logitcache.testing.corpus`) and a locally trained byte-level BPE
+(`logitcache.testing.tokenizer`): a GPT-2 teacher (random init, optionally trained for a few
+seconds so that its soft targets are not uniform), saved with ``save_pretrained`` so that every
+consumer loads it through the real code path: ``AutoModelForCausalLM.from_pretrained`` /
+``AutoTokenizer.from_pretrained``; and the config of a student that shares its vocabulary.
 
 Nothing here is meant to be a good language model; it is meant to be a *real* one (real
 weights file, real tokenizer files, real, peaked output distributions) that costs seconds.
@@ -18,7 +14,6 @@ weights file, real tokenizer files, real, peaked output distributions) that cost
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import json
@@ -27,12 +22,17 @@ import random
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+# The corpus and tokenizer names are re-exported: `toy` stays the one module the tests, the demo
+# and the benchmarks import for "a real teacher and its text".
+from logitcache.testing.corpus import read_text, stdlib_files, stdlib_root, write_corpus
+from logitcache.testing.tokenizer import EOS_TOKEN, train_tokenizer
 
 __all__ = [
     "EOS_TOKEN",
@@ -48,194 +48,10 @@ __all__ = [
     "write_corpus",
 ]
 
-#: The only special token; doubles as bos/eos/pad/unk, exactly like GPT-2's.
-EOS_TOKEN = "<|endoftext|>"
 #: Written last into a teacher directory; its presence means "build finished".
 INFO_FILE = "toy_info.json"
 #: Bump when the recipe changes so that ``ensure_teacher`` rebuilds cached teachers.
 RECIPE_VERSION = 1
-
-#: Percent of stdlib files that go to the "heldout" split.
-HELDOUT_PERCENT = 5
-SPLITS = ("train", "heldout")
-#: Directory names skipped when walking the stdlib: installed packages and test suites (the
-#: latter hold deliberately odd files: bad encodings, huge generated data, broken syntax).
-_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Corpus
-# --------------------------------------------------------------------------------------------
-
-
-def stdlib_root() -> Path:
-    """Directory holding the running interpreter's standard library sources."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _hash_int(text: str) -> int:
-    """Stable (unsalted, cross-process) integer hash; Python's ``hash`` is randomised."""
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
-
-
-def _split_of(rel_path: str) -> str:
-    return "heldout" if _hash_int(rel_path) % 100 < HELDOUT_PERCENT else "train"
-
-
-def _walk(root: Path) -> tuple[tuple[str, Path, str], ...]:
-    """All candidate ``(relative posix path, path, split)`` under ``root``, sorted."""
-    found = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if _SKIP_DIRS.intersection(rel.parts[:-1]) or not path.is_file():
-            continue
-        rel_posix = rel.as_posix()
-        found.append((rel_posix, path, _split_of(rel_posix)))
-    return tuple(found)
-
-
-@functools.cache
-def _walk_stdlib() -> tuple[tuple[str, Path, str], ...]:
-    """Cached walk of the stdlib: it costs ~0.3 s and never changes within a process."""
-    return _walk(stdlib_root())
-
-
-def stdlib_files(
-    split: str = "train", *, limit: int | None = None, root: Path | None = None
-) -> list[Path]:
-    """Stdlib ``*.py`` files of one split, sorted by path.
-
-    The split is decided per file from a hash of its path relative to the stdlib root, so it
-    is the same on every run and machine (for a given Python version) and ``train`` and
-    ``heldout`` are disjoint by construction. ``limit`` keeps a deterministic pseudo-random
-    subset (the files whose path hashes lowest) instead of the alphabetically first ones, so a
-    small sample still covers many packages rather than only ``__future__`` and ``_aix...``.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    candidates = _walk_stdlib() if root is None else _walk(Path(root))
-    chosen = [(rel, path) for rel, path, s in candidates if s == split]
-    if limit is not None:
-        chosen.sort(key=lambda item: (_hash_int("limit:" + item[0]), item[0]))
-        chosen = chosen[:limit]
-    chosen.sort(key=lambda item: item[0])
-    return [path for _, path in chosen]
-
-
-def read_text(path: Path, max_bytes: int | None = None) -> str | None:
-    """File contents as UTF-8, or None if undecodable/empty.
-
-    With ``max_bytes`` the document is cut to at most that many UTF-8 bytes, at the last line
-    break when there is one, so truncated documents still end on a whole line.
-    """
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if max_bytes is not None and len(data) > max_bytes:
-        text = data[:max_bytes].decode("utf-8", errors="ignore")
-        cut = text.rfind("\n")
-        if cut > 0:
-            text = text[: cut + 1]
-    return text if text.strip() else None
-
-
-def _doc_name(index: int, path: Path) -> str:
-    """A flat, unique, readable file name for a document (``00007_json__decoder.txt``)."""
-    try:
-        rel = path.relative_to(stdlib_root()).as_posix()
-    except ValueError:
-        rel = path.name
-    stem = rel.removesuffix(".py").replace("/", "__")
-    return f"{index:05d}_{stem}.txt"
-
-
-def write_corpus(
-    dest: Path,
-    split: str = "train",
-    *,
-    limit: int | None = None,
-    max_bytes: int | None = None,
-    files: Sequence[Path] | None = None,
-) -> Path:
-    """Write stdlib files as plain-text documents into ``dest`` (the ``--data`` directory).
-
-    One UTF-8 ``.txt`` document per source file, named ``NNNNN_<module path>.txt`` so that
-    sorted order is the stdlib order. Undecodable and empty files are skipped. ``max_bytes``
-    caps each document (cut at a line break), which keeps test corpora small. ``files``
-    overrides the selection (``split``/``limit`` are then ignored). Returns ``dest``.
-    """
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    chosen = list(files) if files is not None else stdlib_files(split, limit=limit)
-    written = 0
-    for path in chosen:
-        text = read_text(path, max_bytes)
-        if text is None:
-            continue
-        (dest / _doc_name(written, Path(path))).write_text(text, encoding="utf-8")
-        written += 1
-    return dest
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-
-def _iter_texts(files: Iterable[Path]) -> Iterator[str]:
-    for path in files:
-        text = read_text(Path(path))
-        if text is not None:
-            yield text
-
-
-def train_tokenizer(
-    files: Iterable[Path], vocab_size: int = 8192, *, model_max_length: int = 1024
-) -> PreTrainedTokenizerFast:
-    """Train a GPT-2 style byte-level BPE on ``files`` and wrap it for transformers.
-
-    Byte-level means every string is encodable and ``decode(encode(x)) == x`` exactly (no
-    unknown tokens, whitespace preserved), which matters for source code. The single special
-    token ``<|endoftext|>`` (id 0) is eos, bos, pad and unk, as in GPT-2. The result is a
-    ``PreTrainedTokenizerFast``, so ``save_pretrained`` writes ``tokenizer.json`` and
-    ``AutoTokenizer.from_pretrained`` restores it. The vocabulary can come out smaller than
-    ``vocab_size`` only if the corpus runs out of pairs to merge.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 257:
-        raise ValueError(f"vocab_size must be >= 257 (256 bytes + {EOS_TOKEN}), got {vocab_size}")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_iter_texts(files), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        model_max_length=model_max_length,
-        # Cleanup would rewrite " ." to "." etc. and break the exact round trip.
-        clean_up_tokenization_spaces=False,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher
-# --------------------------------------------------------------------------------------------
 
 
 def _log(msg: str, verbose: bool) -> None:

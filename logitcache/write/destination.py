@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.format.card import CARD_NAME
-from logitcache.format.manifest import MANIFEST_NAME, PARTS_DIR, Manifest, parse_manifest
+from logitcache.format.manifest import MANIFEST_NAME, PARTS_DIR, Manifest
+from logitcache.format.parse import parse_manifest
 from logitcache.storage.files import remove, sha256_file, write_text_atomic
 from logitcache.storage.paths import refuse_links
 from logitcache.storage.stores import RemoteStore

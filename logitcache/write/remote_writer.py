@@ -34,8 +34,8 @@ from logitcache.format.manifest import (
     Manifest,
     PartArrays,
     PartInfo,
-    parse_manifest,
 )
+from logitcache.format.parse import parse_manifest
 from logitcache.storage.mirror import default_cache_dir
 from logitcache.storage.stores import is_remote, local_path
 from logitcache.write.destination import RemoteDestination

@@ -6,7 +6,7 @@ empty working directory, with its outputs pointed there; the directory is snapsh
 path and its bytes) before and after, and the shared inputs (teacher, caches, student) once for
 the whole module. The cases run two at a time in a module fixture (each is a 2-5 s subprocess,
 mostly start-up); the tests then check one result each. Cases owned by other tests are left
-out: `tests/logitcache/test_dump.py::test_bad_input_exits_2_with_a_message_and_changes_nothing`
+out: `tests/logitcache/cli/test_dump_bad_input.py::test_bad_input_exits_2_with_a_message_and_changes_nothing`
 (dump's data and teacher errors), `tests/trainer/test_fit.py` (missing cache, vocabulary and
 tokenizer mismatches), `tests/faults/test_sharded_dump.py` (--shard).
 """

@@ -25,7 +25,8 @@ import pytest
 
 import logitcache
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.format.manifest import MAX_MANIFEST_BYTES, parse_manifest
+from logitcache.format.manifest import MAX_MANIFEST_BYTES
+from logitcache.format.parse import parse_manifest
 from logitcache.read.verify import verify
 from tests.synthetic import make_cache
 

@@ -20,14 +20,14 @@ import pytest
 
 import logitcache
 from logitcache.errors import CorruptCacheError, LogitCacheError, SettingsMismatchError
-from logitcache.format.manifest import parse_manifest
+from logitcache.format.parse import parse_manifest
 from logitcache.read.verify import verify
 from logitcache.write.export import export
 from logitcache.write.merge import merge
 from logitcache.write.remote_writer import open_writer
 from tests.synthetic import make_cache, template
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:

@@ -22,10 +22,10 @@ from logitcache.dumping import sampling
 from logitcache.dumping.pipeline import DumpOptions, dump
 from logitcache.errors import CorruptCacheError
 from logitcache.format import codecs
-from logitcache.format.manifest import parse_manifest
+from logitcache.format.parse import parse_manifest
 from logitcache.read.verify import check_invariants, verify
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SEQ_LEN = 64
 #: float32 disagreement between the dump's batched, right-padded forward and a one-sequence one
 FORWARD_NOISE = 2e-5

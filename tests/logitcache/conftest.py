@@ -1,0 +1,94 @@
+"""Fixtures of the dump tests: the small and main caches, dumped once per session, and the
+background runner of a module's CLI jobs (tests/logitcache/background.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.logitcache.background import Background, wanted_jobs
+from tests.logitcache.dump_helpers import MAIN, SMALL, dump_in_process, write_docs
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process teacher forwards on one thread, like the CLI subprocesses (OMP_NUM_THREADS=1):
+    on 2 shared cores, small matmuls on 2 threads are many times slower, not faster."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_docs(stdlib_corpus: Path) -> list[str]:
+    """Six short documents (real Python source, first ~600 characters of each)."""
+    files = sorted(stdlib_corpus.iterdir())[:6]
+    return [f.read_text(encoding="utf-8")[:600] for f in files]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, small_docs: list[str]) -> Path:
+    return write_docs(tmp_path_factory.mktemp("small") / "corpus", small_docs)
+
+
+@pytest.fixture(scope="session")
+def small_caches(tmp_path_factory, tiny_teacher_dir: Path, small_corpus: Path) -> dict[str, Path]:
+    """The small corpus dumped in both formats (several parts each): the 'existing caches'.
+    Session-scoped (several modules read them, none writes them), dumped on one thread."""
+    root = tmp_path_factory.mktemp("small_caches")
+    with _torch_threads(1):
+        return {
+            backend: dump_in_process(
+                tiny_teacher_dir, small_corpus, root / backend, backend=backend, **SMALL
+            )
+            for backend in ("zarr", "parquet")
+        }
+
+
+@pytest.fixture(scope="session")
+def main_caches(tmp_path_factory, tiny_teacher_dir: Path, stdlib_corpus: Path) -> dict[str, Path]:
+    """The whole stdlib corpus dumped in both formats with `MAIN`. Session-scoped (the content,
+    format and layout tests read them, none writes them), dumped on one thread."""
+    root = tmp_path_factory.mktemp("main_caches")
+    with _torch_threads(1):
+        return {
+            backend: dump_in_process(
+                tiny_teacher_dir, stdlib_corpus, root / backend, backend=backend, **MAIN
+            )
+            for backend in ("zarr", "parquet")
+        }
+
+
+@pytest.fixture(scope="module")
+def background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, one_torch_thread
+) -> Iterator[Background]:
+    """The module's CLI jobs, submitted by its `submit_background_jobs` when its first CLI test
+    starts; left-over jobs are cancelled and the module's cleanups run when it ends."""
+    wanted = wanted_jobs(request)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = Background(pool)
+        if wanted:
+            root = tmp_path_factory.mktemp("cli")
+            request.module.submit_background_jobs(jobs, wanted, root, request)
+        try:
+            yield jobs
+        finally:
+            for job in jobs.jobs.values():
+                job.cancel()
+    for cleanup in jobs.cleanups:
+        cleanup()
