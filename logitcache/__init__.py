@@ -16,6 +16,7 @@ from logitcache.format.manifest import FORMAT_VERSION, Manifest, PartArrays
 from logitcache.format.tokenizer_id import tokenizer_fingerprint
 from logitcache.read.decoded import CacheSequence
 from logitcache.read.reader import Cache, open
+from logitcache.storage.paths import refuse_overlap
 from logitcache.version import __version__
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "export",
     "merge",
     "open",
+    "refuse_overlap",
     "tokenizer_fingerprint",
     "verify",
 ]

@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import logitcache
 from logitcache.errors import LogitCacheError
 from trainer.losses import DEFAULT_TAIL, TAIL_MODES
 from trainer.student import RUN_MODEL_DIR as MODEL_DIR
@@ -152,6 +153,10 @@ def has_checkpoint(run_dir: Path) -> bool:
 def check_run_dir(run_dir: Path, config: FitConfig) -> None:
     """Refuse to start over an existing run unless resuming or overwriting. A run that failed
     before its first checkpoint has nothing to keep, and is replaced silently."""
+    logitcache.refuse_overlap(
+        run_dir, [config.cache], "--out", may_contain=True,
+        why="a cache's next dump deletes what its manifest does not list, the run with it",
+    )  # fmt: skip
     present = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if config.resume:
         if not has_checkpoint(run_dir):

@@ -45,17 +45,29 @@ def _show(key: tuple[str, ...]) -> str:
     return f"{key[0]}://{'/'.join(key[1:])}"
 
 
+_WHY = (
+    "writing a cache deletes what it replaces or does not list, which would destroy the input "
+    "being read"
+)
+
+
 def refuse_overlap(
-    out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], flag: str
+    out: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]],
+    flag: str,
+    why: str = _WHY,
+    *,
+    may_contain: bool = False,
 ) -> None:
-    """Refuse an output `out` that is, lies inside or contains one of `inputs`, naming both
-    and `flag` (how the user sets the output: "OUT", "--out")."""
+    """Refuse an output `out` that is, lies inside or (unless `may_contain`: an output that
+    deletes only its own files) contains one of `inputs`, naming both, `why` that would lose
+    data, and `flag` (how the user sets the output: "OUT", "--out")."""
     out_key = location_key(out)
     for item in inputs:
         key = location_key(item)
         if key == out_key:
             relation = "is"
-        elif key[: len(out_key)] == out_key:
+        elif key[: len(out_key)] == out_key and not may_contain:
             relation = "contains"
         elif out_key[: len(key)] == key:
             relation = "lies inside"
@@ -63,8 +75,7 @@ def refuse_overlap(
             continue
         raise LogitCacheError(
             f"the output {out} ({_show(out_key)}) {relation} the input {item} ({_show(key)}): "
-            "writing a cache deletes what it replaces or does not list, which would destroy "
-            f"the input being read. Nothing was changed; choose an {flag} outside the inputs."
+            f"{why}. Nothing was changed; choose an {flag} outside the inputs."
         )
 
 

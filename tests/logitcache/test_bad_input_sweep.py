@@ -250,6 +250,12 @@ CASES: dict[str, Build] = {
     "fit_weight_decay_negative": lambda i, t: fit(
         i, t, ["--weight-decay must be 0 or more"], weight_decay=-0.1
     ),
+    "fit_out_inside_the_cache": lambda i, t: fit(
+        i, t, ["lies inside the input", "choose an --out outside"], out=i.cache / "run"
+    ),
+    "fit_out_is_the_cache": lambda i, t: fit(
+        i, t, ["is the input", "choose an --out outside"], "--overwrite", out=i.cache
+    ),
     "fit_resume_and_overwrite": lambda i, t: fit(
         i, t, ["--resume and --overwrite contradict"], "--resume", "--overwrite"
     ),
