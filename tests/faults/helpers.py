@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.cli import REPO, cli_env
 
@@ -96,3 +101,28 @@ def run_main(main, argv: list[object], capsys) -> tuple[int, str, str]:
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def mount(*args: str) -> subprocess.CompletedProcess:
+    """`mount ARGS...` (a remount to resize or make read-only a tmpfs of `small_tmpfs`)."""
+    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def small_tmpfs(mountpoint: Path, size: str, covered_by: str) -> Iterator[Path]:
+    """A real size-limited tmpfs at `mountpoint` for the block, unmounted after; the test is
+    skipped, naming `covered_by` (the test that checks the same handler without a mount), where
+    this machine cannot mount one (not root, no mount command, no permission)."""
+    mountpoint.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a tmpfs needs root; {covered_by}")
+    try:
+        proc = mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint))
+    except FileNotFoundError:
+        pytest.skip(f"no mount command here; {covered_by}")
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.strip()}); {covered_by}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=60)

@@ -9,8 +9,6 @@ real OSError(ENOSPC) after BYTES bytes, through the same error path (runs everyw
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,9 @@ from tests.faults.helpers import (
     committed_parts,
     dump_command,
     flat,
+    mount,
     run_main,
+    small_tmpfs,
 )
 
 
@@ -61,28 +61,12 @@ def test_enospc_from_the_writer_then_rerun(
     assert_same_cache(out, dump_reference)
 
 
-def _mount(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=60)
-
-
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 200 KiB tmpfs (the cache needs ~450 KiB of data, and tmpfs takes 4 KiB per file)."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a size-limited tmpfs needs root to mount; the ENOSPC hook test covers it")
-    try:
-        proc = _mount(["-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mountpoint)])
-    except FileNotFoundError:
-        pytest.skip("no mount command here; the ENOSPC hook test covers the disk-full path")
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.strip()}); the "
-                    "ENOSPC hook test covers the disk-full path")  # fmt: skip
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=60)
+    covered = "the ENOSPC hook test covers the disk-full path"
+    with small_tmpfs(tmp_path / "disk", "200k", covered) as disk:
+        yield disk
 
 
 def test_a_real_full_filesystem_then_rerun_after_freeing_space(
@@ -95,7 +79,7 @@ def test_a_real_full_filesystem_then_rerun_after_freeing_space(
     code, _, stderr = run_main(main, args, capsys)
     check_failed_dump(code, stderr, out)
     assert "injected" not in stderr  # the kernel's ENOSPC this time
-    proc = _mount(["-o", "remount,size=4m", str(small_filesystem)])  # space is freed
+    proc = mount("-o", "remount,size=4m", str(small_filesystem))  # space is freed
     assert proc.returncode == 0, proc.stderr
     code, stdout, stderr = run_main(main, args, capsys)
     assert code == 0, stderr

@@ -9,7 +9,6 @@ checkpoint's write with a real OSError(EFBIG) everywhere, through the same handl
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import REPO, cli_env
-from tests.faults.helpers import flat
+from tests.faults.helpers import flat, mount, small_tmpfs
 
 #: A checkpoint of the tiny student (state.pt: weights and two AdamW moments) is ~350 KB.
 SETTINGS = ["--steps", "6", "--batch-size", "4", "--checkpoint-every", "3", "--eval-every", "0",
@@ -50,28 +49,11 @@ def check_refused(proc: subprocess.CompletedProcess, run: Path, reason: str, wha
     assert not (run / "model").exists() and not (run / "summary.json").exists()
 
 
-def _mount(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=60)
-
-
 @pytest.fixture
 def tmpfs(tmp_path) -> Iterator[Path]:
-    """A 256 KiB tmpfs: room for the run's small files, not for a checkpoint."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE test covers the handler")
-    try:
-        proc = _mount("-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint))
-    except FileNotFoundError:
-        pytest.skip("no mount command; the RLIMIT_FSIZE test covers the handler")
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.strip()}); the "
-                    "RLIMIT_FSIZE test covers the handler")  # fmt: skip
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=60)
+    """A 256 KiB tmpfs: too small for a checkpoint of the tiny student."""
+    with small_tmpfs(tmp_path / "disk", "256k", "the RLIMIT_FSIZE test covers the handler") as disk:
+        yield disk
 
 
 def test_a_full_filesystem_then_the_same_command_after_freeing_space(
@@ -81,14 +63,14 @@ def test_a_full_filesystem_then_the_same_command_after_freeing_space(
     proc = fit(tiny_cache, tiny_student_config, run)
     check_refused(proc, run, "No space left on device", "(the checkpoint)")
     assert "rerun the same command." in flat(proc.stderr)  # no checkpoint yet: no --resume
-    assert _mount("-o", "remount,size=8m", str(tmpfs)).returncode == 0  # space is freed
+    assert mount("-o", "remount,size=8m", str(tmpfs)).returncode == 0  # space is freed
     again = fit(tiny_cache, tiny_student_config, run)
     assert again.returncode == 0, again.stderr
     assert (run / "model" / "model.safetensors").is_file()
 
 
 def test_a_read_only_filesystem(tmpfs, tiny_cache, tiny_student_config):
-    assert _mount("-o", "remount,ro", str(tmpfs)).returncode == 0
+    assert mount("-o", "remount,ro", str(tmpfs)).returncode == 0
     run = tmpfs / "run"
     proc = fit(tiny_cache, tiny_student_config, run)
     check_refused(proc, run, "Read-only file system", "(creating it)")
