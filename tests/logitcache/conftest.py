@@ -49,26 +49,26 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory, small_docs: list[str]
 def small_caches(tmp_path_factory, tiny_teacher_dir: Path, small_corpus: Path) -> dict[str, Path]:
     """The small corpus dumped in both formats (several parts each): the 'existing caches'.
     Session-scoped (several modules read them, none writes them), dumped on one thread."""
-    root = tmp_path_factory.mktemp("small_caches")
-    with _torch_threads(1):
-        return {
-            backend: dump_in_process(
-                tiny_teacher_dir, small_corpus, root / backend, backend=backend, **SMALL
-            )
-            for backend in ("zarr", "parquet")
-        }
+    return _in_both_backends(
+        tmp_path_factory.mktemp("small_caches"), tiny_teacher_dir, small_corpus, SMALL
+    )
 
 
 @pytest.fixture(scope="session")
 def main_caches(tmp_path_factory, tiny_teacher_dir: Path, stdlib_corpus: Path) -> dict[str, Path]:
     """The whole stdlib corpus dumped in both formats with `MAIN`. Session-scoped (the content,
     format and layout tests read them, none writes them), dumped on one thread."""
-    root = tmp_path_factory.mktemp("main_caches")
+    return _in_both_backends(
+        tmp_path_factory.mktemp("main_caches"), tiny_teacher_dir, stdlib_corpus, MAIN
+    )
+
+
+def _in_both_backends(root: Path, teacher: Path, corpus: Path, settings: dict) -> dict[str, Path]:
+    """`corpus` dumped by `teacher` with `settings` into ROOT/zarr and ROOT/parquet, on one
+    torch thread (as the tests that compare bytes expect)."""
     with _torch_threads(1):
         return {
-            backend: dump_in_process(
-                tiny_teacher_dir, stdlib_corpus, root / backend, backend=backend, **MAIN
-            )
+            backend: dump_in_process(teacher, corpus, root / backend, backend=backend, **settings)
             for backend in ("zarr", "parquet")
         }
 
