@@ -50,7 +50,11 @@ def lookup_teacher() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def fixed_input(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("golden_input")
+    return write_fixed_input(tmp_path_factory.mktemp("golden_input"))
+
+
+def write_fixed_input(root: Path) -> tuple[Path, Path]:
+    """(tokenizer directory, ids.npy) of the fixed input, written under `root`."""
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, eos_token="w1", unk_token="w0").save_pretrained(
