@@ -152,7 +152,7 @@ class CacheWriter:
                 (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
                 self.destination.commit(empty)
             except OSError as exc:
-                raise self._disk_error(exc, "creating the cache") from exc
+                raise self._disk_error(exc, "creating the cache", committed=0) from exc
             return empty
         differences = diff_settings(existing.settings(), template.settings())
         if differences:
@@ -266,8 +266,13 @@ class CacheWriter:
             ) from exc
         return self.manifest
 
-    def _disk_error(self, exc: OSError, doing: str) -> LogitCacheError:
-        """A clear message for an OSError while writing (ENOSPC, EDQUOT, EIO, EROFS...)."""
+    def _disk_error(
+        self, exc: OSError, doing: str, committed: int | None = None
+    ) -> LogitCacheError:
+        """A clear message for an OSError while writing (ENOSPC, EDQUOT, EIO, EROFS...).
+        `committed` defaults to the manifest's parts; while the cache is being created there is
+        no manifest yet (0)."""
+        committed = self.committed if committed is None else committed
         reason = exc.strerror or str(exc)
         where = f" ({exc.filename})" if exc.filename else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -276,7 +281,7 @@ class CacheWriter:
             fix = "Fix that, then"
         return LogitCacheError(
             f"cannot write to {self.root} while {doing}: {reason}{where}. {fix} rerun the same "
-            f"command: it resumes after the last committed part ({self.committed} committed)."
+            f"command: it resumes after the last committed part ({committed} committed)."
         )
 
     def write_card(self) -> Path:
