@@ -174,13 +174,10 @@ def join(top: Writer, out: str | Path, shards: list[Shard], total: int) -> Manif
                 f"written {stop - first}: rerun the same command."
             )
         for index, part in enumerate(cache.manifest.parts):
-            name = part_name(len(parts))
-            files = {}
-            for rel, digest in part.files.items():
-                new_rel = name + rel[len(part.name) :]
-                top.put_file(cache, index, rel, new_rel, digest)  # a hard link, or a copy
-                files[new_rel] = digest
-            parts.append(dataclasses.replace(part, name=name, files=files))
+            new = part.renamed(part_name(len(parts)))
+            for rel, digest in part.files.items():  # a hard link, or a copy
+                top.put_file(cache, index, rel, part.file_as(rel, new.name), digest)
+            parts.append(new)
     manifest = top.commit_parts(parts)  # one manifest write (or upload), then the card
     remove_ranks(out)
     return manifest

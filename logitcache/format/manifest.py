@@ -169,6 +169,16 @@ class PartInfo:
     files: dict[str, str]
     entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
 
+    def file_as(self, rel: str, name: str) -> str:
+        """The path of this part's file `rel` once the part is renamed `name` (merge and the
+        sharded join renumber parts: ``part-000003/x/c/0`` -> ``part-000010/x/c/0``)."""
+        return name + rel[len(self.name) :]
+
+    def renamed(self, name: str) -> PartInfo:
+        """This part under the name `name`, its files keyed by their new paths."""
+        files = {self.file_as(rel, name): digest for rel, digest in self.files.items()}
+        return dataclasses.replace(self, name=name, files=files)
+
 
 @dataclass(frozen=True)
 class MergedInput:

@@ -33,7 +33,6 @@ from logitcache.format.manifest import (
     DataInfo,
     Manifest,
     MergedInput,
-    PartInfo,
     part_name,
 )
 from logitcache.format.shards import shard_of
@@ -96,9 +95,8 @@ def merge(
         for cache in caches:
             for index, part in enumerate(cache.manifest.parts):
                 new = next(new_parts)
-                for rel in part.files:
-                    new_rel = new.name + rel[len(part.name) :]
-                    dest.put_file(cache, index, rel, new_rel, part.files[rel])
+                for rel, digest in part.files.items():
+                    dest.put_file(cache, index, rel, part.file_as(rel, new.name), digest)
         dest.commit(manifest)
     except BaseException:
         dest.abort()
@@ -197,9 +195,7 @@ def merged_manifest(locations: list[str], caches: list[Cache]) -> Manifest:
     parts = []
     for cache in caches:
         for part in cache.manifest.parts:
-            name = part_name(len(parts))
-            files = {name + rel[len(part.name) :]: digest for rel, digest in part.files.items()}
-            parts.append(PartInfo(name, part.sequences, part.tokens, files, part.entries))
+            parts.append(part.renamed(part_name(len(parts))))
     return dataclasses.replace(
         first,
         format_version=MERGED_FORMAT_VERSION,
