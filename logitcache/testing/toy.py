@@ -52,6 +52,7 @@ __all__ = [
 INFO_FILE = "toy_info.json"
 #: Bump when the recipe changes so that ``ensure_teacher`` rebuilds cached teachers.
 RECIPE_VERSION = 1
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _log(msg: str, verbose: bool) -> None:
@@ -127,6 +128,8 @@ def _settings(args: dict[str, Any]) -> dict[str, Any]:
         "seq_len": int(args["seq_len"]),
         "batch_size": int(args["batch_size"]),
         "lr": float(args["lr"]),
+        "lr_schedule": str(args["lr_schedule"]),
+        "warmup_steps": int(args["warmup_steps"]),
         "seed": int(args["seed"]),
         "data": _fingerprint_files(None if files is None else list(files)),
         "tokenizer": _fingerprint_tokenizer(args["tokenizer"]),
@@ -146,6 +149,8 @@ def build_teacher(
     seq_len: int = 256,
     batch_size: int = 8,
     lr: float = 1e-3,
+    lr_schedule: str = "constant",
+    warmup_steps: int = 0,
     seed: int = 0,
     files: Sequence[Path] | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
@@ -153,10 +158,12 @@ def build_teacher(
 ) -> Path:
     """Build, optionally train, and save a GPT-2 teacher plus tokenizer into ``out_dir``.
 
-    The model is seeded-random; training (AdamW, constant ``lr``, grad-clip 1.0, packed
-    ``seq_len`` sequences from ``files``, default: the stdlib train split) runs until
-    ``train_seconds`` of wall time or ``train_steps`` steps, whichever is reached first (0
-    disables a limit; both 0 means no training). Even a few seconds make the output
+    The model is seeded-random; training (AdamW, grad-clip 1.0, packed ``seq_len`` sequences
+    from ``files``, default: the stdlib train split) runs until ``train_seconds`` of wall time
+    or ``train_steps`` steps, whichever is reached first (0 disables a limit; both 0 means no
+    training). ``lr_schedule`` "constant" keeps ``lr``; "cosine" warms up linearly over
+    ``warmup_steps`` and then decays to ``lr / 10`` along the fraction of the budget spent, so a
+    teacher trained "for as long as it takes" still ends annealed (a strong teacher needs it). Even a few seconds make the output
     distributions peaked rather than near-uniform, which is what a soft-target cache needs to
     be tested meaningfully. Without ``tokenizer`` one is trained on ``files`` with
     ``vocab_size``; the model's vocabulary is always ``len(tokenizer)`` (so a given tokenizer
@@ -168,6 +175,8 @@ def build_teacher(
     """
     if seq_len > n_positions:
         raise ValueError(f"seq_len ({seq_len}) must be <= n_positions ({n_positions})")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     files = None if files is None else list(files)
     settings = _settings(dict(locals()))
     out_dir = Path(out_dir)
@@ -210,6 +219,8 @@ def build_teacher(
         seq_len=seq_len,
         batch_size=batch_size,
         lr=lr,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
         seed=seed,
         verbose=verbose,
     )
@@ -255,6 +266,8 @@ def _train(
     seq_len: int,
     batch_size: int,
     lr: float,
+    lr_schedule: str,
+    warmup_steps: int,
     seed: int,
     verbose: bool,
 ) -> list[list[float]]:
@@ -288,6 +301,12 @@ def _train(
                 break
             if train_steps > 0 and len(curve) >= train_steps:
                 break
+            spent = max(
+                elapsed / train_seconds if train_seconds > 0 else 0.0,
+                len(curve) / train_steps if train_steps > 0 else 0.0,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(lr, lr_schedule, warmup_steps, len(curve), spent)
             input_ids = next(batches)
             # Packed sequences have no padding; an explicit mask silences the pad==eos warning.
             mask = torch.ones_like(input_ids)
@@ -307,6 +326,15 @@ def _train(
     if curve:
         _log(f"trained {len(curve)} steps: loss {curve[0][2]:.3f} -> {curve[-1][2]:.3f}", verbose)
     return curve
+
+
+def _lr_at(lr: float, schedule: str, warmup_steps: int, step: int, spent: float) -> float:
+    """The learning rate at ``step``, ``spent`` (0..1) of the training budget gone."""
+    if schedule == "constant":
+        return lr
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(spent, 1.0))))
 
 
 def read_info(teacher_dir: Path) -> dict[str, Any] | None:
