@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,11 +67,20 @@ from trainer.student import StudentSource, build_student
 __all__ = ["FitConfig", "Interrupted", "fit"]
 
 
-def fit(config: FitConfig, loss_fn: LossFn | None = None) -> dict[str, Any]:
+#: Called on rank 0 after every optimizer step with the step number and the student.
+AfterStep = Callable[[int, torch.nn.Module], None]
+
+
+def fit(
+    config: FitConfig, loss_fn: LossFn | None = None, after_step: AfterStep | None = None
+) -> dict[str, Any]:
     """Train `config.student` on `config.cache`; returns the summary (also in summary.json).
 
     `loss_fn` computes each step's loss from the student's logits and the batch; by default
-    `DistillationLoss` with the config's alpha, temperature and tail.
+    `DistillationLoss` with the config's alpha, temperature and tail. `after_step(step, model)`
+    lets a caller watch the run with its own measure (a benchmark's exact KL to a teacher on
+    its own held-out text, say): it runs outside the timed window, so tokens/s stay the
+    training's; it must leave the model as it found it (train mode, same weights).
 
     Launched by torchrun (``WORLD_SIZE`` > 1), every process runs this with the same config:
     data-parallel training (DDP), `batch_size` being the global batch; only rank 0 writes into
@@ -82,7 +92,7 @@ def fit(config: FitConfig, loss_fn: LossFn | None = None) -> dict[str, Any]:
     try:
         run = _setup(config, d, device)
         try:
-            stopped = _train(run, loss_fn)
+            stopped = _train(run, loss_fn, after_step)
             return _finish(run, stopped)
         finally:
             run.log.close()
@@ -231,7 +241,7 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
 # train
 
 
-def _train(run: _Run, loss_fn: LossFn) -> bool:
+def _train(run: _Run, loss_fn: LossFn, after_step: AfterStep | None) -> bool:
     """Steps until the end, `stop_at` or a signal; True if a signal stopped the run."""
     c, stopped = run.config, False
     shown = progress_bar(
@@ -247,6 +257,9 @@ def _train(run: _Run, loss_fn: LossFn) -> bool:
             for batch in batches:
                 lr = _step(run, loss_fn, batch, epoch)
                 _report(run, lr, bar)
+                if after_step is not None and run.d.is_main:
+                    with run.log.paused():
+                        after_step(run.step, run.model)
                 stopped = distributed.any_rank(run.d, stop.is_set())  # all ranks stop together
                 if run.step >= run.total_steps or stopped or run.step == c.stop_at:
                     break

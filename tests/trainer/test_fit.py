@@ -389,3 +389,26 @@ def test_the_trainer_never_imports_the_teacher_or_writer_side():
         "logitcache.dumping.teacher",
         "logitcache.write.writer",
     }, loaded
+
+
+def test_after_step_sees_every_step_and_the_final_weights(
+    tmp_path, cache_dir, student_config, reference_run
+):
+    """`fit(after_step=...)` is called once per step, in order, with the live student; watching
+    the run changes nothing: the final weights are the reference run's, bit for bit."""
+    seen: list[tuple[int, bool, float]] = []
+
+    def watch(step: int, model: torch.nn.Module) -> None:
+        first = next(model.parameters())
+        seen.append((step, model.training, float(first.detach().double().sum())))
+
+    out = tmp_path / "watched"
+    config = FitConfig(
+        cache=str(cache_dir), student=str(student_config), out=str(out), progress=False,
+        **SETTINGS,
+    )  # fmt: skip
+    fit(config, after_step=watch)
+    assert [s for s, _, _ in seen] == list(range(1, STEPS + 1))
+    assert all(training for _, training, _ in seen)
+    assert len({value for _, _, value in seen}) == STEPS  # the weights moved every step
+    assert_same_weights(out, reference_run)
