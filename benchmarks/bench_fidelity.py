@@ -1,31 +1,41 @@
 """Fidelity per byte: students distilled from caches of every target kind, against online KD.
 
-    python benchmarks/bench_fidelity.py                      # default (~30-40 min on 2 CPU cores)
-    python benchmarks/bench_fidelity.py --teacher-seconds 3600 --student-tokens 2000000
-    python benchmarks/bench_fidelity.py --quick              # smoke run (minutes), no RESULTS.md
+    python benchmarks/bench_fidelity.py                       # the realistic regime (~90 min, 2 cores)
+    python benchmarks/bench_fidelity.py --regime weak         # the earlier weak-teacher regime
+    python benchmarks/bench_fidelity.py --quick               # smoke run (minutes), no RESULTS.md
+    python benchmarks/bench_fidelity.py --report              # rewrite RESULTS.md from stored rows
 
-On real text that every machine has (the Python standard library's sources, split by file into
-train and held-out by `logitcache.testing.toy`), with a byte-level BPE of 8192 ids trained locally:
+Two regimes on the same real text (the Python standard library's sources, split by file into
+train and held-out by `logitcache.testing.toy`), with a byte-level BPE of 8192 ids:
 
-1. a GPT-2 teacher (3 x 192, 1.33M non-embedding parameters, 6x the student's) trained for
-   ``--teacher-seconds`` of wall time, saved and reused by later runs with the same settings
-   (``benchmarks/.work/fidelity/teacher``);
-2. one ``logitcache dump`` of the training text per target setting (top-k k in {8, 32, 64},
-   sampled N in {16, 64}, plus codec variants), each cache's bytes/token measured on disk,
-   everything included (input ids, offsets, metadata, manifest);
+``realistic`` (section ``bench_fidelity_realistic``): the regime users live in. A GPT-2 4x256
+teacher trained for 3,000 cosine-annealed steps, much stronger than the 2x96 students (held-out
+CE more than 1 nat below the hard-label student's) and peaked like a real LM (about 3 nats of
+entropy per position). Every row at alpha 0 (pure KD, where the bias of a target kind shows)
+and at the trainer's default alpha 0.5; the loss variants as rows of their own.
+``weak`` (section ``bench_fidelity``): the 3x192 teacher of the first benchmark (900 s of
+training, about 5 nats of entropy), alpha 0.5 only; kept as the second section.
+
+For each regime:
+
+1. the teacher is trained once, saved and reused by later runs with the same settings
+   (``benchmarks/.work/fidelity-<regime>/teacher``);
+2. one ``logitcache dump`` of the training text per target setting, bytes/token measured on
+   disk with everything included (input ids, offsets, metadata, manifest), CPU-seconds timed;
 3. students from the same initialisation (seed), on the same sequences in the same order, for
-   the same number of steps with the same hyper-parameters (`trainer.fit` defaults except the
-   step count): hard labels only (alpha 1); online KD with the teacher in the loop and the full
-   distribution (`trainer.losses.dense_kd_loss`, this script's `loss_fn` for `trainer.fit`;
-   the trainer package never imports a teacher); and from every cache under each tail mode
-   (top-k) or as is (sampled: counts / N carries all the mass, the tail modes coincide);
-4. each student evaluated on held-out files against the **full** teacher distribution: CE on
-   the real next tokens, exact KL(teacher || student) over the whole vocabulary, expected
-   calibration error of the student's top-1 (15 equal-width confidence bins), and top-1
-   agreement with the teacher's argmax; train tokens/s from the run's own metrics.
+   the same steps (`trainer.fit` defaults except alpha, tail, loss and the step count): hard
+   labels only (alpha 1); online KD with the teacher in the loop and the full distribution (this
+   script's `loss_fn` for `trainer.fit`; the trainer package never imports a teacher); and one
+   per cache, tail mode and loss;
+4. each student measured on held-out files against the teacher's **full** distribution
+   (`fidelity_eval.HeldOut`): CE on the real next tokens, exact KL(teacher || student), ECE of
+   the student's top-1 (15 bins) and top-1 agreement; also every ``probe_every`` steps along the
+   run (the KL trajectory), outside the timed window.
 
-Full runs write ``benchmarks/RESULTS.md`` (section ``bench_fidelity``) and
-``benchmarks/fidelity.png`` (held-out KL and CE against cache bytes/token).
+Rows are stored one JSON file each under the work directory as they finish, so an interrupted
+run continues where it stopped and ``--report`` rewrites the section from what is there. Full
+runs write ``benchmarks/RESULTS.md``, ``benchmarks/fidelity_<regime>.json`` (the rows) and
+``benchmarks/fidelity.png`` (quality against bytes/token, both regimes).
 """
 
 from __future__ import annotations
@@ -50,59 +60,132 @@ from common import (
     now_utc,
     update_results,
 )
-
-from trainer.losses import DEFAULT_TAIL
+from fidelity_eval import HeldOut, load_model, non_embedding_params
 
 HERE = Path(__file__).resolve().parent
 PLOT = HERE / "fidelity.png"
-WORK = HERE / ".work" / "fidelity"
-
-#: The teacher: `logitcache.testing.toy.ensure_teacher` settings (train_seconds comes from the flag).
-TEACHER = {
-    "vocab_size": 8192,
-    "n_layer": 3,
-    "n_embd": 192,
-    "n_head": 4,
-    "n_positions": 256,
-    "seq_len": 256,
-    "batch_size": 8,
-    "lr": 2e-3,
-    "seed": 0,
-}
-#: The student: `toy.build_student_config` settings (vocabulary from the teacher).
-STUDENT = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_positions": 256}
+WORK_ROOT = HERE / ".work"
 SEQ_LEN = 256
 BATCH = 8  # sequences per step, for every student
-QUICK = {"teacher_seconds": 60.0, "student_tokens": 40_960, "heldout_tokens": 8_192}
+#: Bump when what a stored row means changes (its measures, its training), so old rows rerun.
+ROW_VERSION = 2
+
+#: The weak regime's teacher (`toy.ensure_teacher` settings); also what bench_storage reads.
+TEACHER = {
+    "vocab_size": 8192, "n_layer": 3, "n_embd": 192, "n_head": 4, "n_positions": 256,
+    "seq_len": 256, "batch_size": 8, "lr": 2e-3, "seed": 0,
+}  # fmt: skip
+#: The realistic regime's teacher: deeper and wider, and annealed, so it ends strong and peaked.
+STRONG_TEACHER = {
+    "vocab_size": 8192, "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256,
+    "seq_len": 256, "batch_size": 8, "lr": 1.5e-3, "lr_schedule": "cosine",
+    "warmup_steps": 200, "seed": 0, "train_steps": 3000,
+}  # fmt: skip
+#: The student of both regimes: `toy.build_student_config` settings (vocabulary from the teacher).
+STUDENT = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_positions": 256}
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """One cache: a name and the `DumpOptions` fields that differ from the defaults."""
+    """One cache: a name, the `DumpOptions` fields that differ from the defaults, and the tail
+    modes its students train with (sampled targets: one, since counts / N carry all the mass
+    and the modes coincide)."""
 
     name: str
     options: dict[str, Any]
     tails: tuple[str, ...] = ("renorm", "bucket", "label")
 
 
-def cache_specs(quick: bool) -> list[CacheSpec]:
-    specs = [
-        CacheSpec(f"topk{k}", {"targets": "topk", "top_k": k, "logprob_dtype": "float16"})
-        for k in (8, 32, 64)
-    ]
-    specs.append(
-        CacheSpec(
-            "topk64-q8",
-            {"targets": "topk", "top_k": 64, "logprob_dtype": "uint8"},
-            ("renorm", "bucket"),
-        )
-    )
-    specs += [
-        CacheSpec(f"sample{n}", {"targets": "sample", "samples": n}, ("bucket",)) for n in (16, 64)
-    ]
-    if quick:
-        specs = [s for s in specs if s.name in ("topk8", "sample16")]
-    return specs
+def topk(k: int, dtype: str = "float16") -> CacheSpec:
+    return CacheSpec(f"topk{k}", {"targets": "topk", "top_k": k, "logprob_dtype": dtype})
+
+
+def sample(n: int, tail: str = "renorm") -> CacheSpec:
+    return CacheSpec(f"sample{n}", {"targets": "sample", "samples": n}, (tail,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One student: which cache feeds it, with what objective."""
+
+    name: str  # "hard labels", "online KD" or the cache's name
+    cache: str  # the cache it reads (the baselines read only its ids and labels)
+    alpha: float
+    tail: str = "-"
+    loss: str = "forward_kl"
+    beta: float = 0.5
+    online: bool = False
+
+    @property
+    def is_cached(self) -> bool:
+        return self.name not in ("hard labels", "online KD")
+
+    @property
+    def objective(self) -> str:
+        return f"gjsd b{self.beta:g}" if self.loss == "gjsd" else self.loss
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.tail}-{self.objective}-a{self.alpha:g}".replace(" ", "_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    name: str
+    section: str  # RESULTS.md section
+    teacher: dict[str, Any]  # `toy.ensure_teacher` settings, budget included
+    steps: int  # per student, of BATCH x SEQ_LEN tokens
+    alphas: tuple[float, ...]
+    caches: tuple[CacheSpec, ...]
+    losses: tuple[tuple[str, float], ...]  # (loss, beta) rows on `loss_cache`, every alpha
+    loss_cache: str
+    heldout_tokens: int
+    probe_every: int
+
+    def runs(self) -> list[Run]:
+        """Every student, the ones a decision rests on first: the baselines and each kind at
+        its cheapest tail, then the other tails, then the loss variants."""
+        base = self.caches[0].name
+        runs = [Run("hard labels", base, 1.0)]
+        for alpha in self.alphas:
+            runs.append(Run("online KD", base, alpha, online=True))
+            runs += [Run(c.name, c.name, alpha, c.tails[0]) for c in self.caches]
+        for alpha in self.alphas:
+            runs += [Run(c.name, c.name, alpha, t) for c in self.caches for t in c.tails[1:]]
+        tail = next(c.tails[0] for c in self.caches if c.name == self.loss_cache)
+        for alpha in self.alphas:
+            runs += [Run(self.loss_cache, self.loss_cache, alpha, tail, loss, beta)
+                     for loss, beta in self.losses]  # fmt: skip
+        return runs
+
+
+REGIMES = {
+    "realistic": Regime(
+        name="realistic", section="bench_fidelity_realistic", teacher=STRONG_TEACHER,
+        steps=400, alphas=(0.0, 0.5),
+        caches=(sample(64), sample(32), sample(16), topk(32), topk(64), topk(8)),
+        losses=(("reverse_kl", 0.5), ("gjsd", 0.5), ("tvd", 0.5)), loss_cache="sample64",
+        heldout_tokens=16_384, probe_every=50,
+    ),
+    "weak": Regime(
+        name="weak", section="bench_fidelity", teacher={**TEACHER, "train_seconds": 900.0},
+        steps=400, alphas=(0.5,),
+        caches=(topk(8), topk(32), topk(64),
+                dataclasses.replace(topk(64, "uint8"), name="topk64-q8", tails=("renorm", "bucket")),
+                sample(16, "bucket"), sample(64, "bucket")),
+        losses=(), loss_cache="sample64", heldout_tokens=32_768, probe_every=100,
+    ),
+}  # fmt: skip
+
+
+def quick(regime: Regime) -> Regime:
+    """A smoke run of `regime`: a tiny teacher budget, two caches, few steps."""
+    teacher = {k: v for k, v in regime.teacher.items() if k not in ("train_steps", "train_seconds")}
+    caches = tuple(c for c in regime.caches if c.name in ("topk8", "sample16"))
+    return dataclasses.replace(
+        regime, name=regime.name + "-quick", teacher={**teacher, "train_steps": 30},
+        steps=20, caches=caches, loss_cache="sample16", heldout_tokens=4_096, probe_every=10,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +197,8 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_teacher(teacher_seconds: float, work: Path = WORK) -> Path:
+def ensure_teacher(teacher_seconds: float, work: Path = WORK_ROOT / "fidelity") -> Path:
+    """The weak regime's teacher with a wall-time budget (bench_storage's teacher)."""
     from logitcache.testing import toy
 
     return toy.ensure_teacher(work / "teacher", train_seconds=teacher_seconds, **TEACHER)
@@ -182,27 +266,36 @@ def heldout_sequences(teacher_dir: Path, tokens: int, seq_len: int = SEQ_LEN):
 
 
 def dump_cache(spec: CacheSpec, teacher_dir: Path, corpus: Path, work: Path) -> dict[str, Any]:
+    """Dump (or reuse) one cache; its size and the CPU-seconds its dump took."""
     from logitcache.dumping.pipeline import DumpOptions, dump
     from logitcache.read.reader import open as open_cache
     from logitcache.read.stats import bytes_by_array
 
     out = work / "caches" / spec.name
+    stamp = work / "caches" / f"{spec.name}.dump.json"
+    wanted = {"options": spec.options, "teacher": str(teacher_dir), "corpus": str(corpus)}
+    if (out / "manifest.json").is_file() and stamp.is_file():
+        done = json.loads(stamp.read_text())
+        if done.get("wanted") == wanted:
+            return {**done["result"], "path": out}
     opts = DumpOptions(
         data=str(corpus), out=out, teacher=str(teacher_dir), seq_len=SEQ_LEN, batch_size=8,
-        device="cpu", part_tokens=1 << 16, progress=False, **spec.options,
+        device="cpu", part_tokens=1 << 16, progress=False, overwrite=True, **spec.options,
     )  # fmt: skip
-    done = out / "manifest.json"
-    t0 = time.perf_counter()
-    summary = dump(dataclasses.replace(opts, overwrite=not done.is_file()))
-    seconds = time.perf_counter() - t0
+    wall, cpu = time.perf_counter(), time.process_time()
+    summary = dump(opts)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    tokens = summary.manifest.tokens
     by_array = bytes_by_array(open_cache(out))
-    return {
-        "path": out,
-        "tokens": summary.manifest.tokens,
+    result = {
+        "tokens": tokens,
         "bytes_per_token": summary.bytes_per_token,
-        "by_array": {k: v / summary.manifest.tokens for k, v in by_array.items()},
-        "dump_seconds": seconds,
+        "by_array": {k: v / tokens for k, v in by_array.items()},
+        "dump_seconds": wall,
+        "dump_cpu_seconds": cpu,
     }
+    stamp.write_text(json.dumps({"wanted": wanted, "result": result}, indent=1))
+    return {**result, "path": out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,11 +307,7 @@ class OnlineTeacher:
     """The teacher in the loop, full distribution: `loss_fn` gives `trainer.fit` its loss."""
 
     def __init__(self, teacher_dir: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
-        self.model.eval()
+        self.model = load_model(teacher_dir)
 
     def loss_fn(self, alpha: float, temperature: float):
         """A `trainer.LossFn`: CE on the labels mixed with dense KL against this teacher."""
@@ -239,64 +328,109 @@ class OnlineTeacher:
 
 
 def train_student(
-    name: str, cache: Path, student_cfg: Path, steps: int, work: Path, *, alpha: float,
-    tail: str = DEFAULT_TAIL, online: OnlineTeacher | None = None,
+    run: Run, cache: Path, student_cfg: Path, steps: int, work: Path, heldout: HeldOut,
+    probe_every: int, teacher_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
+    """Train one student, measuring it every `probe_every` steps; its final measures, its
+    trajectory and its training cost (wall and CPU seconds, the probes' own time excluded)."""
     from trainer.fit import FitConfig, fit
 
-    out = work / "runs" / name
+    out = work / "runs" / run.key
+    variant = {} if run.loss == "forward_kl" else {"loss": run.loss, "beta": run.beta}
     config = FitConfig(
-        cache=str(cache), student=str(student_cfg), out=str(out), alpha=alpha, tail=tail,
-        batch_size=BATCH, steps=steps, eval_fraction=0.0, eval_every=0, checkpoint_every=0,
-        log_every=10, device="cpu", progress=False, overwrite=True, seed=0,
+        cache=str(cache), student=str(student_cfg), out=str(out), alpha=run.alpha,
+        tail=run.tail if run.is_cached else "renorm", batch_size=BATCH, steps=steps,
+        eval_fraction=0.0, eval_every=0, checkpoint_every=0, log_every=10, device="cpu",
+        progress=False, overwrite=True, seed=0, **variant,
     )  # fmt: skip
+    online = OnlineTeacher(teacher_dir) if run.online else None
     loss_fn = None if online is None else online.loss_fn(config.alpha, config.temperature)
-    cpu = time.process_time()
-    fit(config, loss_fn=loss_fn)
-    cpu = time.process_time() - cpu
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-    train = [r for r in rows if r.get("kind") == "train"]
-    tokens = sum(r["tokens"] for r in train)
-    seconds = train[-1]["elapsed_s"] if train else float("nan")
+    trajectory: list[dict[str, float]] = []
+    probe_wall = probe_cpu = 0.0
+
+    def probe(step: int, model) -> None:
+        nonlocal probe_wall, probe_cpu
+        if step % probe_every and step != steps:
+            return
+        wall, cpu = time.perf_counter(), time.process_time()
+        trajectory.append({"step": step, **heldout.measure(model)})
+        probe_wall += time.perf_counter() - wall
+        probe_cpu += time.process_time() - cpu
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    fit(config, loss_fn=loss_fn, after_step=probe)
+    wall = time.perf_counter() - wall - probe_wall
+    cpu = time.process_time() - cpu - probe_cpu
+    tokens = steps * BATCH * SEQ_LEN
     return {
-        "model": out / "model",
+        **{k: v for k, v in trajectory[-1].items() if k != "step"},
+        "trajectory": trajectory,
         "tokens": tokens,
-        "tokens_per_s": tokens / seconds,
-        "tokens_per_cpu_s": tokens / cpu,
+        "train_seconds": wall,
+        "train_cpu_seconds": cpu,
+        "tokens_per_s": tokens / wall,
     }
 
 
-def evaluate(model_dir: Path, teacher, heldout, batch: int = 8) -> dict[str, float]:
-    """Held-out CE, exact KL(teacher || student), ECE (15 bins) and top-1 agreement."""
-    import torch
-    from transformers import AutoModelForCausalLM
+# --------------------------------------------------------------------------------------------
+# The decision and the economics
+# --------------------------------------------------------------------------------------------
 
-    student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    bins = 15
-    conf_sum = torch.zeros(bins, dtype=torch.float64)
-    acc_sum = torch.zeros(bins, dtype=torch.float64)
-    n_bin = torch.zeros(bins, dtype=torch.float64)
-    ce = kl = agree = 0.0
-    count = 0
-    with torch.no_grad():
-        for start in range(0, len(heldout), batch):
-            ids = heldout[start : start + batch]
-            t = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)[:, :-1]
-            s = torch.log_softmax(student(input_ids=ids).logits.float(), -1)[:, :-1]
-            labels = ids[:, 1:]
-            ce += float(-s.gather(-1, labels[..., None]).sum())
-            kl += float((t.exp() * (t - s)).sum())
-            conf, pred = s.max(-1)
-            agree += float((pred == t.argmax(-1)).sum())
-            conf = conf.exp().flatten().double()
-            right = (pred == labels).flatten().double()
-            which = (conf * bins).long().clamp(max=bins - 1)
-            conf_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, which, conf)
-            acc_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, which, right)
-            n_bin += torch.bincount(which, minlength=bins).double()
-            count += labels.numel()
-    ece = float((conf_sum - acc_sum).abs().sum()) / count
-    return {"ce": ce / count, "kl": kl / count, "ece": ece, "top1": agree / count}
+
+def gaps(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(CE, KL) of `row` relative to online KD at the same alpha: +0.01 is 1% worse."""
+    online = next((r for r in rows if r["name"] == "online KD" and r["alpha"] == row["alpha"]),
+                  None)  # fmt: skip
+    if online is None:
+        return None
+    return row["ce"] / online["ce"] - 1, row["kl"] / online["kl"] - 1
+
+
+def choose_default(rows: list[dict[str, Any]], alphas: tuple[float, ...]) -> dict[str, Any]:
+    """The README's rule: the smallest cache whose student (forward KL, the kind's cheapest
+    tail) comes within 1% of online KD on held-out CE and KL at every alpha; if none does, the
+    one whose worst gap per byte is smallest. Returns the cache, its gaps and whether it met."""
+    by_cache: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
+    for r in rows:
+        if r["kind"] == "cache" and r["loss"] == "forward_kl":
+            by_cache.setdefault((r["name"], r["tail"]), {})[r["alpha"]] = r
+    candidates = []
+    for (name, tail), per_alpha in by_cache.items():
+        if set(per_alpha) != set(alphas):
+            continue
+        worst = max(max(gaps(r, rows) or (math.inf, math.inf)) for r in per_alpha.values())
+        size = next(iter(per_alpha.values()))["bytes_per_token"]
+        candidates.append({"cache": name, "tail": tail, "worst_gap": worst,
+                           "bytes_per_token": size, "met": worst <= 0.01})  # fmt: skip
+    if not candidates:
+        return {}
+    met = [c for c in candidates if c["met"]]
+    if met:
+        return min(met, key=lambda c: c["bytes_per_token"])
+    return min(candidates, key=lambda c: max(c["worst_gap"], 1e-6) * c["bytes_per_token"])
+
+
+def economics(rows: list[dict[str, Any]], caches: dict[str, dict], choice: dict, alpha: float):
+    """CPU-seconds of one dump, one cached student and one online student, and the number of
+    students from which dump + S cached students cost less than S online students."""
+    cached = next((r for r in rows if r["kind"] == "cache" and r["name"] == choice.get("cache")
+                   and r["tail"] == choice.get("tail") and r["alpha"] == alpha
+                   and r["loss"] == "forward_kl"), None)  # fmt: skip
+    online = next((r for r in rows if r["name"] == "online KD" and r["alpha"] == alpha), None)
+    hard = next((r for r in rows if r["name"] == "hard labels"), None)
+    if cached is None or online is None or choice.get("cache") not in caches:
+        return None
+    dump_cpu = caches[choice["cache"]]["dump_cpu_seconds"]
+    saved = online["train_cpu_seconds"] - cached["train_cpu_seconds"]
+    return {
+        "cache": choice["cache"],
+        "dump_cpu": dump_cpu,
+        "cached_cpu": cached["train_cpu_seconds"],
+        "online_cpu": online["train_cpu_seconds"],
+        "hard_cpu": hard["train_cpu_seconds"] if hard else None,
+        "break_even": math.floor(dump_cpu / saved) + 1 if saved > 0 else None,
+        "ratio": cached["train_cpu_seconds"] / online["train_cpu_seconds"],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,65 +438,174 @@ def evaluate(model_dir: Path, teacher, heldout, batch: int = 8) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def row_label(r: dict[str, Any]) -> str:
+    return r["name"] if r["objective"] == "forward_kl" else f"{r['name']} {r['objective']}"
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for r in rows:
+        g = gaps(r, rows) if r["kind"] != "hard" else None
+        body.append([
+            row_label(r), r["tail"], f"{r['alpha']:g}", f"{r['ce']:.4f}",
+            "-" if g is None else f"{g[0]:+.1%}", f"{r['kl']:.4f}",
+            "-" if g is None else f"{g[1]:+.1%}", f"{r['ece']:.4f}", f"{r['top1']:.3f}",
+            "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}",
+            f"{r['tokens_per_s']:,.0f}", f"{r['train_cpu_seconds']:,.0f}",
+        ])  # fmt: skip
+    return markdown_table(
+        ["student", "tail", "alpha", "held-out CE", "CE vs online", "held-out KL",
+         "KL vs online", "ECE", "top-1 agr.", "cache B/token", "train tok/s", "train CPU-s"],
+        body,
+    )  # fmt: skip
+
+
+def trajectory_table(rows: list[dict[str, Any]]) -> str:
+    """Held-out KL along the run of the baselines and each kind's cheapest-tail student."""
+    shown = [r for r in rows if r["loss"] == "forward_kl" and r.get("first_tail", True)]
+    steps = [p["step"] for p in shown[0]["trajectory"]] if shown else []
+    return markdown_table(
+        ["student", "alpha", *[f"KL @ {s}" for s in steps]],
+        [[row_label(r), f"{r['alpha']:g}", *[f"{p['kl']:.3f}" for p in r["trajectory"]]]
+         for r in shown],
+    )  # fmt: skip
+
+
+def cache_table(caches: dict[str, dict], specs: tuple[CacheSpec, ...]) -> str:
+    return markdown_table(
+        ["cache", "dump options", "B/token", "dump CPU-s", "by array (B/token)"],
+        [[s.name, json.dumps(s.options), f"{c['bytes_per_token']:.1f}",
+          f"{c['dump_cpu_seconds']:,.0f}",
+          ", ".join(f"{k} {v:.1f}" for k, v in sorted(c["by_array"].items(), key=lambda x: -x[1]))]
+         for s in specs if (c := caches.get(s.name))],
+    )  # fmt: skip
+
+
+def plot(regimes: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
+    """Held-out KL and CE against bytes/token, one row of panels per regime."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = {"renorm": "v", "bucket": "o", "label": "s", "-": "D"}
-    for ax, key, label in ((axes[0], "kl", "held-out KL(teacher || student), nats/token"),
-                           (axes[1], "ce", "held-out CE, nats/token")):  # fmt: skip
-        for row in rows:
-            if row["bytes_per_token"] is None:
-                style = "--" if row["name"] == "online KD" else ":"
-                color = "black" if row["name"] == "online KD" else "tab:red"
-                ax.axhline(row[key], linestyle=style, color=color, label=row["name"])
-                continue
-            kind = "tab:blue" if row["name"].startswith("topk") else "tab:green"
-            ax.scatter(row["bytes_per_token"], row[key], color=kind,
-                       marker=markers.get(row["tail"], "o"))  # fmt: skip
-            ax.annotate(f"{row['name']} {row['tail']}", (row["bytes_per_token"], row[key]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
-        ax.set_xscale("log")
-        ax.set(xlabel="cache bytes/token (all included)", ylabel=label)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig, axes = plt.subplots(len(regimes), 2, figsize=(12, 4.6 * len(regimes)), squeeze=False)
+    markers = {"renorm": "v", "bucket": "o", "label": "s"}
+    for (title, rows), pair in zip(regimes, axes, strict=True):
+        alphas = sorted({r["alpha"] for r in rows if r["kind"] != "hard"})
+        for ax, key, what in ((pair[0], "kl", "held-out KL(teacher || student)"),
+                              (pair[1], "ce", "held-out CE")):  # fmt: skip
+            for r in rows:
+                filled = r["alpha"] == alphas[0]
+                if r["bytes_per_token"] is None:
+                    style = {"hard": ":", "online": "--"}[r["kind"]]
+                    color = "tab:red" if r["kind"] == "hard" else ("black" if filled else "gray")
+                    ax.axhline(r[key], linestyle=style, color=color,
+                               label=f"{r['name']} (alpha {r['alpha']:g})")  # fmt: skip
+                    continue
+                color = "tab:blue" if r["name"].startswith("topk") else "tab:green"
+                if r["loss"] != "forward_kl":
+                    color = "tab:purple"
+                ax.scatter(r["bytes_per_token"], r[key], marker=markers.get(r["tail"], "o"),
+                           facecolors=color if filled else "none", edgecolors=color)  # fmt: skip
+                ax.annotate(f"{row_label(r)} {r['tail']} a{r['alpha']:g}",
+                            (r["bytes_per_token"], r[key]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+            ax.set_xscale("log")
+            ax.set(xlabel="cache bytes/token (all included)", ylabel=f"{what}, nats/token",
+                   title=title)  # fmt: skip
+            ax.title.set_fontsize(8)
+            ax.legend(fontsize=7)
+    fig.suptitle("filled: alpha 0 (pure KD) where both run; hollow: alpha 0.5", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def targets_report(rows: list[dict[str, Any]], caches: dict[str, dict]) -> list[str]:
-    """The issue's targets, each met or missed with the measured figure."""
-    online = next(r for r in rows if r["name"] == "online KD")
-    hard = next(r for r in rows if r["name"] == "hard labels")
-    cached = [r for r in rows if r["bytes_per_token"] is not None]
-    best = min(cached, key=lambda r: r["kl"])
-    kl_gap = best["kl"] / online["kl"] - 1
-    ce_gap = best["ce"] / online["ce"] - 1
-    met = kl_gap <= 0.01 and ce_gap <= 0.01 and best["kl"] < hard["kl"] and best["ce"] < hard["ce"]
+def write_report(regime: Regime, rows, caches, context: dict[str, Any]) -> None:
+    """The RESULTS.md section, the rows' JSON next to it, and the two-regime plot."""
+    from logitcache.testing import toy
+
+    info = toy.read_info(context["teacher_dir"]) or {}
+    train = info.get("train", {})
+    ts, hard = context["teacher_stats"], next((r for r in rows if r["kind"] == "hard"), None)
+    choice = choose_default(rows, regime.alphas)
+    alpha = regime.alphas[-1]
+    econ = economics(rows, caches, choice, alpha) if choice else None
+    missing = [r.key for r in regime.runs() if r.key not in {x["key"] for x in rows}]
     lines = [
-        f"- Best cached kind within 1% of online KD on held-out KL and CE: "
-        f"**{'met' if met else 'missed'}**: {best['name']} ({best['tail']}) KL {best['kl']:.4f} "
-        f"({kl_gap:+.1%} vs online {online['kl']:.4f}), CE {best['ce']:.4f} ({ce_gap:+.1%} vs "
-        f"{online['ce']:.4f}); hard labels KL {hard['kl']:.4f}, CE {hard['ce']:.4f}."
+        f"## Fidelity per byte, {regime.name} regime (`bench_fidelity.py --regime {regime.name}`)",
+        f"- date: {context['started']}; {context['minutes']:.1f} min in this invocation (rows "
+        f"already stored are reused); load average before {context['load_before']}, after "
+        f"{loadavg()}\n- machine: {machine_line()}\n- command: `{command_line()}`",
+        f"**Teacher**: GPT-2 {regime.teacher['n_layer']} x {regime.teacher['n_embd']} "
+        f"({context['teacher_params'] / 1e6:.2f}M non-embedding parameters), byte-level BPE of "
+        f"{info.get('vocab_size_actual')} ids, trained once for {train.get('steps')} steps "
+        f"({train.get('tokens', 0):,} tokens, {train.get('seconds', 0) / 60:.1f} min on this "
+        f"machine) to training loss {train.get('final_loss')}. On the held-out text: **CE "
+        f"{ts['ce']:.3f} nats, mean entropy {ts['entropy']:.3f} nats per position**, mean top-1 "
+        f"probability {ts['top1_prob']:.3f}; its top 8 / 32 / 64 ids hold {ts['mass_top8']:.3f} "
+        f"/ {ts['mass_top32']:.3f} / {ts['mass_top64']:.3f} of the mass"
+        + (
+            f"; the hard-label student's CE is {hard['ce']:.3f}, {hard['ce'] - ts['ce']:.2f} "
+            "nats above the teacher's."
+            if hard
+            else "."
+        ),
+        f"**Students**: GPT-2 {STUDENT['n_layer']} x {STUDENT['n_embd']} "
+        f"({context['student_params'] / 1e6:.2f}M non-embedding), seed 0, {regime.steps} steps of "
+        f"{BATCH} x {SEQ_LEN} tokens ({regime.steps * BATCH * SEQ_LEN:,} tokens, the same "
+        "sequences in the same order), `trainer.fit` defaults otherwise (AdamW lr 3e-4 cosine "
+        "to 3e-5, T 1). Held-out: "
+        f"{context['heldout_tokens']:,} tokens of stdlib files that no cache and no training "
+        "saw; KL is exact over the full vocabulary. *vs online* is relative to online KD at "
+        "the same alpha (+1.0% = 1% worse).",
+        results_table(rows),
+        "Held-out KL along each run (every student's measure at that step; the baselines and "
+        "each kind at its cheapest tail):",
+        trajectory_table(rows),
+        "Caches (one `dump` each over the same training text; bytes/token counts every file, "
+        "manifest included; CPU-seconds of the whole dump, teacher forward included):",
+        cache_table(caches, regime.caches),
     ]
-    if "sample64" in caches:
-        b = caches["sample64"]["bytes_per_token"]
+    if choice:
+        verdict = "met" if choice["met"] else "not met by any cache"
         lines.append(
-            f"- Sampled N=64 at most 40 B/token all included: **{'met' if b <= 40 else 'missed'}**"
-            f": {b:.1f} B/token."
+            f"**The rule** (the smallest cache whose student comes within 1% of online KD on "
+            f"held-out CE and KL at alpha {' and '.join(f'{a:g}' for a in regime.alphas)}): "
+            f"**{verdict}**: {choice['cache']} ({choice['tail']}), "
+            f"{choice['bytes_per_token']:.1f} B/token, worst gap {choice['worst_gap']:+.1%}."
         )
-    for name in ("topk64", "topk64-q8"):
-        if name in caches:
-            b = caches[name]["bytes_per_token"]
-            lines.append(
-                f"- Top-k k=64 ({name}) at most 96 B/token all included: "
-                f"**{'met' if b <= 96 else 'missed'}**: {b:.1f} B/token."
-            )
-    return lines
+    if econ:
+        lines.append(
+            f"**Economics** (CPU-seconds on this machine, alpha {alpha:g}, {choice['cache']}): "
+            f"one dump {econ['dump_cpu']:,.0f}; one cached student {econ['cached_cpu']:,.0f}; "
+            f"one online-KD student {econ['online_cpu']:,.0f}"
+            + (f" (hard labels {econ['hard_cpu']:,.0f})" if econ["hard_cpu"] else "")
+            + f". A cached student costs {econ['ratio']:.0%} of an online one; dump + S cached "
+            f"students cost less than S online students from **S = {econ['break_even']}** on. "
+            "On a GPU box the teacher's forward is a smaller share of both, so these ratios are "
+            "this CPU's, not a GPU's."
+        )
+    if missing:
+        lines.append("Rows not run yet (rerun the command to add them): " + ", ".join(missing))
+    lines.append(f"![quality against bytes/token]({PLOT.name})")
+    update_results(regime.section, "\n\n".join(lines))
+    table = HERE / f"fidelity_{regime.name}.json"
+    table.write_text(
+        json.dumps(
+            {
+                "regime": regime.name,
+                "teacher": ts,
+                "rows": [{k: v for k, v in r.items() if k != "trajectory"} for r in rows],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    drawn = [(f"{n} regime", json.loads((HERE / f"fidelity_{n}.json").read_text())["rows"])
+             for n in REGIMES if (HERE / f"fidelity_{n}.json").is_file()]  # fmt: skip
+    plot(drawn, PLOT)
+    log(f"wrote {RESULTS}, {table.name} and {PLOT.name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,27 +617,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--teacher-seconds", type=float, default=900.0,
-                   help="Teacher training wall time when it must be built [900].")  # fmt: skip
-    p.add_argument("--student-tokens", type=int, default=819_200,
-                   help="Training tokens per student (steps of 8 x 256 tokens) [819200].")  # fmt: skip
-    p.add_argument("--heldout-tokens", type=int, default=32_768,
-                   help="Held-out tokens for the evaluation [32768].")  # fmt: skip
+    p.add_argument("--regime", choices=sorted(REGIMES), default="realistic",
+                   help="Which regime to run [realistic].")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")
-    p.add_argument("--work", type=Path, default=WORK, help="Work directory (gitignored).")
+    p.add_argument("--report", action="store_true",
+                   help="Train nothing: rewrite the section from the rows already stored.")  # fmt: skip
     p.add_argument("--only", default="",
-                   help="Comma-separated rows to run: a name (all its tails) or name/tail.")  # fmt: skip
+                   help="Comma-separated row keys or names to run (see the work dir's rows/).")  # fmt: skip
     p.add_argument("--teacher-from", type=Path,
                    help="Use this finished teacher directory as is (no training).")  # fmt: skip
-    p.add_argument("--section", default="bench_fidelity",
-                   help="RESULTS.md marker section (and PNG name) to write [bench_fidelity].")  # fmt: skip
+    p.add_argument("--work", type=Path, help="Work directory [benchmarks/.work/fidelity-REGIME].")
     p.add_argument("--no-write", action="store_true", help="Do not touch RESULTS.md / the PNG.")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-        args.work = args.work.with_name(args.work.name + "-quick")
-        args.no_write = True
+    args.no_write = args.no_write or args.quick
     return args
 
 
@@ -404,170 +639,90 @@ def main(argv: list[str] | None = None) -> None:
     from logitcache.testing import toy
 
     args = parse_args(argv)
-    started, t_start = now_utc(), time.perf_counter()
-    load_before = loadavg()
-    work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
+    regime = REGIMES[args.regime]
+    if args.quick:
+        regime = quick(regime)
+    work: Path = args.work or WORK_ROOT / f"fidelity-{regime.name}"
+    if regime.name == "weak" and args.work is None:
+        work = WORK_ROOT / "fidelity"  # where the first benchmark kept it (bench_storage too)
+    started, t_start, load_before = now_utc(), time.perf_counter(), loadavg()
+    (work / "rows").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    if args.teacher_from:
-        teacher_dir = args.teacher_from
-    else:
-        log(f"teacher ({args.teacher_seconds:.0f} s budget if it must be trained)")
-        teacher_dir = ensure_teacher(args.teacher_seconds, work)
-    info = toy.read_info(teacher_dir) or {}
-    steps = max(1, args.student_tokens // (BATCH * SEQ_LEN))
-    corpus_tokens = steps * BATCH * SEQ_LEN + SEQ_LEN * BATCH
+    log(f"teacher ({regime.name} regime; trained only if missing)")
+    teacher_dir = args.teacher_from or toy.ensure_teacher(work / "teacher", **regime.teacher)
     corpus = work / "corpus-train"
-    write_corpus(corpus, teacher_dir, "train", corpus_tokens)
-    heldout = heldout_sequences(teacher_dir, args.heldout_tokens)
+    write_corpus(corpus, teacher_dir, "train", (regime.steps + 1) * BATCH * SEQ_LEN)
+    teacher = load_model(teacher_dir)
+    heldout = HeldOut.build(teacher, heldout_sequences(teacher_dir, regime.heldout_tokens))
+    teacher_stats = heldout.teacher_stats()
+    log("teacher on held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in teacher_stats.items()))
     student_cfg = work / "student.json"
     student_cfg.write_text(toy.build_student_config(teacher_dir, **STUDENT).to_json_string())
+    fingerprint = hashlib.sha1(json.dumps(
+        [ROW_VERSION, regime.teacher, STUDENT, regime.steps, regime.heldout_tokens,
+         regime.probe_every, (toy.read_info(teacher_dir) or {}).get("settings")],
+        sort_keys=True, default=str).encode()).hexdigest()[:16]  # fmt: skip
 
-    runs: list[tuple[str, str, str, dict[str, Any]]] = [
-        ("hard labels", "-", "topk8", {"alpha": 1.0}),
-        ("online KD", "-", "topk8", {"alpha": 0.5, "online": True}),
-    ]
-    for spec in cache_specs(args.quick):
-        runs += [(spec.name, tail, spec.name, {"alpha": 0.5, "tail": tail}) for tail in spec.tails]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    runs = [r for r in runs if not only or r[0] in only or f"{r[0]}/{r[1]}" in only]
-
+    specs = {c.name: c for c in regime.caches}
     caches: dict[str, dict[str, Any]] = {}
-    for spec in cache_specs(args.quick):
-        if any(r[2] == spec.name for r in runs):
-            log(f"dump {spec.name}")
-            caches[spec.name] = dump_cache(spec, teacher_dir, corpus, work)
-            log(f"  {caches[spec.name]['bytes_per_token']:.1f} B/token")
+    rows: list[dict[str, Any]] = []
+    for run in regime.runs():
+        stored = work / "rows" / f"{run.key}.json"
+        row = json.loads(stored.read_text()) if stored.is_file() else None
+        wanted = not only or run.key in only or run.name in only
+        if (row is None or row.get("fingerprint") != fingerprint) and wanted and not args.report:
+            if run.cache not in caches:
+                log(f"dump {run.cache}")
+                caches[run.cache] = dump_cache(specs[run.cache], teacher_dir, corpus, work)
+                log(f"  {caches[run.cache]['bytes_per_token']:.1f} B/token")
+            log(f"student {run.key}")
+            trained = train_student(run, caches[run.cache]["path"], student_cfg, regime.steps,
+                                    work, heldout, regime.probe_every, teacher_dir)  # fmt: skip
+            spec = specs[run.cache]
+            row = {
+                "key": run.key, "fingerprint": fingerprint, "name": run.name,
+                "kind": "cache" if run.is_cached else ("online" if run.online else "hard"),
+                "tail": run.tail, "alpha": run.alpha, "loss": run.loss, "beta": run.beta,
+                "objective": run.objective, "first_tail": run.tail in ("-", spec.tails[0]),
+                "bytes_per_token": caches[run.cache]["bytes_per_token"] if run.is_cached else None,
+                **trained,
+            }  # fmt: skip
+            stored.write_text(json.dumps(row, indent=1))
+            log(f"  CE {row['ce']:.4f} KL {row['kl']:.4f} top1 {row['top1']:.3f} "
+                f"({row['train_seconds']:.0f} s)")  # fmt: skip
+        if row is not None and row.get("fingerprint") == fingerprint:
+            rows.append(row)
+    for name in specs:  # sizes and dump costs of caches dumped in earlier runs
+        stamp = work / "caches" / f"{name}.dump.json"
+        if name not in caches and stamp.is_file():
+            caches[name] = json.loads(stamp.read_text())["result"]
 
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
-    rows = []
-    for name, tail, cache_name, kw in runs:
-        log(f"student {name} ({tail})")
-        online = OnlineTeacher(teacher_dir) if kw.pop("online", False) else None
-        cache = caches[cache_name]["path"]
-        run_name = f"{name}-{tail}".replace(" ", "_")
-        trained = train_student(run_name, cache, student_cfg, steps, work, online=online, **kw)
-        metrics = evaluate(trained["model"], teacher, heldout)
-        is_cache = name not in ("hard labels", "online KD")
-        rows.append(
-            {
-                "name": name,
-                "tail": tail,
-                **metrics,
-                "bytes_per_token": caches[cache_name]["bytes_per_token"] if is_cache else None,
-                "tokens_per_s": trained["tokens_per_s"],
-                "tokens_per_cpu_s": trained["tokens_per_cpu_s"],
-                "tokens": trained["tokens"],
-            }
-        )
-        log(f"  CE {metrics['ce']:.4f} KL {metrics['kl']:.4f} top1 {metrics['top1']:.3f}")
-
-    total_minutes = (time.perf_counter() - t_start) / 60
-    table = markdown_table(
-        [
-            "student",
-            "tail",
-            "held-out CE",
-            "held-out KL",
-            "ECE",
-            "top-1 agr.",
-            "cache B/token",
-            "train tok/s",
-            "train tok/CPU-s",
-        ],
-        [
-            [
-                r["name"],
-                r["tail"],
-                f"{r['ce']:.4f}",
-                f"{r['kl']:.4f}",
-                f"{r['ece']:.4f}",
-                f"{r['top1']:.3f}",
-                "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}",
-                f"{r['tokens_per_s']:,.0f}",
-                f"{r['tokens_per_cpu_s']:,.0f}",
-            ]
-            for r in rows
-        ],
-    )
-    cache_table = markdown_table(
-        ["cache", "dump options", "B/token", "by array (B/token)"],
-        [
-            [
-                name,
-                json.dumps(spec.options),
-                f"{c['bytes_per_token']:.1f}",
-                ", ".join(
-                    f"{k} {v:.1f}" for k, v in sorted(c["by_array"].items(), key=lambda x: -x[1])
-                ),
-            ]
-            for spec in cache_specs(args.quick)
-            if spec.name in caches
-            for name, c in [(spec.name, caches[spec.name])]
-        ],
-    )
-    print(table)
-    print(cache_table)
-    if not all(n in {r["name"] for r in rows} for n in ("online KD", "hard labels")):
-        return
-    verdicts = targets_report(rows, caches)
-    print("\n".join(verdicts))
+    print(results_table(rows))
+    print(trajectory_table(rows))
+    print(cache_table(caches, regime.caches))
+    choice = choose_default(rows, regime.alphas)
+    print(json.dumps({"choice": choice,
+                      "economics": economics(rows, caches, choice, regime.alphas[-1])}))  # fmt: skip
     if args.no_write:
         return
-    train_info = info.get("train", {})
-    title = (
-        f"bench_fidelity {started}: teacher {TEACHER['n_layer']}x{TEACHER['n_embd']} "
-        f"({train_info.get('seconds', 0):.0f} s, final loss {train_info.get('final_loss')}), "
-        f"student {STUDENT['n_layer']}x{STUDENT['n_embd']}, {steps} steps x {BATCH} x {SEQ_LEN}"
-    )
-    png = PLOT.with_name(f"{args.section.removeprefix('bench_')}.png")
-    plot(rows, png, title)
-    body = "\n\n".join(
-        [
-            "## Fidelity per byte (`bench_fidelity.py`)",
-            f"- date: {started}; total {total_minutes:.1f} min; load average before "
-            f"{load_before}, after {loadavg()}\n- machine: {machine_line()}\n- command: "
-            f"`{command_line()}`",
-            f"Teacher: GPT-2 {TEACHER['n_layer']} x {TEACHER['n_embd']} (non-embedding "
-            f"{_non_embedding(teacher) / 1e6:.2f}M parameters), byte-level BPE of "
-            f"{info.get('vocab_size_actual')} ids, trained {train_info.get('steps')} steps "
-            f"({train_info.get('seconds')} s, {train_info.get('tokens')} tokens) on the stdlib "
-            f"train split to loss {train_info.get('final_loss')}. Student: GPT-2 "
-            f"{STUDENT['n_layer']} x {STUDENT['n_embd']} ({_student_non_embedding(student_cfg) / 1e6:.2f}M "
-            f"non-embedding). Every student: seed 0, {steps} steps of {BATCH} x {SEQ_LEN} "
-            f"tokens ({steps * BATCH * SEQ_LEN:,} tokens, same sequences in the same order), "
-            "`trainer.fit` defaults otherwise (AdamW lr 3e-4 cosine to 3e-5, alpha 0.5, T 1). "
-            f"Held-out: {heldout.numel():,} tokens of stdlib files that no cache and no "
-            "training saw; KL is exact over the full vocabulary against the teacher.",
-            table,
-            "Caches (one `dump` each over the same training text; bytes/token counts every "
-            "file, manifest included):",
-            cache_table,
-            "Targets:\n\n" + "\n".join(verdicts),
-            f"![quality against bytes/token]({png.name})",
-        ]
-    )
-    update_results(args.section, body)
-    log(f"wrote {RESULTS} and {png}")
+    context = {
+        "started": started, "minutes": (time.perf_counter() - t_start) / 60,
+        "load_before": load_before, "teacher_dir": teacher_dir, "teacher_stats": teacher_stats,
+        "teacher_params": non_embedding_params(teacher), "heldout_tokens": heldout.labels.numel(),
+        "student_params": non_embedding_params(_student(student_cfg)),
+    }  # fmt: skip
+    write_report(regime, rows, caches, context)
 
 
-def _non_embedding(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "wte" not in n and "wpe" not in n)
-
-
-def _student_non_embedding(config_path: Path) -> int:
+def _student(config_path: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_path)))
-    return _non_embedding(model)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_path)))
 
 
 if __name__ == "__main__":
     main()
-
-_ = math  # used in formulas of derived scripts
