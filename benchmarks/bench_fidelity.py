@@ -1,6 +1,6 @@
 """Fidelity per byte: students distilled from caches of every target kind, against online KD.
 
-    python benchmarks/bench_fidelity.py                      # default (~30-40 min on 2 CPU cores)
+    python benchmarks/bench_fidelity.py                      # default (~65 min on 2 CPU cores)
     python benchmarks/bench_fidelity.py --teacher-seconds 3600 --student-tokens 2000000
     python benchmarks/bench_fidelity.py --quick              # smoke run (minutes), no RESULTS.md
 
@@ -16,9 +16,12 @@ train and held-out by `logitcache.testing.toy`), with a byte-level BPE of 8192 i
 3. students from the same initialisation (seed), on the same sequences in the same order, for
    the same number of steps with the same hyper-parameters (`trainer.fit` defaults except the
    step count): hard labels only (alpha 1); online KD with the teacher in the loop and the full
-   distribution (`trainer.losses.dense_kd_loss`, this script's `loss_fn` for `trainer.fit`;
+   distribution (`trainer.losses.dense_divergence`, this script's `loss_fn` for `trainer.fit`;
    the trainer package never imports a teacher); and from every cache under each tail mode
    (top-k) or as is (sampled: counts / N carries all the mass, the tail modes coincide);
+   every row with forward KL, and for each other `--loss` (reverse_kl, gjsd at beta 0.5, tvd)
+   one online row and the cached rows of `CacheSpec.loss_tails` (topk32 renorm and bucket,
+   sample64), so that each divergence is compared with its own online version;
 4. each student evaluated on held-out files against the **full** teacher distribution: CE on
    the real next tokens, exact KL(teacher || student) over the whole vocabulary, expected
    calibration error of the student's top-1 (15 equal-width confidence bins), and top-1
@@ -51,7 +54,7 @@ from common import (
     update_results,
 )
 
-from trainer.losses import DEFAULT_TAIL
+from trainer.losses import DEFAULT_BETA, DEFAULT_LOSS, DEFAULT_TAIL, LOSSES
 
 HERE = Path(__file__).resolve().parent
 PLOT = HERE / "fidelity.png"
@@ -78,18 +81,27 @@ QUICK = {"teacher_seconds": 60.0, "student_tokens": 40_960, "heldout_tokens": 8_
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """One cache: a name and the `DumpOptions` fields that differ from the defaults."""
+    """One cache: a name, the `DumpOptions` fields that differ from the defaults, the tail
+    modes its forward-KL students use, and those on which every other `--loss` is run too."""
 
     name: str
     options: dict[str, Any]
     tails: tuple[str, ...] = ("renorm", "bucket", "label")
+    loss_tails: tuple[str, ...] = ()
+
+
+#: The divergences besides forward KL that get rows of their own (gjsd at `DEFAULT_BETA`).
+OTHER_LOSSES = tuple(x for x in LOSSES if x != DEFAULT_LOSS)
 
 
 def cache_specs(quick: bool) -> list[CacheSpec]:
     specs = [
-        CacheSpec(f"topk{k}", {"targets": "topk", "top_k": k, "logprob_dtype": "float16"})
+        CacheSpec(
+            f"topk{k}", {"targets": "topk", "top_k": k, "logprob_dtype": "float16"},
+            loss_tails=("renorm", "bucket") if k == 32 else (),
+        )
         for k in (8, 32, 64)
-    ]
+    ]  # fmt: skip
     specs.append(
         CacheSpec(
             "topk64-q8",
@@ -98,10 +110,18 @@ def cache_specs(quick: bool) -> list[CacheSpec]:
         )
     )
     specs += [
-        CacheSpec(f"sample{n}", {"targets": "sample", "samples": n}, ("bucket",)) for n in (16, 64)
-    ]
-    if quick:
-        specs = [s for s in specs if s.name in ("topk8", "sample16")]
+        CacheSpec(
+            f"sample{n}", {"targets": "sample", "samples": n}, ("bucket",),
+            loss_tails=("bucket",) if n == 64 else (),
+        )
+        for n in (16, 64)
+    ]  # fmt: skip
+    if quick:  # one row per loss on each of the two caches
+        specs = [
+            dataclasses.replace(s, loss_tails=s.tails[:1])
+            for s in specs
+            if s.name in ("topk8", "sample16")
+        ]
     return specs
 
 
@@ -220,37 +240,44 @@ class OnlineTeacher:
         self.model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
         self.model.eval()
 
-    def loss_fn(self, alpha: float, temperature: float):
-        """A `trainer.LossFn`: CE on the labels mixed with dense KL against this teacher."""
+    def loss_fn(
+        self, alpha: float, temperature: float, loss: str = DEFAULT_LOSS, beta: float = DEFAULT_BETA
+    ):
+        """A `trainer.LossFn`: CE on the labels mixed with the dense divergence `loss` against
+        this teacher."""
         import torch
 
-        from trainer.losses import LossParts, dense_kd_loss, hard_label_loss
+        from trainer.losses import LossParts, dense_divergence, hard_label_loss
 
-        def loss(logits, b) -> LossParts:
+        def loss_fn(logits, b) -> LossParts:
             with torch.no_grad():
                 teacher = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             labels = b["labels"]
             ce = hard_label_loss(logits, labels).loss
-            kd = dense_kd_loss(logits, teacher.logits, labels, temperature=temperature)
+            kd = dense_divergence(
+                logits, teacher.logits, labels, loss=loss, beta=beta, temperature=temperature
+            )
             total = alpha * ce + (1.0 - alpha) * temperature**2 * kd
             return LossParts(loss=total, ce=ce.detach(), kd=kd.detach())
 
-        return loss
+        return loss_fn
 
 
 def train_student(
     name: str, cache: Path, student_cfg: Path, steps: int, work: Path, *, alpha: float,
-    tail: str = DEFAULT_TAIL, online: OnlineTeacher | None = None,
+    tail: str = DEFAULT_TAIL, loss: str = DEFAULT_LOSS, online: OnlineTeacher | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from trainer.fit import FitConfig, fit
 
     out = work / "runs" / name
     config = FitConfig(
         cache=str(cache), student=str(student_cfg), out=str(out), alpha=alpha, tail=tail,
-        batch_size=BATCH, steps=steps, eval_fraction=0.0, eval_every=0, checkpoint_every=0,
-        log_every=10, device="cpu", progress=False, overwrite=True, seed=0,
+        loss=loss, batch_size=BATCH, steps=steps, eval_fraction=0.0, eval_every=0,
+        checkpoint_every=0, log_every=10, device="cpu", progress=False, overwrite=True, seed=0,
     )  # fmt: skip
-    loss_fn = None if online is None else online.loss_fn(config.alpha, config.temperature)
+    loss_fn = None
+    if online is not None:
+        loss_fn = online.loss_fn(config.alpha, config.temperature, config.loss, config.beta)
     cpu = time.process_time()
     fit(config, loss_fn=loss_fn)
     cpu = time.process_time() - cpu
@@ -315,15 +342,18 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for ax, key, label in ((axes[0], "kl", "held-out KL(teacher || student), nats/token"),
                            (axes[1], "ce", "held-out CE, nats/token")):  # fmt: skip
         for row in rows:
+            forward = row["loss"] == DEFAULT_LOSS
+            text = row["name"] if forward else f"{row['name']} {row['loss']}"
             if row["bytes_per_token"] is None:
-                style = "--" if row["name"] == "online KD" else ":"
-                color = "black" if row["name"] == "online KD" else "tab:red"
-                ax.axhline(row[key], linestyle=style, color=color, label=row["name"])
+                online = row["name"] == "online KD"
+                style = ("--" if forward else "-.") if online else ":"
+                color = ("black" if forward else "tab:gray") if online else "tab:red"
+                ax.axhline(row[key], linestyle=style, color=color, label=text)
                 continue
             kind = "tab:blue" if row["name"].startswith("topk") else "tab:green"
-            ax.scatter(row["bytes_per_token"], row[key], color=kind,
+            ax.scatter(row["bytes_per_token"], row[key], color=kind, alpha=1 if forward else 0.5,
                        marker=markers.get(row["tail"], "o"))  # fmt: skip
-            ax.annotate(f"{row['name']} {row['tail']}", (row["bytes_per_token"], row[key]),
+            ax.annotate(f"{text} {row['tail']}", (row["bytes_per_token"], row[key]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set(xlabel="cache bytes/token (all included)", ylabel=label)
@@ -335,10 +365,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def targets_report(rows: list[dict[str, Any]], caches: dict[str, dict]) -> list[str]:
-    """The issue's targets, each met or missed with the measured figure."""
-    online = next(r for r in rows if r["name"] == "online KD")
+    """The issue's targets, each met or missed with the measured figure (forward KL, as the
+    targets were set), then each other loss's best cached row against its own online row."""
+    forward = [r for r in rows if r["loss"] == DEFAULT_LOSS]
+    online = next(r for r in forward if r["name"] == "online KD")
     hard = next(r for r in rows if r["name"] == "hard labels")
-    cached = [r for r in rows if r["bytes_per_token"] is not None]
+    cached = [r for r in forward if r["bytes_per_token"] is not None]
     best = min(cached, key=lambda r: r["kl"])
     kl_gap = best["kl"] / online["kl"] - 1
     ce_gap = best["ce"] / online["ce"] - 1
@@ -362,6 +394,18 @@ def targets_report(rows: list[dict[str, Any]], caches: dict[str, dict]) -> list[
                 f"- Top-k k=64 ({name}) at most 96 B/token all included: "
                 f"**{'met' if b <= 96 else 'missed'}**: {b:.1f} B/token."
             )
+    for loss in OTHER_LOSSES:
+        own = [r for r in rows if r["loss"] == loss]
+        on = next((r for r in own if r["name"] == "online KD"), None)
+        kept = [r for r in own if r["bytes_per_token"] is not None]
+        if on is None or not kept:
+            continue
+        b = min(kept, key=lambda r: r["kl"])
+        lines.append(
+            f"- `--loss {loss}` (reported; no target set): best cached {b['name']} ({b['tail']}) KL "
+            f"{b['kl']:.4f} ({b['kl'] / on['kl'] - 1:+.1%} vs its online {on['kl']:.4f}), CE "
+            f"{b['ce']:.4f} ({b['ce'] / on['ce'] - 1:+.1%} vs {on['ce']:.4f})."
+        )
     return lines
 
 
@@ -383,7 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")
     p.add_argument("--work", type=Path, default=WORK, help="Work directory (gitignored).")
     p.add_argument("--only", default="",
-                   help="Comma-separated rows to run: a name (all its tails) or name/tail.")  # fmt: skip
+                   help="Comma-separated rows to run: a name (all its tails and losses), "
+                        "name/tail or name/tail/loss.")  # fmt: skip
     p.add_argument("--teacher-from", type=Path,
                    help="Use this finished teacher directory as is (no training).")  # fmt: skip
     p.add_argument("--section", default="bench_fidelity",
@@ -425,13 +470,20 @@ def main(argv: list[str] | None = None) -> None:
     student_cfg.write_text(toy.build_student_config(teacher_dir, **STUDENT).to_json_string())
 
     runs: list[tuple[str, str, str, dict[str, Any]]] = [
-        ("hard labels", "-", "topk8", {"alpha": 1.0}),
-        ("online KD", "-", "topk8", {"alpha": 0.5, "online": True}),
-    ]
+        ("hard labels", "-", "topk8", {"alpha": 1.0, "loss": DEFAULT_LOSS}),
+        *[("online KD", "-", "topk8", {"alpha": 0.5, "online": True, "loss": loss})
+          for loss in LOSSES],
+    ]  # fmt: skip
     for spec in cache_specs(args.quick):
-        runs += [(spec.name, tail, spec.name, {"alpha": 0.5, "tail": tail}) for tail in spec.tails]
+        runs += [(spec.name, tail, spec.name, {"alpha": 0.5, "tail": tail, "loss": DEFAULT_LOSS})
+                 for tail in spec.tails]  # fmt: skip
+        runs += [(spec.name, tail, spec.name, {"alpha": 0.5, "tail": tail, "loss": loss})
+                 for loss in OTHER_LOSSES for tail in spec.loss_tails]  # fmt: skip
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    runs = [r for r in runs if not only or r[0] in only or f"{r[0]}/{r[1]}" in only]
+    runs = [
+        r for r in runs
+        if not only or {r[0], f"{r[0]}/{r[1]}", f"{r[0]}/{r[1]}/{r[3]['loss']}"} & only
+    ]  # fmt: skip
 
     caches: dict[str, dict[str, Any]] = {}
     for spec in cache_specs(args.quick):
@@ -445,10 +497,12 @@ def main(argv: list[str] | None = None) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     rows = []
     for name, tail, cache_name, kw in runs:
-        log(f"student {name} ({tail})")
+        loss = kw["loss"]
+        log(f"student {name} ({tail}, {loss})")
         online = OnlineTeacher(teacher_dir) if kw.pop("online", False) else None
         cache = caches[cache_name]["path"]
-        run_name = f"{name}-{tail}".replace(" ", "_")
+        suffix = "" if loss == DEFAULT_LOSS else f"-{loss}"  # forward-KL runs keep their names
+        run_name = f"{name}-{tail}{suffix}".replace(" ", "_")
         trained = train_student(run_name, cache, student_cfg, steps, work, online=online, **kw)
         metrics = evaluate(trained["model"], teacher, heldout)
         is_cache = name not in ("hard labels", "online KD")
@@ -456,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "name": name,
                 "tail": tail,
+                "loss": loss,
                 **metrics,
                 "bytes_per_token": caches[cache_name]["bytes_per_token"] if is_cache else None,
                 "tokens_per_s": trained["tokens_per_s"],
@@ -470,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             "student",
             "tail",
+            "loss",
             "held-out CE",
             "held-out KL",
             "ECE",
@@ -482,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
             [
                 r["name"],
                 r["tail"],
+                r["loss"],
                 f"{r['ce']:.4f}",
                 f"{r['kl']:.4f}",
                 f"{r['ece']:.4f}",
@@ -511,7 +568,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table)
     print(cache_table)
-    if not all(n in {r["name"] for r in rows} for n in ("online KD", "hard labels")):
+    if not all(n in {r["name"] for r in rows if r["loss"] == DEFAULT_LOSS}
+               for n in ("online KD", "hard labels")):  # fmt: skip
         return
     verdicts = targets_report(rows, caches)
     print("\n".join(verdicts))
@@ -539,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{STUDENT['n_layer']} x {STUDENT['n_embd']} ({_student_non_embedding(student_cfg) / 1e6:.2f}M "
             f"non-embedding). Every student: seed 0, {steps} steps of {BATCH} x {SEQ_LEN} "
             f"tokens ({steps * BATCH * SEQ_LEN:,} tokens, same sequences in the same order), "
-            "`trainer.fit` defaults otherwise (AdamW lr 3e-4 cosine to 3e-5, alpha 0.5, T 1). "
+            "`trainer.fit` defaults otherwise (AdamW lr 3e-4 cosine to 3e-5, alpha 0.5, T 1, "
+            f"loss forward KL; gjsd rows at beta {DEFAULT_BETA}). "
             f"Held-out: {heldout.numel():,} tokens of stdlib files that no cache and no "
             "training saw; KL is exact over the full vocabulary against the teacher.",
             table,
