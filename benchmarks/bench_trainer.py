@@ -1,6 +1,6 @@
 """Benchmark `trainer fit` from a cache against the same student trained on hard labels alone.
 
-    python benchmarks/bench_trainer.py            # default run (~15 min on 2 CPU cores)
+    python benchmarks/bench_trainer.py            # default run (~25 min on 2 CPU cores)
     python benchmarks/bench_trainer.py --quick    # smoke run
     python benchmarks/bench_trainer.py --device cuda --precision bf16 --steps 200
 
@@ -8,7 +8,8 @@ Two figures, measured side by side in one run on one cache of the embedded defau
 
 * **step time ratio**: the real `trainer.fit.fit` recipe, same student init, same batches, same
   steps, with ``alpha=0.5`` (CE + sparse KD at the cached ids) under each tail mode and with
-  ``alpha=1`` (CE only; the batches still come from the cache). The figure is the ratio of the
+  ``alpha=1`` (CE only; the batches still come from the cache), and under the default tail with
+  each other ``--loss`` (``--losses``). The figure is the ratio of the
   training throughputs that `fit` logs (``tokens_per_s`` excludes eval and checkpoint time; the
   first logged interval is dropped as warm-up); the runs of a repetition go in a rotated order,
   medians over repetitions. Target, for the default tail: at most 1.05 (the KD term reuses the
@@ -22,7 +23,7 @@ ids and values (`logitcache.read.decoded.check_values`) costs: every part decode
 (`decoded.decode`) and the check alone, in alternating repetitions, against the whole reading
 of a part (`Cache.read_decoded`: decompression, check, decode). Its figure goes to its own
 section of RESULTS.md (``bench_trainer_check``, next to this script's), in the quick form too:
-the full run takes about 15 minutes, the check's share a minute.
+the full run takes about 25 minutes, the check's share a minute.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tails", default="renorm,bucket,label", help="tail modes to time (comma-separated)"
     )
+    p.add_argument(
+        "--losses", default="reverse_kl,gjsd,tvd",
+        help="divergences besides forward KL to time, at the default tail (comma-separated)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument(
@@ -90,14 +95,16 @@ def build_cache(args, teacher_dir: Path) -> Path:
     return cache
 
 
-def train_rate(args, cache: Path, student: Path, tail: str | None, out: Path) -> float:
+def train_rate(
+    args, cache: Path, student: Path, tail: str | None, out: Path, loss: str = "forward_kl"
+) -> float:
     """Median logged training tokens/s of one `fit` run, warm-up interval dropped."""
     from trainer.fit import FitConfig, fit
 
     fit(
         FitConfig(
             cache=str(cache), student=str(student), out=str(out),
-            alpha=1.0 if tail is None else 0.5, tail=tail or "renorm",
+            alpha=1.0 if tail is None else 0.5, tail=tail or "renorm", loss=loss,
             batch_size=args.batch_size, steps=args.steps, eval_every=0, eval_batches=1,
             checkpoint_every=0, log_every=max(args.steps // 6, 1), device=args.device,
             precision=args.precision, overwrite=True, progress=False, eval_fraction=0.01,
@@ -182,17 +189,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_cost:
         check_cost(args, cache)
         return
-    default_tail = FitConfig.tail
+    default_tail, default_loss = FitConfig.tail, FitConfig.loss
     tails = list(dict.fromkeys([default_tail, *args.tails.split(",")]))
+    losses = [x for x in dict.fromkeys(args.losses.split(",")) if x and x != default_loss]
+    # run name -> (tail, loss); hard labels has no tail
+    kinds: dict[str, tuple[str | None, str]] = {
+        "hard labels": (None, default_loss),
+        **{t: (t, default_loss) for t in tails},
+        **{f"{default_tail} {loss}": (default_tail, loss) for loss in losses},
+    }
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         student = Path(tmp) / "student.json"
         student.write_text(toy.build_student_config(teacher_dir).to_json_string())
-        runs: dict[str, list[float]] = {"hard labels": [], **{t: [] for t in tails}}
+        runs: dict[str, list[float]] = {name: [] for name in kinds}
         for rep in range(args.repeats):
             names = list(runs)
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                tail = None if name == "hard labels" else name
-                rate = train_rate(args, cache, student, tail, Path(tmp) / f"run-{name}")
+                tail, loss = kinds[name]
+                out = Path(tmp) / f"run-{name.replace(' ', '-')}"
+                rate = train_rate(args, cache, student, tail, out, loss)
                 runs[name].append(rate)
                 print(f"repeat {rep}: {name} {rate:,.0f} tokens/s", file=sys.stderr)
         read, read_tokens = reader_rate(args, cache)
@@ -202,16 +217,19 @@ def main(argv: list[str] | None = None) -> None:
     headroom = read / kd_rate
     info = common.machine()
     rows = [["hard labels only: train tokens/s (median)", f"{hard_rate:,.0f}", "", ""]]
-    for tail in tails:
+    for name, (tail, loss) in kinds.items():
+        if tail is None:
+            continue
         # each repetition's KD run against the hard-label run of the same repetition (paired,
         # so slow drifts of the machine cancel), then the median over repetitions
-        pairs = [h / k for h, k in zip(runs["hard labels"], runs[tail], strict=True)]
+        pairs = [h / k for h, k in zip(runs["hard labels"], runs[name], strict=True)]
         ratio = statistics.median(pairs)
-        target = tail == default_tail
+        target = name == default_tail
+        what = f"tail {tail}" + ("" if loss == default_loss else f", loss {loss}")
         rows += [
-            [f"KD, tail {tail}{' (default)' if target else ''}: train tokens/s (median)",
-             f"{rate[tail]:,.0f}", "", ""],
-            [f"step time KD ({tail}) / hard labels, median of {len(pairs)} paired ratios "
+            [f"KD, {what}{' (default)' if target else ''}: train tokens/s (median)",
+             f"{rate[name]:,.0f}", "", ""],
+            [f"step time KD ({what}) / hard labels, median of {len(pairs)} paired ratios "
              f"({', '.join(f'{x:.3f}' for x in pairs)})", f"{ratio:.3f}",
              "<= 1.05" if target else "", ("yes" if ratio <= 1.05 else "no") if target else ""],
         ]  # fmt: skip
@@ -230,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
 - Setup: default teacher (`logitcache.testing.toy`), cache of {args.files} stdlib files, top-{args.top_k},
   seq_len {args.seq_len}; student `toy.build_student_config` (same vocabulary); batch
   {args.batch_size} sequences, {args.steps} steps per run, {args.repeats} repetitions, tails
-  {", ".join(tails)} (default `{default_tail}`), device {args.device}, precision {args.precision}. The reader pass read
+  {", ".join(tails)} (default `{default_tail}`), other losses at the default tail
+  {", ".join(losses) or "none"}, device {args.device}, precision {args.precision}. The reader pass read
   {read_tokens:,} tokens.
 
 {table}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "DEFAULT_TAIL",
+    "LOSSES",
     "TAIL_MODES",
     "CacheDataset",
     "DistillationLoss",
@@ -26,6 +27,7 @@ __all__ = [
 
 _HOME = {
     "DEFAULT_TAIL": "trainer.losses",
+    "LOSSES": "trainer.losses",
     "TAIL_MODES": "trainer.losses",
     "DistillationLoss": "trainer.losses",
     "LossFn": "trainer.losses",
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from trainer.fit import fit
     from trainer.losses import (
         DEFAULT_TAIL,
+        LOSSES,
         TAIL_MODES,
         DistillationLoss,
         LossFn,

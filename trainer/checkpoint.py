@@ -187,8 +187,9 @@ def restore_checkpoint(
 
 def check_resume(config: FitConfig, checkpoint: dict[str, Any], manifest: Any) -> None:
     """Refuse to resume with settings (outside `RESUMABLE_CHANGES`) or a cache that differ
-    from the checkpoint's: the resumed run would not be the run that was started."""
-    saved = checkpoint["config"]
+    from the checkpoint's: the resumed run would not be the run that was started. A setting
+    newer than the checkpoint (``beta``, say) counts as its default: what that run did."""
+    saved = {f.name: f.default for f in dataclasses.fields(FitConfig)} | checkpoint["config"]
     now = dataclasses.asdict(config)
     diffs = [
         f"{key}: checkpoint has {saved.get(key)!r}, this run has {now[key]!r}"

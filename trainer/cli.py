@@ -46,7 +46,23 @@ def fit(
         float, typer.Option(help="Weight of hard-label CE; 1.0 = hard labels only (no KD).")
     ] = D.alpha,
     temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = D.temperature,
-    loss: Annotated[str, typer.Option(help="Distillation loss: forward_kl.")] = D.loss,
+    loss: Annotated[
+        str,
+        typer.Option(
+            help="Divergence D between teacher and student on the cached ids (and tail): "
+            "forward_kl (KL(teacher || student), classic KD, mass-covering), reverse_kl "
+            "(KL(student || teacher), mode-seeking; the student is renormalised over the ids "
+            "the teacher gives mass), gjsd (generalised Jensen-Shannon, TRL's GKD: see "
+            "--beta) or tvd (total variation, in [0, 1])."
+        ),
+    ] = D.loss,
+    beta: Annotated[
+        float,
+        typer.Option(
+            help="gjsd's interpolation, as TRL's GKD beta: 0 = forward KL, 1 = reverse KL, "
+            "0.5 = symmetric JSD; ignored by the other losses (not AdamW's --beta1/--beta2)."
+        ),
+    ] = D.beta,
     tail: Annotated[
         str,
         typer.Option(
@@ -115,7 +131,8 @@ def fit(
     ] = D.check_files,
     cache_dir: CacheDirOption = None,
 ) -> None:
-    """Train a student on a cache's soft targets: loss = alpha * CE + (1 - alpha) * T^2 * KL.
+    """Train a student on a cache's soft targets: loss = alpha * CE + (1 - alpha) * T^2 * D,
+    D the --loss divergence (forward KL by default).
 
     Writes metrics.jsonl, checkpoint/, model/ (save_pretrained) and summary.json into --out.
     Interrupted (Ctrl-C, SIGTERM)? It checkpoints; rerun the same command with --resume.
@@ -127,6 +144,8 @@ def fit(
       trainer fit --cache ./cache --student ./student-config.json --out ./run --steps 2000 --resume
 
       trainer fit --cache ./cache --student ./student-config.json --out ./run-hard --alpha 1
+
+      trainer fit --cache ./cache --student ./student-config.json --out ./run-gkd --loss gjsd --beta 0.5
 
       trainer fit --cache ./cache --student ./pretrained-student --tokenizer ./tok --out ./run --epochs 3 --temperature 2 --precision bf16
 
@@ -140,7 +159,7 @@ def fit(
 
     config = FitConfig(
         cache=cache, student=student, out=out, tokenizer=tokenizer, alpha=alpha,
-        temperature=temperature, loss=loss, tail=tail, batch_size=batch_size,
+        temperature=temperature, loss=loss, beta=beta, tail=tail, batch_size=batch_size,
         eval_fraction=eval_fraction, shuffle_window=shuffle_window, num_workers=num_workers,
         steps=steps, epochs=epochs, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_clip=grad_clip, seed=seed,

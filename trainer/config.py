@@ -23,10 +23,9 @@ from pathlib import Path
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from trainer.losses import DEFAULT_TAIL, TAIL_MODES
+from trainer.losses import DEFAULT_BETA, DEFAULT_LOSS, DEFAULT_TAIL, LOSSES, TAIL_MODES
 from trainer.student import RUN_MODEL_DIR as MODEL_DIR
 
-LOSSES = ("forward_kl",)
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_DIR = "checkpoint"
 #: The next checkpoint while it is written, and the previous one while it is replaced.
@@ -61,10 +60,11 @@ class FitConfig:
     student: str  # config JSON, directory with config.json, or saved model directory
     out: str = "run"  # the run directory
     tokenizer: str | None = None  # if given, checked against the cache's tokenizer fingerprint
-    # objective: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+    # objective: loss = alpha * CE + (1 - alpha) * T^2 * D(teacher_T, student_T)
     alpha: float = 0.5  # 1.0: hard labels only (the targets are not used)
     temperature: float = 1.0
-    loss: str = "forward_kl"
+    loss: str = DEFAULT_LOSS  # the divergence D (trainer.losses.LOSSES)
+    beta: float = DEFAULT_BETA  # gjsd's interpolation: 0 = forward KL, 1 = reverse KL
     # how the teacher's mass outside the top-k is handled (TAIL_MODES): renorm gave the lowest
     # held-out KL at every k in benchmarks/bench_fidelity.py, and it is the cheapest
     tail: str = DEFAULT_TAIL
@@ -110,6 +110,10 @@ def check_config(c: FitConfig) -> None:
     ]
     if c.loss not in LOSSES:
         problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
+    if not 0.0 <= c.beta <= 1.0:
+        problems.append(
+            f"--beta must be in [0, 1] (gjsd: 0 = forward KL, 1 = reverse KL), got {c.beta}"
+        )
     if c.tail not in TAIL_MODES:
         problems.append(f"--tail must be one of {', '.join(TAIL_MODES)}, got {c.tail!r}")
     if c.precision not in PRECISIONS:

@@ -77,17 +77,21 @@ def fit(
     """Train `config.student` on `config.cache`; returns the summary (also in summary.json).
 
     `loss_fn` computes each step's loss from the student's logits and the batch; by default
-    `DistillationLoss` with the config's alpha, temperature and tail. `after_step(step, model)`
-    lets a caller watch the run with its own measure (a benchmark's exact KL to a teacher on
-    its own held-out text, say): it runs outside the timed window, so tokens/s stay the
-    training's; it must leave the model as it found it (train mode, same weights).
+    `DistillationLoss` with the config's alpha, temperature, tail, loss and beta.
+    `after_step(step, model)` lets a caller watch the run with its own measure (a benchmark's
+    exact KL to a teacher on its own held-out text, say): it runs outside the timed window, so
+    tokens/s stay the training's; it must leave the model as it found it (train mode, same
+    weights).
 
     Launched by torchrun (``WORLD_SIZE`` > 1), every process runs this with the same config:
     data-parallel training (DDP), `batch_size` being the global batch; only rank 0 writes into
     the run directory (docs/SCALING.md)."""
     check_config(config)
     if loss_fn is None:
-        loss_fn = DistillationLoss(config.alpha, config.temperature, config.tail)
+        loss_fn = DistillationLoss(
+            alpha=config.alpha, temperature=config.temperature, tail=config.tail,
+            loss=config.loss, beta=config.beta,
+        )  # fmt: skip
     d, device = distributed.init(config.device)
     try:
         run = _setup(config, d, device)
@@ -222,7 +226,8 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         f"{'resuming at step ' + str(step) if step else 'training'} {type(model).__name__} "
         f"({n_params / 1e6:.2f}M params, {source.kind} {source.spec}) on {cache.root}: "
         f"{total_steps} steps of {config.batch_size} sequences ({per_epoch} per epoch), "
-        f"alpha {config.alpha}, T {config.temperature}, tail {config.tail}, {device}"
+        f"alpha {config.alpha}, T {config.temperature}, loss {config.loss}"
+        f"{f' (beta {config.beta})' if config.loss == 'gjsd' else ''}, tail {config.tail}, {device}"
         f"{f' x {d.world_size} processes' if d.enabled else ''}, {config.precision}",
         config.progress and main,
     )

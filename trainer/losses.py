@@ -6,8 +6,9 @@ the leftover is the teacher's tail mass outside the K ids. These losses never bu
 (B, T, V) teacher tensor; the only dense tensor is the student's own log-softmax, which
 hard-label training computes anyway.
 
-Everything here is forward KL(teacher_T || student_T) averaged over unmasked positions. The K
-ids alone do not define a distribution, so ``tail`` picks how the missing mass is handled:
+Each loss is a divergence D(teacher_T, student_T) averaged over unmasked positions, computed on
+a *support*: a few categories that carry the teacher's whole mass. The K ids alone do not define
+a distribution, so ``tail`` picks how the missing mass is handled, i.e. what the categories are:
 
 ``"renorm"``
     Classic top-k KD. Teacher probabilities over the K ids are renormalised to sum to 1; the
@@ -16,11 +17,54 @@ ids alone do not define a distribution, so ``tail`` picks how the missing mass i
 ``"bucket"``
     The vocabulary is split into K+1 categories: the K ids plus one "tail" bucket holding
     everything else. Teacher tail = ``1 - sum p_k``; student tail = the student's probability
-    summed over every id not among the K. Exact KL over that partition; with K = V it is dense
-    KL.
+    summed over every id not among the K. Exact over that partition; with K = V it is dense.
 ``"label"``
     The teacher's tail mass is added to the hard label: to its slot if the label is among the K
-    ids, otherwise as one more category at the label id. KL over that support.
+    ids, otherwise as one more category at the label id.
+
+The divergence (``loss``, `LOSSES`); p is the teacher on the categories (zero outside them), q
+the student's probability of each category, taken from its full-vocabulary distribution:
+
+``"forward_kl"``
+    KL(p || q) = sum_c p_c log(p_c / q_c): mass-covering, the classic KD objective (Hinton et
+    al.). Student mass outside the categories costs nothing directly (only through q_c).
+``"reverse_kl"``
+    KL(q || p): mode-seeking. It is infinite wherever the student has mass and the teacher has
+    none, which off the categories is almost always (renorm, label, and every tail mode on
+    sampled targets, whose teacher tail is 0), so the student is *conditioned on the support*:
+    q is restricted to the categories where p > 0 and renormalised there. Where the categories
+    partition the vocabulary with a teacher tail (bucket on top-k), that changes nothing. So
+    reverse KL only shapes the student *within* the support; what puts its mass there is the
+    CE term (``alpha``) or a tail bucket.
+``"gjsd"``
+    The generalised Jensen-Shannon divergence of TRL's ``GKDTrainer.generalized_jsd_loss``
+    (GKD, Agarwal et al. 2024; axolotl's ``kd_beta`` is the same), with ``beta`` in [0, 1]:
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)``, ``m = beta * p + (1 - beta) * q``;
+    ``beta`` 0 is forward KL and 1 reverse KL *by definition* (computed exactly as those two).
+    Note what this convention implies: the formula itself tends to 0 at both ends (about
+    ``beta * KL(p || q)`` near 0 and ``(1 - beta) * KL(q || p)`` near 1), so the value jumps
+    at the endpoints and near them ``beta`` scales the loss rather than choosing a direction.
+    0.5 is the symmetric JSD, bounded by log 2. It is finite without conditioning, so the
+    student is *not* conditioned: its mass outside the categories, q_off, has p = 0 and
+    m = (1 - beta) q there, which contributes exactly ``(1 - beta) * log(1 / (1 - beta)) *
+    q_off``: the divergence against the teacher the cache describes (zero off the support).
+``"tvd"``
+    Total variation ``0.5 * sum_v |p_v - q_v|`` over the whole vocabulary, the student's
+    off-support mass included (it counts as ``0.5 * |0 - q_off|``): finite, in [0, 1], and it
+    penalises mass outside the support as forward KL does. Computed as ``sum_c max(p_c - q_c,
+    0)`` over the support, which is the same number (both sides sum to 1, and off the support
+    p - q <= 0) without forming ``1 - sum q_c``.
+
+The rule behind these choices: compare the teacher the cache describes (its probabilities on the
+categories, zero elsewhere) with the student's real distribution; only where that is infinite
+(reverse KL) is the student conditioned on the support instead. With K = V (and every tail mode)
+each loss equals its dense version (`dense_divergence`).
+
+All are combined as ``alpha * CE + (1 - alpha) * T**2 * D`` (`distillation_loss`). The T**2
+factor is Hinton's correction for forward KL, whose gradient scales as 1/T**2; it is kept for
+every loss so that ``--loss`` changes the divergence and nothing else. At high T reverse KL and
+gjsd scale like forward KL (all are locally quadratic in the logit gap); TVD does not (its
+gradient scales as 1/T), so for TVD the factor is merely a weight.
 
 Temperature. Stored log-probs are at T=1. The teacher at T is rebuilt over the support by
 dividing the T=1 log-probs by T and renormalising over the support. Over K ids this is exact
@@ -41,7 +85,8 @@ student's tail is empty or tiny (K = V, or sampled targets whose ids carry all t
 
 Padding: target slots whose log-prob is ``-inf`` are absent (probability zero, no contribution,
 no gradient, no NaN); their ids may be anything, including out of range. Ids of present slots
-must be distinct and in ``[0, V)``.
+must be distinct and in ``[0, V)``. A position left with no support at all (renorm, every slot
+padding) contributes 0 to every loss.
 
 Shapes below are written for (B, T, ...) inputs; any number of leading dims works.
 """
@@ -58,6 +103,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 TAIL_MODES = ("renorm", "bucket", "label")
+#: The divergences (``--loss``); see the module docstring.
+LOSSES = ("forward_kl", "reverse_kl", "gjsd", "tvd")
+DEFAULT_LOSS = "forward_kl"
+#: gjsd's interpolation when none is given: TRL's GKDConfig default, the symmetric JSD.
+DEFAULT_BETA = 0.5
 #: The tail mode when none is given: renorm gave the lowest held-out KL at every k in
 #: benchmarks/bench_fidelity.py, and it is the cheapest (one gather on the CE log-softmax).
 DEFAULT_TAIL = "renorm"
@@ -70,7 +120,8 @@ class LossParts(NamedTuple):
     """``loss`` carries the graph; ``ce`` and ``kd`` are detached 0-dim tensors for logging.
 
     They stay tensors (not floats) so that logging does not force a device sync every step.
-    ``kd`` is the KL at the distillation temperature, *before* the ``T**2`` factor.
+    ``kd`` is the chosen divergence at the distillation temperature, *before* the ``T**2``
+    factor.
     """
 
     loss: Tensor
@@ -94,18 +145,26 @@ class LossFn(Protocol):
 @dataclass(frozen=True)
 class DistillationLoss:
     """The default `LossFn`: `distillation_loss` on the cached targets, or, with ``alpha`` 1,
-    hard-label cross-entropy alone (the cached targets are then never read)."""
+    hard-label cross-entropy alone (the cached targets are then never read). Invalid settings
+    raise `ValueError` here, not at the first step."""
 
     alpha: float = 0.5
     temperature: float = 1.0
     tail: str = DEFAULT_TAIL
+    loss: str = DEFAULT_LOSS
+    beta: float = DEFAULT_BETA  # gjsd only
+
+    def __post_init__(self) -> None:
+        _check_args(self.tail, self.temperature, self.loss, self.beta)
+        _check_alpha(self.alpha)
 
     def __call__(self, logits: Tensor, batch: Mapping[str, Tensor]) -> LossParts:
         if self.alpha == 1.0:
             return hard_label_loss(logits, batch["labels"])
         return distillation_loss(
             logits, batch["labels"], batch["target_ids"], batch["target_logprobs"],
-            alpha=self.alpha, temperature=self.temperature, tail=self.tail,
+            alpha=self.alpha, temperature=self.temperature, tail=self.tail, loss=self.loss,
+            beta=self.beta,
         )  # fmt: skip
 
 
@@ -128,9 +187,13 @@ def sparse_kd_loss(
     *,
     temperature: float = 1.0,
     tail: str = DEFAULT_TAIL,
+    loss: str = DEFAULT_LOSS,
+    beta: float = DEFAULT_BETA,
     ignore_index: int = -100,
 ) -> Tensor:
-    """Mean over unmasked positions of KL(teacher_T || student_T) on the support set by ``tail``.
+    """Mean over unmasked positions of D(teacher_T, student_T) on the support set by ``tail``:
+    ``loss`` picks D (`LOSSES`; ``beta`` is gjsd's interpolation, 0 = forward KL, 1 = reverse
+    KL), as the module docstring says.
 
     student_logits (B, T, V) any float dtype, computed in (at least) float32; labels (B, T)
     int64 with ``ignore_index`` masking positions; target_ids (B, T, K) int64; target_logprobs
@@ -141,13 +204,44 @@ def sparse_kd_loss(
     Multiply by ``temperature**2`` yourself to keep gradient scale independent of T, or use
     :func:`distillation_loss`.
     """
-    _check_args(tail, temperature)
+    _check_args(tail, temperature, loss, beta)
     _check_shapes(student_logits, labels, target_ids, target_logprobs)
     student = _log_softmax_at(student_logits, temperature)  # (B, T, V)
-    kl, _, mask = _sparse_kl(
-        student, labels, target_ids, target_logprobs, temperature, tail, ignore_index
+    div, _, mask = _sparse_divergence(
+        student, labels, target_ids, target_logprobs, temperature, tail, ignore_index, loss, beta
     )
-    return _masked_mean(kl, mask)
+    return _masked_mean(div, mask)
+
+
+def dense_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    loss: str = DEFAULT_LOSS,
+    beta: float = DEFAULT_BETA,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Reference D(softmax(teacher/T), softmax(student/T)) over the full vocabulary, mean over
+    unmasked positions; ``loss`` and ``beta`` as in `sparse_kd_loss`.
+
+    Builds the full (B, T, V) teacher distribution: for tests and online-distillation baselines,
+    not for training from the cache. The teacher is detached (it is a frozen target). ``-inf``
+    teacher logits (e.g. padded vocabulary rows) are zero-probability, outside the support by
+    the same rule as the sparse losses (reverse KL conditions the student on the rest; with
+    finite teacher logits every loss is its textbook definition, gjsd TRL's).
+    """
+    _check_args("renorm", temperature, loss, beta)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    student = _log_softmax_at(student_logits, temperature)  # (B, T, V)
+    teacher = _log_softmax_at(teacher_logits.detach(), temperature)  # (B, T, V)
+    div = _divergence(teacher, student, loss, beta)  # (B, T)
+    return _masked_mean(div, labels != ignore_index)
 
 
 def dense_kd_loss(
@@ -158,22 +252,11 @@ def dense_kd_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> Tensor:
-    """Reference forward KL(softmax(teacher/T) || softmax(student/T)), mean over unmasked positions.
-
-    Builds the full (B, T, V) teacher distribution: for tests and online-distillation baselines,
-    not for training from the cache. The teacher is detached (it is a frozen target). ``-inf``
-    teacher logits (e.g. padded vocabulary rows) are zero-probability and contribute nothing.
-    """
-    _check_args("renorm", temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
-        )
-    student = _log_softmax_at(student_logits, temperature)  # (B, T, V)
-    teacher = _log_softmax_at(teacher_logits.detach(), temperature)  # (B, T, V)
-    kl = _kl_terms(teacher, student).sum(-1)  # (B, T)
-    return _masked_mean(kl, labels != ignore_index)
+    """Reference forward KL(softmax(teacher/T) || softmax(student/T)): `dense_divergence`."""
+    return dense_divergence(
+        student_logits, teacher_logits, labels, loss="forward_kl", temperature=temperature,
+        ignore_index=ignore_index,
+    )  # fmt: skip
 
 
 def distillation_loss(
@@ -185,9 +268,12 @@ def distillation_loss(
     alpha: float = 0.5,
     temperature: float = 1.0,
     tail: str = DEFAULT_TAIL,
+    loss: str = DEFAULT_LOSS,
+    beta: float = DEFAULT_BETA,
     ignore_index: int = -100,
 ) -> LossParts:
-    """``loss = alpha * CE + (1 - alpha) * T**2 * KD`` from cached sparse targets.
+    """``loss = alpha * CE + (1 - alpha) * T**2 * KD`` from cached sparse targets, KD being the
+    divergence ``loss`` (``beta``: gjsd's interpolation) as in `sparse_kd_loss`.
 
     The T**2 factor keeps the KD gradient scale independent of T (Hinton et al., 2015). Cost is
     what matters here: training from the cache should be barely slower than hard-label
@@ -197,34 +283,34 @@ def distillation_loss(
     (which would redo the log-softmax). At T != 1 a second log-softmax (of logits / T) is
     unavoidable. Masking and the all-masked case (returns 0) behave as in ``sparse_kd_loss``.
     """
-    _check_args(tail, temperature)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    _check_args(tail, temperature, loss, beta)
+    _check_alpha(alpha)
     _check_shapes(student_logits, labels, target_ids, target_logprobs)
 
     logprobs = _log_softmax_at(student_logits, 1.0)  # (B, T, V), the only one at T=1
+    targets = (target_ids, target_logprobs)
     if temperature == 1.0:
-        kl, label_logprob, mask = _sparse_kl(
-            logprobs, labels, target_ids, target_logprobs, 1.0, tail, ignore_index
+        div, label_logprob, mask = _sparse_divergence(
+            logprobs, labels, *targets, 1.0, tail, ignore_index, loss, beta
         )
     else:
         student_t = _log_softmax_at(student_logits, temperature)  # (B, T, V)
-        kl, _, mask = _sparse_kl(
-            student_t, labels, target_ids, target_logprobs, temperature, tail, ignore_index
+        div, _, mask = _sparse_divergence(
+            student_t, labels, *targets, temperature, tail, ignore_index, loss, beta
         )
         safe_labels = torch.where(mask, labels, 0).long().unsqueeze(-1)  # (B, T, 1)
         label_logprob = logprobs.gather(-1, safe_labels).squeeze(-1)  # (B, T)
     ce = _masked_mean(-label_logprob, mask)
-    kd = _masked_mean(kl, mask)
-    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
-    return LossParts(loss=loss, ce=ce.detach(), kd=kd.detach())
+    kd = _masked_mean(div, mask)
+    total = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+    return LossParts(loss=total, ce=ce.detach(), kd=kd.detach())
 
 
 # --------------------------------------------------------------------------------------------
 # The algorithm
 
 
-def _sparse_kl(
+def _sparse_divergence(
     student: Tensor,
     labels: Tensor,
     target_ids: Tensor,
@@ -232,12 +318,14 @@ def _sparse_kl(
     temperature: float,
     tail: str,
     ignore_index: int,
+    loss: str = DEFAULT_LOSS,
+    beta: float = DEFAULT_BETA,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-position KL over the sparse support, the student's label log-prob, and the mask.
+    """Per-position divergence over the sparse support, the student's label log-prob, the mask.
 
-    ``student`` is the student's log-softmax at ``temperature`` (B, T, V). Returns kl (B, T),
-    label_logprob (B, T) (the student's log-prob of the label, read from the same gather as the
-    target ids; it is CE at T=1) and mask (B, T) bool.
+    ``student`` is the student's log-softmax at ``temperature`` (B, T, V). Returns the
+    divergence ``loss`` (B, T), label_logprob (B, T) (the student's log-prob of the label, read
+    from the same gather as the target ids; it is CE at T=1) and mask (B, T) bool.
     """
     mask = labels != ignore_index  # (B, T)
     label = torch.where(mask, labels, 0).long().unsqueeze(-1)  # (B, T, 1) always a valid index
@@ -276,8 +364,40 @@ def _sparse_kl(
     if temperature != 1.0:
         teacher = teacher / temperature
     teacher = _log_normalize(teacher)  # renormalise over the support (re-tempering)
-    kl = _kl_terms(teacher, student_support).sum(-1)  # (B, T)
-    return kl, label_logprob, mask
+    return _divergence(teacher, student_support, loss, beta), label_logprob, mask
+
+
+def _divergence(teacher: Tensor, student: Tensor, loss: str, beta: float) -> Tensor:
+    """Per-position D(teacher, student) over the categories of the last dim, (..., C) -> (...).
+
+    ``teacher``: log-probs normalised over the categories, -inf outside the support (padding, an
+    empty tail, the label slot when unused). ``student``: the student's log-probs of the same
+    categories, read from its full-vocabulary distribution, so they may sum to less than 1 (the
+    rest is its mass off the support); junk where the teacher is -inf. Every term is formed on
+    finite values and masked by ``where`` afterwards, so nothing outside the support reaches the
+    forward or the gradient (no NaN from -inf slots or empty rows).
+    """
+    if loss == "forward_kl" or (loss == "gjsd" and beta == 0.0):
+        return _kl_terms(teacher, student).sum(-1)  # today's code path, bit for bit
+    on = ~teacher.isneginf()  # (..., C) the support
+    student = student.masked_fill(~on, -math.inf)  # off-support slots hold junk
+    if loss == "reverse_kl" or (loss == "gjsd" and beta == 1.0):
+        # conditioned on the support: KL(q|S || p) is finite, KL(q || p) is not
+        return _kl_terms(_log_normalize_on(student, on), teacher).sum(-1)
+    if loss == "tvd":
+        gap = teacher.exp() - student.exp()  # (..., C) p - q; 0 - 0 off the support
+        return gap.clamp_min(0.0).sum(-1)
+    assert loss == "gjsd", loss
+    # log m = log(beta p + (1 - beta) q), on finite stand-ins off the support
+    log_m = torch.logaddexp(
+        torch.where(on, teacher, 0.0) + math.log(beta),
+        torch.where(on, student, 0.0) + math.log1p(-beta),
+    )  # (..., C)
+    inside = beta * _kl_terms(teacher, log_m) + (1.0 - beta) * _kl_terms(student, log_m)
+    # the student's mass off the support; none counted where there is no support at all (a
+    # fully padded position: no target, no loss, as for the other divergences)
+    q_off = (1.0 - student.exp().sum(-1)).clamp_min(0.0) * on.any(-1)
+    return inside.sum(-1) + (1.0 - beta) * -math.log1p(-beta) * q_off
 
 
 class _GatherWithTail(torch.autograd.Function):
@@ -337,6 +457,14 @@ def _log_normalize(x: Tensor) -> Tensor:
     return x - lse.masked_fill(lse.isneginf(), 0.0)
 
 
+def _log_normalize_on(x: Tensor, on: Tensor) -> Tensor:
+    """``x`` renormalised over the ``on`` entries of the last dim, -inf elsewhere; a row with no
+    ``on`` entry is all -inf, with zero (not NaN) gradient."""
+    any_on = on.any(-1, keepdim=True)
+    x = torch.where(on, x, -math.inf).where(any_on, 0.0)  # empty rows: a finite stand-in
+    return torch.where(on, x - torch.logsumexp(x, dim=-1, keepdim=True), -math.inf)
+
+
 def _log_softmax_at(logits: Tensor, temperature: float) -> Tensor:
     """float32 (float64 stays float64) log-softmax of ``logits / temperature`` over the vocab."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -353,11 +481,24 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def _check_args(tail: str, temperature: float) -> None:
+def _check_args(
+    tail: str, temperature: float, loss: str = DEFAULT_LOSS, beta: float = DEFAULT_BETA
+) -> None:
     if tail not in TAIL_MODES:
         raise ValueError(f"unknown tail mode {tail!r}; expected one of: {', '.join(TAIL_MODES)}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSSES)}")
+    if not 0.0 <= beta <= 1.0:  # NaN fails too
+        raise ValueError(
+            f"beta must be in [0, 1] (gjsd: 0 is forward KL, 1 reverse KL), got {beta!r}"
+        )
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
 
 
 def _check_shapes(

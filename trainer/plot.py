@@ -43,7 +43,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     (ax_train, ax_ce), (ax_kl, ax_top1) = axes
     steps = [r["step"] for r in train]
-    for key, label in (("loss", "loss"), ("ce", "CE (hard labels)"), ("kd", "KD (KL at T)")):
+    for key, label in (("loss", "loss"), ("ce", "CE (hard labels)"), ("kd", "KD (--loss at T)")):
         ax_train.plot(steps, [r[key] for r in train], label=label)
     ax_train.set(title="training (interval means)", xlabel="step", ylabel="nats/token")
     ax_train.legend()
