@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # 3. Run the teacher once per corpus.
-    dump = ["dump", "--teacher", teacher, "--top-k", s["top_k"], "--seq-len", s["seq_len"],
-            "--device", "cpu", "--overwrite"]  # fmt: skip
+    dump = ["dump", "--teacher", teacher, "--targets", "topk", "--top-k", s["top_k"],
+            "--seq-len", s["seq_len"], "--device", "cpu", "--overwrite"]  # fmt: skip
     run("dump the teacher's top-k targets (training corpus)", "logitcache",
         *dump, "--data", data / "train", "--out", out / "cache")  # fmt: skip
     run("dump the teacher's top-k targets (held-out corpus)", "logitcache",

@@ -117,6 +117,7 @@ def real_targets(args, teacher_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]
                 data=str(corpus),
                 out=cache,
                 teacher=str(teacher_dir),
+                targets="topk",
                 top_k=64,
                 seq_len=512,
                 batch_size=8,

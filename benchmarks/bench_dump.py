@@ -206,6 +206,7 @@ def dump_options(args, teacher_dir: Path, corpus: Path, out: Path):
         data=str(corpus),
         out=out,
         teacher=str(teacher_dir),
+        targets="topk",  # the stages and sizes below are those of top-k targets
         top_k=args.top_k,
         seq_len=args.seq_len,
         batch_size=args.batch_size,

@@ -111,7 +111,7 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict:
 
 def dump_args(args, teacher: Path, corpus: Path, out: Path) -> list[str]:
     return ["dump", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
-            "--top-k", str(args.top_k), "--seq-len", str(args.seq_len),
+            "--targets", "topk", "--top-k", str(args.top_k), "--seq-len", str(args.seq_len),
             "--batch-size", str(args.batch_size), "--part-tokens", str(args.part_tokens),
             "--device", "cpu", "--no-progress"]  # fmt: skip
 

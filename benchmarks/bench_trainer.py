@@ -85,6 +85,7 @@ def build_cache(args, teacher_dir: Path) -> Path:
             data=str(corpus),
             out=cache,
             teacher=str(teacher_dir),
+            targets="topk",  # the tail modes are what this measures
             top_k=args.top_k,
             seq_len=args.seq_len,
             batch_size=args.batch_size,

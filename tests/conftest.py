@@ -60,14 +60,15 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_small_file
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_teacher_dir, stdlib_corpus) -> Path:
     """The tiny teacher's top-8 targets over the stdlib corpus: ~530 sequences of 64, 9 parts
-    (dumped in-process, once per session; the trainer and fault tests read it)."""
+    (dumped in-process, once per session; the trainer and fault tests read it). Top-k whatever
+    the default target kind: the fault tests name its target_logprobs files."""
     from logitcache.dumping.pipeline import DumpOptions, dump
 
     out = tmp_path_factory.mktemp("tiny_cache") / "cache"
     dump(
         DumpOptions(
-            data=str(stdlib_corpus), out=out, teacher=str(tiny_teacher_dir), top_k=8,
-            seq_len=64, part_tokens=4096, device="cpu", progress=False,
+            data=str(stdlib_corpus), out=out, teacher=str(tiny_teacher_dir), targets="topk",
+            top_k=8, seq_len=64, part_tokens=4096, device="cpu", progress=False,
         )
     )  # fmt: skip
     return out

@@ -220,7 +220,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     cache_dir: CacheDirOption = None,
 ) -> None:
-    """Held-out CE, KL(teacher || student) on the cached top-k + tail bucket, top-1 agreement.
+    """Held-out CE, KL(teacher || student) on the cached ids + tail bucket, top-1 agreement.
 
     Examples:
 
@@ -241,7 +241,7 @@ def eval_(
         f"{result['student']} on {result['cache']} (split {split}, {result['sequences']:,} "
         f"sequences, {result['tokens']:,} tokens):\n"
         f"  CE     {result['ce']:.4f} nats/token (perplexity {result['ppl']:.2f})\n"
-        f"  KL     {result['kl']:.4f} nats/token (teacher || student, top-k + tail)\n"
+        f"  KL     {result['kl']:.4f} nats/token (teacher || student, cached ids + tail)\n"
         f"  top-1  {result['top1']:.4f} (student argmax == teacher's top id)"
     )
 

@@ -227,7 +227,8 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         f"({n_params / 1e6:.2f}M params, {source.kind} {source.spec}) on {cache.root}: "
         f"{total_steps} steps of {config.batch_size} sequences ({per_epoch} per epoch), "
         f"alpha {config.alpha}, T {config.temperature}, loss {config.loss}"
-        f"{f' (beta {config.beta})' if config.loss == 'gjsd' else ''}, tail {config.tail}, {device}"
+        f"{f' (beta {config.beta})' if config.loss == 'gjsd' else ''}, "
+        f"{_targets_note(cache, config.tail)}, {device}"
         f"{f' x {d.world_size} processes' if d.enabled else ''}, {config.precision}",
         config.progress and main,
     )
@@ -240,6 +241,14 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         total_steps=total_steps, warmup=warmup, log=log, samples=SampleLog.from_env(d),
         step=step, last_saved=step,
     )  # fmt: skip
+
+
+def _targets_note(cache: logitcache.Cache, tail: str) -> str:
+    """What the run distils from, for the start-up line: the tail mode matters to top-k only."""
+    t = cache.manifest.targets
+    if t.kind == "sample":  # log(counts / N) sums to 1 over the stored ids: every mode agrees
+        return f"sampled targets N={t.samples}, no tail (counts / N carry all the mass)"
+    return f"top-{t.k} targets, tail {tail}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import typer
 from logitcache.cli.common import LicenseOption, size_per_token
 from logitcache.dumping.options import DumpOptions
 
-D = DumpOptions  # the defaults, in one place: DumpOptions.top_k is 32, and so on
+D = DumpOptions  # the defaults, in one place: DEFAULT_TARGETS and the rest, in options.py
 
 
 def dump(
@@ -52,15 +52,17 @@ def dump(
     targets: Annotated[
         str,
         typer.Option(
-            help="topk: the k most probable ids and their log-probs; sample: the distinct ids "
-            "among --samples draws from the teacher and their counts."
+            help="sample: the distinct ids among --samples draws from the teacher and their "
+            "counts (counts / N estimates the whole distribution without bias); topk: the k "
+            f"most probable ids and their log-probs, fully supported (--targets topk --top-k "
+            f"{D.top_k}). Why the default is {D.targets}: Choosing targets in README.md."
         ),
     ] = D.targets,
     top_k: Annotated[
         int,
         typer.Option(
-            help="Teacher ids kept per position (topk). 32: the smallest k whose students came "
-            "within 1% of online KD in bench_fidelity (benchmarks/RESULTS.md)."
+            help=f"Teacher ids kept per position (topk). {D.top_k}: the smallest k whose "
+            "students came within 1% of online KD in bench_fidelity (benchmarks/RESULTS.md)."
         ),
     ] = D.top_k,
     samples: Annotated[
@@ -102,8 +104,8 @@ def dump(
     logprob_dtype: Annotated[
         str,
         typer.Option(
-            help="Stored log-prob type: float16, float32, or uint8 (1/16-nat steps, error at "
-            "most 1/32 nat; 58 instead of 93 bytes/token at k=64 in bench_storage)."
+            help="Stored log-prob type (topk): float16, float32, or uint8 (1/16-nat steps, "
+            "error at most 1/32 nat; 58 instead of 93 bytes/token at k=64 in bench_storage)."
         ),
     ] = D.logprob_dtype,
     part_tokens: Annotated[
@@ -128,19 +130,21 @@ def dump(
         ),
     ] = D.shard,
 ) -> None:
-    """Run the teacher over a dataset once and write its soft targets (top-k or sampled).
+    """Run the teacher over a dataset once and write its soft targets (sampled or top-k).
 
     Rerunning the same command after an interruption resumes from the last committed part.
 
     Examples:
 
-      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --top-k 64 --seq-len 1024
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --seq-len 1024
+
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets topk --top-k 64
 
       logitcache dump --teacher-factory mypkg.models:teacher --tokenizer ./tok --data docs.jsonl --text-field text --out ./cache
 
-      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets sample --samples 64 --seed 1
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets sample --samples 32 --seed 1
 
-      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out s3://bucket/caches/gpt2-k64 --license cc-by-4.0
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out s3://bucket/caches/gpt2 --license cc-by-4.0
 
       torchrun --nproc-per-node 8 -m logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache
 

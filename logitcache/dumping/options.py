@@ -27,7 +27,30 @@ from logitcache.storage.paths import refuse_overlap
 if TYPE_CHECKING:
     from logitcache.dumping.teacher import Teacher
 
-__all__ = ["CLEVELS", "DumpOptions", "DumpSummary", "check_against_teacher", "check_options"]
+__all__ = [
+    "CLEVELS",
+    "DEFAULT_SAMPLES",
+    "DEFAULT_TARGETS",
+    "DEFAULT_TOP_K",
+    "DumpOptions",
+    "DumpSummary",
+    "check_against_teacher",
+    "check_options",
+]
+
+#: What a dump stores when --targets is not given: sampled targets, the distinct ids among
+#: --samples draws per position from the teacher and their counts (docs/FORMAT.md, section 3a).
+#: counts / N is an unbiased estimate of the whole teacher distribution, with no tail to guess,
+#: and for a peaked teacher a few distinct ids carry nearly all the draws, so the cache is
+#: smaller than a top-k one of comparable fidelity. The students they give against top-k and
+#: online KD are in benchmarks/RESULTS.md, section bench_fidelity_realistic. Top-k stays fully
+#: supported: --targets topk --top-k 32.
+DEFAULT_TARGETS = "sample"
+#: Draws per position of a sampled dump (--samples), the N of that benchmark.
+DEFAULT_SAMPLES = 64
+#: Ids per position of a top-k dump (--top-k): the smallest k whose students came within 1% of
+#: online KD in benchmarks/bench_fidelity.py.
+DEFAULT_TOP_K = 32
 
 #: --clevel ranges: Blosc's (zarr) levels, 0 (none) to 9; the Parquet backend's plain zstd
 #: levels, 1 to 22 (0 means zstd's default there). Checked up front: out of range, Blosc fails
@@ -48,9 +71,9 @@ class DumpOptions:
     data_format: str = "auto"
     text_field: str | None = None
     ids_field: str | None = None
-    targets: str = "topk"  # or "sample"
-    top_k: int = 32  # the smallest k within 1% of online KD in benchmarks/bench_fidelity.py
-    samples: int = 64  # draws per position for targets="sample"
+    targets: str = DEFAULT_TARGETS  # "sample" or "topk"
+    top_k: int = DEFAULT_TOP_K  # ids per position for targets="topk"
+    samples: int = DEFAULT_SAMPLES  # draws per position for targets="sample"
     temperature: float = 1.0
     seed: int = 0  # of the draws (targets="sample")
     id_order: str = "id"  # top-k: ids increasing within a position (smaller), or "descending"

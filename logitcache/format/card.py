@@ -49,7 +49,12 @@ seq_offsets = np.asarray(group["seq_offsets"][...])          # sequence s = rows
         else """import pyarrow.dataset as ds  # one row per sequence; read only the files manifest.json lists
 table = ds.dataset(["CACHE/parts/part-000000.parquet"], format="parquet").to_table()
 # or: datasets.load_dataset("parquet", data_files=["CACHE/parts/part-000000.parquet"])
-# columns: input_ids list<uint>, target_ids list<list<uint>[k]>, target_logprobs list<list<float>[k]>"""
+"""
+        + (
+            "# columns: input_ids list<uint>, target_ids list<list<uint>[k]>, target_logprobs list<list<float>[k]>"
+            if tg.kind == "topk"
+            else "# columns: input_ids list<uint>, target_ids list<list<uint>> (distinct ids), target_counts list<list<uint>> (their draws)"
+        )
     ).replace("CACHE", location.rstrip("/"))
     return f"""---
 license: {license}
@@ -72,7 +77,7 @@ every data file). The card itself is not checksummed.
 | Teacher | `{t.name}` ({t.dtype}, vocabulary {t.vocab_size:,}, weights sha256 `{t.weights_sha256[:16]}`) |
 | Tokenizer | `{tok.name}` (vocabulary {tok.vocab_size:,}, fingerprint `{tok.fingerprint[:16]}`, EOS {tok.eos_token_id}) |
 | Data | `{d.source}` ({d.format}, {_documents(d.documents)}, fingerprint `{d.fingerprint[:16]}`) |
-| Targets | {tg.kind}, k={tg.k}, ids {tg.id_dtype}, log-probs {tg.logprob_dtype}, order {tg.order} |
+| Targets | {_targets_row(tg)} |
 | Layout | seq_len {lay.seq_len}, {"packed with EOS" if lay.packing else "one document per sequence"}, {lay.sequences_per_part:,} sequences per part |
 | Storage | {m.backend} (`parts/part-NNNNNN{suffix}`), {c.name}/{c.cname} level {c.clevel}, {c.checksum} |
 | Counts | {m.tokens:,} tokens, {m.sequences:,} sequences, {len(m.parts):,} parts |
@@ -111,6 +116,15 @@ in logitcache's `docs/FORMAT.md`. Read only the parts that `manifest.json` lists
 
 def _title(tg) -> str:
     return f"top-{tg.k} targets" if tg.kind == "topk" else f"sampled targets (N={tg.samples})"
+
+
+def _targets_row(tg) -> str:
+    if tg.kind == "sample":
+        return (
+            f"sample, N={tg.samples} (at most {tg.k} distinct ids per position), ids "
+            f"{tg.id_dtype}, counts {tg.count_dtype}, order {tg.order}"
+        )
+    return f"{tg.kind}, k={tg.k}, ids {tg.id_dtype}, log-probs {tg.logprob_dtype}, order {tg.order}"
 
 
 def _what(tg) -> str:

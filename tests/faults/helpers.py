@@ -16,7 +16,7 @@ from tests.cli import REPO, cli_env
 
 #: A dump of 6 stdlib files with these settings: ~10.7k tokens in 43 parts of 4 sequences, so
 #: that a kill lands between many commits (about 0.1 s of teacher work per part).
-OPTIONS = {"top_k": 8, "seq_len": 64, "part_tokens": 256, "batch_size": 2}
+OPTIONS = {"targets": "topk", "top_k": 8, "seq_len": 64, "part_tokens": 256, "batch_size": 2}
 FILES = 6
 
 

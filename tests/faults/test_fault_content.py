@@ -64,7 +64,7 @@ def test_verify_fails_the_empty_directory_a_failed_dump_leaves(
         main,
         ["logitcache", "dump", "--teacher-factory", "tests.logitcache.nan_teacher:build",
          "--tokenizer", tiny_teacher_dir, "--data", stdlib_corpus, "--out", out,
-         "--device", "cpu", "--seq-len", 64, "--top-k", 4, "--no-progress"],
+         "--device", "cpu", "--seq-len", 64, "--targets", "topk", "--top-k", 4, "--no-progress"],
         capsys,
     )  # fmt: skip
     assert code == 2 and "non-finite logits" in flat(err), err
@@ -153,7 +153,7 @@ def test_dump_refuses_a_teacher_whose_vocabulary_does_not_match(
         main,
         ["logitcache", "dump", "--teacher-factory", f"tests.logitcache.nan_teacher:{factory}",
          "--tokenizer", tiny_teacher_dir, "--data", stdlib_corpus, "--out", out,
-         "--device", "cpu", "--seq-len", 64, "--top-k", 4, "--no-progress"],
+         "--device", "cpu", "--seq-len", 64, "--targets", "topk", "--top-k", 4, "--no-progress"],
         capsys,
     )  # fmt: skip
     message = flat(err)

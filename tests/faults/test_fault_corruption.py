@@ -53,8 +53,9 @@ def other_cache(tmp_path_factory, tiny_teacher_dir, stdlib_corpus) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dump(DumpOptions(data=str(data), out=out, teacher=str(tiny_teacher_dir), top_k=8,
-                         seq_len=64, part_tokens=4096, device="cpu", progress=False))  # fmt: skip
+        dump(DumpOptions(data=str(data), out=out, teacher=str(tiny_teacher_dir), targets="topk",
+                         top_k=8, seq_len=64, part_tokens=4096, device="cpu",
+                         progress=False))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     return out

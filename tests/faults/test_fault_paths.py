@@ -163,8 +163,8 @@ READERS = ("merge_from", "export_from", "info", "verify", "fit")
 def commands(ctx: dict[str, Path], cache: Path, work: Path) -> dict[str, tuple[str, list]]:
     """Every command, given the linked `cache` as its input or its output: (program, argv)."""
     dump = [*CLI, "dump", "--teacher", ctx["teacher"], "--data", ctx["corpus"], "--out", cache,
-            "--top-k", 8, "--seq-len", 64, "--part-tokens", 4096, "--device", "cpu",
-            "--no-progress"]  # fmt: skip
+            "--targets", "topk", "--top-k", 8, "--seq-len", 64, "--part-tokens", 4096,
+            "--device", "cpu", "--no-progress"]  # fmt: skip
     fit = [sys.executable, "-m", "trainer", "fit", "--cache", cache, "--student",
            ctx["student"], "--out", work / "run", "--batch-size", 32, "--epochs", 1,
            "--eval-fraction", 0, "--no-progress"]  # fmt: skip

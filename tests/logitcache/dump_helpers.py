@@ -13,10 +13,13 @@ from logitcache.dumping.pipeline import DumpOptions, dump
 from tests.cli import REPO, cli_env
 
 VOCAB = 512  # the tiny teacher's
-SMALL = {"top_k": 4, "seq_len": 64, "part_tokens": 256}  # settings of the small caches
+#: Settings of the small caches. Both kinds of cache are top-k whatever the dump's default
+#: target kind (`logitcache.dumping.options.DEFAULT_TARGETS`): their tests read log-probs.
+SMALL = {"targets": "topk", "top_k": 4, "seq_len": 64, "part_tokens": 256}
 #: The main caches: the whole stdlib corpus, 8 ids per position, several parts, and zarr inner
 #: chunks of 4 KiB so that the target shards hold several inner chunks each.
-MAIN = {"top_k": 8, "seq_len": 128, "part_tokens": 2048, "chunk_bytes": 4096, "batch_size": 8}
+MAIN = {"targets": "topk", "top_k": 8, "seq_len": 128, "part_tokens": 2048, "chunk_bytes": 4096,
+        "batch_size": 8}  # fmt: skip
 
 
 def cli_command(*args: object) -> list[str]:

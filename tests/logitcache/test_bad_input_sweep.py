@@ -102,7 +102,8 @@ def dump(i: Inputs, tmp: Path, phrases: list[str], **flags: object) -> Case:
     """A dump into a new --out in the case's directory: the teacher and corpus, unless changed
     (None drops a flag)."""
     options: dict[str, object] = {"teacher": i.teacher, "data": i.corpus, "out": tmp / "cache",
-                                  "device": "cpu", "seq_len": 64, "top_k": 4, **flags}  # fmt: skip
+                                  "device": "cpu", "seq_len": 64, "targets": "topk", "top_k": 4,
+                                  **flags}  # fmt: skip
     argv: list[object] = ["logitcache", "dump", "--no-progress"]
     for key, value in options.items():
         if value is not None:

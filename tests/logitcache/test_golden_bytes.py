@@ -65,12 +65,17 @@ def write_fixed_input(root: Path) -> tuple[Path, Path]:
     return root / "tok", root / "ids.npy"
 
 
-#: case -> DumpOptions fields beyond the common ones.
+#: case -> DumpOptions fields beyond the common ones. Each names its target kind (and a sampled
+#: one its N), so that a change of the dump's defaults leaves the recorded bytes alone.
 CASES: dict[str, dict] = {
-    "zarr-topk": {},
-    "zarr-topk-descending-uint8": {"id_order": "descending", "logprob_dtype": "uint8"},
+    "zarr-topk": {"targets": "topk"},
+    "zarr-topk-descending-uint8": {
+        "targets": "topk",
+        "id_order": "descending",
+        "logprob_dtype": "uint8",
+    },
     "zarr-sample": {"targets": "sample", "samples": 16, "seed": 3},
-    "parquet-topk": {"backend": "parquet"},
+    "parquet-topk": {"targets": "topk", "backend": "parquet"},
 }
 
 #: case -> (files written, sha256 over the sorted "path sha256" lines), recorded before the

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import logitcache
+from logitcache.dumping.options import DEFAULT_TARGETS, DEFAULT_TOP_K
 from tests.logitcache.background import Background, cli_jobs
 from tests.logitcache.dump_helpers import SMALL, VOCAB, describe, run_cli
 
@@ -44,3 +45,11 @@ def test_help_exits_0(background: Background, run: str, phrase: str):
     proc = background.result(run)
     assert proc.returncode == 0, describe(proc)
     assert "Usage" in proc.stdout and phrase in proc.stdout
+
+
+@cli_jobs(lambda _: ["dump_help"])
+def test_dump_help_shows_the_default_targets_and_how_to_ask_for_top_k(background: Background):
+    proc = background.result("dump_help")
+    text = " ".join(proc.stdout.replace("\u2502", " ").split())  # less the table's borders
+    assert f"[default: {DEFAULT_TARGETS}]" in text
+    assert f"fully supported (--targets topk --top-k {DEFAULT_TOP_K})" in text

@@ -9,15 +9,22 @@ import inspect
 import numpy as np
 
 from logitcache.dumping import pipeline, targets
-from logitcache.dumping.options import DumpOptions
+from logitcache.dumping.options import (
+    DEFAULT_SAMPLES,
+    DEFAULT_TARGETS,
+    DEFAULT_TOP_K,
+    DumpOptions,
+    check_options,
+)
 from logitcache.dumping.prepare import prepare
+from logitcache.format.manifest import MAX_SAMPLES, TARGET_KINDS
 from logitcache.read import reader
 
 
 def _options(data, out, teacher) -> DumpOptions:
     return DumpOptions(
-        data=str(data), out=out, teacher=str(teacher), top_k=8, seq_len=64, part_tokens=4096,
-        device="cpu", progress=False,
+        data=str(data), out=out, teacher=str(teacher), targets="topk", top_k=8, seq_len=64,
+        part_tokens=4096, device="cpu", progress=False,
     )  # fmt: skip
 
 
@@ -71,3 +78,16 @@ def test_the_dump_command_defaults_are_those_of_dump_options():
     for name, default in flags.items():
         if default is not inspect.Parameter.empty:  # --data and --out are required
             assert default == defaults[name], name
+
+
+def test_the_default_targets_are_the_named_constants_and_pass_the_checks(tmp_path):
+    """One place names the default target kind and its size; the benchmark that picks them
+    changes those constants alone."""
+    opts = DumpOptions(data=str(tmp_path / "data"), out=tmp_path / "out")
+    assert (opts.targets, opts.samples, opts.top_k) == (
+        DEFAULT_TARGETS,
+        DEFAULT_SAMPLES,
+        DEFAULT_TOP_K,
+    )
+    assert DEFAULT_TARGETS in TARGET_KINDS and 1 <= DEFAULT_SAMPLES <= MAX_SAMPLES
+    check_options(opts)  # the defaults are valid settings

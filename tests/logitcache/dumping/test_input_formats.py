@@ -70,8 +70,8 @@ def test_input_formats_dump_the_expected_token_ids(
         docs_ids = [ids[:width] for ids in docs_ids]
     data, options = _write_input(kind, tmp_path / "input", small_docs, docs_ids)
 
-    out = dump_in_process(tiny_teacher_dir, data, tmp_path / "cache", top_k=3, seq_len=seq_len,
-                          part_tokens=4 * seq_len, **options)  # fmt: skip
+    out = dump_in_process(tiny_teacher_dir, data, tmp_path / "cache", targets="topk", top_k=3,
+                          seq_len=seq_len, part_tokens=4 * seq_len, **options)  # fmt: skip
     if kind == "text_no_pack":
         expected = [ids[:seq_len] for ids in docs_ids]
         assert max(len(ids) for ids in docs_ids) > seq_len  # truncation is exercised

@@ -38,7 +38,7 @@ def dump_args(teacher: Path, data: Path, out: Path, **options: object) -> list[s
     return args
 
 
-KILL_OPTIONS = {"top_k": 8, "seq_len": 64, "part_tokens": 256, "batch_size": 2}
+KILL_OPTIONS = {"targets": "topk", "top_k": 8, "seq_len": 64, "part_tokens": 256, "batch_size": 2}
 
 
 def sigkill_scenario(root: Path, teacher: Path, stdlib_corpus: Path) -> dict:

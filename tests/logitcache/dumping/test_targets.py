@@ -77,7 +77,7 @@ TOPK_CODECS = [
 
 @pytest.mark.parametrize("options", TOPK_CODECS, ids=lambda o: "-".join(map(str, o.values())))
 def test_topk_codecs_hold_their_error_bound(tiny_teacher_dir, corpus, exact, tmp_path, options):
-    out = dump_cache(tiny_teacher_dir, corpus, tmp_path / "c", top_k=8, **options)
+    out = dump_cache(tiny_teacher_dir, corpus, tmp_path / "c", targets="topk", top_k=8, **options)
     cache = logitcache.open(out)
     t = cache.manifest.targets
     assert verify(cache).ok, verify(cache).problems
@@ -98,7 +98,7 @@ def test_topk_codecs_hold_their_error_bound(tiny_teacher_dir, corpus, exact, tmp
 
 def test_topk_temperature(tiny_teacher_dir, corpus, exact, tmp_path):
     out = dump_cache(
-        tiny_teacher_dir, corpus, tmp_path / "c", top_k=4, temperature=2.0,
+        tiny_teacher_dir, corpus, tmp_path / "c", targets="topk", top_k=4, temperature=2.0,
         logprob_dtype="float32",
     )  # fmt: skip
     cache = logitcache.open(out)
@@ -261,6 +261,44 @@ def test_trainer_trains_from_a_sampled_cache(sampled, tmp_path):
     assert np.isfinite(summary["final"]["eval"]["kl"])
 
 
+def test_a_dump_with_the_defaults_stores_the_default_targets_and_trains(
+    tiny_teacher_dir, corpus, tmp_path, capsys
+):
+    """No --targets, --top-k or --samples: the cache holds `DEFAULT_TARGETS` at their default
+    size, `info` describes them, and `trainer fit` with its defaults trains from it and says
+    what it distils from (whichever kind the default is)."""
+    from transformers import GPT2Config
+
+    from logitcache.cli.inspect import describe_targets
+    from logitcache.dumping.options import DEFAULT_SAMPLES, DEFAULT_TARGETS, DEFAULT_TOP_K
+    from trainer.fit import FitConfig, fit
+
+    out = dump_cache(tiny_teacher_dir, corpus, tmp_path / "c")
+    cache = logitcache.open(out)
+    t = cache.manifest.targets
+    assert t.kind == DEFAULT_TARGETS
+    assert verify(cache).ok, verify(cache).problems
+    if DEFAULT_TARGETS == "sample":
+        assert (t.samples, t.k) == (DEFAULT_SAMPLES, min(DEFAULT_SAMPLES, 512))
+        assert describe_targets(cache.manifest).startswith(f"sample N={DEFAULT_SAMPLES} ")
+        note = f"sampled targets N={DEFAULT_SAMPLES}, no tail"
+    else:
+        assert t.k == DEFAULT_TOP_K
+        assert describe_targets(cache.manifest).startswith(f"topk k={DEFAULT_TOP_K},")
+        note = f"top-{DEFAULT_TOP_K} targets, tail renorm"
+
+    config = tmp_path / "student.json"
+    student = GPT2Config(vocab_size=cache.manifest.teacher.vocab_size, n_positions=SEQ_LEN,
+                         n_embd=32, n_layer=1, n_head=2)  # fmt: skip
+    config.write_text(student.to_json_string())
+    capsys.readouterr()
+    summary = fit(FitConfig(cache=str(out), student=str(config), out=str(tmp_path / "run"),
+                            steps=4, batch_size=4, eval_fraction=0.2, device="cpu"))  # fmt: skip
+    assert note in capsys.readouterr().err
+    assert np.isfinite(summary["final"]["train"]["loss"])
+    assert np.isfinite(summary["final"]["eval"]["kl"])
+
+
 # --------------------------------------------------------------------------------------------
 # stats
 
@@ -268,7 +306,7 @@ def test_trainer_trains_from_a_sampled_cache(sampled, tmp_path):
 def test_stats(sampled, tiny_teacher_dir, corpus, tmp_path):
     from logitcache.read import stats
 
-    topk = dump_cache(tiny_teacher_dir, corpus, tmp_path / "topk", top_k=8)
+    topk = dump_cache(tiny_teacher_dir, corpus, tmp_path / "topk", targets="topk", top_k=8)
     for path in (topk, sampled["zarr"], sampled["parquet"]):
         cache = logitcache.open(path)
         doc = stats.compute(cache).summary()

@@ -36,7 +36,7 @@ pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install 
 
 BUCKET = "caches"
 #: Small, several parts (the unit of commit and resume), slow enough to be killed mid-run.
-OPTIONS = {"top_k": 8, "seq_len": 64, "part_tokens": 1024, "batch_size": 2}
+OPTIONS = {"targets": "topk", "top_k": 8, "seq_len": 64, "part_tokens": 1024, "batch_size": 2}
 
 
 def command(tool: str, *args: object) -> list[str]:
