@@ -9,6 +9,7 @@ import typer
 
 from logitcache.cli.common import LicenseOption, size_per_token
 from logitcache.dumping.options import DumpOptions
+from logitcache.errors import LogitCacheError
 
 D = DumpOptions  # the defaults, in one place: DEFAULT_TARGETS and the rest, in options.py
 
@@ -50,24 +51,25 @@ def dump(
         str | None, typer.Option(help="Field holding already-tokenized ids instead of text.")
     ] = D.ids_field,
     targets: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="sample: the distinct ids among --samples draws from the teacher and their "
             "counts (counts / N estimates the whole distribution without bias); topk: the k "
             f"most probable ids and their log-probs, fully supported (--targets topk --top-k "
-            f"{D.top_k}). Why the default is {D.targets}: Choosing targets in README.md."
+            f"{D.top_k}). Default {D.targets}, or topk when a top-k option is given; why: "
+            "Choosing targets in README.md."
         ),
-    ] = D.targets,
+    ] = None,
     top_k: Annotated[
-        int,
-        typer.Option(
-            help=f"Teacher ids kept per position (topk). {D.top_k}: the smallest k whose "
-            "students came within 1% of online KD in bench_fidelity (benchmarks/RESULTS.md)."
-        ),
-    ] = D.top_k,
+        int | None,
+        typer.Option(help=f"Teacher ids kept per position (topk; implies it) [{D.top_k}]."),
+    ] = None,
     samples: Annotated[
-        int, typer.Option(help="Draws per position (sample), with replacement, on the device.")
-    ] = D.samples,
+        int | None,
+        typer.Option(
+            help=f"Draws per position (sample), with replacement, on the device [{D.samples}]."
+        ),
+    ] = None,
     temperature: Annotated[
         float, typer.Option(help="Temperature of the stored (or sampled) distribution.")
     ] = D.temperature,
@@ -75,13 +77,13 @@ def dump(
         int, typer.Option(help="Seed of the draws (sample); see docs/FORMAT.md, section 3a.")
     ] = D.seed,
     id_order: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="topk: id (ids increasing within a position: a third smaller at k=64, see "
-            "bench_storage in benchmarks/RESULTS.md) or descending (most probable first). "
-            "Readers get descending order back either way."
+            help="topk (implies it): id (ids increasing within a position: a third smaller at "
+            "k=64, see bench_storage in benchmarks/RESULTS.md) or descending (most probable "
+            f"first). Readers get descending order back either way [{D.id_order}]."
         ),
-    ] = D.id_order,
+    ] = None,
     delta: Annotated[
         bool,
         typer.Option(help="Delta-filter the arrays that increase along a position (smaller)."),
@@ -102,12 +104,13 @@ def dump(
         str, typer.Option(help="Storage backend: zarr (default) or parquet.")
     ] = D.backend,
     logprob_dtype: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Stored log-prob type (topk): float16, float32, or uint8 (1/16-nat steps, "
-            "error at most 1/32 nat; 58 instead of 93 bytes/token at k=64 in bench_storage)."
+            help="Stored log-prob type (topk; implies it): float16, float32, or uint8 (1/16-nat "
+            "steps, error at most 1/32 nat; 58 instead of 93 bytes/token at k=64 in "
+            f"bench_storage) [{D.logprob_dtype}]."
         ),
-    ] = D.logprob_dtype,
+    ] = None,
     part_tokens: Annotated[
         int, typer.Option(help="Tokens per part, the unit of commit and resume.")
     ] = D.part_tokens,
@@ -152,6 +155,14 @@ def dump(
     """
     from logitcache.dumping.pipeline import dump as run_dump
 
+    targets = target_kind(
+        targets, topk_flags={"--top-k": top_k, "--logprob-dtype": logprob_dtype,
+                             "--id-order": id_order}, sample_flags={"--samples": samples},
+    )  # fmt: skip
+    top_k = D.top_k if top_k is None else top_k
+    samples = D.samples if samples is None else samples
+    id_order = D.id_order if id_order is None else id_order
+    logprob_dtype = D.logprob_dtype if logprob_dtype is None else logprob_dtype
     summary = run_dump(
         DumpOptions(
             data=data, out=out_dir, teacher=teacher, teacher_factory=teacher_factory, tokenizer=tokenizer,
@@ -175,3 +186,27 @@ def dump(
         f"{size_per_token(summary.bytes_on_disk, m.tokens)} on disk; "
         f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s)"
     )
+
+
+def target_kind(
+    targets: str | None, *, topk_flags: dict[str, object], sample_flags: dict[str, object]
+) -> str:
+    """The target kind a command line asks for. An option of one kind implies that kind (an old
+    ``dump --top-k 64`` still writes top-k targets, not silently a sampled cache), and options
+    of the other kind than ``--targets`` names are refused rather than ignored."""
+    given_topk = [flag for flag, value in topk_flags.items() if value is not None]
+    given_sample = [flag for flag, value in sample_flags.items() if value is not None]
+    if targets is None:
+        if given_topk and given_sample:
+            raise LogitCacheError(
+                f"{', '.join(given_topk)} and {', '.join(given_sample)} are options of "
+                "different target kinds; choose one with --targets topk or --targets sample."
+            )
+        return "topk" if given_topk else ("sample" if given_sample else D.targets)
+    other = given_sample if targets == "topk" else given_topk if targets == "sample" else []
+    if other:
+        raise LogitCacheError(
+            f"{', '.join(other)} does not apply to --targets {targets}; drop it, or choose "
+            f"--targets {'sample' if targets == 'topk' else 'topk'}."
+        )
+    return targets
