@@ -98,8 +98,36 @@ def dump(
     batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward.")] = D.batch_size,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = D.device,
     dtype: Annotated[
-        str, typer.Option(help="Teacher weights: float32, bfloat16 or float16.")
+        str,
+        typer.Option(
+            help="Teacher weights, loaded directly in it: float32, bfloat16 or float16 (logits "
+            "and targets are computed in float32 either way)."
+        ),
     ] = D.dtype,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="A teacher bigger than one GPU: accelerate places its layers over this "
+            "machine's GPUs, then the CPU, then the disk (auto, balanced, sequential), or as a "
+            'JSON file says ({module: GPU index, "cpu" or "disk"}). Needs accelerate. '
+            "Layers run one after another, so a teacher that fits one GPU is faster under "
+            "torchrun (docs/SCALING.md)."
+        ),
+    ] = D.device_map,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="With --device-map auto/balanced/sequential: the memory each device may hold, "
+            "e.g. 0=70GiB,1=70GiB,cpu=200GiB (default: what is free)."
+        ),
+    ] = D.max_memory,
+    attn: Annotated[
+        str,
+        typer.Option(
+            help="Attention of a --teacher model: auto (sdpa where the model has it, else "
+            "eager), sdpa, eager or flash_attention_2."
+        ),
+    ] = D.attn,
     format: Annotated[
         str, typer.Option(help="Storage backend: zarr (default) or parquet.")
     ] = D.backend,
@@ -152,6 +180,8 @@ def dump(
       torchrun --nproc-per-node 8 -m logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache-3 --shard 3/16
+
+      logitcache dump --teacher ./llama-70b --data ./corpus/ --out ./cache --device-map auto --max-memory 0=70GiB,1=70GiB --dtype bfloat16
     """
     from logitcache.dumping.pipeline import dump as run_dump
 
@@ -170,7 +200,8 @@ def dump(
             ids_field=ids_field, targets=targets, top_k=top_k, samples=samples,
             temperature=temperature, seed=seed, id_order=id_order, delta=delta, seq_len=seq_len,
             pack=pack, batch_size=batch_size,
-            device=device, dtype=dtype, backend=format, logprob_dtype=logprob_dtype,
+            device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, attn=attn,
+            backend=format, logprob_dtype=logprob_dtype,
             part_tokens=part_tokens, clevel=clevel, shuffle=shuffle, overwrite=overwrite, progress=progress,
             license=license, shard=shard,
         )
@@ -181,6 +212,12 @@ def dump(
     resumed = (
         f" (resumed after {summary.resumed_parts} committed parts)" if summary.resumed_parts else ""
     )
+    if summary.placement is not None:  # where accelerate put the teacher, for the record
+        where = ", ".join(
+            f"{n} module{'' if n == 1 else 's'} on {device}"
+            for device, n in summary.placement.items()
+        )
+        print(f"teacher placed by --device-map {device_map}: {where}")
     print(
         f"wrote {out_dir}{resumed}: {m.tokens:,} tokens in {m.sequences:,} sequences, {len(m.parts)} parts; "
         f"{size_per_token(summary.bytes_on_disk, m.tokens)} on disk; "

@@ -8,6 +8,8 @@ so a default is written once.
 from __future__ import annotations
 
 import glob
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,20 +24,25 @@ from logitcache.format.manifest import (
     TARGET_KINDS,
     Manifest,
 )
+from logitcache.runtime import torchrun_world_size
 from logitcache.storage.paths import refuse_overlap
 
 if TYPE_CHECKING:
     from logitcache.dumping.teacher import Teacher
 
 __all__ = [
+    "ATTENTIONS",
     "CLEVELS",
     "DEFAULT_SAMPLES",
     "DEFAULT_TARGETS",
     "DEFAULT_TOP_K",
+    "DEVICE_MAPS",
     "DumpOptions",
     "DumpSummary",
     "check_against_teacher",
     "check_options",
+    "device_map_of",
+    "max_memory_of",
 ]
 
 #: What a dump stores when --targets is not given: sampled targets, the distinct ids among
@@ -56,6 +63,15 @@ DEFAULT_TOP_K = 32
 #: levels, 1 to 22 (0 means zstd's default there). Checked up front: out of range, Blosc fails
 #: only when the first part is written, after --out was created.
 CLEVELS = {"zarr": (0, 9), "parquet": (0, 22)}
+
+#: --device-map values for which accelerate computes the placement itself (from the free memory
+#: of each GPU and the CPU, or --max-memory); any other value names a JSON file of one.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+#: --attn: "auto" is transformers' own choice, sdpa where the model supports it, else eager.
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+#: --max-memory units: the binary ones (GiB) and the decimal ones (GB), in bytes.
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
 @dataclass
@@ -82,7 +98,13 @@ class DumpOptions:
     pack: bool = True
     batch_size: int = 8
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "float32"  # what the weights are loaded in (logits and targets are float32)
+    #: None: the whole teacher on `device`. Else accelerate places its layers over the GPUs (then
+    #: the CPU, then the disk): one of DEVICE_MAPS, or a JSON file {module name: GPU index,
+    #: "cpu" or "disk"}. For a teacher bigger than one GPU; see docs/SCALING.md.
+    device_map: str | None = None
+    max_memory: str | None = None  # the budgets of a computed placement: "0=70GiB,cpu=200GiB"
+    attn: str = "auto"  # attention kernel of a from_pretrained teacher: one of ATTENTIONS
     backend: str = "zarr"
     logprob_dtype: str = "float16"
     part_tokens: int = 1 << 20
@@ -101,6 +123,8 @@ class DumpSummary:
     resumed_parts: int
     bytes_on_disk: int
     wall_seconds: float
+    #: With --device-map: the teacher's modules per device (`Teacher.placement`), else None.
+    placement: dict[str, int] | None = None
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -152,7 +176,119 @@ def check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(f"--temperature must be a positive number, got {opts.temperature}.")
     if not 0 <= opts.seed < 1 << 63:
         raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
+    _check_placement(opts)
     refuse_overlap(opts.out, _local_inputs(opts), "--out")
+
+
+def _check_placement(opts: DumpOptions) -> None:
+    """--attn, --device-map and --max-memory: values, and what they cannot be combined with."""
+    if opts.attn not in ATTENTIONS:
+        raise LogitCacheError(f"--attn must be one of {', '.join(ATTENTIONS)}, got {opts.attn!r}.")
+    if opts.teacher_factory is not None and opts.attn != "auto":
+        raise LogitCacheError(
+            f"--attn {opts.attn} chooses the attention of a model loaded by from_pretrained "
+            "(--teacher); a --teacher-factory module brings its own. Leave out --attn."
+        )
+    if opts.device_map is None:
+        if opts.max_memory is not None:
+            raise LogitCacheError(
+                "--max-memory sets the budgets of a --device-map placement; add --device-map "
+                "auto (or balanced, sequential), or leave out --max-memory."
+            )
+        return
+    if opts.teacher_factory is not None:
+        raise LogitCacheError(
+            "--device-map places the layers of a model loaded by from_pretrained (--teacher); a "
+            "--teacher-factory module is built by your code and runs whole on --device. Use "
+            "--teacher with a save_pretrained directory, or leave out --device-map."
+        )
+    if torchrun_world_size() > 1:
+        raise LogitCacheError(
+            "--device-map splits one teacher over this machine's GPUs, but torchrun started "
+            f"{torchrun_world_size()} processes, each of which would place a whole teacher "
+            "over the same GPUs. Use one or the other: torchrun (one whole teacher per GPU, "
+            "the faster) when the teacher fits on one GPU; a single process with --device-map "
+            "when it does not (and --shard I/N jobs on separate machines for more throughput)."
+        )
+    if opts.device != "auto":
+        raise LogitCacheError(
+            f"--device {opts.device} and --device-map {opts.device_map} contradict: with "
+            "--device-map the teacher's layers go where the map says, and the input ids to "
+            "accelerate's main device. Leave out --device."
+        )
+    placement, budgets = device_map_of(opts), max_memory_of(opts)
+    if isinstance(placement, dict) and budgets is not None:
+        raise LogitCacheError(
+            f"--max-memory sets the budgets accelerate places layers by, but --device-map "
+            f"{opts.device_map} is a placement already. Leave out one of them."
+        )
+    try:
+        import accelerate  # noqa: F401  (transformers places the layers with it)
+    except ImportError as exc:
+        raise LogitCacheError(
+            "--device-map needs the accelerate package (Hugging Face's big-model loading), "
+            "which is not installed here: pip install accelerate (or pip install "
+            "'logitcache[big]')."
+        ) from exc
+
+
+def device_map_of(opts: DumpOptions) -> str | dict[str, int | str] | None:
+    """--device-map as from_pretrained takes it: None, one of DEVICE_MAPS, or the JSON file's
+    {module name: GPU index, "cpu" or "disk"} ("cuda:N" read as N)."""
+    value = opts.device_map
+    if value is None or value in DEVICE_MAPS:
+        return value
+    path = Path(value)
+    expected = (
+        f"--device-map must be {', '.join(DEVICE_MAPS)}, or a JSON file mapping module names "
+        'to devices ({"model.layers.0": 0, "lm_head": 1, ...}, a device being a GPU index, '
+        '"cpu" or "disk")'
+    )
+    if not path.is_file():
+        raise LogitCacheError(f"{expected}; {value!r} is neither (no such file).")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LogitCacheError(f"{expected}; cannot read {value} as JSON: {exc}.") from exc
+    if not isinstance(raw, dict) or not raw:
+        raise LogitCacheError(f"{expected}; {value} holds no such mapping.")
+    placement: dict[str, int | str] = {}
+    for name, device in raw.items():
+        if isinstance(device, str) and (match := re.fullmatch(r"cuda:(\d+)", device)):
+            device = int(match[1])
+        if not (device in ("cpu", "disk") or (type(device) is int and device >= 0)):
+            raise LogitCacheError(f"{expected}; in {value}, {name!r} is mapped to {device!r}.")
+        placement[name] = device
+    return placement
+
+
+def max_memory_of(opts: DumpOptions) -> dict[int | str, int] | None:
+    """--max-memory as from_pretrained takes it: {GPU index, "cpu" or "disk": bytes}."""
+    text = opts.max_memory
+    if text is None:
+        return None
+    budgets: dict[int | str, int] = {}
+    for item in text.split(","):
+        key, sep, size = (s.strip() for s in item.partition("="))
+        match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([a-zA-Z]*)", size)
+        problem = None
+        if not sep or not (key.isdigit() or key in ("cpu", "disk")):
+            problem = f"{item.strip()!r} is not DEVICE=SIZE"
+        elif match is None or match[2].lower() not in _UNITS:
+            problem = f"{size!r} is not a size"
+        elif (int(key) if key.isdigit() else key) in budgets:
+            problem = f"{key} is given twice"
+        if problem:
+            raise LogitCacheError(
+                "--max-memory must be DEVICE=SIZE pairs separated by commas, DEVICE a GPU index, "
+                "cpu or disk and SIZE like 70GiB or 500MB (e.g. 0=70GiB,1=70GiB,cpu=200GiB); "
+                f"in {text!r}, {problem}."
+            )
+        assert match is not None
+        budgets[int(key) if key.isdigit() else key] = int(
+            float(match[1]) * _UNITS[match[2].lower()]
+        )
+    return budgets
 
 
 def _local_inputs(opts: DumpOptions) -> list[str]:

@@ -86,7 +86,8 @@ def dump(opts: DumpOptions, *, loop: sharding.Loop | None = None) -> DumpSummary
                 writer.finish()
             manifest = writer.manifest
     size = stores.disk_usage(opts.out)
-    return DumpSummary(manifest, resumed, size, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return DumpSummary(manifest, resumed, size, wall, placement=job.teacher.placement)
 
 
 def run(

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from logitcache.dumping import data, targets
-from logitcache.dumping.options import DumpOptions, check_against_teacher, check_options
+from logitcache.dumping.options import (
+    DumpOptions,
+    check_against_teacher,
+    check_options,
+    device_map_of,
+    max_memory_of,
+)
 from logitcache.dumping.teacher import Teacher, load_teacher
 from logitcache.errors import LogitCacheError
 from logitcache.format.manifest import (
@@ -87,6 +93,9 @@ def prepare(opts: DumpOptions) -> Prepared:
         device=opts.device,
         dtype=opts.dtype,
         trust_remote_code=opts.trust_remote_code,
+        device_map=device_map_of(opts),
+        max_memory=max_memory_of(opts),
+        attn=opts.attn,
     )
     check_against_teacher(opts, teacher)
     if source.pretokenized:  # before touching --out: a bad id must leave nothing behind

@@ -210,7 +210,8 @@ def dump_sharded(opts: DumpOptions, shard: Shard, loop: Loop) -> DumpSummary:
     try:
         if group is not None and (group.rank, group.world) != (shard.index, shard.count):
             raise LogitCacheError(f"RANK/WORLD_SIZE {shard.label} disagree with the process group.")
-        return _dump_shard(job, shard, group, loop, start)
+        summary = _dump_shard(job, shard, group, loop, start)
+        return dataclasses.replace(summary, placement=job.teacher.placement)
     finally:
         if group is not None:
             group.close()

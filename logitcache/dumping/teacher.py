@@ -3,12 +3,22 @@
 A teacher is any torch module that maps input ids (batch, time) to logits (batch, time, vocab):
 a Hugging Face causal LM loaded from a path or hub name, or whatever a `module:function` factory
 returns. The fingerprints go into the manifest so that a cache says exactly what made it.
+
+A Hugging Face teacher too big for one device is loaded with a device map (`--device-map`):
+transformers has accelerate place its layers over the GPUs, then the CPU, then the disk, and
+hooks move the activations from layer to layer (and offloaded weights in when a layer runs).
+Such a teacher takes its input ids where accelerate's main device is and returns its logits
+there; its weights hash the same as on one device, so its cache is the one-device cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +41,15 @@ class Teacher:
     tokenizer: Any
     info: TeacherInfo
     tokenizer_info: TokenizerInfo
+    #: Where input ids go and logits come out. With a device map, accelerate's main device:
+    #: its top-level hook moves the input there and the output back to the input's device.
     device: torch.device
+    #: With --device-map: how many modules accelerate placed on each device ("0", "cpu",
+    #: "disk"), in placement order; None for a teacher whole on `device`.
+    placement: dict[str, int] | None = None
+    #: Where weights that are offloaded to the disk but not stored as safetensors are written
+    #: (removed with the teacher); None without a device map.
+    offload_dir: tempfile.TemporaryDirectory | None = None
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -53,26 +71,52 @@ def load_teacher(
     device: str = "auto",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int] | None = None,
+    attn: str = "auto",
 ) -> Teacher:
-    """Load a Hugging Face causal LM (`name_or_path`) or call a `module:function` factory."""
+    """Load a Hugging Face causal LM (`name_or_path`) or call a `module:function` factory.
+
+    The weights are loaded in `dtype`. `device_map` (a name accelerate computes a placement
+    for, or {module: GPU index, "cpu" or "disk"}) and `max_memory` ({device: bytes}) place a
+    from_pretrained teacher's layers instead of putting it whole on `device`; `attn` is its
+    attention implementation ("auto": transformers' choice, sdpa where supported). Their
+    values are checked by `logitcache.dumping.options.check_options`."""
     if dtype not in DTYPES:
         raise LogitCacheError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
     if (name_or_path is None) == (factory is None):
         raise LogitCacheError(
             "give exactly one of --teacher PATH_OR_NAME or --teacher-factory MODULE:FN."
         )
-    torch_device = resolve_device(device)
+    placed = device_map is not None
+    torch_device = resolve_device("auto" if placed else device)
+    offload_dir = None
     if factory is not None:
+        if placed:
+            raise LogitCacheError("--device-map places a --teacher model, not a factory's.")
         if tokenizer is None:
             raise LogitCacheError(
                 "--teacher-factory needs --tokenizer PATH (the teacher's tokenizer)."
             )
         model, name, config_text = _from_factory(factory), factory, ""
     else:
-        model = _from_pretrained(name_or_path, DTYPES[dtype], trust_remote_code)
+        extra: dict[str, Any] = {}
+        if placed:
+            _check_gpus(device_map, max_memory)
+            offload_dir = tempfile.TemporaryDirectory(prefix="logitcache-offload-")
+            extra = {"device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": offload_dir.name}  # fmt: skip
+        if attn != "auto":
+            extra["attn_implementation"] = attn
+        model = _from_pretrained(name_or_path, DTYPES[dtype], trust_remote_code, extra)
         name, config_text = name_or_path, model.config.to_json_string(use_diff=False)
     tok = load_tokenizer(tokenizer or name_or_path, trust_remote_code)
-    model = model.to(device=torch_device, dtype=DTYPES[dtype]).eval()
+    placement = None
+    if placed:  # accelerate put the layers in place: moving the model would undo it
+        model = model.eval()
+        torch_device, placement = _placed_on(model)
+    else:  # from_pretrained loaded it in `dtype` already: only a factory's module is cast here
+        model = model.to(device=torch_device, dtype=DTYPES[dtype]).eval()
     vocab_size = _probe_vocab_size(model, torch_device)
     info = TeacherInfo(
         name=name,
@@ -82,15 +126,21 @@ def load_teacher(
         vocab_size=vocab_size,
         max_positions=_max_positions(model),
     )
-    return Teacher(model, tok, info, tokenizer_info(tok, tokenizer or name_or_path), torch_device)
+    tok_info = tokenizer_info(tok, tokenizer or name_or_path)
+    return Teacher(model, tok, info, tok_info, torch_device, placement, offload_dir)
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+def _from_pretrained(
+    name: str, dtype: torch.dtype, trust_remote_code: bool, extra: dict[str, Any]
+) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` in `dtype` (no float32 copy first), with `extra`:
+    the device map, memory budgets, offload folder and attention implementation, if any."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # our own progress bar and messages say what matters
     hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # "parameters on the meta device"
     path = Path(name)
     if (name.startswith((".", "/")) or path.exists()) and not (path / "config.json").is_file():
         raise LogitCacheError(
@@ -99,14 +149,51 @@ def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool) -> 
         )
     try:
         return AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=trust_remote_code
+            name, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise LogitCacheError(
-            f"cannot load {name} as a causal language model: {str(exc).splitlines()[0]} "
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        hint = (
             "Check that it is a causal LM saved with save_pretrained (or a reachable hub name); "
             "models with custom code need --trust-remote-code."
+        )
+        if "attn_implementation" in extra:
+            hint += f" Not every model has --attn {extra['attn_implementation']}: try --attn auto."
+        if "device_map" in extra:
+            hint += " A --device-map file must give a device to every module of the model."
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LogitCacheError(
+            f"cannot load {name} as a causal language model: {first} {hint}"
         ) from exc
+
+
+def _check_gpus(device_map: str | dict[str, int | str], max_memory: dict | None) -> None:
+    """Refuse a placement that names a GPU this machine does not have (accelerate would only
+    warn, and then fail mid-load or place everything elsewhere)."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for flag, devices in (
+        ("--device-map", device_map.values() if isinstance(device_map, dict) else ()),
+        ("--max-memory", max_memory or {}),
+    ):
+        gpus = [d for d in devices if type(d) is int]
+        if gpus and max(gpus) >= have:
+            raise LogitCacheError(
+                f"{flag} names GPU {max(gpus)}, but this machine has {have or 'no'} "
+                f"GPU{'' if have == 1 else 's'} (they are counted from 0)."
+            )
+
+
+def _placed_on(model: torch.nn.Module) -> tuple[torch.device, dict[str, int]]:
+    """Where a device-mapped model takes its input (accelerate's main device: its top-level
+    hook moves the input there and the logits back), and its modules per device."""
+    device_map = getattr(model, "hf_device_map", None) or {"": "cpu"}
+    placement: dict[str, int] = {}
+    for device in device_map.values():
+        placement[str(device)] = placement.get(str(device), 0) + 1
+    hook = getattr(model, "_hf_hook", None)
+    main = getattr(hook, "execution_device", None)
+    if main is None:  # one device, no hooks: the model simply lives there
+        main = next(model.parameters()).device
+    return torch.device(main), placement
 
 
 def _from_factory(spec: str) -> torch.nn.Module:
@@ -142,13 +229,39 @@ def tokenizer_info(tok: Any, name: str) -> TokenizerInfo:
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order.
+
+    Weights that accelerate offloaded (left on the meta device, loaded by a hook when their
+    module runs) are loaded the same way, one module at a time, so a device-mapped teacher
+    hashes as it would on one device."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        with _loaded(model, name, tensor) as loaded:
+            t = loaded.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _loaded(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`tensor` (the state dict's entry `name`), its offloaded weights loaded to the CPU."""
+    if tensor.device.type != "meta":
+        yield tensor
+        return
+    from accelerate.utils import align_module_device  # only accelerate's hooks leave meta here
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    with align_module_device(module, torch.device("cpu")):
+        loaded = getattr(module, attr)
+        if loaded.device.type == "meta":
+            raise LogitCacheError(
+                f"the teacher's weight {name} is offloaded where accelerate cannot load it from "
+                "(it stays on the meta device), so the teacher cannot be fingerprinted. Place "
+                "its module on a GPU or the CPU in --device-map."
+            )
+        yield loaded
 
 
 def _probe_vocab_size(model: torch.nn.Module, device: torch.device) -> int:

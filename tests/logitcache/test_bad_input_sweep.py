@@ -8,7 +8,9 @@ the whole module. The cases run two at a time in a module fixture (each is a 2-5
 mostly start-up); the tests then check one result each. Cases owned by other tests are left
 out: `tests/logitcache/cli/test_dump_bad_input.py::test_bad_input_exits_2_with_a_message_and_changes_nothing`
 (dump's data and teacher errors), `tests/trainer/test_fit.py` (missing cache, vocabulary and
-tokenizer mismatches), `tests/faults/test_sharded_dump.py` (--shard).
+tokenizer mismatches), `tests/faults/test_sharded_dump.py` (--shard),
+`tests/logitcache/dumping/test_device_map.py` (--device-map under torchrun or without
+accelerate: they need their own environment).
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ def dump(i: Inputs, tmp: Path, phrases: list[str], **flags: object) -> Case:
     return Case(argv, phrases)
 
 
+def text(tmp: Path, name: str, content: str) -> Path:
+    (tmp / name).write_text(content, encoding="utf-8")
+    return tmp / name
+
+
 def npy(tmp: Path, array: np.ndarray) -> Path:
     np.save(tmp / "ids.npy", array)
     return tmp / "ids.npy"
@@ -170,6 +177,94 @@ CASES: dict[str, Build] = {
     "dump_device_unknown": lambda i, t: dump(i, t, ["unknown device 'tpu'"], device="tpu"),
     "dump_teacher_and_factory": lambda i, t: dump(
         i, t, ["give exactly one of"], teacher_factory=BROKEN_TEACHER
+    ),
+    # ---- dump: --device-map, --max-memory, --attn (device=None: no --device cpu) ----
+    "dump_attn_unknown": lambda i, t: dump(
+        i, t, ["--attn must be one of", "'flash'"], attn="flash"
+    ),
+    "dump_attn_with_factory": lambda i, t: dump(
+        i,
+        t,
+        ["--attn eager chooses the attention", "Leave out --attn"],
+        attn="eager",
+        teacher=None,
+        teacher_factory=BROKEN_TEACHER,
+        tokenizer=i.teacher,
+    ),
+    "dump_device_map_unknown": lambda i, t: dump(
+        i,
+        t,
+        ["--device-map must be auto, balanced", "'everywhere' is neither (no such file)"],
+        device_map="everywhere",
+        device=None,
+    ),
+    "dump_device_map_with_device": lambda i, t: dump(
+        i,
+        t,
+        ["--device cpu and --device-map auto contradict", "Leave out --device"],
+        device_map="auto",
+    ),
+    "dump_device_map_with_factory": lambda i, t: dump(
+        i,
+        t,
+        ["--device-map places the layers of a model loaded by from_pretrained"],
+        device_map="auto",
+        device=None,
+        teacher=None,
+        teacher_factory=BROKEN_TEACHER,
+        tokenizer=i.teacher,
+    ),
+    "dump_device_map_not_json": lambda i, t: dump(
+        i, t, ["map.json as JSON"], device_map=text(t, "map.json", "{not json"), device=None
+    ),
+    "dump_device_map_bad_device": lambda i, t: dump(
+        i,
+        t,
+        ["'transformer' is mapped to 'gpu0'"],
+        device=None,
+        device_map=text(t, "map.json", '{"transformer": "gpu0", "lm_head": 0}'),
+    ),
+    "dump_device_map_missing_gpu": lambda i, t: dump(
+        i,
+        t,
+        ["--device-map names GPU 7, but this machine has"],
+        device=None,
+        device_map=text(t, "map.json", '{"": 7}'),
+    ),
+    "dump_max_memory_not_a_size": lambda i, t: dump(
+        i,
+        t,
+        ["--max-memory must be DEVICE=SIZE", "'lots' is not a size"],
+        device_map="auto",
+        max_memory="0=70GiB,cpu=lots",
+        device=None,
+    ),
+    "dump_max_memory_unknown_device": lambda i, t: dump(
+        i,
+        t,
+        ["'gpu0=1GiB' is not DEVICE=SIZE"],
+        device_map="auto",
+        max_memory="gpu0=1GiB",
+        device=None,
+    ),
+    "dump_max_memory_twice": lambda i, t: dump(
+        i,
+        t,
+        ["cpu is given twice"],
+        device_map="auto",
+        max_memory="cpu=1GiB,cpu=2GiB",
+        device=None,
+    ),
+    "dump_max_memory_without_device_map": lambda i, t: dump(
+        i, t, ["--max-memory sets the budgets of a --device-map placement"], max_memory="cpu=1GiB"
+    ),
+    "dump_max_memory_with_a_map_file": lambda i, t: dump(
+        i,
+        t,
+        ["is a placement already"],
+        max_memory="cpu=1GiB",
+        device=None,
+        device_map=text(t, "map.json", '{"": "cpu"}'),
     ),
     # ---- dump: the teacher factory and pre-tokenized ids ----
     "dump_factory_raises": lambda i, t: dump(
