@@ -144,18 +144,18 @@ class Regime:
 
     def runs(self) -> list[Run]:
         """Every student, the ones a decision rests on first: the baselines and each kind at
-        its cheapest tail, then the other tails, then the loss variants."""
+        its cheapest tail at every alpha; then, alpha by alpha, the loss variants and the
+        other tails."""
         base = self.caches[0].name
         runs = [Run("hard labels", base, 1.0)]
         for alpha in self.alphas:
             runs.append(Run("online KD", base, alpha, online=True))
             runs += [Run(c.name, c.name, alpha, c.tails[0]) for c in self.caches]
-        for alpha in self.alphas:
-            runs += [Run(c.name, c.name, alpha, t) for c in self.caches for t in c.tails[1:]]
         tail = next(c.tails[0] for c in self.caches if c.name == self.loss_cache)
         for alpha in self.alphas:
             runs += [Run(self.loss_cache, self.loss_cache, alpha, tail, loss, beta)
                      for loss, beta in self.losses]  # fmt: skip
+            runs += [Run(c.name, c.name, alpha, t) for c in self.caches for t in c.tails[1:]]
         return runs
 
 
