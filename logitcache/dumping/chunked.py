@@ -216,8 +216,8 @@ class LogitsPlan:
         tokens = self.chunk_tokens or max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
         steps = " with a tanh soft-cap" if self.split.softcap is not None else ""
         return (
-            f"chunked logits: {self.split.family}'s linear head over {tokens:,} positions at a "
-            f"time{steps} ({tokens * vocab * 4 / 2**20:,.0f} MiB of float32 logits)"
+            f"chunked logits: {self.split.family}'s linear head over up to {tokens:,} positions "
+            f"at a time{steps} ({tokens * vocab * 4 / 2**20:,.0f} MiB of float32 logits)"
         )
 
 
