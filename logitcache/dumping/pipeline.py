@@ -7,8 +7,8 @@ The whole algorithm, in order:
 2. open the cache (new, or resume: committed parts are skipped without running the teacher);
 3. `run`: for each batch of packed sequences (`batches`), logits on the device (for a causal LM
    with a plain linear head, a few time steps at a time from the final hidden states:
-   `logitcache.dumping.chunked`), then the
-   targets on the device (`logitcache.dumping.targets`): top-k, ``topk(logits) -
+   `logitcache.dumping.chunked`), then the targets on the device
+   (`logitcache.dumping.targets`): top-k, ``topk(logits) -
    logsumexp(logits)`` in float32 (log-probs normalised over the FULL vocabulary, so the tail
    mass is known) cast or quantised there; or N draws per position, reproducible from (seed,
    sequence index, position), reduced to distinct ids and counts; copied to pinned host memory

@@ -2,8 +2,8 @@
 
 `prepare(opts)` checks the options, resolves the data, loads the teacher, checks the two
 against each other, decides how the logits are computed (`logitcache.dumping.chunked`), and
-builds the manifest template; `Prepared.sequences` then streams the
-data read, tokenized and packed. Both `logitcache.dumping.pipeline.dump` and
+builds the manifest template; `Prepared.sequences` then streams the data read, tokenized and
+packed. Both `logitcache.dumping.pipeline.dump` and
 `logitcache.dumping.sharding.dump_sharded` start here, so a setting means the same in both and
 every check runs before --out is touched.
 """
