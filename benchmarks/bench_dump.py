@@ -3,6 +3,7 @@
     python benchmarks/bench_dump.py            # default run (see --help; ~10 min on 2 CPU cores)
     python benchmarks/bench_dump.py --quick    # smoke run (< 2 min once the teacher exists)
     python benchmarks/bench_dump.py --device cuda --dtype bfloat16 --tokens 2000000
+    python benchmarks/bench_dump.py --vocab-rss  # only the peak RSS at vocabulary 131072 (~3 min)
 
 What it measures, side by side in one process and on the same packed sequences:
 
@@ -27,6 +28,15 @@ of two datasets ten times apart run each in a fresh subprocess that reports its 
 small one's documents ten times over, so the two differ in length only (not in their largest
 document, which sets how much the tokenizer holds at once), and ``--rss-part-tokens`` makes
 the small one span several parts, so "memory does not grow with the dataset" is really tested.
+
+``--vocab-rss`` runs only one more measurement, at a large vocabulary, where the logits are
+the memory peak: a random-initialised GPT-2 (2 x 64, vocabulary ``--vocab``, 131072 by default,
+nothing downloaded) over ``--rss-batches`` batches of ``--batch-size`` (2) random-id sequences
+of ``--seq-len`` (2048), each of these in a fresh process that reports its peak RSS: the
+teacher loaded and nothing else; the bare forward of the same batches; the dump (top-k, the
+chunked logits of `logitcache.dumping.chunked`); the dump of every batch's full logits
+(``logits_chunk_tokens=-1``, what every dump did before). It writes its own section,
+``bench_dump_vocab``.
 
 Full runs (not ``--quick``) write their section of ``benchmarks/RESULTS.md``.
 """
@@ -230,8 +240,10 @@ def _without(parts: tuple[str, ...]) -> dict[str, object]:
     the row)."""
     from logitcache.dumping import targets
 
-    def one_position(logits, spec, sequences):
-        small = targets.device_targets(logits[:, :1], spec, sequences)
+    def one_position(logits, spec, sequences, *, first_position=0):
+        small = targets.device_targets(
+            logits[:, :1], spec, sequences, first_position=first_position
+        )
         shape = logits.shape[:2]
         return {k: v.expand(*shape, *v.shape[2:]).contiguous() for k, v in small.items()}
 
@@ -319,27 +331,157 @@ def _child_dump(spec: str) -> None:
                 "tokens": summary.manifest.tokens,
                 "parts": len(summary.manifest.parts),
                 "wall": summary.wall_seconds,
+                "logits": summary.logits,
             }
         )
     )
 
 
-def rss_of_dump(opts) -> dict:
-    spec = dataclasses.asdict(opts)
-    spec["out"] = str(spec["out"])
-    shutil.rmtree(opts.out, ignore_errors=True)
+def _vmhwm() -> int:
+    """This process's peak RSS in bytes (``VmHWM``; see `_child_dump` for why not ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child_bare(spec: str) -> None:
+    """Load the teacher and, unless ``forward`` is false, run the bare forward (`time_bare`) of
+    the batches `dump` would form for ``data``; print the peak RSS and the wall time as JSON."""
+    from logitcache.dumping.teacher import load_teacher
+
+    kw = json.loads(spec)
+    teacher = load_teacher(kw["teacher"], device=kw["device"], dtype=kw["dtype"])
+    batches = bare_batches(Path(kw["data"]), teacher, kw["seq_len"], kw["batch_size"], 1 << 30)
+    wall = time_bare(teacher, batches, kw["device"]).wall if kw["forward"] else 0.0
+    print(json.dumps({"vmhwm": _vmhwm(), "wall": wall, "batches": len(batches)}))
+
+
+def _in_child(flag: str, spec: dict) -> dict:
+    """Run this script with `flag` and `spec` (JSON) in a fresh process; its JSON line back."""
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--_child-dump", json.dumps(spec)],
+        [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(spec)],
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
-        raise SystemExit(f"child dump failed with exit code {proc.returncode}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"child {flag} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rss_of_dump(opts) -> dict:
+    spec = dataclasses.asdict(opts)
+    spec["out"] = str(spec["out"])
+    shutil.rmtree(opts.out, ignore_errors=True)
+    result = _in_child("--_child-dump", spec)
     shutil.rmtree(opts.out, ignore_errors=True)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Peak RSS at a large vocabulary (--vocab-rss)
+# --------------------------------------------------------------------------------------------
+
+
+def vocab_teacher(work: Path, vocab: int, positions: int) -> Path:
+    """A random-initialised GPT-2 (2 x 64) over `vocab` ids, with a small word-level tokenizer
+    (its ids are a subset of the model's: the data is ids, not text), saved once under `work`."""
+    out = work / f"teacher-vocab{vocab}-{positions}"
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=64, n_layer=2, n_head=2,
+                        eos_token_id=1, bos_token_id=1)  # fmt: skip
+    GPT2LMHeadModel(config).eval().save_pretrained(out)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="w1", unk_token="w0")
+    tok.save_pretrained(out)
+    return out
+
+
+def vocab_rss(args: argparse.Namespace) -> str:
+    """The peak RSS of each process of the large-vocabulary measurement, and its verdict."""
+    import numpy as np
+
+    from logitcache.dumping.options import DumpOptions
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    teacher = vocab_teacher(args.work, args.vocab, args.seq_len)
+    data = args.work / f"ids-vocab{args.vocab}-{args.seq_len}.npy"
+    # one document per sequence: seq_len - 1 random ids, and the EOS packing adds
+    rng = np.random.default_rng(0)
+    rows = args.rss_batches * args.batch_size
+    np.save(data, rng.integers(2, args.vocab, size=(rows, args.seq_len - 1)))
+    out = args.work / "cache-vocab-rss"
+    common = {"teacher": str(teacher), "device": args.device, "dtype": args.dtype,
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "data": str(data)}  # fmt: skip
+
+    def dump_spec(chunk_tokens: int) -> dict:
+        opts = DumpOptions(
+            data=str(data), out=out, teacher=str(teacher), top_k=args.top_k,
+            seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+            dtype=args.dtype, progress=False, overwrite=True, logits_chunk_tokens=chunk_tokens,
+        )  # fmt: skip
+        return {**dataclasses.asdict(opts), "out": str(out)}
+
+    runs = {
+        "teacher loaded, no forward": ("--_child-bare", {**common, "forward": False}),
+        "bare forward (`Teacher.logits`)": ("--_child-bare", {**common, "forward": True}),
+        "dump, chunked logits (default)": ("--_child-dump", dump_spec(0)),
+        "dump, full logits (`logits_chunk_tokens=-1`)": ("--_child-dump", dump_spec(-1)),
+    }
+    results = {}
+    for name, (flag, spec) in runs.items():
+        print(f"[bench_dump] vocab {args.vocab:,} peak RSS: {name}", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        results[name] = _in_child(flag, spec)
+    shutil.rmtree(out, ignore_errors=True)
+    mib = 2**20
+    bare = results["bare forward (`Teacher.logits`)"]["vmhwm"]
+    loaded = results["teacher loaded, no forward"]["vmhwm"]
+    rows = [
+        [name, f"{r['vmhwm'] / mib:,.0f}", f"{r['vmhwm'] / bare:.2f}",
+         f"{(r['vmhwm'] - loaded) / mib:,.0f}", f"{r['wall']:.1f}", r.get("logits", "")]
+        for name, r in results.items()
+    ]  # fmt: skip
+    table = markdown_table(
+        ["process", "peak RSS MiB", "/ bare", "MiB over the loaded teacher",
+         "s (bare: the forward; dump: the whole call)", "logits path"],
+        rows,
+    )  # fmt: skip
+    ratio = results["dump, chunked logits (default)"]["vmhwm"] / bare
+    full = results["dump, full logits (`logits_chunk_tokens=-1`)"]["vmhwm"] / bare
+    logits_mib = args.batch_size * args.seq_len * args.vocab * 4 / mib
+    info = machine()
+    return "\n".join(
+        [
+            f"## bench_dump_vocab: peak RSS of a dump vs. a bare forward at vocabulary "
+            f"{args.vocab:,}",
+            "",
+            f"- date: {now_utc()}",
+            f"- command: `{command_line()}`",
+            f"- machine: {info['cpu']}; {info['memory']}",
+            f"- software: {info['software']}; logitcache at {git_revision()}",
+            f"- teacher: GPT-2 2 x 64, vocabulary {args.vocab:,}, random-initialised "
+            f"({args.dtype}, {args.device}); {args.rss_batches} batches of {args.batch_size} "
+            f"sequences of {args.seq_len} random ids (one batch's float32 logits: "
+            f"{logits_mib:,.0f} MiB); top-k {args.top_k}; each row a fresh process, peak RSS "
+            "= its `VmHWM`",
+            "",
+            table,
+            "",
+            f"Target: the dump's peak RSS at most 0.6x the bare forward's: **{ratio:.2f}, "
+            f"{'met' if ratio <= 0.6 else 'missed'}** (with every batch's full logits, as "
+            f"before the chunked path: {full:.2f}).",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="teacher dtype: float32, bfloat16, float16")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=None, help="default 512 (quick: 256)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default 8 (--vocab-rss: 2)")
     p.add_argument(
         "--tokens", type=int, default=None, help="timed dataset (default 131072; quick 20000)"
     )
@@ -454,13 +596,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"teacher LAYERSxWIDTH (default {DEFAULT_SHAPE}, the toy teacher); another shape "
         "writes its own RESULTS.md section, bench_dump_LAYERSxWIDTH",
     )
+    p.add_argument(
+        "--vocab-rss",
+        action="store_true",
+        help="only the peak RSS of a dump vs. a bare forward at a large vocabulary (see above; "
+        "its own RESULTS.md section)",
+    )
+    p.add_argument("--vocab", type=int, default=131072, help="--vocab-rss vocabulary")
+    p.add_argument("--rss-batches", type=int, default=2, help="--vocab-rss batches (default 2)")
     p.add_argument("--work", type=Path, default=WORK, help="reusable work directory")
     p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
     p.add_argument("--_child-dump", help=argparse.SUPPRESS)
+    p.add_argument("--_child-bare", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
+    v = args.vocab_rss
     defaults = {
-        "seq_len": 256 if q else 512,
+        "seq_len": 2048 if v else 256 if q else 512,
+        "batch_size": 2 if v else 8,
         "tokens": 20_000 if q else 131_072,
         "rss_tokens": 12_000 if q else 40_000,
         "rss_part_tokens": 4096 if q else 16384,
@@ -477,6 +630,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._child_dump:
         _child_dump(args._child_dump)
+        return
+    if args._child_bare:
+        _child_bare(args._child_bare)
+        return
+    if args.vocab_rss:
+        report = vocab_rss(args)
+        print(report)
+        if not args.no_results:
+            update_results("bench_dump_vocab", report)
+            print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
         return
     if args.threads:
         import torch

@@ -95,6 +95,14 @@ def dump(
             help="Join documents with EOS and cut into --seq-len sequences; --no-pack keeps one truncated sequence per document."
         ),
     ] = D.pack,
+    logits_chunk_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Positions whose logits are made at once, from the final hidden states of a "
+            "causal LM with a plain linear head: 0 picks 256 MiB of float32 logits; -1 makes "
+            "every batch's full logits (a factory teacher always does)."
+        ),
+    ] = D.logits_chunk_tokens,
     batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward.")] = D.batch_size,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = D.device,
     dtype: Annotated[
@@ -199,6 +207,7 @@ def dump(
             trust_remote_code=trust_remote_code, data_format=data_format, text_field=text_field,
             ids_field=ids_field, targets=targets, top_k=top_k, samples=samples,
             temperature=temperature, seed=seed, id_order=id_order, delta=delta, seq_len=seq_len,
+            logits_chunk_tokens=logits_chunk_tokens,
             pack=pack, batch_size=batch_size,
             device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, attn=attn,
             backend=format, logprob_dtype=logprob_dtype,
@@ -221,7 +230,8 @@ def dump(
     print(
         f"wrote {out_dir}{resumed}: {m.tokens:,} tokens in {m.sequences:,} sequences, {len(m.parts)} parts; "
         f"{size_per_token(summary.bytes_on_disk, m.tokens)} on disk; "
-        f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s)"
+        f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s); "
+        f"{summary.logits}"
     )
 
 

@@ -96,6 +96,9 @@ class DumpOptions:
     delta: bool = True  # delta-filter the arrays that increase along a position's row
     seq_len: int = 1024
     pack: bool = True
+    # positions whose logits are made at once (chunked path, logitcache.dumping.chunked): 0 is
+    # auto (256 MiB of float32 logits), -1 the full logits of every batch
+    logits_chunk_tokens: int = 0
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "float32"  # what the weights are loaded in (logits and targets are float32)
@@ -125,6 +128,7 @@ class DumpSummary:
     wall_seconds: float
     #: With --device-map: the teacher's modules per device (`Teacher.placement`), else None.
     placement: dict[str, int] | None = None
+    logits: str = ""  # how the teacher's logits were computed: chunked or full, and why
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -144,6 +148,11 @@ def check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(
             f"--seq-len must be at least 2, got {opts.seq_len}: the student learns to predict "
             "each token from the ones before it, so a sequence needs at least two tokens."
+        )
+    if opts.logits_chunk_tokens < -1:
+        raise LogitCacheError(
+            f"--logits-chunk-tokens must be -1 (full logits), 0 (auto) or a number of "
+            f"positions, got {opts.logits_chunk_tokens}."
         )
     if opts.backend not in CLEVELS:
         raise LogitCacheError(

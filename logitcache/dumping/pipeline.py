@@ -5,8 +5,10 @@ The whole algorithm, in order:
 1. `prepare` (`logitcache.dumping.prepare`): check the options, resolve and fingerprint the
    data, load the teacher, build the manifest template;
 2. open the cache (new, or resume: committed parts are skipped without running the teacher);
-3. `run`: for each batch of packed sequences (`batches`), logits on the device, then the
-   targets on the device (`logitcache.dumping.targets`): top-k, ``topk(logits) -
+3. `run`: for each batch of packed sequences (`batches`), logits on the device (for a causal LM
+   with a plain linear head, a few time steps at a time from the final hidden states:
+   `logitcache.dumping.chunked`), then the targets on the device
+   (`logitcache.dumping.targets`): top-k, ``topk(logits) -
    logsumexp(logits)`` in float32 (log-probs normalised over the FULL vocabulary, so the tail
    mass is known) cast or quantised there; or N draws per position, reproducible from (seed,
    sequence index, position), reduced to distinct ids and counts; copied to pinned host memory
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache.dumping import sharding, targets
+from logitcache.dumping import chunked, sharding, targets
 from logitcache.dumping.options import DumpOptions, DumpSummary
 from logitcache.dumping.prepare import Prepared, prepare
 from logitcache.dumping.teacher import Teacher
@@ -58,7 +60,7 @@ __all__ = [
 QUEUE_BATCHES = 4  # batches in flight between the device and the writer: bounds host memory
 
 #: What computes a batch's targets on its device (`targets.device_targets`; bench_dump swaps it).
-TargetsFn = Callable[[torch.Tensor, targets.TargetSpec, torch.Tensor], dict[str, torch.Tensor]]
+TargetsFn = chunked.TargetsFn
 
 
 def dump(opts: DumpOptions, *, loop: sharding.Loop | None = None) -> DumpSummary:
@@ -87,7 +89,14 @@ def dump(opts: DumpOptions, *, loop: sharding.Loop | None = None) -> DumpSummary
             manifest = writer.manifest
     size = stores.disk_usage(opts.out)
     wall = time.perf_counter() - start
-    return DumpSummary(manifest, resumed, size, wall, placement=job.teacher.placement)
+    return DumpSummary(
+        manifest,
+        resumed,
+        size,
+        wall,
+        placement=job.teacher.placement,
+        logits=job.logits.describe(),
+    )
 
 
 def run(
@@ -130,7 +139,9 @@ def run(
             if failure:
                 break
             pipe.put(
-                _teacher_targets(job.teacher, batch, spec, next_sequence, ends_part, targets_fn)
+                _teacher_targets(
+                    job.teacher, batch, spec, next_sequence, ends_part, targets_fn, job.logits
+                )
             )
             next_sequence += len(batch)
             bar.add_tokens(sum(len(s) for s in batch))
@@ -180,20 +191,29 @@ def _teacher_targets(
     first_sequence: int,
     ends_part: bool,
     targets_fn: TargetsFn,
+    plan: chunked.LogitsPlan,
 ) -> BatchTargets:
     """The batch's targets; `first_sequence` is the global index of its first sequence (what
-    sampled targets are seeded by, so that they do not depend on batching)."""
+    sampled targets are seeded by, so that they do not depend on batching). `plan` says
+    whether they come from the full logits or a chunk of time steps at a time."""
     ids = input_ids(batch)
-    logits = teacher.logits(torch.from_numpy(ids).to(teacher.device))  # (batch, time, vocab)
-    if logits.shape[-1] != teacher.info.vocab_size:  # the width probed, and in the manifest
-        raise LogitCacheError(
-            f"the teacher returned logits over {logits.shape[-1]} ids for a batch, but "
-            f"{teacher.info.vocab_size} when probed (the vocab_size in the manifest): its ids "
-            "would not match the cache's. Use a teacher whose output width does not depend on "
-            "its input."
-        )
+    device_ids = torch.from_numpy(ids).to(teacher.device)
     index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
-    computed = targets_fn(logits, spec, index)
+    if plan.split is not None:  # the head's width is the probed one (`chunked.split_head`)
+        computed = chunked.chunked_targets(
+            plan.split, device_ids, spec, index, targets_fn, plan.chunk_tokens
+        )
+    else:
+        logits = teacher.logits(device_ids)  # (batch, time, vocab)
+        if logits.shape[-1] != teacher.info.vocab_size:  # the width probed, in the manifest
+            raise LogitCacheError(
+                f"the teacher returned logits over {logits.shape[-1]} ids for a batch, but "
+                f"{teacher.info.vocab_size} when probed (the vocab_size in the manifest): its "
+                "ids would not match the cache's. Use a teacher whose output width does not "
+                "depend on its input."
+            )
+        computed = targets_fn(logits, spec, index)
+        del logits
     pinned = teacher.device.type == "cuda"
     host = {}
     for name, tensor in computed.items():

@@ -1,8 +1,9 @@
 """The setup every dump makes before its first batch, single-process or one shard of many.
 
 `prepare(opts)` checks the options, resolves the data, loads the teacher, checks the two
-against each other, and builds the manifest template; `Prepared.sequences` then streams the
-data read, tokenized and packed. Both `logitcache.dumping.pipeline.dump` and
+against each other, decides how the logits are computed (`logitcache.dumping.chunked`), and
+builds the manifest template; `Prepared.sequences` then streams the data read, tokenized and
+packed. Both `logitcache.dumping.pipeline.dump` and
 `logitcache.dumping.sharding.dump_sharded` start here, so a setting means the same in both and
 every check runs before --out is touched.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from logitcache.dumping import data, targets
+from logitcache.dumping import chunked, data, targets
 from logitcache.dumping.options import (
     DumpOptions,
     check_against_teacher,
@@ -44,13 +45,14 @@ __all__ = ["Prepared", "prepare"]
 
 @dataclass(frozen=True)
 class Prepared:
-    """A checked dump, ready to run: its options, teacher, data and manifest template (the
-    manifest of the whole dump, before any part is written)."""
+    """A checked dump, ready to run: its options, teacher, data, manifest template (the
+    manifest of the whole dump, before any part is written) and how the logits are computed."""
 
     opts: DumpOptions
     teacher: Teacher
     source: data.DataSource
     template: Manifest
+    logits: chunked.LogitsPlan
 
     def tokens(self, bar: Bar | None = None) -> Iterator[list[int]]:
         """Token ids per document, in order; `bar` counts the documents read."""
@@ -100,7 +102,11 @@ def prepare(opts: DumpOptions) -> Prepared:
     check_against_teacher(opts, teacher)
     if source.pretokenized:  # before touching --out: a bad id must leave nothing behind
         data.check_ids(source, teacher.info.vocab_size)
-    return Prepared(opts, teacher, source, _manifest_template(opts, teacher, source))
+    plan = chunked.plan_logits(
+        teacher.model, teacher.device, pretrained=opts.teacher is not None,
+        chunk_tokens=opts.logits_chunk_tokens,
+    )  # fmt: skip
+    return Prepared(opts, teacher, source, _manifest_template(opts, teacher, source), plan)
 
 
 def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSource) -> Manifest:

@@ -62,11 +62,12 @@ def mix_int(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def position_keys(seed: int, sequences: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, length) int64 keys of positions 0..length-1 of global sequences `sequences` (B,)."""
+def position_keys(seed: int, sequences: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
+    """(B, length) int64 keys of positions start..start+length-1 of global sequences
+    `sequences` (B,)."""
     base = _signed(mix_int(seed + GOLDEN))
     rows = mix(sequences.to(torch.int64) + base)  # (B,)
-    positions = torch.arange(length, dtype=torch.int64, device=sequences.device)
+    positions = torch.arange(start, start + length, dtype=torch.int64, device=sequences.device)
     return mix(rows[:, None] + positions[None, :])  # (B, length)
 
 

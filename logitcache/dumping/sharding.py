@@ -251,7 +251,7 @@ def _dump_shard(
                 )
             if total is None:  # a finished job, run again: nothing to do
                 manifest = reader.open(opts.out).manifest
-                return _summary(manifest, len(manifest.parts), opts.out, start)
+                return _summary(job, manifest, len(manifest.parts), opts.out, start)
         first, stop = part_range(total, shard)
         location = rank_location(opts.out, shard) if group is not None else opts.out
         template = dataclasses.replace(whole, data=shard_data(whole.data, shard))
@@ -272,15 +272,18 @@ def _dump_shard(
                         writer.finish()  # an empty shard (more jobs than parts): no parts
                     manifest = writer.manifest
         if group is None:
-            return _summary(manifest, resumed, opts.out, start)
+            return _summary(job, manifest, resumed, opts.out, start)
         group.barrier()  # every rank's cache is complete
         shards = [Shard(r, shard.count, torchrun=True) for r in range(shard.count)]
         manifest = agreed(group, lambda: join(top, opts.out, shards, total))
-        return _summary(manifest, resumed, opts.out, start)
+        return _summary(job, manifest, resumed, opts.out, start)
     finally:
         if top is not None:
             top.close()  # release --out's lock
 
 
-def _summary(manifest: Manifest, resumed: int, out: str | Path, start: float) -> DumpSummary:
-    return DumpSummary(manifest, resumed, stores.disk_usage(out), time.perf_counter() - start)
+def _summary(
+    job: Prepared, manifest: Manifest, resumed: int, out: str | Path, start: float
+) -> DumpSummary:
+    size, wall = stores.disk_usage(out), time.perf_counter() - start
+    return DumpSummary(manifest, resumed, size, wall, logits=job.logits.describe())

@@ -86,9 +86,11 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 @torch.inference_mode()
 def device_targets(
-    logits: torch.Tensor, spec: TargetSpec, sequences: torch.Tensor
+    logits: torch.Tensor, spec: TargetSpec, sequences: torch.Tensor, *, first_position: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Targets of a (B, T, V) batch on its device; `sequences` (B,) global sequence indices.
+    """Targets of a (B, T, V) batch on its device; `sequences` (B,) global sequence indices,
+    `first_position` the position of the logits' first time step in its sequences (a chunk's,
+    `logitcache.dumping.chunked`: what sampled draws are keyed by, with the sequence).
 
     Returns ``finite`` (B, T) bool (False where the teacher's logits hold NaN or +inf, or are
     all -inf, or a stored log-prob overflows its dtype) and, for top-k, ``target_ids`` (B, T, k) int32 and ``target_logprobs`` (B, T, k)
@@ -111,7 +113,9 @@ def device_targets(
             finite = torch.isfinite(stored).all(-1)
         return {"finite": finite, "target_ids": ids.to(torch.int32), "target_logprobs": stored}
     finite = torch.isfinite(torch.logsumexp(x, dim=-1))  # (B, T)
-    keys = sampling.position_keys(spec.seed, sequences.to(logits.device), logits.shape[1])
+    keys = sampling.position_keys(
+        spec.seed, sequences.to(logits.device), logits.shape[1], first_position
+    )
     safe = torch.where(finite[..., None], x, 0.0)  # rows with NaN are refused on the host
     draws = sampling.draw(safe, keys, spec.samples)  # temperature already applied
     count_type = torch.uint8 if spec.samples <= 255 else torch.int32

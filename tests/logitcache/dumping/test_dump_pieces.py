@@ -55,9 +55,9 @@ def test_prepare_counts_the_parts_and_builds_the_template_of_the_dump(
 def test_the_loop_seams_replace_the_targets_and_the_writer(tmp_path, tiny_teacher_dir, dump_corpus):
     shapes, sunk = [], []
 
-    def targets_fn(logits, spec, sequences):
+    def targets_fn(logits, spec, sequences, *, first_position=0):
         shapes.append(tuple(logits.shape))
-        return targets.device_targets(logits, spec, sequences)
+        return targets.device_targets(logits, spec, sequences, first_position=first_position)
 
     def loop(*args, **kw):
         pipeline.run(*args, **kw, targets_fn=targets_fn, sink=sunk.append)
