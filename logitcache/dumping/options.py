@@ -49,9 +49,9 @@ __all__ = [
 #: --samples draws per position from the teacher and their counts (docs/FORMAT.md, section 3a).
 #: counts / N is an unbiased estimate of the whole teacher distribution, with no tail to guess,
 #: and for a peaked teacher a few distinct ids carry nearly all the draws, so the cache is
-#: smaller than a top-k one of comparable fidelity. The students they give against top-k and
-#: online KD are in benchmarks/RESULTS.md, section bench_fidelity_realistic. Top-k stays fully
-#: supported: --targets topk --top-k 32.
+#: smaller than a top-k one of comparable fidelity. The figures that chose it (a strong teacher,
+#: pure KD) are in README.md, "Choosing targets"; benchmarks/bench_fidelity.py measures that
+#: regime. Top-k stays fully supported: --targets topk --top-k 32.
 DEFAULT_TARGETS = "sample"
 #: Draws per position of a sampled dump (--samples), the N of that benchmark.
 DEFAULT_SAMPLES = 64
