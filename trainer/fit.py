@@ -109,8 +109,10 @@ def fit(
             alpha=config.alpha, temperature=config.temperature, tail=config.tail,
             loss=config.loss, beta=config.beta,
         )  # fmt: skip
+    elif loss_fn is not None:
+        step_loss = loss_fn
     else:
-        step_loss = loss_fn or DistillationLoss(
+        step_loss = DistillationLoss(
             alpha=config.alpha, temperature=config.temperature, tail=config.tail,
             loss=config.loss, beta=config.beta,
         )  # fmt: skip
