@@ -362,7 +362,7 @@ def _targets(
         teacher = logp  # (B, T, K)
     else:
         # float64: the tail is a small difference of O(1) numbers.
-        rest = (1.0 - logp.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)  # (B, T, 1)
+        rest = 1.0 - logp.double().exp().sum(-1, keepdim=True)  # (B, T, 1)
         rest = torch.where(rest > TAIL_FLOOR, rest, 0.0).log().to(logp.dtype)  # -inf if none
         if tail == "bucket":
             teacher = torch.cat([logp, rest], dim=-1)  # (B, T, K+1)
@@ -425,8 +425,8 @@ class _Gathered(NamedTuple):
     logq: Tensor  # (N, V) log-softmax of x over the tail (bucket), else over the vocabulary
     ids: Tensor  # (N, M) the gathered ids
     out: Tensor  # (N, M), with a tail: (N, M+1), the result
-    drop: Tensor | None  # (N, M) bool: the slots whose id was taken out of the tail
-    whole: Tensor | None  # (N, 1) bool: the rows whose excluded ids are the whole vocabulary
+    stays: Tensor | None  # (N, M) bool: the slots whose id stays in the tail (None: no tail)
+    whole: Tensor | None  # (N, 1) bool: rows whose excluded ids are the vocabulary (K >= V only)
 
 
 def _gather_log_softmax(
@@ -442,33 +442,40 @@ def _gather_log_softmax(
 
     The tail is summed over the tail itself: ``logq``, the log-softmax of x with the excluded
     ids at -inf (one masked copy, normalised in place), has for normaliser the tail's
-    logsumexp, L_tail = max + (log-softmax at the max), and the full normaliser is
-    L = logaddexp(L_tail, logsumexp of x at the excluded ids), a (N, M) reduction. Not
+    logsumexp, L_tail = max + (log-softmax at the max), and the full normaliser is the
+    logsumexp of L_tail and of x at the excluded ids, a (N, M+1) reduction. Not
     ``log(1 - sum q_k)``: that subtracts ``sum q_k`` (known only to ~1e-7 absolute in float32)
     from 1, so once the student puts all but ~1e-6 of its mass on the teacher's ids -- exactly
     what distillation drives it towards -- the tail's log is garbage or -inf, and its gradient
     ``-q_k / q_tail`` is huge. Here the tail is exact to relative precision for any size, in
     log space (no underflow), and its gradient (`_gather_log_softmax_grad`) is bounded.
 
-    A row whose excluded ids cover the vocabulary (K = V) has an empty tail (-inf, zero
-    gradient); it is left unmasked, so that its log-softmax is not over nothing. A row whose
-    every non-excluded id has logit -inf is not supported (NaN).
+    Few operations on the (N, M) values, since on a busy CPU each one costs its thread pool's
+    wake-up whatever its size. A row whose excluded ids cover the vocabulary (K >= V) has an
+    empty tail (-inf, zero gradient) and is left unmasked, so that its log-softmax is not over
+    nothing. A row whose every non-excluded id has logit -inf is not supported (NaN).
     """
     if exclude is None:
         logq = torch.log_softmax(x, -1, out=x) if inplace else torch.log_softmax(x, -1)
         return _Gathered(logq, ids, logq.gather(-1, ids), None, None)
-    whole = exclude.sum(-1, keepdim=True) >= x.shape[-1]  # (N, 1) nothing left for a tail
-    drop = exclude & ~whole  # (N, M)
+    outside = ~exclude  # (N, M) the slots whose id is in the tail
+    whole, stays = None, outside
+    if ids.shape[-1] >= x.shape[-1]:  # only then may a row's excluded ids be the vocabulary
+        whole = exclude.sum(-1, keepdim=True) >= x.shape[-1]  # (N, 1)
+        stays = outside | whole  # such rows are not masked
     picked = x.gather(-1, ids)  # (N, M) before x is overwritten
-    penalty = torch.zeros(ids.shape, dtype=x.dtype, device=x.device).masked_fill_(drop, -math.inf)
     # adding -inf is order-free, and a slot parked on an excluded id adds 0
+    penalty = torch.where(stays, x.new_zeros(()), -math.inf)  # (N, M)
     masked = x.scatter_add_(-1, ids, penalty) if inplace else x.scatter_add(-1, ids, penalty)
     top, at = masked.max(-1, keepdim=True)  # (N, 1)
     logq = torch.log_softmax(masked, -1, out=masked)  # (N, V) over the tail, in place
-    tail = (top - logq.gather(-1, at)).masked_fill(whole, -math.inf)  # (N, 1) L_tail
-    rest = torch.logsumexp(picked.masked_fill(~exclude, -math.inf), -1, keepdim=True)  # (N, 1)
-    lse = torch.logaddexp(tail, rest)  # (N, 1) L
-    return _Gathered(logq, ids, torch.cat([picked - lse, tail - lse], -1), drop, whole)
+    tail = top - logq.gather(-1, at)  # (N, 1) L_tail
+    if whole is not None:
+        tail = tail.masked_fill(whole, -math.inf)
+    parts = torch.cat([picked.masked_fill(outside, -math.inf), tail], -1)  # (N, M+1) partition
+    ref = parts.amax(-1, keepdim=True)  # (N, 1) finite: the tail's or an excluded id's
+    lse = ref + (parts - ref).exp_().sum(-1, keepdim=True).log_()  # (N, 1) L
+    return _Gathered(logq, ids, torch.cat([picked, tail], -1) - lse, stays, whole)
 
 
 def _gather_log_softmax_grad(s: _Gathered, grad_out: Tensor, *, inplace: bool = False) -> Tensor:
@@ -481,17 +488,16 @@ def _gather_log_softmax_grad(s: _Gathered, grad_out: Tensor, *, inplace: bool = 
     every slot its ``g_c``: a scatter of (N, M) values. Every factor is at most G in size.
     """
     q = s.logq.exp_() if inplace else s.logq.exp()  # (N, V)
-    if s.drop is None:
-        return q.mul_(-grad_out.sum(-1, keepdim=True)).scatter_add_(-1, s.ids, grad_out)
-    assert s.whole is not None
-    g, g_tail = grad_out[..., :-1], grad_out[..., -1:]  # (N, M), (N, 1)
-    g_ids = g.sum(-1, keepdim=True)
-    total = g_ids + g_tail
-    q_tail = s.out[..., -1:].exp()  # (N, 1) the student's tail mass
-    # an empty tail (a whole row, left unmasked): q itself, and no tail term
-    q.mul_(torch.where(s.whole, -g_ids, g_tail - total * q_tail))
-    own = g - torch.where(s.drop, total * s.out[..., :-1].exp(), 0.0)  # (N, M)
-    return q.scatter_add_(-1, s.ids, own)
+    total = grad_out.sum(-1, keepdim=True)  # (N, 1) G
+    if s.stays is None:
+        return q.mul_(-total).scatter_add_(-1, s.ids, grad_out)
+    probs = s.out.exp()  # (N, M+1) each slot's probability, the tail's last
+    g_tail = grad_out[..., -1:]
+    coef = g_tail - total * probs[..., -1:]  # (N, 1)
+    if s.whole is not None:  # an empty tail, left unmasked: q itself, and no tail term
+        coef = torch.where(s.whole, g_tail - total, coef)
+    own = grad_out[..., :-1] - (total * probs[..., :-1]).masked_fill_(s.stays, 0.0)  # (N, M)
+    return q.mul_(coef).scatter_add_(-1, s.ids, own)
 
 
 class _TailGather(torch.autograd.Function):
@@ -512,14 +518,14 @@ class _TailGather(torch.autograd.Function):
             x, owned = x / temperature, True
         s = _gather_log_softmax(x, ids, exclude, inplace=owned)
         ctx.temperature, ctx.dtype = temperature, logits.dtype
-        ctx.save_for_backward(s.logq, s.ids, s.out, s.drop, s.whole)
+        ctx.save_for_backward(s.logq, s.ids, s.out, s.stays, s.whole)
         return s.out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        logq, ids, out, drop, whole = ctx.saved_tensors
-        grad = _gather_log_softmax_grad(_Gathered(logq, ids, out, drop, whole), grad_out)
+        logq, ids, out, stays, whole = ctx.saved_tensors
+        grad = _gather_log_softmax_grad(_Gathered(logq, ids, out, stays, whole), grad_out)
         if ctx.temperature != 1.0:
             grad.div_(ctx.temperature)
         return grad.to(ctx.dtype), None, None, None
