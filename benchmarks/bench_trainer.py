@@ -3,6 +3,7 @@
     python benchmarks/bench_trainer.py            # default run (~25 min on 2 CPU cores)
     python benchmarks/bench_trainer.py --quick    # smoke run
     python benchmarks/bench_trainer.py --device cuda --precision bf16 --steps 200
+    python benchmarks/bench_trainer.py --fused    # --fused-loss vs unfused at V=131072 (~5 min)
 
 Two figures, measured side by side in one run on one cache of the embedded default teacher:
 
@@ -24,13 +25,25 @@ ids and values (`logitcache.read.decoded.check_values`) costs: every part decode
 of a part (`Cache.read_decoded`: decompression, check, decode). Its figure goes to its own
 section of RESULTS.md (``bench_trainer_check``, next to this script's), in the quick form too:
 the full run takes about 25 minutes, the check's share a minute.
+
+``--fused`` measures instead ``trainer fit --fused-loss`` (`trainer.fused`) against the unfused
+loss where it matters, a large vocabulary (``--vocab``, 131072) and a small student (GPT-2,
+2 layers x 64), so that the logits dominate: peak memory and step time. Each variant runs in a
+fresh subprocess (peak RSS is the process's high-water mark, `getrusage`), with the same seeded
+student and the same random batch (``--batch-size`` x ``--seq-len`` positions, top-``--top-k``
+targets with 10% tail mass), ``--fused-steps`` steps of fit's own recipe (the forward, the
+loss, backward, clipping, AdamW), the first one untimed. Target: the fused peak at most half
+the unfused one, with equal losses. Its section of RESULTS.md is ``bench_trainer_fused``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +52,9 @@ from pathlib import Path
 import common
 
 HERE = Path(__file__).resolve().parent
+#: --fused: the student's shape (GPT-2 layers x width, heads), small so that the logits dominate
+FUSED_STUDENT = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+FUSED_VARIANTS = ("unfused", "fused")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,9 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--check-cost", action="store_true", help="time only the reader's value check (above)"
     )
+    p.add_argument("--fused", action="store_true", help="only --fused-loss vs unfused (above)")
+    p.add_argument("--vocab", type=int, default=131072, help="--fused: the student's vocabulary")
+    p.add_argument("--fused-steps", type=int, default=5, help="--fused: steps per variant")
+    p.add_argument("--fused-tail", default="renorm", help="--fused: the tail mode")
+    p.add_argument("--fused-worker", choices=FUSED_VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.files, args.steps, args.repeats = 30, 12, 1
+        if args.fused:
+            args.vocab, args.batch_size, args.seq_len, args.fused_steps = 16384, 2, 64, 3
     return args
 
 
@@ -179,8 +202,147 @@ def check_cost(args, cache: Path) -> None:
     common.update_results("bench_trainer_check", body)
 
 
+def fused_worker(args) -> None:
+    """One --fused variant in this (fresh) process: prints a JSON line with its step times,
+    losses and memory high-water marks."""
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.testing import toy
+    from trainer.fused import FusedDistillationLoss
+    from trainer.losses import DistillationLoss
+    from trainer.student import HiddenStates, fused_head
+
+    b, t, k, v = args.batch_size, args.seq_len, args.top_k, args.vocab
+    config = toy.build_student_config(v, n_positions=max(t, 8), **FUSED_STUDENT)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(v, (b, t), generator=g)
+    labels = torch.cat([input_ids[:, 1:], torch.full((b, 1), -100)], dim=1)  # next tokens
+    # K distinct ids per position (an odd stride is a bijection of Z / 2^n), 10% tail mass
+    start = torch.randint(v, (b, t, 1), generator=g)
+    target_ids = (start + 7919 * torch.arange(k)) % v  # (B, T, K)
+    target_logprobs = torch.log_softmax(2.0 * torch.randn(b, t, k, generator=g), -1)
+    target_logprobs = (target_logprobs + math.log(0.9)).sort(-1, descending=True).values
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "labels": labels, "target_ids": target_ids, "target_logprobs": target_logprobs}  # fmt: skip
+    kw = {"alpha": 0.5, "temperature": 1.0, "tail": args.fused_tail}
+    if args.fused_worker == "fused":
+        net, head, fused_loss = HiddenStates(model), fused_head(model), FusedDistillationLoss(**kw)
+    else:
+        net, head, loss_fn = model, None, DistillationLoss(**kw)
+
+    def step() -> float:  # trainer.fit._step, without the data loading and logging
+        out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if head is None:
+            parts = loss_fn(out.logits, batch)
+        else:
+            parts = fused_loss(out, head.weight, head.bias, batch)
+        optimizer.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return float(parts.loss)
+
+    def rss() -> int:  # bytes resident now
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before, peak_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times, losses = [], []
+    for _ in range(args.fused_steps):
+        start_s = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start_s)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"variant": args.fused_worker, "rss_before": before,
+                      "peak_before": peak_before, "peak": peak, "times": times,
+                      "losses": losses}))  # fmt: skip
+
+
+def fused_comparison(args) -> None:
+    """--fused: both variants, each in a fresh subprocess; the table, and RESULTS.md."""
+    flags = ["--vocab", args.vocab, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
+             "--top-k", args.top_k, "--fused-steps", args.fused_steps, "--fused-tail",
+             args.fused_tail]  # fmt: skip
+    got = {}
+    for variant in FUSED_VARIANTS:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--fused-worker", variant,
+             *map(str, flags)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise SystemExit(f"the {variant} worker failed:\n{proc.stderr}")
+        got[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{variant}: {got[variant]}", file=sys.stderr)
+    un, fu = got["unfused"], got["fused"]
+    gib = 2.0**30
+
+    def timed(r) -> float:  # median step time, the first step dropped
+        return statistics.median(r["times"][1:] or r["times"])
+
+    peak_ratio = fu["peak"] / un["peak"]
+    grow = {n: r["peak"] - r["rss_before"] for n, r in got.items()}
+    time_ratio = timed(fu) / timed(un)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(fu["losses"], un["losses"], strict=True))
+    logits_gib = args.batch_size * args.seq_len * args.vocab * 4 / gib
+    chunk = min(fused_chunk(args.vocab), args.batch_size * args.seq_len)
+    rows = [
+        ["peak RSS, unfused (GiB)", f"{un['peak'] / gib:.2f}", "", ""],
+        ["peak RSS, fused (GiB)", f"{fu['peak'] / gib:.2f}", "", ""],
+        ["peak RSS fused / unfused", f"{peak_ratio:.3f}", "<= 0.5",
+         "yes" if peak_ratio <= 0.5 else "no"],
+        ["growth over the steps (peak - RSS before them), unfused / fused (GiB)",
+         f"{grow['unfused'] / gib:.2f} / {grow['fused'] / gib:.2f}", "", ""],
+        [f"step time (median of {len(un['times'][1:] or un['times'])}), unfused (s)",
+         f"{timed(un):.2f}", "", ""],
+        ["step time, fused (s)", f"{timed(fu):.2f}", "", ""],
+        ["step time fused / unfused", f"{time_ratio:.3f}", "", ""],
+        ["largest relative loss difference over the steps", f"{worst:.1e}", "", ""],
+    ]  # fmt: skip
+    table = common.markdown_table(["measure", "value", "target", "met"], rows)
+    info = common.machine()
+    shape = ", ".join(f"{k} {v}" for k, v in FUSED_STUDENT.items())
+    body = f"""## --fused-loss vs the unfused loss at a large vocabulary (`bench_trainer.py --fused`)
+
+- Command: `{common.command_line()}`
+- Date: {common.now_utc()}
+- Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}; load average at the end {common.loadavg()}
+- Setup: GPT-2 student ({shape}), vocabulary {args.vocab:,}; one random batch of
+  {args.batch_size} x {args.seq_len} positions with top-{args.top_k} targets (10% tail mass), tail
+  {args.fused_tail}, alpha 0.5, T 1; {args.fused_steps} steps of fit's recipe per variant
+  (forward, loss, backward, clipping, AdamW), each variant in a fresh process; float32 on the CPU.
+  The unfused logits alone are {logits_gib:.2f} GiB; a fused chunk's {chunk * args.vocab * 4 / gib:.3f} GiB
+  ({chunk} positions).
+
+{table}
+
+Step times (s): unfused {", ".join(f"{x:.2f}" for x in un["times"])}; fused {", ".join(f"{x:.2f}" for x in fu["times"])}.
+Losses: unfused {", ".join(f"{x:.6f}" for x in un["losses"])}; fused {", ".join(f"{x:.6f}" for x in fu["losses"])}.
+"""
+    print(body)
+    if not args.quick:
+        common.update_results("bench_trainer_fused", body)
+
+
+def fused_chunk(vocab: int) -> int:
+    from trainer.fused import DEFAULT_CHUNK_ELEMENTS
+
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.fused_worker:
+        fused_worker(args)
+        return
+    if args.fused:
+        fused_comparison(args)
+        return
     from logitcache.testing import toy
     from trainer.fit import FitConfig
 

@@ -16,12 +16,14 @@ __all__ = [
     "CacheDataset",
     "DistillationLoss",
     "FitConfig",
+    "FusedDistillationLoss",
     "LossFn",
     "LossParts",
     "build_student",
     "distillation_loss",
     "evaluate",
     "fit",
+    "fused_distillation_loss",
     "plot_run",
 ]
 
@@ -35,6 +37,8 @@ _HOME = {
     "distillation_loss": "trainer.losses",
     "CacheDataset": "trainer.dataset",
     "FitConfig": "trainer.config",
+    "FusedDistillationLoss": "trainer.fused",
+    "fused_distillation_loss": "trainer.fused",
     "fit": "trainer.fit",
     "build_student": "trainer.student",
     "evaluate": "trainer.evaluate",
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from trainer.dataset import CacheDataset
     from trainer.evaluate import evaluate
     from trainer.fit import fit
+    from trainer.fused import FusedDistillationLoss, fused_distillation_loss
     from trainer.losses import (
         DEFAULT_TAIL,
         LOSSES,

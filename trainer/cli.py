@@ -71,6 +71,15 @@ def fit(
             "the label). Sampled caches carry no tail: all three agree."
         ),
     ] = D.tail,
+    fused_loss: Annotated[
+        bool,
+        typer.Option(
+            help="Compute the loss inside the output layer, a chunk of positions at a time, "
+            "never building the (batch, time, vocab) logits: the same loss with much less "
+            "memory for large vocabularies. Needs logits that are a plain linear map of the "
+            "student's last hidden state (checked).",
+        ),
+    ] = D.fused_loss,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = D.batch_size,
     steps: Annotated[int, typer.Option(help="Optimizer steps (0: use --epochs).")] = D.steps,
     epochs: Annotated[
@@ -147,6 +156,8 @@ def fit(
 
       trainer fit --cache ./cache --student ./student-config.json --out ./run-gkd --loss gjsd --beta 0.5
 
+      trainer fit --cache ./cache-128k --student ./student-config.json --out ./run --fused-loss
+
       trainer fit --cache ./cache --student ./pretrained-student --tokenizer ./tok --out ./run --epochs 3 --temperature 2 --precision bf16
 
       torchrun --nproc-per-node 8 -m trainer fit --cache ./cache --student ./student-config.json --out ./run --batch-size 64
@@ -159,7 +170,8 @@ def fit(
 
     config = FitConfig(
         cache=cache, student=student, out=out, tokenizer=tokenizer, alpha=alpha,
-        temperature=temperature, loss=loss, beta=beta, tail=tail, batch_size=batch_size,
+        temperature=temperature, loss=loss, beta=beta, tail=tail, fused_loss=fused_loss,
+        batch_size=batch_size,
         eval_fraction=eval_fraction, shuffle_window=shuffle_window, num_workers=num_workers,
         steps=steps, epochs=epochs, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_clip=grad_clip, seed=seed,

@@ -41,13 +41,14 @@ RUN_ARTIFACTS = (
 )  # fmt: skip
 #: What makes a directory hold a run worth keeping: progress or results.
 RUN_OUTPUTS = (CHECKPOINT_DIR, CHECKPOINT_OLD, MODEL_DIR, SUMMARY_FILE)
-#: Settings that may change when resuming: they do not change the weights (device changes
-#: the numerics only, and is allowed so that a run can move between machines).
+#: Settings that may change when resuming: they do not change the weights (device and
+#: fused_loss change the numerics only; device is allowed so that a run can move between
+#: machines, fused_loss so that a run can be continued with less memory).
 RESUMABLE_CHANGES = frozenset(
     {
         "cache", "student", "tokenizer", "out", "resume", "overwrite", "progress", "num_workers",
         "eval_every", "eval_batches", "checkpoint_every", "log_every", "stop_at", "device",
-        "check_files", "cache_dir",
+        "check_files", "cache_dir", "fused_loss",
     }
 )  # fmt: skip
 
@@ -68,6 +69,9 @@ class FitConfig:
     # how the teacher's mass outside the top-k is handled (TAIL_MODES): renorm gave the lowest
     # held-out KL at every k in benchmarks/bench_fidelity.py, and it is the cheapest
     tail: str = DEFAULT_TAIL
+    # the loss computed chunk by chunk inside the output layer (trainer.fused): the same loss
+    # without the (batch, time, vocab) logits, for large vocabularies
+    fused_loss: bool = False
     # data
     batch_size: int = 8  # sequences per step
     eval_fraction: float = 0.01  # held-out share of the cache's sequences (fixed per cache)

@@ -5,7 +5,10 @@ optimizer, schedule, resume) -> `_train` (`_step`: forward, the loss, clip, step
 eval, checkpoint) -> `_finish` (final checkpoint and eval, ``save_pretrained``, summary.json).
 The settings are `trainer.config.FitConfig`; the loss is a `trainer.losses.LossFn`, by default
 `DistillationLoss` (KD on the cached targets mixed with hard-label CE); what the run directory
-holds is described in `trainer.config`, `trainer.checkpoint` and `trainer.runlog`.
+holds is described in `trainer.config`, `trainer.checkpoint` and `trainer.runlog`. With
+``fused_loss`` the student runs without its output layer (`trainer.student.HiddenStates`) and
+the same loss is computed inside that layer, chunk by chunk (`trainer.fused`), so that the
+(batch, time, vocab) logits never exist.
 
 Resuming (``resume=True``) restores everything, RNG and dataset position included, so on CPU a
 resumed run ends with exactly the weights of an uninterrupted one. SIGINT/SIGTERM stop the run
@@ -57,18 +60,22 @@ from trainer.config import (
 )
 from trainer.dataset import CacheDataset
 from trainer.evaluate import autocast, evaluate_model
+from trainer.fused import FusedDistillationLoss
 from trainer.loader import epoch_batches, worker_message
 from trainer.losses import DistillationLoss, LossFn, LossParts
 from trainer.optim import lr_factor, make_optimizer, warmup_steps
 from trainer.runlog import RunLog, SampleLog, log_message, summary, truncate_metrics
 from trainer.signals import Interrupted, StopFlag
-from trainer.student import StudentSource, build_student
+from trainer.student import HiddenStates, StudentSource, build_student, fused_head
 
 __all__ = ["FitConfig", "Interrupted", "fit"]
 
 
 #: Called on rank 0 after every optimizer step with the step number and the student.
 AfterStep = Callable[[int, torch.nn.Module], None]
+#: What a step calls: a `LossFn` of the logits, or with ``fused_loss`` the fused loss of the
+#: hidden states and the output layer.
+StepLoss = LossFn | FusedDistillationLoss
 
 
 def fit(
@@ -77,7 +84,10 @@ def fit(
     """Train `config.student` on `config.cache`; returns the summary (also in summary.json).
 
     `loss_fn` computes each step's loss from the student's logits and the batch; by default
-    `DistillationLoss` with the config's alpha, temperature, tail, loss and beta.
+    `DistillationLoss` with the config's alpha, temperature, tail, loss and beta. With
+    `config.fused_loss` that default loss is computed inside the output layer instead
+    (`trainer.fused.FusedDistillationLoss`), and a `loss_fn` is refused: it would need the
+    logits that the fused loss never builds.
     `after_step(step, model)` lets a caller watch the run with its own measure (a benchmark's
     exact KL to a teacher on its own held-out text, say): it runs outside the timed window, so
     tokens/s stay the training's; it must leave the model as it found it (train mode, same
@@ -87,8 +97,22 @@ def fit(
     data-parallel training (DDP), `batch_size` being the global batch; only rank 0 writes into
     the run directory (docs/SCALING.md)."""
     check_config(config)
-    if loss_fn is None:
-        loss_fn = DistillationLoss(
+    step_loss: StepLoss
+    if config.fused_loss:
+        if loss_fn is not None:
+            raise LogitCacheError(
+                "fused_loss computes the configured distillation loss inside the output layer, "
+                f"without the logits that a loss_fn needs; got loss_fn={loss_fn!r}. Pass no "
+                "loss_fn, or train with fused_loss=False."
+            )
+        step_loss = FusedDistillationLoss(
+            alpha=config.alpha, temperature=config.temperature, tail=config.tail,
+            loss=config.loss, beta=config.beta,
+        )  # fmt: skip
+    elif loss_fn is not None:
+        step_loss = loss_fn
+    else:
+        step_loss = DistillationLoss(
             alpha=config.alpha, temperature=config.temperature, tail=config.tail,
             loss=config.loss, beta=config.beta,
         )  # fmt: skip
@@ -96,7 +120,7 @@ def fit(
     try:
         run = _setup(config, d, device)
         try:
-            stopped = _train(run, loss_fn, after_step)
+            stopped = _train(run, step_loss, after_step)
             return _finish(run, stopped)
         finally:
             run.log.close()
@@ -127,6 +151,7 @@ class _Run:
     source: StudentSource
     model: torch.nn.Module
     net: torch.nn.Module  # the model, or its DDP wrapper (forward and backward go through it)
+    head: torch.nn.Module | None  # fused_loss: the output layer (net returns hidden states)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_ds: CacheDataset
@@ -175,6 +200,8 @@ def _open(
         config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
         config_dict=None if checkpoint is None else checkpoint["student_config"],
     )  # fmt: skip
+    if config.fused_loss:  # before the seeding, so that its check forward changes no RNG
+        fused_head(model, f"the student {config.student}")
     split = partial(
         CacheDataset, cache, batch_size=config.batch_size, eval_fraction=config.eval_fraction,
         seed=config.seed, rank=d.rank, world_size=d.world_size, check_files=config.check_files,
@@ -213,10 +240,13 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         if main:
             with writing(run_dir, METRICS_FILE):
                 truncate_metrics(run_dir / METRICS_FILE, step)
-    net: torch.nn.Module = model
+    # fused_loss: the net stops at the hidden states, the loss applies the head; it still holds
+    # the whole model, so DDP averages the head's gradients too (trainer.student.HiddenStates)
+    net: torch.nn.Module = HiddenStates(model) if config.fused_loss else model
+    head = model.get_output_embeddings() if config.fused_loss else None
     if d.enabled:  # gradients averaged over ranks; the loss is scaled so that this is exact
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            net, device_ids=[device.index] if device.type == "cuda" else None
         )
     if main:
         with writing(run_dir, CONFIG_FILE):
@@ -228,7 +258,8 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         f"{total_steps} steps of {config.batch_size} sequences ({per_epoch} per epoch), "
         f"alpha {config.alpha}, T {config.temperature}, loss {config.loss}"
         f"{f' (beta {config.beta})' if config.loss == 'gjsd' else ''}, "
-        f"{_targets_note(cache, config.tail)}, {device}"
+        f"{_targets_note(cache, config.tail)}{', fused loss' if config.fused_loss else ''}, "
+        f"{device}"
         f"{f' x {d.world_size} processes' if d.enabled else ''}, {config.precision}",
         config.progress and main,
     )
@@ -237,7 +268,7 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         log.resume(checkpoint, device)
     return _Run(
         config=config, d=d, device=device, cache=cache, source=source, model=model, net=net,
-        optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, eval_ds=eval_ds,
+        head=head, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds, eval_ds=eval_ds,
         total_steps=total_steps, warmup=warmup, log=log, samples=SampleLog.from_env(d),
         step=step, last_saved=step,
     )  # fmt: skip
@@ -255,7 +286,7 @@ def _targets_note(cache: logitcache.Cache, tail: str) -> str:
 # train
 
 
-def _train(run: _Run, loss_fn: LossFn, after_step: AfterStep | None) -> bool:
+def _train(run: _Run, loss_fn: StepLoss, after_step: AfterStep | None) -> bool:
     """Steps until the end, `stop_at` or a signal; True if a signal stopped the run."""
     c, stopped = run.config, False
     shown = progress_bar(
@@ -284,12 +315,17 @@ def _train(run: _Run, loss_fn: LossFn, after_step: AfterStep | None) -> bool:
     return stopped
 
 
-def _step(run: _Run, loss_fn: LossFn, batch: dict[str, torch.Tensor], epoch: int) -> float:
+def _step(run: _Run, loss_fn: StepLoss, batch: dict[str, torch.Tensor], epoch: int) -> float:
     """One optimizer update on `batch`; the learning rate it used."""
     b = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     with autocast(run.device, run.config.precision):
-        logits = run.net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    parts = loss_fn(logits, b)  # logits (batch, time, vocab)
+        out = run.net(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    if run.head is None:
+        assert not isinstance(loss_fn, FusedDistillationLoss)
+        parts = loss_fn(out.logits, b)  # logits (batch, time, vocab)
+    else:  # fused: hidden states (batch, time, hidden) and the output layer
+        assert isinstance(loss_fn, FusedDistillationLoss)
+        parts = loss_fn(out, run.head.weight, run.head.bias, b)
     loss = parts.loss
     tokens = (b["attention_mask"] * (b["index"] >= 0)[:, None]).sum()  # padding rows: index -1
     if run.d.enabled:

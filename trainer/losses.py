@@ -206,11 +206,16 @@ def sparse_kd_loss(
     """
     _check_args(tail, temperature, loss, beta)
     _check_shapes(student_logits, labels, target_ids, target_logprobs)
-    student = _log_softmax_at(student_logits, temperature)  # (B, T, V)
-    div, _, mask = _sparse_divergence(
-        student, labels, target_ids, target_logprobs, temperature, tail, ignore_index, loss, beta
-    )
-    return _masked_mean(div, mask)
+    t = _targets(
+        labels, target_ids, target_logprobs, temperature, tail, ignore_index,
+        _compute_dtype(student_logits),
+    )  # fmt: skip
+    if tail == "bucket":
+        gathered = _TailGather.apply(student_logits, t.gather_ids, t.leaves_tail, temperature)
+    else:
+        gathered = _log_softmax_at(student_logits, temperature).gather(-1, t.gather_ids)
+    div = _divergence(t.teacher, _student_support(gathered, tail), loss, beta)  # (B, T)
+    return _masked_mean(div, t.mask)
 
 
 def dense_divergence(
@@ -281,27 +286,35 @@ def distillation_loss(
     the log-softmax is computed once and shared, and the label is gathered in the same call
     as the K target ids; CE is read off that gather rather than calling ``F.cross_entropy``
     (which would redo the log-softmax). At T != 1 a second log-softmax (of logits / T) is
-    unavoidable. Masking and the all-masked case (returns 0) behave as in ``sparse_kd_loss``.
+    unavoidable. ``tail="bucket"`` needs the student's mass outside the K ids as well: it
+    replaces the log-softmax and the gather by one function of the logits (`_TailGather`) that
+    costs about what they do. Masking and the all-masked case (returns 0) behave as in
+    ``sparse_kd_loss``.
     """
     _check_args(tail, temperature, loss, beta)
     _check_alpha(alpha)
     _check_shapes(student_logits, labels, target_ids, target_logprobs)
 
-    logprobs = _log_softmax_at(student_logits, 1.0)  # (B, T, V), the only one at T=1
-    targets = (target_ids, target_logprobs)
-    if temperature == 1.0:
-        div, label_logprob, mask = _sparse_divergence(
-            logprobs, labels, *targets, 1.0, tail, ignore_index, loss, beta
-        )
+    t = _targets(
+        labels, target_ids, target_logprobs, temperature, tail, ignore_index,
+        _compute_dtype(student_logits),
+    )  # fmt: skip
+    logprobs = None  # (B, T, V) the log-softmax at T=1, if one is needed
+    if tail == "bucket":
+        gathered = _TailGather.apply(student_logits, t.gather_ids, t.leaves_tail, temperature)
     else:
-        student_t = _log_softmax_at(student_logits, temperature)  # (B, T, V)
-        div, _, mask = _sparse_divergence(
-            student_t, labels, *targets, temperature, tail, ignore_index, loss, beta
-        )
-        safe_labels = torch.where(mask, labels, 0).long().unsqueeze(-1)  # (B, T, 1)
-        label_logprob = logprobs.gather(-1, safe_labels).squeeze(-1)  # (B, T)
-    ce = _masked_mean(-label_logprob, mask)
-    kd = _masked_mean(div, mask)
+        logprobs = _log_softmax_at(student_logits, 1.0)  # the only one at T=1
+        student_t = logprobs if temperature == 1.0 else _log_softmax_at(student_logits, temperature)
+        gathered = student_t.gather(-1, t.gather_ids)  # (B, T, 1+K)
+    if temperature == 1.0:
+        label_logprob = gathered[..., 0]  # (B, T)
+    else:
+        if logprobs is None:
+            logprobs = _log_softmax_at(student_logits, 1.0)
+        label_logprob = logprobs.gather(-1, t.gather_ids[..., :1]).squeeze(-1)  # (B, T)
+    div = _divergence(t.teacher, _student_support(gathered, tail), loss, beta)  # (B, T)
+    ce = _masked_mean(-label_logprob, t.mask)
+    kd = _masked_mean(div, t.mask)
     total = alpha * ce + (1.0 - alpha) * temperature**2 * kd
     return LossParts(loss=total, ce=ce.detach(), kd=kd.detach())
 
@@ -310,47 +323,46 @@ def distillation_loss(
 # The algorithm
 
 
-def _sparse_divergence(
-    student: Tensor,
+class _Targets(NamedTuple):
+    """The teacher's side of a batch, and where to read the student's (`_targets`)."""
+
+    mask: Tensor  # (B, T) bool: the positions that count
+    gather_ids: Tensor  # (B, T, 1+K): the label, then the target ids (padding parked on id 0)
+    leaves_tail: Tensor | None  # (B, T, 1+K) bool, bucket only: the slots whose id is not tail
+    teacher: Tensor  # (B, T, C) teacher log-probs at T on the categories (`_student_support`)
+
+
+def _targets(
     labels: Tensor,
     target_ids: Tensor,
     target_logprobs: Tensor,
     temperature: float,
     tail: str,
     ignore_index: int,
-    loss: str = DEFAULT_LOSS,
-    beta: float = DEFAULT_BETA,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-position divergence over the sparse support, the student's label log-prob, the mask.
+    dtype: torch.dtype,
+) -> _Targets:
+    """The categories of each position, the teacher on them and the ids to gather the student at.
 
-    ``student`` is the student's log-softmax at ``temperature`` (B, T, V). Returns the
-    divergence ``loss`` (B, T), label_logprob (B, T) (the student's log-prob of the label, read
-    from the same gather as the target ids; it is CE at T=1) and mask (B, T) bool.
+    The student's log-probs are gathered at ``gather_ids`` from its log-softmax at the
+    temperature (bucket: plus its tail, `_TailGather`); `_student_support` then lines them up
+    with ``teacher``, slot by slot. ``dtype`` is the student's compute dtype (float32 or 64).
     """
     mask = labels != ignore_index  # (B, T)
     label = torch.where(mask, labels, 0).long().unsqueeze(-1)  # (B, T, 1) always a valid index
-    logp = target_logprobs.detach().to(student.dtype)  # (B, T, K) teacher at T=1
+    logp = target_logprobs.detach().to(dtype)  # (B, T, K) teacher at T=1
     present = ~logp.isneginf()  # (B, T, K) False on padding slots
     ids = torch.where(present, target_ids, 0).long()  # (B, T, K) junk padding ids -> 0
-
-    # Student log-probs on the support: one gather for [label, ids] (and the tail, for bucket).
     gather_ids = torch.cat([label, ids], dim=-1)  # (B, T, 1+K)
+    leaves_tail = None
     if tail == "bucket":
         leaves_tail = torch.cat([torch.zeros_like(label, dtype=torch.bool), present], dim=-1)
-        gathered = _GatherWithTail.apply(student, gather_ids, leaves_tail)  # (B, T, 1+K+1)
-        student_support = gathered[..., 1:]  # (B, T, K+1): ids, then tail
-    else:
-        gathered = student.gather(-1, gather_ids)  # (B, T, 1+K)
-        # renorm: the K ids; label: [label, ids] (the label slot is used only if needed).
-        student_support = gathered[..., 1:] if tail == "renorm" else gathered
-    label_logprob = gathered[..., 0]  # (B, T)
 
-    # Teacher log-probs at T=1 on the same support, in the same slot order.
+    # Teacher log-probs at T=1 on the support, in the slot order of `_student_support`.
     if tail == "renorm":
         teacher = logp  # (B, T, K)
     else:
         # float64: the tail is a small difference of O(1) numbers.
-        rest = (1.0 - logp.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)  # (B, T, 1)
+        rest = 1.0 - logp.double().exp().sum(-1, keepdim=True)  # (B, T, 1)
         rest = torch.where(rest > TAIL_FLOOR, rest, 0.0).log().to(logp.dtype)  # -inf if none
         if tail == "bucket":
             teacher = torch.cat([logp, rest], dim=-1)  # (B, T, K+1)
@@ -364,7 +376,14 @@ def _sparse_divergence(
     if temperature != 1.0:
         teacher = teacher / temperature
     teacher = _log_normalize(teacher)  # renormalise over the support (re-tempering)
-    return _divergence(teacher, student_support, loss, beta), label_logprob, mask
+    return _Targets(mask, gather_ids, leaves_tail, teacher)
+
+
+def _student_support(gathered: Tensor, tail: str) -> Tensor:
+    """The student's log-probs of the teacher's categories, from the gather at ``gather_ids``
+    (B, T, 1+K), or (B, T, 1+K+1) with the tail for bucket: renorm the K ids; bucket the K ids,
+    then the tail; label [label, ids] (the label slot is used only if needed)."""
+    return gathered if tail == "label" else gathered[..., 1:]
 
 
 def _divergence(teacher: Tensor, student: Tensor, loss: str, beta: float) -> Tensor:
@@ -400,44 +419,116 @@ def _divergence(teacher: Tensor, student: Tensor, loss: str, beta: float) -> Ten
     return inside.sum(-1) + (1.0 - beta) * -math.log1p(-beta) * q_off
 
 
-class _GatherWithTail(torch.autograd.Function):
-    """``[logprobs.gather(-1, ids), log(sum of exp(logprobs) outside the excluded ids)]``.
+class _Gathered(NamedTuple):
+    """What `_gather_log_softmax` computed and `_gather_log_softmax_grad` needs."""
 
-    The student's tail log-mass is computed as a logsumexp over a copy of its log-probs with the
-    K ids set to -inf, not as ``log1p(-exp(logsumexp(q_k)))``. The latter subtracts
-    ``sum q_k`` (known only to ~1e-7 absolute in float32) from 1, so once the student puts all
-    but ~1e-6 of its mass on the teacher's ids -- exactly what distillation drives it towards --
-    the tail's log is garbage or -inf. Its gradient is worse: d log q_tail / d log q_k =
-    -q_k / q_tail is huge, and the log-softmax backward then cancels two such huge numbers. The
-    masked logsumexp is exact to relative precision for any tail size, and its gradient
-    ``exp(logprob_v - tail)`` is <= 1.
+    logq: Tensor  # (N, V) log-softmax of x over the tail (bucket), else over the vocabulary
+    ids: Tensor  # (N, M) the gathered ids
+    out: Tensor  # (N, M), with a tail: (N, M+1), the result
+    stays: Tensor | None  # (N, M) bool: the slots whose id stays in the tail (None: no tail)
+    whole: Tensor | None  # (N, 1) bool: rows whose excluded ids are the vocabulary (K >= V only)
 
-    The price is extra elementwise passes over (B, T, V): masked copy + logsumexp forward,
-    recompute + exp backward (renorm/label need none). Being a custom Function buys: no
-    second (B, T, V) tensor saved for backward (it is recomputed from the student log-probs,
-    which the log-softmax already keeps alive), one dense gradient for gather and tail together
-    instead of two plus a sum, and a zero (not NaN) gradient when the tail is empty (K = V).
+
+def _gather_log_softmax(
+    x: Tensor, ids: Tensor, exclude: Tensor | None = None, *, inplace: bool = False
+) -> _Gathered:
+    """``log_softmax(x)`` at ``ids`` and, given ``exclude``, the log of the student's *tail*: its
+    probability summed over every id but those of the ``exclude`` slots; no autograd.
+
+    x (N, V) float32 or float64 (any leading dims work), overwritten if ``inplace``; ids (N, M)
+    valid indices; exclude (N, M) bool. Present ids must be distinct; a slot that does not
+    exclude (the label, padding parked on any id) may repeat one. Returns ``out`` (N, M), with
+    ``exclude`` (N, M+1) ``[log-probs at ids, tail]``, and what the gradient needs.
+
+    The tail is summed over the tail itself: ``logq``, the log-softmax of x with the excluded
+    ids at -inf (one masked copy, normalised in place), has for normaliser the tail's
+    logsumexp, L_tail = max + (log-softmax at the max), and the full normaliser is the
+    logsumexp of L_tail and of x at the excluded ids, a (N, M+1) reduction. Not
+    ``log(1 - sum q_k)``: that subtracts ``sum q_k`` (known only to ~1e-7 absolute in float32)
+    from 1, so once the student puts all but ~1e-6 of its mass on the teacher's ids -- exactly
+    what distillation drives it towards -- the tail's log is garbage or -inf, and its gradient
+    ``-q_k / q_tail`` is huge. Here the tail is exact to relative precision for any size, in
+    log space (no underflow), and its gradient (`_gather_log_softmax_grad`) is bounded.
+
+    Few operations on the (N, M) values, since on a busy CPU each one costs its thread pool's
+    wake-up whatever its size. A row whose excluded ids cover the vocabulary (K >= V) has an
+    empty tail (-inf, zero gradient) and is left unmasked, so that its log-softmax is not over
+    nothing. A row whose every non-excluded id has logit -inf is not supported (NaN).
+    """
+    if exclude is None:
+        logq = torch.log_softmax(x, -1, out=x) if inplace else torch.log_softmax(x, -1)
+        return _Gathered(logq, ids, logq.gather(-1, ids), None, None)
+    outside = ~exclude  # (N, M) the slots whose id is in the tail
+    whole, stays = None, outside
+    if ids.shape[-1] >= x.shape[-1]:  # only then may a row's excluded ids be the vocabulary
+        whole = exclude.sum(-1, keepdim=True) >= x.shape[-1]  # (N, 1)
+        stays = outside | whole  # such rows are not masked
+    picked = x.gather(-1, ids)  # (N, M) before x is overwritten
+    # adding -inf is order-free, and a slot parked on an excluded id adds 0
+    penalty = torch.where(stays, x.new_zeros(()), -math.inf)  # (N, M)
+    masked = x.scatter_add_(-1, ids, penalty) if inplace else x.scatter_add(-1, ids, penalty)
+    top, at = masked.max(-1, keepdim=True)  # (N, 1)
+    logq = torch.log_softmax(masked, -1, out=masked)  # (N, V) over the tail, in place
+    tail = top - logq.gather(-1, at)  # (N, 1) L_tail
+    if whole is not None:
+        tail = tail.masked_fill(whole, -math.inf)
+    parts = torch.cat([picked.masked_fill(outside, -math.inf), tail], -1)  # (N, M+1) partition
+    ref = parts.amax(-1, keepdim=True)  # (N, 1) finite: the tail's or an excluded id's
+    lse = ref + (parts - ref).exp_().sum(-1, keepdim=True).log_()  # (N, 1) L
+    return _Gathered(logq, ids, torch.cat([picked, tail], -1) - lse, stays, whole)
+
+
+def _gather_log_softmax_grad(s: _Gathered, grad_out: Tensor, *, inplace: bool = False) -> Tensor:
+    """d/dx from ``grad_out`` = d/d ``s.out``: (N, V), written over ``s.logq`` if ``inplace``.
+
+    With q the softmax of x, a gathered log-prob's gradient is ``onehot(id) - q``, the tail's
+    ``[v in tail] q_v / q_tail - q``. In the tail q_v = q_tail * exp(logq_v), so there the sum
+    is ``exp(logq_v) * (g_tail - G q_tail)`` (G: the sum of ``grad_out``), one pass over
+    ``logq``; the excluded ids (``exp(logq) = 0``) get ``-G q_c`` from their own slots, and
+    every slot its ``g_c``: a scatter of (N, M) values. Every factor is at most G in size.
+    """
+    q = s.logq.exp_() if inplace else s.logq.exp()  # (N, V)
+    total = grad_out.sum(-1, keepdim=True)  # (N, 1) G
+    if s.stays is None:
+        return q.mul_(-total).scatter_add_(-1, s.ids, grad_out)
+    probs = s.out.exp()  # (N, M+1) each slot's probability, the tail's last
+    g_tail = grad_out[..., -1:]
+    coef = g_tail - total * probs[..., -1:]  # (N, 1)
+    if s.whole is not None:  # an empty tail, left unmasked: q itself, and no tail term
+        coef = torch.where(s.whole, g_tail - total, coef)
+    own = grad_out[..., :-1] - (total * probs[..., :-1]).masked_fill_(s.stays, 0.0)  # (N, M)
+    return q.mul_(coef).scatter_add_(-1, s.ids, own)
+
+
+class _TailGather(torch.autograd.Function):
+    """``[log_softmax(logits / T) at ids, log of the probability off the excluded ids]``
+    (..., M+1), with its analytic gradient: `_gather_log_softmax`, for ``tail="bucket"``.
+
+    One function of the logits, in place of a log-softmax, a gather and a tail, so that the
+    bucket tail costs about what renorm does: forward, a masked copy of the logits normalised
+    in place (the only (..., V) tensor, kept for the backward), a max and (..., M) work;
+    backward, one pass over it and a scatter. Computed in float32 (float64 stays float64).
     """
 
     @staticmethod
-    def forward(ctx, logprobs: Tensor, ids: Tensor, exclude: Tensor) -> Tensor:
-        # logprobs (B, T, V); ids (B, T, M); exclude (B, T, M) bool: ids that leave the tail
-        penalty = torch.zeros(ids.shape, dtype=logprobs.dtype, device=logprobs.device)
-        penalty.masked_fill_(exclude, -math.inf)  # (B, T, M); adding -inf is order-free
-        masked = logprobs.scatter_add(-1, ids, penalty)  # (B, T, V), transient
-        tail = torch.logsumexp(masked, dim=-1, keepdim=True)  # (B, T, 1)
-        ctx.save_for_backward(logprobs, ids, penalty, tail)
-        return torch.cat([logprobs.gather(-1, ids), tail], dim=-1)  # (B, T, M+1)
+    def forward(ctx, logits: Tensor, ids: Tensor, exclude: Tensor, temperature: float) -> Tensor:
+        x = logits.to(_compute_dtype(logits))
+        owned = x is not logits  # a copy of our own may be overwritten
+        if temperature != 1.0:
+            x, owned = x / temperature, True
+        s = _gather_log_softmax(x, ids, exclude, inplace=owned)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        ctx.save_for_backward(s.logq, s.ids, s.out, s.stays, s.whole)
+        return s.out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        logprobs, ids, penalty, tail = ctx.saved_tensors
-        tail = tail.masked_fill(tail.isneginf(), 0.0)  # empty tail: exp(-inf - 0) = 0, not NaN
-        grad = logprobs.scatter_add(-1, ids, penalty)  # (B, T, V) masked copy, recomputed
-        grad.sub_(tail).exp_().mul_(grad_out[..., -1:])  # d tail / d logprobs_v
-        grad.scatter_add_(-1, ids, grad_out[..., :-1].contiguous())  # the gather's gradient
-        return grad, None, None
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        logq, ids, out, stays, whole = ctx.saved_tensors
+        grad = _gather_log_softmax_grad(_Gathered(logq, ids, out, stays, whole), grad_out)
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.dtype), None, None, None
 
 
 def _kl_terms(teacher: Tensor, student: Tensor) -> Tensor:
@@ -465,9 +556,14 @@ def _log_normalize_on(x: Tensor, on: Tensor) -> Tensor:
     return torch.where(on, x - torch.logsumexp(x, dim=-1, keepdim=True), -math.inf)
 
 
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 logits: the dtype every loss computes in."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def _log_softmax_at(logits: Tensor, temperature: float) -> Tensor:
     """float32 (float64 stays float64) log-softmax of ``logits / temperature`` over the vocab."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    x = logits.to(_compute_dtype(logits))
     if temperature != 1.0:
         x = x / temperature
     return torch.log_softmax(x, dim=-1)

@@ -203,3 +203,78 @@ def build_student(
 def config_to_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The model's config as plain JSON data (what a checkpoint stores)."""
     return json.loads(model.config.to_json_string(use_diff=False))
+
+
+# --------------------------------------------------------------------------------------------
+# --fused-loss: the student without its output layer
+
+
+class HiddenStates(torch.nn.Module):
+    """The student without its output layer: (input_ids, attention_mask) -> its base model's last
+    hidden state (B, T, H), which `fused_head` has checked that the output layer maps to the
+    logits. ``trainer fit --fused-loss`` runs the student through this (inside DDP when
+    data-parallel), and `trainer.fused` applies the output layer in the loss.
+
+    It wraps the whole model, output layer included, so that under DDP every parameter is the
+    wrapper's: the output layer's gradients, which the fused loss produces after DDP's forward,
+    reach DDP's gradient hooks like any other, and are averaged over the ranks."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def fused_head(model: torch.nn.Module, where: str = "the student") -> torch.nn.Linear:
+    """The output layer of ``model``, after checking that ``--fused-loss`` computes its logits:
+    they must be a plain `torch.nn.Linear` of its base model's last hidden state, nothing after
+    (no soft-capping, no scaling). Checked on one two-token forward in eval mode (hooks compare
+    the head's input with the base model's output and the logits with the head's output), so a
+    model that post-processes its logits is refused whatever its config says."""
+
+    def refuse(why: str) -> LogitCacheError:
+        return LogitCacheError(
+            f"--fused-loss cannot train {where} ({type(model).__name__}): {why}. The fused loss "
+            "applies the output layer itself, so it needs logits that are a plain linear map "
+            "(torch.nn.Linear) of the base model's last hidden state. Train this student "
+            "without --fused-loss."
+        )
+
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model:
+        raise refuse("it has no base model separate from its output layer")
+    if head is None or type(head).forward is not torch.nn.Linear.forward:
+        raise refuse(f"its output layer is {type(head).__name__}, not a torch.nn.Linear")
+    seen: dict[str, torch.Tensor] = {}
+    head_calls = []
+
+    def on_base(_module, _args, out) -> None:
+        seen["hidden"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def on_head(_module, args, out) -> None:
+        seen["head_in"], seen["head_out"] = args[0], out
+        head_calls.append(1)
+
+    ids = torch.arange(2).remainder(head.weight.shape[0]).unsqueeze(0)  # (1, 2)
+    ids = ids.to(head.weight.device)
+    hooks = [base.register_forward_hook(on_base), head.register_forward_hook(on_head)]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    if len(head_calls) != 1 or "hidden" not in seen:
+        raise refuse("its forward does not call its base model and output layer once each")
+    if not torch.equal(seen["head_in"], seen["hidden"]):
+        raise refuse("its output layer does not read the base model's last hidden state")
+    if not torch.equal(logits, seen["head_out"]):
+        raise refuse("its logits are not the output layer's output (soft-capped or scaled?)")
+    return head

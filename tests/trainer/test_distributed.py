@@ -145,3 +145,37 @@ def test_only_rank_0_writes_and_the_weights_match_one_process(ddp_then_single):
     assert worst < 1e-4, f"weights differ from the 1-process run by up to {worst}"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == SETTINGS["steps"]
+
+
+def test_fused_loss_under_two_processes_matches_one_unfused_process(
+    tmp_path, tiny_cache, tiny_student_config
+):
+    # --fused-loss runs the student through HiddenStates inside DDP and applies the output layer
+    # in the loss, after DDP's forward: the output layer's gradients (here the tied embedding's)
+    # must still be averaged over the ranks, or rank 0's weights would follow its half batch
+    short = {**SETTINGS, "steps": 4, "eval_every": 0, "checkpoint_every": 0, "log_every": 1}
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    argv = [*torchrun(2), *flags(tiny_cache, tiny_student_config, run, **short), "--fused-loss",
+            "--tail", "bucket"]  # fmt: skip
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env())  # fmt: skip
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(FitConfig(cache=str(tiny_cache), student=str(tiny_student_config), out=str(reference),
+                      progress=False, tail="bucket", **short))  # fmt: skip
+    finally:
+        torch.set_num_threads(torch_threads)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, f"torchrun exited {first.returncode}:\n{out}\n{err}"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    for row, ref in zip(rows, ref_rows, strict=True):
+        for key in ("loss", "ce", "kd"):
+            if key in row:
+                assert row[key] == pytest.approx(ref[key], rel=1e-4), (row, ref)
+    got = load_file(run / "model" / "model.safetensors")
+    want = load_file(reference / "model" / "model.safetensors")
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst < 1e-4, f"weights differ from the 1-process unfused run by up to {worst}"

@@ -184,6 +184,25 @@ def test_bucket_is_stable_when_student_tail_underflows_one_minus_sum():
         torch.testing.assert_close(g, grad_of(want, student).float(), atol=1e-6, rtol=1e-4)
 
 
+def test_bucket_tail_is_exact_far_below_float32_underflow():
+    # The student's tail is ~exp(-190): zero as a float32 probability, but the bucket tail is
+    # summed in log space, so the loss and its gradient stay finite and exact.
+    v, k = 50, 8
+    ids = torch.arange(k).expand(1, 2, k)
+    logp = torch.full((1, 2, k), math.log(0.1))  # teacher: 0.1 on each id, 0.2 tail
+    labels = torch.tensor([[3, 20]])
+    student = torch.zeros(1, 2, v)
+    student[..., :k] = 200.0
+    student.requires_grad_(True)
+    got = sparse_kd_loss(student, labels, ids, logp, tail="bucket")
+    want = reference_kd(student, labels, ids, logp, temperature=1.0, tail="bucket")
+    assert 30 < got.item() < 50
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-6)
+    g = grad_of(got, student)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, grad_of(want, student).float(), atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_sampled_targets_have_no_tail(temperature):
     # log(counts / N): the ids carry all the mass, so every mode is the same KL.
@@ -339,8 +358,10 @@ def test_mixed_alpha_and_detached_parts():
     torch.testing.assert_close(parts.ce, ce.detach())
 
 
+@pytest.mark.parametrize("tail", TAIL_MODES)
 @pytest.mark.parametrize(("temperature", "calls"), [(1.0, 1), (2.0, 2)])
-def test_log_softmax_is_shared_at_temperature_one(monkeypatch, temperature, calls):
+def test_log_softmax_is_shared_at_temperature_one(monkeypatch, temperature, calls, tail):
+    # bucket too: its tail comes from the same (masked) log-softmax, not from a second pass
     student, _, ids, logp, labels = make_batch(seed=15)
     student.requires_grad_(True)
     count = 0
@@ -352,7 +373,7 @@ def test_log_softmax_is_shared_at_temperature_one(monkeypatch, temperature, call
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "log_softmax", counting)
-    parts = distillation_loss(student, labels, ids, logp, temperature=temperature)
+    parts = distillation_loss(student, labels, ids, logp, temperature=temperature, tail=tail)
     parts.loss.backward()
     assert count == calls
 
