@@ -5,8 +5,8 @@
 
 The setting is the classic case where soft targets pay: *data efficiency*. The teacher is
 trained on much more text than the students see; each student gets only a small slice of the
-training text, for several epochs. Trained on hard labels, a student learns one token per
-position and overfits the slice; distilled, it also learns the teacher's whole next-token
+training text, for several epochs. Trained on hard labels, a student learns only what the slice
+shows, one token per position; distilled, it also learns the teacher's whole next-token
 distribution at every position, which carries what the teacher learned from the rest of the text.
 
 1. builds the embedded default teacher if missing (a GPT-2 and a byte-level BPE tokenizer,
