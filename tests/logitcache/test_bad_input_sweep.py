@@ -162,7 +162,7 @@ CASES: dict[str, Build] = {
     "dump_temperature_inf": lambda i, t: dump(i, t, ["--temperature must be"], temperature="inf"),
     "dump_seed_negative": lambda i, t: dump(i, t, ["--seed must be in"], seed=-1),
     "dump_samples_over_max": lambda i, t: dump(
-        i, t, ["--samples must be at most"], targets="sample", samples=70000
+        i, t, ["--samples must be at most"], targets="sample", top_k=None, samples=70000
     ),
     "dump_batch_size_zero": lambda i, t: dump(
         i, t, ["--batch-size must be at least 1"], batch_size=0
