@@ -120,7 +120,7 @@ def recipe_step(model, optimizer, loss, batch, head=None) -> float:
     parts.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return float(parts.loss)
+    return float(parts.loss.detach())
 
 
 def build_cache(args, teacher_dir: Path) -> Path:
