@@ -26,6 +26,14 @@ of a part (`Cache.read_decoded`: decompression, check, decode). Its figure goes 
 section of RESULTS.md (``bench_trainer_check``, next to this script's), in the quick form too:
 the full run takes about 25 minutes, the check's share a minute.
 
+``--interleaved`` measures the same step time ratios in one process, robust to a busy machine:
+one student per variant (hard labels, each tail; same init), fit's step recipe (forward, loss,
+backward, clipping, AdamW) on the same cache batches, the variants taking turns step by step
+(rotated order), so that the machine's drift hits every variant alike; the figure is the
+median over rounds of each round's step-time ratio to hard labels. Separate `fit` runs (the
+default mode) are the truer measure on a quiet machine; on a loaded one their ratios swing by
+tens of percent from one repetition to the next. Its section is ``bench_trainer_interleaved``.
+
 ``--fused`` measures instead ``trainer fit --fused-loss`` (`trainer.fused`) against the unfused
 loss where it matters, a large vocabulary (``--vocab``, 131072) and a small student (GPT-2,
 2 layers x 64), so that the logits dominate: peak memory and step time. Each variant runs in a
@@ -81,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--check-cost", action="store_true", help="time only the reader's value check (above)"
     )
+    p.add_argument(
+        "--interleaved", action="store_true",
+        help="only the step time ratios, variants taking turns in one process (above)",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=int, default=40, help="--interleaved: steps per variant")
     p.add_argument("--fused", action="store_true", help="only --fused-loss vs unfused (above)")
     p.add_argument("--vocab", type=int, default=131072, help="--fused: the student's vocabulary")
     p.add_argument("--fused-steps", type=int, default=5, help="--fused: steps per variant")
@@ -91,7 +104,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.files, args.steps, args.repeats = 30, 12, 1
         if args.fused:
             args.vocab, args.batch_size, args.seq_len, args.fused_steps = 16384, 2, 64, 3
+        args.rounds = 4
     return args
+
+
+def recipe_step(model, optimizer, loss, batch, head=None) -> float:
+    """One update as `trainer.fit._step` does it, without the data loading and logging: the
+    forward (``model`` returns hidden states when ``head`` is given: the fused loss), the loss,
+    backward, clipping at 1.0, the optimizer step; the loss value."""
+    import torch
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    parts = loss(out.logits, batch) if head is None else loss(out, head.weight, head.bias, batch)
+    optimizer.zero_grad(set_to_none=True)
+    parts.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(parts.loss.detach())
 
 
 def build_cache(args, teacher_dir: Path) -> Path:
@@ -232,21 +261,9 @@ def fused_worker(args) -> None:
              "labels": labels, "target_ids": target_ids, "target_logprobs": target_logprobs}  # fmt: skip
     kw = {"alpha": 0.5, "temperature": 1.0, "tail": args.fused_tail}
     if args.fused_worker == "fused":
-        net, head, fused_loss = HiddenStates(model), fused_head(model), FusedDistillationLoss(**kw)
+        net, head, loss = HiddenStates(model), fused_head(model), FusedDistillationLoss(**kw)
     else:
-        net, head, loss_fn = model, None, DistillationLoss(**kw)
-
-    def step() -> float:  # trainer.fit._step, without the data loading and logging
-        out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        if head is None:
-            parts = loss_fn(out.logits, batch)
-        else:
-            parts = fused_loss(out, head.weight, head.bias, batch)
-        optimizer.zero_grad(set_to_none=True)
-        parts.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        return float(parts.loss)
+        net, head, loss = model, None, DistillationLoss(**kw)
 
     def rss() -> int:  # bytes resident now
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -255,7 +272,7 @@ def fused_worker(args) -> None:
     times, losses = [], []
     for _ in range(args.fused_steps):
         start_s = time.perf_counter()
-        losses.append(step())
+        losses.append(recipe_step(net, optimizer, loss, batch, head))
         times.append(time.perf_counter() - start_s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"variant": args.fused_worker, "rss_before": before,
@@ -329,6 +346,70 @@ Losses: unfused {", ".join(f"{x:.6f}" for x in un["losses"])}; fused {", ".join(
         common.update_results("bench_trainer_fused", body)
 
 
+def interleaved(args, cache: Path, teacher_dir: Path, tails: list[str]) -> None:
+    """--interleaved: every variant's steps in turn in this process; RESULTS.md."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.testing import toy
+    from trainer.dataset import CacheDataset
+    from trainer.losses import DistillationLoss
+
+    losses = {"hard labels": DistillationLoss(alpha=1.0)}
+    losses.update({t: DistillationLoss(alpha=0.5, tail=t) for t in tails})
+    config = toy.build_student_config(teacher_dir)
+    runs = {}
+    for name in losses:
+        torch.manual_seed(0)  # the same init for every variant
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1))
+    ds = CacheDataset(cache, batch_size=args.batch_size, eval_fraction=0.01, seed=0)
+    batches = []
+    for batch in ds:  # the first rounds + 1 batches, read once, outside the timing
+        batches.append(batch)
+        if len(batches) > args.rounds:
+            break
+    times: dict[str, list[float]] = {name: [] for name in losses}
+    names = list(losses)
+    for r, batch in enumerate(batches):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            model, optimizer = runs[name]
+            start = time.perf_counter()
+            recipe_step(model, optimizer, losses[name], batch)
+            if r:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - start)
+    hard = times["hard labels"]
+    rows = [["hard labels only: step time (s, median)", f"{statistics.median(hard):.3f}", "", ""]]
+    for name in names[1:]:
+        ratios = [t / h for t, h in zip(times[name], hard, strict=True)]
+        ratio, q1, q3 = (statistics.median(ratios), *statistics.quantiles(ratios, n=4)[::2])
+        target = name in ("renorm", "bucket")
+        rows += [
+            [f"tail {name}: step time (s, median)", f"{statistics.median(times[name]):.3f}", "",
+             ""],
+            [f"step time tail {name} / hard labels, median of {len(ratios)} rounds' ratios "
+             f"(quartiles {q1:.3f} - {q3:.3f})", f"{ratio:.3f}", "<= 1.05" if target else "",
+             ("yes" if ratio <= 1.05 else "no") if target else ""],
+        ]  # fmt: skip
+    table = common.markdown_table(["measure", "value", "target", "met"], rows)
+    info = common.machine()
+    body = f"""## Step time from the cache vs hard labels, interleaved (`bench_trainer.py --interleaved`)
+
+- Command: `{common.command_line()}`
+- Date: {common.now_utc()}
+- Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}; load average at the end {common.loadavg()}
+- Setup: the cache and student of the default mode (top-{args.top_k}, seq_len {args.seq_len},
+  batch {args.batch_size}); alpha 0.5 for the tails, 1 for hard labels; {args.rounds} rounds of
+  one step per variant (the first round untimed), variants in rotated order, on the cache's
+  first batches; device cpu, float32.
+
+{table}
+"""
+    print(body)
+    if not args.quick:
+        common.update_results("bench_trainer_interleaved", body)
+
+
 def fused_chunk(vocab: int) -> int:
     from trainer.fused import DEFAULT_CHUNK_ELEMENTS
 
@@ -354,6 +435,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     default_tail, default_loss = FitConfig.tail, FitConfig.loss
     tails = list(dict.fromkeys([default_tail, *args.tails.split(",")]))
+    if args.interleaved:
+        interleaved(args, cache, teacher_dir, tails)
+        return
     losses = [x for x in dict.fromkeys(args.losses.split(",")) if x and x != default_loss]
     # run name -> (tail, loss); hard labels has no tail
     kinds: dict[str, tuple[str | None, str]] = {

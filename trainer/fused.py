@@ -245,15 +245,15 @@ def _chunk(
     t, temp = p.targets, p.temperature
     mask = p.mask[rows]  # (c,)
     if t is None:  # CE only: the label's log-prob
-        ids, exclude = p.label[rows], None
+        ids, in_tail = p.label[rows], None
     else:
         ids = t.gather_ids[rows]  # (c, 1+K)
-        exclude = None if t.leaves_tail is None else t.leaves_tail[rows]
+        in_tail = None if t.in_tail is None else t.in_tail[rows]  # (c, 1+K+1)
     at_one = None  # the label's log-softmax at T=1, when the rest is at T
     if t is not None and temp != 1.0:
         at_one = _gather_log_softmax(logits, p.label[rows])  # its own (c, V) buffer
         logits.div_(temp)
-    s = _gather_log_softmax(logits, ids, exclude, inplace=True)  # (c, V) overwritten
+    s = _gather_log_softmax(logits, ids, in_tail, inplace=True)  # (c, V) overwritten
 
     with torch.enable_grad():
         out = s.out.detach().requires_grad_(p.grad)  # (c, 1+K[+1]) gathered log-probs

@@ -211,7 +211,7 @@ def sparse_kd_loss(
         _compute_dtype(student_logits),
     )  # fmt: skip
     if tail == "bucket":
-        gathered = _TailGather.apply(student_logits, t.gather_ids, t.leaves_tail, temperature)
+        gathered = _TailGather.apply(student_logits, t.gather_ids, t.in_tail, temperature)
     else:
         gathered = _log_softmax_at(student_logits, temperature).gather(-1, t.gather_ids)
     div = _divergence(t.teacher, _student_support(gathered, tail), loss, beta)  # (B, T)
@@ -301,7 +301,7 @@ def distillation_loss(
     )  # fmt: skip
     logprobs = None  # (B, T, V) the log-softmax at T=1, if one is needed
     if tail == "bucket":
-        gathered = _TailGather.apply(student_logits, t.gather_ids, t.leaves_tail, temperature)
+        gathered = _TailGather.apply(student_logits, t.gather_ids, t.in_tail, temperature)
     else:
         logprobs = _log_softmax_at(student_logits, 1.0)  # the only one at T=1
         student_t = logprobs if temperature == 1.0 else _log_softmax_at(student_logits, temperature)
@@ -328,7 +328,9 @@ class _Targets(NamedTuple):
 
     mask: Tensor  # (B, T) bool: the positions that count
     gather_ids: Tensor  # (B, T, 1+K): the label, then the target ids (padding parked on id 0)
-    leaves_tail: Tensor | None  # (B, T, 1+K) bool, bucket only: the slots whose id is not tail
+    # (B, T, 1+K+1) bool, bucket only: the slots whose id is in the student's tail (the label,
+    # padding), not the target ids, nor the tail's own last column (`_gather_log_softmax`)
+    in_tail: Tensor | None
     teacher: Tensor  # (B, T, C) teacher log-probs at T on the categories (`_student_support`)
 
 
@@ -344,18 +346,20 @@ def _targets(
     """The categories of each position, the teacher on them and the ids to gather the student at.
 
     The student's log-probs are gathered at ``gather_ids`` from its log-softmax at the
-    temperature (bucket: plus its tail, `_TailGather`); `_student_support` then lines them up
-    with ``teacher``, slot by slot. ``dtype`` is the student's compute dtype (float32 or 64).
+    temperature (bucket: plus its tail, `_TailGather`, with ``in_tail``); `_student_support`
+    then lines them up with ``teacher``, slot by slot. ``dtype`` is the student's compute dtype (float32 or 64).
     """
     mask = labels != ignore_index  # (B, T)
     label = torch.where(mask, labels, 0).long().unsqueeze(-1)  # (B, T, 1) always a valid index
     logp = target_logprobs.detach().to(dtype)  # (B, T, K) teacher at T=1
-    present = ~logp.isneginf()  # (B, T, K) False on padding slots
+    absent = logp.isneginf()  # (B, T, K) True on padding slots
+    present = ~absent
     ids = torch.where(present, target_ids, 0).long()  # (B, T, K) junk padding ids -> 0
     gather_ids = torch.cat([label, ids], dim=-1)  # (B, T, 1+K)
-    leaves_tail = None
+    in_tail = None
     if tail == "bucket":
-        leaves_tail = torch.cat([torch.zeros_like(label, dtype=torch.bool), present], dim=-1)
+        edge = torch.ones_like(label, dtype=torch.bool)  # (B, T, 1)
+        in_tail = torch.cat([edge, absent, ~edge], dim=-1)  # (B, T, 1+K+1)
 
     # Teacher log-probs at T=1 on the support, in the slot order of `_student_support`.
     if tail == "renorm":
@@ -376,7 +380,7 @@ def _targets(
     if temperature != 1.0:
         teacher = teacher / temperature
     teacher = _log_normalize(teacher)  # renormalise over the support (re-tempering)
-    return _Targets(mask, gather_ids, leaves_tail, teacher)
+    return _Targets(mask, gather_ids, in_tail, teacher)
 
 
 def _student_support(gathered: Tensor, tail: str) -> Tensor:
@@ -425,20 +429,22 @@ class _Gathered(NamedTuple):
     logq: Tensor  # (N, V) log-softmax of x over the tail (bucket), else over the vocabulary
     ids: Tensor  # (N, M) the gathered ids
     out: Tensor  # (N, M), with a tail: (N, M+1), the result
-    stays: Tensor | None  # (N, M) bool: the slots whose id stays in the tail (None: no tail)
+    stays: Tensor | None  # (N, M+1) bool: ``in_tail``, and every slot of a row with no tail
     whole: Tensor | None  # (N, 1) bool: rows whose excluded ids are the vocabulary (K >= V only)
 
 
 def _gather_log_softmax(
-    x: Tensor, ids: Tensor, exclude: Tensor | None = None, *, inplace: bool = False
+    x: Tensor, ids: Tensor, in_tail: Tensor | None = None, *, inplace: bool = False
 ) -> _Gathered:
-    """``log_softmax(x)`` at ``ids`` and, given ``exclude``, the log of the student's *tail*: its
-    probability summed over every id but those of the ``exclude`` slots; no autograd.
+    """``log_softmax(x)`` at ``ids`` and, given ``in_tail``, the log of the student's *tail*: its
+    probability summed over every id but the excluded ones (those of the slots not in the
+    tail); no autograd.
 
     x (N, V) float32 or float64 (any leading dims work), overwritten if ``inplace``; ids (N, M)
-    valid indices; exclude (N, M) bool. Present ids must be distinct; a slot that does not
-    exclude (the label, padding parked on any id) may repeat one. Returns ``out`` (N, M), with
-    ``exclude`` (N, M+1) ``[log-probs at ids, tail]``, and what the gradient needs.
+    valid indices; in_tail (N, M+1) bool: the slots whose id stays in the tail, then False (the
+    tail's own column). Excluded ids must be distinct; a slot in the tail (the label, padding
+    parked on any id) may repeat one. Returns ``out`` (N, M), with ``in_tail`` (N, M+1)
+    ``[log-probs at ids, tail]``, and what the gradient needs.
 
     The tail is summed over the tail itself: ``logq``, the log-softmax of x with the excluded
     ids at -inf (one masked copy, normalised in place), has for normaliser the tail's
@@ -455,27 +461,27 @@ def _gather_log_softmax(
     empty tail (-inf, zero gradient) and is left unmasked, so that its log-softmax is not over
     nothing. A row whose every non-excluded id has logit -inf is not supported (NaN).
     """
-    if exclude is None:
+    if in_tail is None:
         logq = torch.log_softmax(x, -1, out=x) if inplace else torch.log_softmax(x, -1)
         return _Gathered(logq, ids, logq.gather(-1, ids), None, None)
-    outside = ~exclude  # (N, M) the slots whose id is in the tail
-    whole, stays = None, outside
+    whole, stays = None, in_tail
     if ids.shape[-1] >= x.shape[-1]:  # only then may a row's excluded ids be the vocabulary
-        whole = exclude.sum(-1, keepdim=True) >= x.shape[-1]  # (N, 1)
-        stays = outside | whole  # such rows are not masked
+        whole = (~in_tail[..., :-1]).sum(-1, keepdim=True) >= x.shape[-1]  # (N, 1)
+        stays = in_tail | whole  # such rows are not masked
     picked = x.gather(-1, ids)  # (N, M) before x is overwritten
     # adding -inf is order-free, and a slot parked on an excluded id adds 0
-    penalty = torch.where(stays, x.new_zeros(()), -math.inf)  # (N, M)
+    penalty = torch.where(stays[..., :-1], x.new_zeros(()), -math.inf)  # (N, M)
     masked = x.scatter_add_(-1, ids, penalty) if inplace else x.scatter_add(-1, ids, penalty)
     top, at = masked.max(-1, keepdim=True)  # (N, 1)
     logq = torch.log_softmax(masked, -1, out=masked)  # (N, V) over the tail, in place
     tail = top - logq.gather(-1, at)  # (N, 1) L_tail
     if whole is not None:
         tail = tail.masked_fill(whole, -math.inf)
-    parts = torch.cat([picked.masked_fill(outside, -math.inf), tail], -1)  # (N, M+1) partition
+    full = torch.cat([picked, tail], -1)  # (N, M+1)
+    parts = full.masked_fill(in_tail, -math.inf)  # the partition: excluded ids, then the tail
     ref = parts.amax(-1, keepdim=True)  # (N, 1) finite: the tail's or an excluded id's
     lse = ref + (parts - ref).exp_().sum(-1, keepdim=True).log_()  # (N, 1) L
-    return _Gathered(logq, ids, torch.cat([picked, tail], -1) - lse, stays, whole)
+    return _Gathered(logq, ids, full - lse, stays, whole)
 
 
 def _gather_log_softmax_grad(s: _Gathered, grad_out: Tensor, *, inplace: bool = False) -> Tensor:
@@ -484,20 +490,19 @@ def _gather_log_softmax_grad(s: _Gathered, grad_out: Tensor, *, inplace: bool = 
     With q the softmax of x, a gathered log-prob's gradient is ``onehot(id) - q``, the tail's
     ``[v in tail] q_v / q_tail - q``. In the tail q_v = q_tail * exp(logq_v), so there the sum
     is ``exp(logq_v) * (g_tail - G q_tail)`` (G: the sum of ``grad_out``), one pass over
-    ``logq``; the excluded ids (``exp(logq) = 0``) get ``-G q_c`` from their own slots, and
-    every slot its ``g_c``: a scatter of (N, M) values. Every factor is at most G in size.
+    ``logq``; the excluded ids (``exp(logq) = 0``) get ``g_c - G q_c`` from their own slots,
+    the slots in the tail their ``g_c``: a scatter of (N, M) values. Every factor is at most G.
     """
     q = s.logq.exp_() if inplace else s.logq.exp()  # (N, V)
     total = grad_out.sum(-1, keepdim=True)  # (N, 1) G
     if s.stays is None:
         return q.mul_(-total).scatter_add_(-1, s.ids, grad_out)
-    probs = s.out.exp()  # (N, M+1) each slot's probability, the tail's last
-    g_tail = grad_out[..., -1:]
-    coef = g_tail - total * probs[..., -1:]  # (N, 1)
+    probs = s.out.exp().masked_fill_(s.stays, 0.0)  # (N, M+1) excluded ids' and tail's q
+    own = torch.addcmul(grad_out, total, probs, value=-1.0)  # (N, M+1) g - G q
+    coef = own[..., -1:]  # (N, 1) g_tail - G q_tail
     if s.whole is not None:  # an empty tail, left unmasked: q itself, and no tail term
-        coef = torch.where(s.whole, g_tail - total, coef)
-    own = grad_out[..., :-1] - (total * probs[..., :-1]).masked_fill_(s.stays, 0.0)  # (N, M)
-    return q.mul_(coef).scatter_add_(-1, s.ids, own)
+        coef = torch.where(s.whole, grad_out[..., -1:] - total, coef)
+    return q.mul_(coef).scatter_add_(-1, s.ids, own[..., :-1])
 
 
 class _TailGather(torch.autograd.Function):
@@ -511,12 +516,12 @@ class _TailGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, exclude: Tensor, temperature: float) -> Tensor:
+    def forward(ctx, logits: Tensor, ids: Tensor, in_tail: Tensor, temperature: float) -> Tensor:
         x = logits.to(_compute_dtype(logits))
         owned = x is not logits  # a copy of our own may be overwritten
         if temperature != 1.0:
             x, owned = x / temperature, True
-        s = _gather_log_softmax(x, ids, exclude, inplace=owned)
+        s = _gather_log_softmax(x, ids, in_tail, inplace=owned)
         ctx.temperature, ctx.dtype = temperature, logits.dtype
         ctx.save_for_backward(s.logq, s.ids, s.out, s.stays, s.whole)
         return s.out
