@@ -112,12 +112,17 @@ def device_targets(
             stored = logprobs.to(_TORCH_VALUES[spec.logprob_dtype])
             finite = torch.isfinite(stored).all(-1)
         return {"finite": finite, "target_ids": ids.to(torch.int32), "target_logprobs": stored}
-    finite = torch.isfinite(torch.logsumexp(x, dim=-1))  # (B, T)
+    # the row maximum is NaN with a NaN, +inf with a +inf and -inf when every logit is: what
+    # makes a row's softmax undefined, found in one pass instead of a log-sum-exp's two
+    finite = torch.isfinite(x.amax(dim=-1))  # (B, T)
     keys = sampling.position_keys(
         spec.seed, sequences.to(logits.device), logits.shape[1], first_position
     )
-    safe = torch.where(finite[..., None], x, 0.0)  # rows with NaN are refused on the host
-    draws = sampling.draw(safe, keys, spec.samples)  # temperature already applied
+    # rows with NaN are refused on the host; they draw from zeros meanwhile. On a CPU the copy
+    # is skipped when every row is finite (no device to keep from waiting on the check).
+    if x.device.type != "cpu" or not bool(finite.all()):
+        x = torch.where(finite[..., None], x, 0.0)
+    draws = sampling.draw(x, keys, spec.samples)  # temperature already applied
     count_type = torch.uint8 if spec.samples <= 255 else torch.int32
     ids, counts, lengths = sampling.distinct_counts(draws, count_type)
     return {"finite": finite, "target_ids": ids, "target_counts": counts, "target_lengths": lengths}
