@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 import trainer
@@ -88,6 +89,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         gradient_accumulation_steps=a.grad_accum,
         learning_rate=a.lr,
         bf16=a.bf16,
+        use_cpu=a.bf16 and not torch.cuda.is_available(),  # the Trainer's bf16 on CPU needs it
         save_strategy="steps",
         save_steps=a.save_steps,
         logging_steps=a.logging_steps,
