@@ -56,7 +56,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer
 
-from logitcache import Cache, Manifest
+from logitcache import Cache, LogitCacheError, Manifest
 from trainer.dataset import IGNORE_INDEX, CacheDataset, PartCache, collate
 from trainer.losses import DistillationLoss, LossFn, LossParts
 from trainer.student import check_output_rows, check_student
@@ -178,6 +178,14 @@ class DistillationTrainer(Trainer):
         data_collator: Any = None,
         **kwargs: Any,
     ) -> None:
+        if "loss_is_scaled_for_ga" not in vars(Trainer):
+            import transformers
+
+            raise LogitCacheError(
+                "DistillationTrainer needs a transformers whose Trainer reads "
+                "loss_is_scaled_for_ga (transformers 5), to weight accumulated micro-batches "
+                f"itself; this is transformers {transformers.__version__}. Upgrade transformers."
+            )
         super().__init__(model, args, data_collator=data_collator or collate_sequences, **kwargs)
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else DistillationLoss()
         if self.args.remove_unused_columns:
@@ -231,7 +239,9 @@ class DistillationTrainer(Trainer):
     def _share(self, n: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor | float:
         """The factor that turns this micro-batch's mean into its part of the step's mean."""
         if num_items_in_batch is None:  # no count: micro-batches weighted equally
-            return 1.0 / self.current_gradient_accumulation_steps
+            return 1.0 / getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
         share = n / torch.as_tensor(num_items_in_batch, device=n.device).clamp(min=1)
         if self._counts_all_ranks():
             share = share * self.accelerator.num_processes  # DDP averages the gradients

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -99,6 +101,22 @@ def test_collated_sequences_are_the_cache_datasets_batches(tiny_cache):
         collate_sequences([shuffled[i] for i in range(8)])["index"], ours["index"]
     )
     assert len(plain) == len(CacheDataset(tiny_cache, batch_size=1).epoch_order(0))
+
+
+def test_dataloader_workers_read_the_same_batches(tiny_cache):
+    """In a worker process, and pickled (as a spawned worker gets it: without its decoded
+    parts), the dataset reads the same items."""
+    data = CacheSequences(tiny_cache, seed=1)
+    first = data[0]  # decoded parts in this process
+    copy = pickle.loads(pickle.dumps(data))
+    assert copy._parts is None and np.array_equal(
+        copy[0]["target_logprobs"], first["target_logprobs"]
+    )
+    kwargs = {"batch_size": 4, "collate_fn": collate_sequences}
+    here = [b["index"] for b, _ in zip(DataLoader(data, **kwargs), range(3), strict=False)]
+    there = DataLoader(data, num_workers=1, **kwargs)
+    for a, (b, _) in zip(here, zip(there, range(3), strict=False), strict=True):
+        assert torch.equal(a, b["index"])
 
 
 def test_the_splits_are_trainer_fits(tiny_cache):
