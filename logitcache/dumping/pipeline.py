@@ -28,7 +28,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +118,7 @@ def run(
     manifest = writer.manifest
     per_part = manifest.layout.sequences_per_part
     spec = targets.TargetSpec.of(manifest.targets)
-    sink = sink or PartAssembler(writer, manifest.targets).add
+    sink = sink or PartAssembler(writer, manifest.targets, manifest.codec.gaps).add
     # the global index of the next sequence: every committed part but the last is full
     next_sequence = (first_part + writer.committed) * per_part
     pipe: queue.Queue[BatchTargets | None] = queue.Queue(maxsize=QUEUE_BATCHES)
@@ -229,9 +229,12 @@ def _teacher_targets(
 class PartAssembler:
     """Collects batches into the next part and writes it; runs on the writer thread."""
 
-    def __init__(self, writer: CacheWriter, target_info: TargetInfo) -> None:
+    def __init__(
+        self, writer: CacheWriter, target_info: TargetInfo, gaps: Sequence[str] = ()
+    ) -> None:
         self.writer = writer
         self.targets = target_info
+        self.gaps = tuple(gaps)  # the manifest's codec.gaps: arrays stored as per-position gaps
         self._inputs: list[np.ndarray] = []
         self._rows: list[dict[str, np.ndarray]] = []
 
@@ -252,6 +255,6 @@ class PartAssembler:
             self._write()
 
     def _write(self) -> None:
-        arrays = targets.assemble(self.targets, self._inputs, self._rows)
+        arrays = targets.assemble(self.targets, self._inputs, self._rows, self.gaps)
         self._inputs, self._rows = [], []
         self.writer.write_part(arrays)

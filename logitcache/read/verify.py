@@ -20,6 +20,7 @@ import numpy as np
 from logitcache.errors import LogitCacheError
 from logitcache.format import codecs
 from logitcache.format.manifest import PARTS_DIR, PartArrays, array_names
+from logitcache.read.decoded import ungapped
 from logitcache.read.reader import Cache, completeness_problem
 from logitcache.storage.files import sha256_file
 from logitcache.storage.paths import link_problem, link_under
@@ -101,10 +102,13 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
             report.problems.append(f"{name}/{array} chunk {len(pieces)}: cannot be decoded ({exc})")
             return
         arrays[array] = np.concatenate(pieces) if pieces else np.zeros(0)
-    report.problems += [
-        f"{name}: {p}"
-        for p in check_invariants(cache, index, PartArrays(**{"target_logprobs": None} | arrays))
-    ]
+    stored = PartArrays(**{"target_logprobs": None} | arrays)
+    try:
+        part = ungapped(cache.manifest, stored, name)
+    except LogitCacheError as exc:  # lengths that do not add up: no ids to check
+        report.problems.append(str(exc))
+        return
+    report.problems += [f"{name}: {p}" for p in check_invariants(cache, index, part)]
 
 
 def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
