@@ -218,7 +218,7 @@ def _target_problems(m: Manifest) -> list[str]:
     if not problems and targets_need_1_1(m) and _version_tuple(m.format_version) < (1, 1):
         problems.append(
             f"format_version {m.format_version} cannot describe these targets or this codec "
-            f"(they need {READER_VERSION})"
+            f"(they need {MERGED_FORMAT_VERSION})"
         )
     return problems
 
