@@ -86,7 +86,12 @@ def dump(
     ] = None,
     delta: Annotated[
         bool,
-        typer.Option(help="Delta-filter the arrays that increase along a position (smaller)."),
+        typer.Option(
+            help="The layout before format 1.2: a delta filter on the ids (zarr: "
+            "numcodecs.delta, NOT in the Zarr v3 spec: tensorstore and other readers refuse "
+            "it) instead of storing sampled ids as gaps. Off by default: the default cache "
+            "opens in every Zarr v3 reader (docs/FORMAT.md, section 5)."
+        ),
     ] = D.delta,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = D.seq_len,
     pack: Annotated[

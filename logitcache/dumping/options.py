@@ -93,7 +93,11 @@ class DumpOptions:
     temperature: float = 1.0
     seed: int = 0  # of the draws (targets="sample")
     id_order: str = "id"  # top-k: ids increasing within a position (smaller), or "descending"
-    delta: bool = True  # delta-filter the arrays that increase along a position's row
+    #: The layout before format 1.2: a delta filter on the arrays that increase along a
+    #: position (zarr: numcodecs.delta, which is not in the Zarr v3 specification, so
+    #: tensorstore and other readers refuse the cache; parquet: DELTA_BINARY_PACKED), in place
+    #: of storing sampled ids as gaps. Off by default: the default cache is spec-only.
+    delta: bool = False
     seq_len: int = 1024
     pack: bool = True
     # positions whose logits are made at once (chunked path, logitcache.dumping.chunked): 0 is

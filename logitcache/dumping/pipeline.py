@@ -32,7 +32,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,7 +142,9 @@ def run(
     assembler = None
     if sink is None:
         threads = writer_threads(job.opts.writer_threads, job.teacher.device)
-        assembler = PartAssembler(writer, manifest.targets, threads=threads, profile=profile)
+        assembler = PartAssembler(
+            writer, manifest.targets, manifest.codec.gaps, threads=threads, profile=profile
+        )
         sink = assembler.add
     # the global index of the next sequence: every committed part but the last is full
     next_sequence = (first_part + writer.committed) * per_part
@@ -295,12 +297,14 @@ class PartAssembler:
         self,
         writer: Writer,
         target_info: TargetInfo,
+        gaps: Sequence[str] = (),
         *,
         threads: int = 1,
         profile: Profile | None = None,
     ) -> None:
         self.writer = writer
         self.targets = target_info
+        self.gaps = tuple(gaps)  # the manifest's codec.gaps: arrays stored as per-position gaps
         self.threads = threads
         self.profile = profile or Profile(enabled=False)
         self._inputs: list[np.ndarray] = []
@@ -350,7 +354,7 @@ class PartAssembler:
 
     def _end_part(self) -> None:
         with self.profile.stage("writer", "assemble"):
-            arrays = targets.assemble(self.targets, self._inputs, self._rows)
+            arrays = targets.assemble(self.targets, self._inputs, self._rows, self.gaps)
         self._inputs, self._rows = [], []
         index = self.writer.committed + len(self._staging)
         if self._pool is None:

@@ -146,7 +146,9 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
             clevel=opts.clevel,
             shuffle=opts.shuffle,
             checksum="crc32c",
+            # --delta: the numcodecs filter of before 1.2 (not Zarr v3 spec) in place of gaps
             delta=targets.delta_arrays(target_info) if opts.delta else [],
+            gaps=[] if opts.delta else targets.gap_arrays(target_info),
         ),
         complete=False,
         sequences=0,
