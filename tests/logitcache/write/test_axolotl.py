@@ -18,7 +18,7 @@ import torch
 import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.write.axolotl import LOGPROB_PAD, MARKER, export_axolotl
-from tests.logitcache.dump_helpers import SMALL, describe, dump_in_process, flat, run_cli
+from tests.logitcache.dump_helpers import describe, dump_in_process, flat, run_cli
 from tests.synthetic import make_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
