@@ -18,7 +18,7 @@ import torch
 import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.write.axolotl import LOGPROB_PAD, MARKER, export_axolotl
-from tests.logitcache.dump_helpers import describe, dump_in_process, flat, run_cli
+from tests.logitcache.dump_helpers import describe, flat, run_cli
 from tests.synthetic import make_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,14 +28,9 @@ FIELDS = ["input_ids", "attention_mask", "labels", "target_token_ids", "target_l
 
 
 @pytest.fixture(scope="module")
-def caches(small_caches, tiny_teacher_dir: Path, small_corpus: Path, tmp_path_factory):
+def caches(small_caches, small_sampled_cache) -> dict[str, Path]:
     """A top-k cache (zarr, k=4) and a sampled one (parquet, N=16), both real dumps."""
-    root = tmp_path_factory.mktemp("axolotl_caches")
-    sampled = dump_in_process(
-        tiny_teacher_dir, small_corpus, root / "sample", targets="sample", samples=16,
-        seq_len=64, part_tokens=256, backend="parquet",
-    )  # fmt: skip
-    return {"topk": small_caches["zarr"], "sample": sampled}
+    return {"topk": small_caches["zarr"], "sample": small_sampled_cache}
 
 
 @pytest.fixture(scope="module")
