@@ -29,14 +29,25 @@ Each example is one sequence, in the reader's uniform view (`CacheSequence`):
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from logitcache.format.manifest import PartArrays
 from logitcache.read.decoded import split_sequences
 
 if TYPE_CHECKING:
     import datasets
 
-    from logitcache.read.reader import Cache
+
+class Parts(Protocol):
+    """What the view needs of a cache (`logitcache.read.reader.Cache` has it; the reader
+    imports this module, not the reverse). Picklable, for DataLoader workers."""
+
+    @property
+    def num_parts(self) -> int: ...
+
+    def part_span(self, index: int) -> tuple[int, int]: ...
+
+    def read_decoded(self, index: int) -> PartArrays: ...
 
 
 def features() -> datasets.Features:
@@ -54,7 +65,7 @@ def features() -> datasets.Features:
     )
 
 
-def to_hf_dataset(cache: Cache) -> datasets.IterableDataset:
+def to_hf_dataset(cache: Parts) -> datasets.IterableDataset:
     """The sequences of `cache` as a `datasets.IterableDataset` with one shard per part."""
     import datasets
 
@@ -65,7 +76,7 @@ def to_hf_dataset(cache: Cache) -> datasets.IterableDataset:
     )
 
 
-def _sequences(parts: list[int], cache: Cache) -> Iterator[dict[str, Any]]:
+def _sequences(parts: list[int], cache: Parts) -> Iterator[dict[str, Any]]:
     """The examples of the parts `parts` (this shard's, in the order `datasets` gives them)."""
     for index in parts:
         first, _ = cache.part_span(index)
