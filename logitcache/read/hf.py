@@ -12,7 +12,8 @@ shards). So:
 * DataLoader workers and `datasets.distributed.split_dataset_by_node` divide whole parts, so
   each part is read and decoded once per epoch, by one process;
 * every part is decoded through `Cache.read_decoded` (its file and value checks included), a
-  part at a time, so memory stays at about one decoded part.
+  part at a time per shard being read, so memory stays at about one decoded part per shard
+  (recent `datasets` fill the shuffle buffer from ``max_buffer_input_shards`` shards at once).
 
 Each example is one sequence, in the reader's uniform view (`CacheSequence`):
 
