@@ -114,7 +114,7 @@ def export(
         )
     if format not in BACKENDS:
         raise LogitCacheError(
-            f"unknown --format {format!r}; choose one of: {', '.join((*BACKENDS, AXOLOTL))}."
+            f"unknown format {format!r}; choose one of: {', '.join((*BACKENDS, AXOLOTL))}."
         )
     from logitcache.write.export import export as run_export
 
