@@ -25,7 +25,6 @@ so OUT is either absent, the previous export, or the whole new one.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +193,3 @@ def _swap_in(tmp: Path, root: Path) -> None:
     files.fsync_dir(root.parent)
     if old is not None:
         files.remove(old)
-
-
-def read_marker(root: str | Path) -> dict:
-    """The record an export wrote next to its data (what made it and how)."""
-    return json.loads((Path(root) / MARKER).read_text(encoding="utf-8"))
