@@ -296,6 +296,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32_768, help="Held-out tokens encoded [32768].")
     p.add_argument("--teacher-seconds", type=float, default=900.0,
                    help="bench_fidelity's teacher budget (the teacher is shared) [900].")  # fmt: skip
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="A finished teacher directory to use instead (e.g. bench_fidelity's "
+                   "realistic one, benchmarks/.work/fidelity-realistic/teacher).")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")
     p.add_argument("--no-write", action="store_true", help="Do not touch RESULTS.md.")
     args = p.parse_args(argv)
@@ -311,7 +314,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     started, t0, load_before = common.now_utc(), time.perf_counter(), common.loadavg()
-    teacher_dir = bf.ensure_teacher(args.teacher_seconds)
+    teacher_dir = args.teacher or bf.ensure_teacher(args.teacher_seconds)
     seqs, logits = teacher_outputs(teacher_dir, args.tokens)
     tokens, vocab = seqs.numel(), logits.shape[-1]
     exact = torch.log_softmax(logits.double(), -1).reshape(tokens, vocab)
@@ -385,12 +388,15 @@ def main(argv=None) -> None:
         raise SystemExit(1)
     if args.no_write:
         return
+    teacher_name = (
+        f"the teacher at `{args.teacher}`" if args.teacher else "the bench_fidelity weak teacher"
+    )
     body = "\n\n".join(
         [
             "## Storage per token and reconstruction error (`bench_storage.py`)",
             f"- date: {started}; {(time.perf_counter() - t0) / 60:.1f} min; load average "
             f"{load_before} before\n- machine: {common.machine_line()}\n- command: `{common.command_line()}`",
-            f"Teacher outputs: the bench_fidelity teacher over {tokens:,} held-out stdlib tokens "
+            f"Teacher outputs: {teacher_name} over {tokens:,} held-out stdlib tokens "
             f"(vocabulary {vocab}, mean entropy {entropy:.2f} nats/position). Every logitcache "
             "row is a complete cache written by dump's code path (zstd level 5 + byte shuffle "
             "inside zarr shards unless the row says otherwise or is parquet); B/token counts every file including input "
