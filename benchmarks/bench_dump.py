@@ -537,6 +537,79 @@ def section(args: argparse.Namespace) -> str:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# What the targets cost next to the forward (--targets-cost)
+# --------------------------------------------------------------------------------------------
+
+#: The target kinds timed by --targets-cost: (name, `TargetSpec` fields).
+TARGET_COSTS = (
+    ("sample64 (the default)", {"kind": "sample", "k": 64, "samples": 64, "order": "id"}),
+    ("sample16", {"kind": "sample", "k": 16, "samples": 16, "order": "id"}),
+    ("topk32", {"kind": "topk", "k": 32, "order": "id"}),
+    ("topk64", {"kind": "topk", "k": 64, "order": "id"}),
+)
+
+
+def targets_cost(args: argparse.Namespace) -> str:
+    """CPU seconds, on one torch thread, of the teacher's forward and of each target kind's
+    `device_targets` on the same batches: the share of a dump's device work that is not the
+    forward, free of the writer, the disk and other processes' noise (the median per batch)."""
+    import torch
+
+    from logitcache.dumping import targets
+    from logitcache.dumping.teacher import load_teacher
+
+    torch.set_num_threads(1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    teacher_dir = args.teacher_dir or ensure_teacher(args.quick, args.work, args.teacher_shape)
+    corpus = args.work / f"corpus-targets-{'quick' if args.quick else 'full'}"
+    tokens = args.batch_size * args.seq_len * args.cost_batches
+    write_token_corpus(corpus, teacher_dir, tokens, split="heldout")
+    teacher = load_teacher(str(teacher_dir), device="cpu")
+    batches = bare_batches(corpus, teacher, args.seq_len, args.batch_size, args.part_tokens)
+    batches = [b for b in batches if b.shape[0] == args.batch_size][: args.cost_batches]
+    specs = [(name, targets.TargetSpec(**fields)) for name, fields in TARGET_COSTS]
+    times: dict[str, list[float]] = {"forward": []} | {name: [] for name, _ in specs}
+    with torch.inference_mode():
+        for rep in range(args.repeats + 1):  # the first pass warms up, untimed
+            for i, ids in enumerate(batches):
+                start = time.process_time()
+                logits = teacher.logits(ids)
+                spent = {"forward": time.process_time() - start}
+                index = torch.arange(i * len(ids), (i + 1) * len(ids))
+                for name, spec in specs:
+                    start = time.process_time()
+                    targets.device_targets(logits, spec, index)
+                    spent[name] = time.process_time() - start
+                if rep:
+                    for name, seconds in spent.items():
+                        times[name].append(seconds)
+    forward = statistics.median(times["forward"])
+    rows = [["teacher forward (bare)", f"{forward * 1000:.1f}", "1.000", "-"]]
+    for name, _ in specs:
+        t = statistics.median(times[name])
+        rows.append([f"targets: {name}", f"{t * 1000:.1f}", f"{t / forward:.3f}",
+                     f"{(forward + t) / forward:.3f}"])  # fmt: skip
+    table = markdown_table(
+        ["work per batch", "CPU ms (median)", "/ forward", "forward + targets, / forward"], rows
+    )
+    vocab = teacher.info.vocab_size
+    return f"""## What the targets cost next to the forward (`bench_dump.py --targets-cost`)
+
+- Command: `{command_line()}`
+- Date: {now_utc()}; revision {git_revision()}
+- Machine: {", ".join(f"{k} {v}" for k, v in machine().items())}; load average {loadavg()}
+- Teacher: `{teacher_dir}` (vocabulary {vocab:,}); {len(batches)} batches of
+  {args.batch_size} x {args.seq_len} held-out tokens, {args.repeats} timed passes after a warm-up,
+  one torch thread (CPU seconds are the work done).
+
+{table}
+
+The last column is what a dump's device thread does per batch against a bare forward, before
+the writer (which runs beside it) and the disk: the floor of dump/bare on a CPU.
+"""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, no RESULTS.md")
@@ -602,6 +675,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only the peak RSS of a dump vs. a bare forward at a large vocabulary (see above; "
         "its own RESULTS.md section)",
     )
+    p.add_argument(
+        "--targets-cost",
+        action="store_true",
+        help="only the CPU seconds of the forward and of each target kind on the same batches "
+        "(its own RESULTS.md section, bench_dump_targets)",
+    )
+    p.add_argument(
+        "--teacher-dir", type=Path, default=None,
+        help="--targets-cost: a finished teacher to time (default: this benchmark's own)",
+    )  # fmt: skip
+    p.add_argument("--cost-batches", type=int, default=8, help="--targets-cost batches")
     p.add_argument("--vocab", type=int, default=131072, help="--vocab-rss vocabulary")
     p.add_argument("--rss-batches", type=int, default=2, help="--vocab-rss batches (default 2)")
     p.add_argument("--work", type=Path, default=WORK, help="reusable work directory")
@@ -639,6 +723,13 @@ def main(argv: list[str] | None = None) -> None:
         print(report)
         if not args.no_results:
             update_results("bench_dump_vocab", report)
+            print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
+        return
+    if args.targets_cost:
+        report = targets_cost(args)
+        print(report)
+        if not args.no_results:
+            update_results("bench_dump_targets", report)
             print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
         return
     if args.threads:

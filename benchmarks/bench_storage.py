@@ -62,7 +62,7 @@ class Setting:
     samples: int = 0
     logprob_dtype: str = "float16"
     order: str = "descending"
-    delta: bool = False
+    delta: bool = False  # the numcodecs filter (--delta); without it sampled ids are gaps (1.2)
     backend: str = "zarr"
     shuffle: str = "shuffle"  # Blosc's byte shuffle, dump's default; "bitshuffle" before
 
@@ -89,6 +89,7 @@ def settings(quick: bool) -> list[Setting]:
             "topk64", "topk", k=64, logprob_dtype="uint8", order="id", backend="parquet", delta=True
         ),
         Setting("sample64", "sample", samples=64, order="id", backend="parquet", delta=True),
+        Setting("sample64", "sample", samples=64, order="id", backend="parquet"),  # gaps
     ]
     return out
 
@@ -100,7 +101,8 @@ def describe(s: Setting) -> str:
         codec = {"float16": "f16", "float32": "f32", "uint8": "q8 (1/16 nat)"}[s.logprob_dtype]
     order = {"descending": "prob order", "id": "id order"}[s.order]
     shuffle = "" if s.shuffle == "shuffle" else f", {s.shuffle}"
-    return f"{s.name} {codec}, {order}{', delta' if s.delta else ''}{shuffle}, {s.backend}"
+    coding = ", delta" if s.delta else ", gaps" if s.kind == "sample" else ""
+    return f"{s.name} {codec}, {order}{coding}{shuffle}, {s.backend}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +128,13 @@ def teacher_outputs(teacher_dir: Path, tokens: int):
 
 
 def template(
-    teacher_dir: Path, targets, delta: list[str], backend: str, seq_len: int, shuffle: str
+    teacher_dir: Path,
+    targets,
+    delta: list[str],
+    backend: str,
+    seq_len: int,
+    shuffle: str,
+    gaps: list[str] | None = None,
 ):
     from logitcache.dumping.teacher import load_teacher
     from logitcache.format.manifest import (
@@ -140,7 +148,7 @@ def template(
     from logitcache.version import __version__
 
     t = load_teacher(str(teacher_dir), device="cpu")
-    codec = CodecInfo("blosc", "zstd", 5, shuffle, "crc32c", delta=delta)
+    codec = CodecInfo("blosc", "zstd", 5, shuffle, "crc32c", delta=delta, gaps=list(gaps or []))
     m = Manifest(
         format=FORMAT_NAME, format_version="1.0", backend=backend,
         created="2026-01-01T00:00:00+00:00", teacher=t.info, tokenizer=t.tokenizer_info,
@@ -163,7 +171,8 @@ def write_cache(out: Path, s: Setting, seqs, logits, teacher_dir: Path) -> Any:
         logprob_dtype=s.logprob_dtype, order=s.order,
     )  # fmt: skip
     delta = targets_mod.delta_arrays(info) if s.delta else []
-    m = template(teacher_dir, info, delta, s.backend, seqs.shape[1], s.shuffle)
+    gaps = [] if s.delta else targets_mod.gap_arrays(info)  # as dump decides (prepare.py)
+    m = template(teacher_dir, info, delta, s.backend, seqs.shape[1], s.shuffle, gaps)
     spec = targets_mod.TargetSpec.of(info)
     inputs, rows = [], []
     for start in range(0, len(seqs), 8):
@@ -177,7 +186,7 @@ def write_cache(out: Path, s: Setting, seqs, logits, teacher_dir: Path) -> Any:
             rows.append({k: v[row] for k, v in host.items() if k != "finite"})
     shutil.rmtree(out, ignore_errors=True)
     with CacheWriter(out, m) as writer:
-        writer.write_part(targets_mod.assemble(info, inputs, rows))
+        writer.write_part(targets_mod.assemble(info, inputs, rows, gaps))
         writer.finish()
     return info
 
@@ -287,6 +296,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32_768, help="Held-out tokens encoded [32768].")
     p.add_argument("--teacher-seconds", type=float, default=900.0,
                    help="bench_fidelity's teacher budget (the teacher is shared) [900].")  # fmt: skip
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="A finished teacher directory to use instead (e.g. bench_fidelity's "
+                   "realistic one, benchmarks/.work/fidelity-realistic/teacher).")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")
     p.add_argument("--no-write", action="store_true", help="Do not touch RESULTS.md.")
     args = p.parse_args(argv)
@@ -302,7 +314,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     started, t0, load_before = common.now_utc(), time.perf_counter(), common.loadavg()
-    teacher_dir = bf.ensure_teacher(args.teacher_seconds)
+    teacher_dir = args.teacher or bf.ensure_teacher(args.teacher_seconds)
     seqs, logits = teacher_outputs(teacher_dir, args.tokens)
     tokens, vocab = seqs.numel(), logits.shape[-1]
     exact = torch.log_softmax(logits.double(), -1).reshape(tokens, vocab)
@@ -376,12 +388,15 @@ def main(argv=None) -> None:
         raise SystemExit(1)
     if args.no_write:
         return
+    teacher_name = (
+        f"the teacher at `{args.teacher}`" if args.teacher else "the bench_fidelity weak teacher"
+    )
     body = "\n\n".join(
         [
             "## Storage per token and reconstruction error (`bench_storage.py`)",
             f"- date: {started}; {(time.perf_counter() - t0) / 60:.1f} min; load average "
             f"{load_before} before\n- machine: {common.machine_line()}\n- command: `{common.command_line()}`",
-            f"Teacher outputs: the bench_fidelity teacher over {tokens:,} held-out stdlib tokens "
+            f"Teacher outputs: {teacher_name} over {tokens:,} held-out stdlib tokens "
             f"(vocabulary {vocab}, mean entropy {entropy:.2f} nats/position). Every logitcache "
             "row is a complete cache written by dump's code path (zstd level 5 + byte shuffle "
             "inside zarr shards unless the row says otherwise or is parquet); B/token counts every file including input "

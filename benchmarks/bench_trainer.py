@@ -233,7 +233,9 @@ def check_cost(args, cache: Path) -> None:
 
 def fused_worker(args) -> None:
     """One --fused variant in this (fresh) process: prints a JSON line with its step times,
-    losses and memory high-water marks."""
+    losses and memory high-water marks (on CUDA, the device's allocator peak as well).
+    ``--device cuda --precision bf16`` runs it on a GPU under bfloat16 autocast (bench_gpu)."""
+    import contextlib
     import resource
 
     import torch
@@ -244,10 +246,11 @@ def fused_worker(args) -> None:
     from trainer.losses import DistillationLoss
     from trainer.student import HiddenStates, fused_head
 
+    device = torch.device(args.device)
     b, t, k, v = args.batch_size, args.seq_len, args.top_k, args.vocab
     config = toy.build_student_config(v, n_positions=max(t, 8), **FUSED_STUDENT)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(v, (b, t), generator=g)
@@ -259,25 +262,42 @@ def fused_worker(args) -> None:
     target_logprobs = (target_logprobs + math.log(0.9)).sort(-1, descending=True).values
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
              "labels": labels, "target_ids": target_ids, "target_logprobs": target_logprobs}  # fmt: skip
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
     kw = {"alpha": 0.5, "temperature": 1.0, "tail": args.fused_tail}
     if args.fused_worker == "fused":
         net, head, loss = HiddenStates(model), fused_head(model), FusedDistillationLoss(**kw)
     else:
         net, head, loss = model, None, DistillationLoss(**kw)
+    on_cuda = device.type == "cuda"
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.precision == "bf16"
+        else contextlib.nullcontext()
+    )
 
     def rss() -> int:  # bytes resident now
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize(device)
+
     before, peak_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    gpu_before = torch.cuda.memory_allocated(device) if on_cuda else 0
     times, losses = [], []
     for _ in range(args.fused_steps):
+        sync()
         start_s = time.perf_counter()
-        losses.append(recipe_step(net, optimizer, loss, batch, head))
+        with autocast:
+            losses.append(recipe_step(net, optimizer, loss, batch, head))  # .item(): synced
         times.append(time.perf_counter() - start_s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu_peak = torch.cuda.max_memory_allocated(device) if on_cuda else 0
     print(json.dumps({"variant": args.fused_worker, "rss_before": before,
                       "peak_before": peak_before, "peak": peak, "times": times,
-                      "losses": losses}))  # fmt: skip
+                      "losses": losses, "gpu_before": gpu_before, "gpu_peak": gpu_peak}))  # fmt: skip
 
 
 def fused_comparison(args) -> None:

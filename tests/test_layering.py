@@ -4,8 +4,8 @@ Every `import` and `from ... import` of every module under `logitcache/` and `tr
 with `ast` (function-level imports included: a lazy import is still an arrow), resolved to the
 project module it names, and checked against the rules below; a forbidden arrow fails with the
 file, the line and the rule it breaks. The graph of project modules must have no cycle.
-Benchmarks and the demo may use public names only: no `_private` name of logitcache or trainer
-and no assignment into their modules (monkeypatching).
+Benchmarks, the demo and the examples may use public names only: no `_private` name of
+logitcache or trainer and no assignment into their modules (monkeypatching).
 """
 
 from __future__ import annotations
@@ -179,10 +179,14 @@ def _public_only_problems(path: Path) -> Iterator[str]:
 
 @pytest.mark.parametrize(
     "path",
-    [*sorted((REPO / "benchmarks").glob("*.py")), REPO / "demo.py"],
+    [
+        *sorted((REPO / "benchmarks").glob("*.py")),
+        REPO / "demo.py",
+        *sorted((REPO / "examples").glob("*.py")),
+    ],
     ids=lambda p: p.name,
 )
-def test_benchmarks_and_the_demo_use_public_names_only(path: Path) -> None:
+def test_benchmarks_the_demo_and_examples_use_public_names_only(path: Path) -> None:
     problems = list(_public_only_problems(path))
     assert not problems, "\n".join(problems)
 

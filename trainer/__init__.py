@@ -14,12 +14,15 @@ __all__ = [
     "LOSSES",
     "TAIL_MODES",
     "CacheDataset",
+    "CacheSequences",
     "DistillationLoss",
+    "DistillationTrainer",
     "FitConfig",
     "FusedDistillationLoss",
     "LossFn",
     "LossParts",
     "build_student",
+    "collate_sequences",
     "distillation_loss",
     "evaluate",
     "fit",
@@ -36,6 +39,9 @@ _HOME = {
     "LossParts": "trainer.losses",
     "distillation_loss": "trainer.losses",
     "CacheDataset": "trainer.dataset",
+    "CacheSequences": "trainer.hf",
+    "DistillationTrainer": "trainer.hf",
+    "collate_sequences": "trainer.hf",
     "FitConfig": "trainer.config",
     "FusedDistillationLoss": "trainer.fused",
     "fused_distillation_loss": "trainer.fused",
@@ -51,6 +57,7 @@ if TYPE_CHECKING:
     from trainer.evaluate import evaluate
     from trainer.fit import fit
     from trainer.fused import FusedDistillationLoss, fused_distillation_loss
+    from trainer.hf import CacheSequences, DistillationTrainer, collate_sequences
     from trainer.losses import (
         DEFAULT_TAIL,
         LOSSES,

@@ -200,11 +200,16 @@ class CacheDataset(IterableDataset):
         index); empty where the rank has nothing in the last global batch (see padding)."""
         return [b[self.rank :: self.world_size] for b in self.global_batches(epoch)]
 
+    def storage_index(self, pairs: np.ndarray) -> np.ndarray:
+        """The cache's storage indices (what ``cache[i]`` reads) of (part, local index) pairs
+        (N, 2), as `epoch_order` gives them: the ``index`` of a batch."""
+        return self._part_firsts[pairs[:, 0]] + pairs[:, 1]
+
     # ---- reading -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        parts = _PartCache(self.cache, 2 * self.shuffle_window, check_files=self.check_files)
+        parts = PartCache(self.cache, 2 * self.shuffle_window, check_files=self.check_files)
         for i, whole in enumerate(self.global_batches(self._epoch)):
             if i < self._batches or (i - self._batches) % workers != worker_id:
                 continue
@@ -215,12 +220,13 @@ class CacheDataset(IterableDataset):
                 padded["labels"].fill_(IGNORE_INDEX)
                 yield padded
                 continue
-            storage_index = self._part_firsts[batch[:, 0]] + batch[:, 1]
-            yield collate([parts.sequence(int(p), int(s)) for p, s in batch], storage_index)
+            sequences = [parts.sequence(int(p), int(s)) for p, s in batch]
+            yield collate(sequences, self.storage_index(batch))
 
 
-class _PartCache:
-    """The last few decoded parts (least recently used evicted): a window is read once."""
+class PartCache:
+    """The last few decoded parts (least recently used evicted): a window is read once. Shared
+    by `CacheDataset` and the per-sequence view `trainer.hf.CacheSequences`."""
 
     def __init__(self, cache: Cache, capacity: int, check_files: bool = False) -> None:
         self.cache, self.capacity, self.check_files = cache, capacity, check_files

@@ -127,6 +127,20 @@ def check_student(config: Any, manifest: Manifest, where: str = "the student") -
         )
 
 
+def check_output_rows(
+    model: torch.nn.Module, manifest: Manifest, where: str = "the student"
+) -> None:
+    """Refuse a built model whose output layer is not as wide as the teacher's vocabulary (its
+    config may say otherwise, e.g. after ``resize_token_embeddings``)."""
+    width = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = None if width is None else width.weight.shape[0]
+    if rows is not None and rows != manifest.teacher.vocab_size:
+        raise LogitCacheError(
+            f"vocabulary mismatch: {where} has {rows} output rows, but the cache's teacher "
+            f"({manifest.teacher.name}) has vocab_size {manifest.teacher.vocab_size}."
+        )
+
+
 def check_tokenizer(spec: str, manifest: Manifest) -> None:
     """Refuse a tokenizer that is not the one the cache's input ids come from."""
     fingerprint = tokenizer_fingerprint(load_tokenizer(spec, flag="--tokenizer", local_only=True))
@@ -188,14 +202,7 @@ def build_student(
             )
         ) from exc
     if manifest is not None:
-        width = model.get_output_embeddings()
-        rows = None if width is None else width.weight.shape[0]
-        if rows is not None and rows != manifest.teacher.vocab_size:
-            raise LogitCacheError(
-                f"vocabulary mismatch: the student {spec} has {rows} output rows, but the "
-                f"cache's teacher ({manifest.teacher.name}) has vocab_size "
-                f"{manifest.teacher.vocab_size}."
-            )
+        check_output_rows(model, manifest, f"the student {spec}")
     model.train()
     return model, source
 

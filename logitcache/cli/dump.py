@@ -86,7 +86,12 @@ def dump(
     ] = None,
     delta: Annotated[
         bool,
-        typer.Option(help="Delta-filter the arrays that increase along a position (smaller)."),
+        typer.Option(
+            help="The layout before format 1.2: a delta filter on the ids (zarr: "
+            "numcodecs.delta, NOT in the Zarr v3 spec: tensorstore and other readers refuse "
+            "it) instead of storing sampled ids as gaps. Off by default: the default cache "
+            "opens in every Zarr v3 reader (docs/FORMAT.md, section 5)."
+        ),
     ] = D.delta,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = D.seq_len,
     pack: Annotated[
@@ -159,6 +164,21 @@ def dump(
         bool, typer.Option(help="Delete an existing cache at --out and start over.")
     ] = D.overwrite,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = D.progress,
+    writer_threads: Annotated[
+        int,
+        typer.Option(
+            help="Threads that compress, write and hash parts, several parts at once (committed "
+            "in order): more where the compressor is the bottleneck (--profile: 'queue full'). "
+            "0: 1 beside a CPU teacher, up to 4 beside a GPU."
+        ),
+    ] = D.writer_threads,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            help="Time every stage (input, forward, targets, copies, assembly, compression, "
+            "commits; on a GPU the device's own time too) and print where the time went."
+        ),
+    ] = D.profile,
     license: LicenseOption = D.license,
     shard: Annotated[
         str | None,
@@ -189,6 +209,8 @@ def dump(
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache-3 --shard 3/16
 
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --profile
+
       logitcache dump --teacher ./llama-70b --data ./corpus/ --out ./cache --device-map auto --max-memory 0=70GiB,1=70GiB --dtype bfloat16
     """
     from logitcache.dumping.pipeline import dump as run_dump
@@ -212,6 +234,7 @@ def dump(
             device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, attn=attn,
             backend=format, logprob_dtype=logprob_dtype,
             part_tokens=part_tokens, clevel=clevel, shuffle=shuffle, overwrite=overwrite, progress=progress,
+            writer_threads=writer_threads, profile=profile,
             license=license, shard=shard,
         )
     )  # fmt: skip
@@ -233,6 +256,10 @@ def dump(
         f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s); "
         f"{summary.logits}"
     )
+    if summary.profile is not None:
+        from logitcache.dumping.profile import render
+
+        print(render(summary.profile))
 
 
 def target_kind(

@@ -13,11 +13,12 @@ from rich.markup import escape
 
 from logitcache.cli.common import CacheDirOption, human_bytes, size_per_token
 from logitcache.errors import CorruptCacheError, LogitCacheError
-from logitcache.format.manifest import Manifest
+from logitcache.format.manifest import Manifest, nonstandard_filters
 from logitcache.read import reader
 from logitcache.storage import mirror, stores
 
 out = Console()
+err = Console(stderr=True)
 
 
 def info(
@@ -43,12 +44,16 @@ def info(
     m = c.manifest
     size = stores.disk_usage(cache)
     problems = structure_problems(c)
+    nonstandard = nonstandard_filters(m)
     if as_json:
         doc = dataclasses.asdict(m) | {
             "size_bytes": size,
             "bytes_per_token": size / m.tokens if m.tokens else None,
+            "spec_only": not nonstandard,
+            "nonstandard_filters": nonstandard,
         }
         print(json.dumps(doc, indent=2))
+        _warn_nonstandard(nonstandard)
         _report_damage(cache, problems)
         return
     state = "complete" if m.complete else "UNFINISHED (rerun the dump to finish)"
@@ -60,6 +65,7 @@ def info(
         ("targets", describe_targets(m)),
         ("layout", f"seq_len {m.layout.seq_len}, {'packed' if m.layout.packing else 'one document per sequence'}, {m.layout.sequences_per_part} sequences/part"),
         ("codec", f"{m.codec.name}/{m.codec.cname} level {m.codec.clevel}, {m.codec.shuffle}, {m.codec.checksum}"),
+        ("readers", describe_readers(m)),
         ("counts", f"{m.tokens:,} tokens, {m.sequences:,} sequences, {len(m.parts)} parts"),
         ("size", size_per_token(size, m.tokens)),
     ]  # fmt: skip
@@ -68,7 +74,31 @@ def info(
                      "(data: logitcache verify)"))  # fmt: skip
     for key, value in rows:
         out.print(f"[bold]{key:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
+    _warn_nonstandard(nonstandard)
     _report_damage(cache, problems)
+
+
+def describe_readers(m: Manifest) -> str:
+    """Which readers open the cache: spec-only, or the filters that keep others out."""
+    nonstandard = nonstandard_filters(m)
+    if nonstandard:
+        return f"NOT spec-only: {', '.join(nonstandard)} (zarr-python only)"
+    if m.backend == "zarr":
+        return "spec-only: every Zarr v3 reader (zarr-python, tensorstore, zarrs, ...)"
+    return "spec-only: every Parquet reader (pyarrow, datasets, polars, DuckDB, ...)"
+
+
+def _warn_nonstandard(nonstandard: list[str]) -> None:
+    """On stderr, so that `info --json` stays parseable."""
+    if nonstandard:
+        err.print(
+            f"warning: this cache uses {', '.join(nonstandard)}, which is not in the Zarr v3 "
+            "specification: zarr-python reads it, tensorstore and other Zarr readers refuse "
+            "it. Re-dump without --delta (or `logitcache export` it to parquet) for a cache "
+            "every reader opens.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _report_damage(cache: str, problems: list[str]) -> None:
@@ -85,6 +115,7 @@ def describe_targets(m: Manifest) -> str:
     """One line on what a cache stores per position, and how."""
     t = m.targets
     delta = f", delta-filtered {'+'.join(m.codec.delta)}" if m.codec.delta else ""
+    delta += f", {'+'.join(m.codec.gaps)} stored as gaps" if m.codec.gaps else ""
     if t.kind == "sample":
         return (
             f"sample N={t.samples} (at most {t.k} distinct ids), T={t.temperature}, seed "

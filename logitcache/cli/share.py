@@ -7,7 +7,9 @@ from typing import Annotated
 import typer
 
 from logitcache.cli.common import CacheDirOption, LicenseOption
+from logitcache.errors import LogitCacheError
 from logitcache.format.card import DEFAULT_LICENSE
+from logitcache.format.manifest import BACKENDS
 
 
 def merge(
@@ -59,22 +61,61 @@ def merge(
 def export(
     cache: Annotated[str, typer.Argument(help="Cache directory or URL to read.")],
     out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Cache directory or URL to write.")],
-    format: Annotated[str, typer.Option(help="Backend of the output: parquet or zarr.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            help="parquet or zarr: a cache with that backend. axolotl: a dataset with axolotl's "
+            "KD fields (a local directory; examples/axolotl_export.md)."
+        ),
+    ],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="--format axolotl only: the temperature of the written log-probs (default: the "
+            "cache's; set axolotl's kd_temperature to it)."
+        ),
+    ] = None,
     license: LicenseOption = DEFAULT_LICENSE,
     cache_dir: CacheDirOption = None,
 ) -> None:
-    """Convert a cache to the other backend (or copy it between a directory and a URL).
+    """Convert a cache to the other backend (or copy it between a directory and a URL), or
+    write it as a dataset for axolotl's knowledge-distillation trainer.
 
     The Parquet output loads as is with pyarrow.dataset or datasets.load_dataset("parquet").
-    Interrupted? Rerun the same command: it resumes.
+    Interrupted? Rerun the same command: it resumes (an axolotl export starts over).
 
     Examples:
 
       logitcache export ./cache ./cache-parquet --format parquet
 
       logitcache export ./cache s3://bucket/cache --format zarr
+
+      logitcache export ./cache ./cache-axolotl --format axolotl
     """
+    from logitcache.write.axolotl import FORMAT as AXOLOTL
+
+    if format == AXOLOTL:
+        from logitcache.write.axolotl import export_axolotl
+
+        a = export_axolotl(
+            cache, out_dir, overwrite=overwrite, temperature=temperature, license=license,
+            cache_dir=cache_dir,
+        )  # fmt: skip
+        print(
+            f"wrote {out_dir} ({format}): {a.tokens:,} tokens in {a.sequences:,} sequences, "
+            f"{len(a.files)} Parquet files, k={a.k}, temperature {a.temperature:g}"
+        )
+        return
+    if temperature is not None:
+        raise LogitCacheError(
+            f"--temperature applies to --format {AXOLOTL} only: a {format} export copies the "
+            "cache's targets as they are."
+        )
+    if format not in BACKENDS:
+        raise LogitCacheError(
+            f"unknown format {format!r}; choose one of: {', '.join((*BACKENDS, AXOLOTL))}."
+        )
     from logitcache.write.export import export as run_export
 
     m = run_export(

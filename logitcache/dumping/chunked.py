@@ -239,18 +239,18 @@ def plan_logits(
 @torch.inference_mode()
 def chunked_targets(
     split: SplitHead,
-    input_ids: torch.Tensor,
+    hidden: torch.Tensor,
     spec: TargetSpec,
     sequences: torch.Tensor,
     targets_fn: TargetsFn,
     chunk_tokens: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The targets of a (batch, time) batch, as `targets_fn` computes them from its full
-    logits, computed from the final hidden states a chunk of time steps at a time; `sequences`
-    (batch,) the global sequence indices. Every array `targets_fn` returns is (batch, time, ...),
-    so the chunks' arrays are joined along time."""
-    hidden = split.hidden(input_ids)  # (batch, time, hidden)
-    batch, time = input_ids.shape
+    """The targets of a batch, as `targets_fn` computes them from its full logits, computed
+    from its final hidden states (batch, time, hidden), `split.hidden(input_ids)`, a chunk of
+    time steps at a time; `sequences` (batch,) the global sequence indices. Every array
+    `targets_fn` returns is (batch, time, ...), so the chunks' arrays are joined along time.
+    The body's forward is the caller's, so that it can be timed apart (`dump --profile`)."""
+    batch, time = hidden.shape[:2]
     steps = time_steps(chunk_tokens, batch, time, split.vocab_size)
     pieces = []
     for start in range(0, time, steps):

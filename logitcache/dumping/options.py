@@ -93,7 +93,11 @@ class DumpOptions:
     temperature: float = 1.0
     seed: int = 0  # of the draws (targets="sample")
     id_order: str = "id"  # top-k: ids increasing within a position (smaller), or "descending"
-    delta: bool = True  # delta-filter the arrays that increase along a position's row
+    #: The layout before format 1.2: a delta filter on the arrays that increase along a
+    #: position (zarr: numcodecs.delta, which is not in the Zarr v3 specification, so
+    #: tensorstore and other readers refuse the cache; parquet: DELTA_BINARY_PACKED), in place
+    #: of storing sampled ids as gaps. Off by default: the default cache is spec-only.
+    delta: bool = False
     seq_len: int = 1024
     pack: bool = True
     # positions whose logits are made at once (chunked path, logitcache.dumping.chunked): 0 is
@@ -116,6 +120,10 @@ class DumpOptions:
     shuffle: str = "shuffle"  # Blosc byte shuffle: smallest for id-ordered targets (FORMAT.md)
     overwrite: bool = False
     progress: bool = True
+    #: threads that compress, write and hash parts (several parts at once, committed in
+    #: order); 0 is auto: 1 for a CPU teacher, whose forward wants every core, else up to 4
+    writer_threads: int = 0
+    profile: bool = False  # time every stage of the dump (`logitcache.dumping.profile`)
     license: str = DEFAULT_LICENSE  # shown on the README.md card
     shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.dumping.sharding)
 
@@ -129,6 +137,8 @@ class DumpSummary:
     #: With --device-map: the teacher's modules per device (`Teacher.placement`), else None.
     placement: dict[str, int] | None = None
     logits: str = ""  # how the teacher's logits were computed: chunked or full, and why
+    #: With --profile: seconds per stage and thread (`logitcache.dumping.profile`), else None.
+    profile: dict | None = None
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -144,6 +154,10 @@ def check_options(opts: DumpOptions) -> None:
             raise LogitCacheError(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}."
             )
+    if opts.writer_threads < 0:
+        raise LogitCacheError(
+            f"--writer-threads must be 0 (auto) or at least 1, got {opts.writer_threads}."
+        )
     if opts.seq_len < 2:  # a 1-token sequence has no next token: a student could not train
         raise LogitCacheError(
             f"--seq-len must be at least 2, got {opts.seq_len}: the student learns to predict "

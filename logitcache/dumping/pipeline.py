@@ -14,8 +14,10 @@ The whole algorithm, in order:
    sequence index, position), reduced to distinct ids and counts; copied to pinned host memory
    without blocking;
 4. a writer thread takes finished batches from a bounded queue and a `PartAssembler` assembles
-   parts, compresses and commits them, so the teacher never waits for the disk and memory stays
-   bounded by the queue plus one part.
+   parts; a pool of `--writer-threads` compresses, writes and hashes them (several parts at
+   once where compression is the bottleneck), and the writer thread commits them in order. So
+   the teacher never waits for the disk, and memory stays bounded by the queue plus the parts
+   in the pool. `--profile` times each of these stages (`logitcache.dumping.profile`).
 
 With --shard I/N, or under torchrun, `dump` hands one slice of the data to
 `logitcache.dumping.sharding`, which runs the same `run` on it.
@@ -24,11 +26,13 @@ With --shard I/N, or under torchrun, `dump` hands one slice of the data to
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,13 +41,14 @@ import torch
 from logitcache.dumping import chunked, sharding, targets
 from logitcache.dumping.options import DumpOptions, DumpSummary
 from logitcache.dumping.prepare import Prepared, prepare
+from logitcache.dumping.profile import DeviceMarks, Profile
 from logitcache.dumping.teacher import Teacher
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import TargetInfo
+from logitcache.format.manifest import PartArrays, TargetInfo
 from logitcache.progress import Bar, progress_bar
 from logitcache.storage import stores
 from logitcache.write.remote_writer import open_writer
-from logitcache.write.writer import CacheWriter
+from logitcache.write.writer import CacheWriter, StagedPart, Writer
 
 __all__ = [
     "QUEUE_BATCHES",
@@ -55,6 +60,7 @@ __all__ = [
     "dump",
     "input_ids",
     "run",
+    "writer_threads",
 ]
 
 QUEUE_BATCHES = 4  # batches in flight between the device and the writer: bounds host memory
@@ -96,7 +102,20 @@ def dump(opts: DumpOptions, *, loop: sharding.Loop | None = None) -> DumpSummary
         wall,
         placement=job.teacher.placement,
         logits=job.logits.describe(),
+        profile=job.profile.report(wall) if job.profile.enabled else None,
     )
+
+
+def writer_threads(requested: int, device: torch.device) -> int:
+    """The writer pool's size: `requested`, or for 0 (auto) 1 beside a CPU teacher (its
+    forward already uses every core; compressing in parallel would only slow it) and, beside a
+    GPU, up to 4 threads but no more than a quarter of the cores (torchrun runs one dump per
+    GPU on the same host)."""
+    if requested > 0:
+        return requested
+    if device.type == "cpu":
+        return 1
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def run(
@@ -109,7 +128,8 @@ def run(
     targets_fn: TargetsFn = targets.device_targets,
     sink: Callable[[BatchTargets], None] | None = None,
 ) -> None:
-    """Device work on this thread, host work (assembly, compression, commit) on the writer's.
+    """Device work on this thread, host work (assembly, commits) on the writer's, compression
+    in the writer pool.
 
     `sequences` start at part `first_part` of the whole data (a shard's first part).
     `targets_fn` computes a batch's targets on the device, and `sink` is what the writer thread
@@ -118,36 +138,59 @@ def run(
     manifest = writer.manifest
     per_part = manifest.layout.sequences_per_part
     spec = targets.TargetSpec.of(manifest.targets)
-    sink = sink or PartAssembler(writer, manifest.targets).add
+    profile = job.profile
+    assembler = None
+    if sink is None:
+        threads = writer_threads(job.opts.writer_threads, job.teacher.device)
+        assembler = PartAssembler(
+            writer, manifest.targets, manifest.codec.gaps, threads=threads, profile=profile
+        )
+        sink = assembler.add
     # the global index of the next sequence: every committed part but the last is full
     next_sequence = (first_part + writer.committed) * per_part
     pipe: queue.Queue[BatchTargets | None] = queue.Queue(maxsize=QUEUE_BATCHES)
     failure: list[BaseException] = []
 
     def write_loop() -> None:
-        while (item := pipe.get()) is not None:
+        while True:
+            with profile.stage("writer", "idle"):
+                item = pipe.get()
+            if item is None:
+                break
             if not failure:
                 try:
                     sink(item)
                 except BaseException as exc:  # re-raised on the main thread below
                     failure.append(exc)
+        if assembler is not None and not failure:
+            try:
+                assembler.flush()  # the parts still in the pool, committed in order
+            except BaseException as exc:
+                failure.append(exc)
 
     thread = threading.Thread(target=write_loop, name="logitcache-writer", daemon=True)
     thread.start()
     try:
-        for batch, ends_part in batches(sequences, per_part, job.opts.batch_size, writer.committed):
-            if failure:
+        stream = batches(sequences, per_part, job.opts.batch_size, writer.committed)
+        while not failure:
+            with profile.stage("teacher", "input"):
+                item = next(stream, None)
+            if item is None:
                 break
-            pipe.put(
-                _teacher_targets(
-                    job.teacher, batch, spec, next_sequence, ends_part, targets_fn, job.logits
-                )
-            )
+            batch, ends_part = item
+            result = _teacher_targets(
+                job.teacher, batch, spec, next_sequence, ends_part, targets_fn, job.logits,
+                profile,
+            )  # fmt: skip
+            with profile.stage("teacher", "queue full"):
+                pipe.put(result)
             next_sequence += len(batch)
             bar.add_tokens(sum(len(s) for s in batch))
     finally:
         pipe.put(None)
         thread.join()
+        if assembler is not None:
+            assembler.close()  # before the writer's close removes what was staged
     if failure:
         raise failure[0]
 
@@ -182,6 +225,7 @@ class BatchTargets:
     arrays: dict[str, torch.Tensor]  # host copies of the targets' tensors (`TargetsFn`)
     ready: torch.cuda.Event | None
     ends_part: bool
+    marks: DeviceMarks | None = None  # --profile on CUDA: the device's time per stage
 
 
 def _teacher_targets(
@@ -192,6 +236,7 @@ def _teacher_targets(
     ends_part: bool,
     targets_fn: TargetsFn,
     plan: chunked.LogitsPlan,
+    profile: Profile,
 ) -> BatchTargets:
     """The batch's targets; `first_sequence` is the global index of its first sequence (what
     sampled targets are seeded by, so that they do not depend on batching). `plan` says
@@ -199,12 +244,22 @@ def _teacher_targets(
     ids = input_ids(batch)
     device_ids = torch.from_numpy(ids).to(teacher.device)
     index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
+    marks = profile.marks()
+    mark = marks.mark if marks is not None else lambda: None
+    mark()
     if plan.split is not None:  # the head's width is the probed one (`chunked.split_head`)
-        computed = chunked.chunked_targets(
-            plan.split, device_ids, spec, index, targets_fn, plan.chunk_tokens
-        )
+        with profile.stage("teacher", "forward"):
+            hidden = plan.split.hidden(device_ids)
+        mark()
+        with profile.stage("teacher", "targets"):
+            computed = chunked.chunked_targets(
+                plan.split, hidden, spec, index, targets_fn, plan.chunk_tokens
+            )
+        del hidden
     else:
-        logits = teacher.logits(device_ids)  # (batch, time, vocab)
+        with profile.stage("teacher", "forward"):
+            logits = teacher.logits(device_ids)  # (batch, time, vocab)
+        mark()
         if logits.shape[-1] != teacher.info.vocab_size:  # the width probed, in the manifest
             raise LogitCacheError(
                 f"the teacher returned logits over {logits.shape[-1]} ids for a batch, but "
@@ -212,46 +267,112 @@ def _teacher_targets(
                 "ids would not match the cache's. Use a teacher whose output width does not "
                 "depend on its input."
             )
-        computed = targets_fn(logits, spec, index)
+        with profile.stage("teacher", "targets"):
+            computed = targets_fn(logits, spec, index)
         del logits
+    mark()
     pinned = teacher.device.type == "cuda"
     host = {}
-    for name, tensor in computed.items():
-        host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
-        host[name].copy_(tensor, non_blocking=pinned)
+    with profile.stage("teacher", "to host"):
+        for name, tensor in computed.items():
+            host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+            host[name].copy_(tensor, non_blocking=pinned)
+    mark()
     ready = None
-    if pinned:
+    if pinned:  # on the stream the copies were queued on, which need not be the default one
         ready = torch.cuda.Event()
-        ready.record()
-    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part)
+        ready.record(torch.cuda.current_stream(teacher.device))
+    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part, marks)
 
 
 class PartAssembler:
-    """Collects batches into the next part and writes it; runs on the writer thread."""
+    """Collects batches into parts on the writer thread; a pool of `threads` stages them
+    (compresses, writes, hashes: `Writer.stage_part`) and the writer thread commits them in
+    order, at most `threads` parts being staged at once (what bounds memory).
 
-    def __init__(self, writer: CacheWriter, target_info: TargetInfo) -> None:
+    With one thread a part is staged and committed inline, as it is assembled. `close` must be
+    called once done (it waits for the pool), before the writer removes orphaned stages."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        target_info: TargetInfo,
+        gaps: Sequence[str] = (),
+        *,
+        threads: int = 1,
+        profile: Profile | None = None,
+    ) -> None:
         self.writer = writer
         self.targets = target_info
+        self.gaps = tuple(gaps)  # the manifest's codec.gaps: arrays stored as per-position gaps
+        self.threads = threads
+        self.profile = profile or Profile(enabled=False)
         self._inputs: list[np.ndarray] = []
         self._rows: list[dict[str, np.ndarray]] = []
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="logitcache-encode")
+            if threads > 1
+            else None
+        )
+        self._staging: collections.deque[concurrent.futures.Future[StagedPart]] = (
+            collections.deque()
+        )
 
     def add(self, batch: BatchTargets) -> None:
-        if batch.ready is not None:
-            batch.ready.synchronize()
-        arrays = {name: t.numpy() for name, t in batch.arrays.items()}
-        finite = arrays.pop("finite")
-        for row, n in enumerate(batch.lengths):
-            if not finite[row, :n].all():
-                raise LogitCacheError(
-                    f"the teacher produced non-finite logits (NaN or inf) in part {self.writer.committed}. "
-                    "Check the model's weights and --dtype (float16 overflows easily; try bfloat16 or float32)."
-                )
-            self._inputs.append(batch.input_ids[row, :n])
-            self._rows.append({name: a[row, :n] for name, a in arrays.items()})
+        with self.profile.stage("writer", "copy wait"):
+            if batch.ready is not None:
+                batch.ready.synchronize()
+        self.profile.landed(batch.marks)
+        with self.profile.stage("writer", "assemble"):
+            arrays = {name: t.numpy() for name, t in batch.arrays.items()}
+            finite = arrays.pop("finite")
+            for row, n in enumerate(batch.lengths):
+                if not finite[row, :n].all():
+                    part = self.writer.committed + len(self._staging)
+                    raise LogitCacheError(
+                        f"the teacher produced non-finite logits (NaN or inf) in part {part}. "
+                        "Check the model's weights and --dtype (float16 overflows easily; try bfloat16 or float32)."
+                    )
+                self._inputs.append(batch.input_ids[row, :n])
+                self._rows.append({name: a[row, :n] for name, a in arrays.items()})
         if batch.ends_part:
-            self._write()
+            self._end_part()
 
-    def _write(self) -> None:
-        arrays = targets.assemble(self.targets, self._inputs, self._rows)
+    def flush(self) -> None:
+        """Commit every part still being staged, in order."""
+        while self._staging:
+            self._commit_oldest()
+
+    def close(self) -> None:
+        """Stop the pool: parts not yet started are dropped, running ones finish (their stages
+        are orphans the writer removes)."""
+        if self._pool is not None:
+            for future in self._staging:
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._staging.clear()
+
+    def _end_part(self) -> None:
+        with self.profile.stage("writer", "assemble"):
+            arrays = targets.assemble(self.targets, self._inputs, self._rows, self.gaps)
         self._inputs, self._rows = [], []
-        self.writer.write_part(arrays)
+        index = self.writer.committed + len(self._staging)
+        if self._pool is None:
+            staged = self._stage(arrays, index)
+            with self.profile.stage("writer", "commit"):
+                self.writer.commit_staged(staged)
+            return
+        while len(self._staging) >= self.threads:
+            self._commit_oldest()
+        self._staging.append(self._pool.submit(self._stage, arrays, index))
+
+    def _stage(self, arrays: PartArrays, index: int) -> StagedPart:
+        with self.profile.stage("pool", "encode"):
+            return self.writer.stage_part(arrays, index)
+
+    def _commit_oldest(self) -> None:
+        with self.profile.stage("writer", "pool full"):
+            staged = self._staging[0].result()  # raises the stage's failure, in part order
+        self._staging.popleft()
+        with self.profile.stage("writer", "commit"):
+            self.writer.commit_staged(staged)

@@ -26,6 +26,7 @@ from logitcache.dumping.options import (
     device_map_of,
     max_memory_of,
 )
+from logitcache.dumping.profile import Profile
 from logitcache.dumping.teacher import Teacher, load_teacher
 from logitcache.errors import LogitCacheError
 from logitcache.format.manifest import (
@@ -53,6 +54,7 @@ class Prepared:
     source: data.DataSource
     template: Manifest
     logits: chunked.LogitsPlan
+    profile: Profile  # every stage's time with --profile; inert without
 
     def tokens(self, bar: Bar | None = None) -> Iterator[list[int]]:
         """Token ids per document, in order; `bar` counts the documents read."""
@@ -106,7 +108,8 @@ def prepare(opts: DumpOptions) -> Prepared:
         teacher.model, teacher.device, pretrained=opts.teacher is not None,
         chunk_tokens=opts.logits_chunk_tokens,
     )  # fmt: skip
-    return Prepared(opts, teacher, source, _manifest_template(opts, teacher, source), plan)
+    template = _manifest_template(opts, teacher, source)
+    return Prepared(opts, teacher, source, template, plan, Profile(opts.profile, teacher.device))
 
 
 def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSource) -> Manifest:
@@ -143,7 +146,9 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
             clevel=opts.clevel,
             shuffle=opts.shuffle,
             checksum="crc32c",
+            # --delta: the numcodecs filter of before 1.2 (not Zarr v3 spec) in place of gaps
             delta=targets.delta_arrays(target_info) if opts.delta else [],
+            gaps=[] if opts.delta else targets.gap_arrays(target_info),
         ),
         complete=False,
         sequences=0,

@@ -197,6 +197,43 @@ def decode_sample(
     return out_ids, out_lp
 
 
+# --------------------------------------------------------------------------------------------
+# Gaps: increasing ids stored as differences, in plain integers every reader reads
+
+
+def encode_gaps(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Ragged ids (E,), increasing within each position of `lengths` (T,) -> their gaps: a
+    position's first id as is, each next one minus the one before it (same dtype, never
+    negative). Why: sorted ids are close together, their gaps small numbers whose high bytes
+    are zero, which Blosc's byte shuffle and zstd store in a fraction of the space; unlike the
+    numcodecs delta filter, the gaps are the array's values, so every Zarr v3 and Parquet reader
+    reads them, and a position decodes on its own (random access stays cheap)."""
+    ids = np.asarray(ids)
+    gaps = np.diff(ids.astype(np.int64), prepend=np.int64(0))
+    starts = _starts(lengths)
+    gaps[starts[starts < len(gaps)]] = ids[starts[starts < len(gaps)]]
+    return gaps.astype(ids.dtype)
+
+
+def decode_gaps(gaps: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The inverse of `encode_gaps`: a running sum restarted at each position (docs/FORMAT.md,
+    section 3a). A damaged array whose sums leave the dtype wraps around; the value checks that
+    follow (ids below the vocabulary, increasing) catch it."""
+    gaps = np.asarray(gaps)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = np.cumsum(gaps, dtype=np.int64)  # (E,) sum of every gap so far
+    ends = np.cumsum(lengths)  # one past each position's last entry
+    if len(total) != (int(ends[-1]) if len(ends) else 0):
+        raise ValueError(f"{len(total)} gaps for {int(lengths.sum())} entries")
+    before = np.concatenate([[0], total])[ends - lengths]  # (T,) the gaps before a position
+    return (total - np.repeat(before, lengths)).astype(gaps.dtype)
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
 def encode_ragged(
     ids: np.ndarray, counts: np.ndarray, lengths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -209,10 +246,12 @@ __all__ = [
     "DEFAULT_Q8_SCALE",
     "LOGPROB_DTYPES",
     "count_dtype_for",
+    "decode_gaps",
     "decode_logprobs",
     "decode_sample",
     "decode_topk",
     "dequantize",
+    "encode_gaps",
     "encode_ragged",
     "invalid_logprobs",
     "logprob_error_bound",

@@ -36,10 +36,11 @@ FORMAT_VERSION = (
 )
 #: The newest version this package reads. 1.1 adds optional fields: `merged_from` (written only
 #: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
-#: filters. A cache that uses none of them is still written as 1.0, which every 1.x reader
-#: reads (`version_for`).
-READER_VERSION = "1.1"
+#: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
+#: them is still written as 1.0, which every 1.x reader reads (`version_for`).
+READER_VERSION = "1.2"
 MERGED_FORMAT_VERSION = "1.1"
+GAPS_FORMAT_VERSION = "1.2"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
@@ -155,7 +156,13 @@ class CodecInfo:
     clevel: int
     shuffle: str
     checksum: str
-    delta: list[str] = field(default_factory=list)  # 1.1: arrays delta-filtered first
+    #: 1.1: arrays put through a delta *filter* before compression (zarr: numcodecs.delta, which
+    #: is not in the Zarr v3 specification; parquet: DELTA_BINARY_PACKED). Only with --delta.
+    delta: list[str] = field(default_factory=list)
+    #: 1.2: arrays whose stored *values* are per-position gaps (a position's first id as is, each
+    #: next one minus the one before it; `logitcache.format.codecs.decode_gaps`): plain integers
+    #: that every Zarr and Parquet reader reads, decoded by a cumulative sum.
+    gaps: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -237,17 +244,31 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
-#: Fields added to existing records in 1.1, and the values they take where unused.
+#: Fields added to existing records in 1.1 (and `codec.gaps` in 1.2), and the values they take
+#: where unused: left out of the JSON at these values.
 _ADDED_IN_1_1 = {
     "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
-    "codec": {"delta": []},
+    "codec": {"delta": [], "gaps": []},
     "parts": {"entries": 0},
 }
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.0 unless a 1.1 feature is used."""
-    return READER_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
+    """The oldest format version that describes `m`: 1.2 with gaps, else 1.1 if a 1.1 feature
+    is used, else 1.0."""
+    if m.codec.gaps:
+        return GAPS_FORMAT_VERSION
+    return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
+
+
+def nonstandard_filters(m: Manifest) -> list[str]:
+    """The filters of `m` that are not in the Zarr v3 specification or its registered
+    extensions, one phrase each; empty for a cache every conforming reader opens (zarr-python,
+    tensorstore, zarrs, pyarrow, ...). Only the zarr backend's delta filter (numcodecs.delta,
+    written with --delta) is one: Parquet's DELTA_BINARY_PACKED is in the Parquet format."""
+    if m.backend != "zarr":
+        return []
+    return [f"numcodecs.delta on {name}" for name in m.codec.delta]
 
 
 def targets_need_1_1(m: Manifest) -> bool:

@@ -21,6 +21,7 @@ from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.format.manifest import (
     BACKENDS,
     FORMAT_NAME,
+    GAPS_FORMAT_VERSION,
     KIND_ARRAYS,
     KNOWN_MAJORS,
     LOGPROB_DTYPES,
@@ -203,10 +204,21 @@ def _target_problems(m: Manifest) -> list[str]:
             allowed.add("target_logprobs")
         if not set(m.codec.delta) <= allowed or len(set(m.codec.delta)) != len(m.codec.delta):
             problems.append(f"codec.delta {m.codec.delta} names arrays outside {sorted(allowed)}")
+        # gaps: only the ragged ids of sampled targets, never also through a delta filter
+        gaps = {"target_ids"} if t.kind == "sample" else set()
+        if not set(m.codec.gaps) <= gaps or len(set(m.codec.gaps)) != len(m.codec.gaps):
+            problems.append(f"codec.gaps {m.codec.gaps} names arrays outside {sorted(gaps)}")
+        elif set(m.codec.gaps) & set(m.codec.delta):
+            problems.append(f"codec.gaps and codec.delta both name {sorted(m.codec.gaps)}")
+    if m.codec.gaps and _version_tuple(m.format_version) < _version_tuple(GAPS_FORMAT_VERSION):
+        problems.append(
+            f"format_version {m.format_version} cannot describe codec.gaps (it needs "
+            f"{GAPS_FORMAT_VERSION})"
+        )
     if not problems and targets_need_1_1(m) and _version_tuple(m.format_version) < (1, 1):
         problems.append(
             f"format_version {m.format_version} cannot describe these targets or this codec "
-            f"(they need {READER_VERSION})"
+            f"(they need {MERGED_FORMAT_VERSION})"
         )
     return problems
 

@@ -10,6 +10,7 @@ part's raw arrays.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ def decode(
 
     The ids and values are checked first (`check_values`; `where` names the part in its error,
     `first_sequence` is the part's sequence that `arrays` start with)."""
+    arrays = ungapped(manifest, arrays, where)
     check_values(manifest, arrays, where, first_sequence)
     t = manifest.targets
     if t.kind == "sample":
@@ -73,6 +75,24 @@ def decode(
             arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
         )
     return PartArrays(arrays.input_ids, ids, logprobs, arrays.seq_offsets)
+
+
+def ungapped(manifest: Manifest, arrays: PartArrays, where: str = "a part") -> PartArrays:
+    """`arrays` with the arrays that ``codec.gaps`` names (format 1.2: sampled ids stored as
+    per-position gaps) turned back into ids; the others as they are. `arrays` must start at a
+    position (every read does: a part, or a sequence's rows)."""
+    if "target_ids" not in manifest.codec.gaps:
+        return arrays
+    lengths = np.asarray(arrays.target_lengths)
+    stored = int(lengths.sum(dtype=np.int64))
+    if stored != len(arrays.target_ids):
+        raise _bad_values(
+            where,
+            f"its target_lengths add up to {stored}, not the {len(arrays.target_ids)} (id, count) "
+            "entries stored",
+        )
+    ids = codecs.decode_gaps(arrays.target_ids, lengths)
+    return dataclasses.replace(arrays, target_ids=ids)
 
 
 def check_values(

@@ -18,7 +18,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from logitcache.storage import files, stores
 from logitcache.storage.backend import get_backend
 from logitcache.storage.mirror import PartMirror
 from logitcache.storage.paths import link_problem, link_under, refuse_links
+
+if TYPE_CHECKING:
+    import datasets
 
 #: (path, size, mtime) of the local part files whose sha256 this process has checked.
 _HASHED: set[tuple[str, int, int]] = set()
@@ -288,6 +291,18 @@ class Cache:
         (tokens, w) in decreasing order, ``-inf`` on unused slots (see `CacheSequence`)."""
         where = f"{self.manifest.parts[index].name} of {self.root}"
         return decode(self.manifest, self.read_part(index), where)
+
+    def part_span(self, index: int) -> tuple[int, int]:
+        """(first, stop): the global indices of part `index`'s sequences are first..stop-1."""
+        return self._part_starts[index], self._part_starts[index + 1]
+
+    def to_hf_dataset(self) -> datasets.IterableDataset:
+        """The cache as a streaming `datasets.IterableDataset`, one shard per part, read in
+        place (no copy): ``.shuffle(seed, buffer_size)`` and ``.set_epoch`` reshuffle parts and
+        sequences; see `logitcache.read.hf` for the fields. Imports `datasets` on first use."""
+        from logitcache.read.hf import to_hf_dataset
+
+        return to_hf_dataset(self)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(part index, sequence index within the part) of global sequence `index`."""

@@ -108,7 +108,7 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
 
 
 def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
-    """The format's rules for one part's content; an empty list when all hold."""
+    """The format's rules for one part's content, as stored; an empty list when all hold."""
     m = cache.manifest
     info = m.parts[index]
     problems = []
@@ -166,6 +166,8 @@ def _sample_problems(m, info, part: PartArrays) -> list[str]:
     if lengths.size and (lengths.min() < 1 or lengths.max() > t.k):
         return [f"a position holds fewer than 1 or more than k={t.k} distinct ids"]
     ids = part.target_ids.astype(np.int64)
+    if "target_ids" in m.codec.gaps:  # stored as per-position gaps (1.2): the ids are their sums
+        ids = codecs.decode_gaps(ids, lengths)
     counts = part.target_counts.astype(np.int64)
     if ids.size and ids.max() >= m.teacher.vocab_size:
         problems.append(f"a target id is >= vocab_size {m.teacher.vocab_size}")

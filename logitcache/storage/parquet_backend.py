@@ -56,6 +56,26 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
     )
 
 
+def write_sequences(
+    path: Path, columns: dict[str, np.ndarray], offsets: np.ndarray, clevel: int
+) -> None:
+    """Write token-axis arrays as a Parquet file of one row per sequence (``offsets`` (S + 1,)
+    delimit the sequences; a (tokens, k) array becomes a list of fixed-size lists): zstd, page
+    checksums, no statistics, like a part. For the datasets that `export --format axolotl`
+    writes, which are not caches but share this module so pyarrow stays imported in one place
+    on the storage side."""
+    table = pa.table({name: _per_token(values, offsets) for name, values in columns.items()})
+    pq.write_table(
+        table,
+        str(path),
+        compression="zstd",
+        compression_level=clevel,
+        use_dictionary=False,
+        write_statistics=False,
+        write_page_checksum=True,
+    )
+
+
 def _leaf(table: pa.Table, name: str) -> str:
     """The Parquet path of a column's values (`column_encoding` applies to leaves)."""
     depth = str(table.schema.field(name).type).count("list")

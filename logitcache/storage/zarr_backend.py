@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +29,17 @@ from logitcache.format.parse import load_json
 SUFFIX = ""  # a part is a directory
 
 
+#: `warnings.catch_warnings` swaps the process's filters and puts them back, which two threads
+#: doing it at once can leave wrong (the dump's writer pool stages parts side by side).
+_QUIET_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The delta filter is numcodecs' ("numcodecs.delta"), which zarr flags on every use as not
-    in the v3 specification; the format documents it (docs/FORMAT.md, section 5)."""
-    with warnings.catch_warnings():
+    in the v3 specification; the format documents it (docs/FORMAT.md, section 5). One thread
+    at a time: writes take it only for a cache with `--delta`, so the default's run in parallel."""
+    with _QUIET_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
         yield
 
@@ -44,7 +51,7 @@ def _chunk_rows(row_bytes: int, chunk_bytes: int, rows: int) -> int:
 
 def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: int) -> None:
     """Write `arrays` as a new Zarr v3 group at `path` (which must not exist yet)."""
-    with _quiet():
+    with _quiet() if codec.delta else contextlib.nullcontext():
         _write_part(path, arrays, codec, chunk_bytes)
 
 

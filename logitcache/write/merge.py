@@ -29,11 +29,11 @@ from typing import Any
 from logitcache.errors import LogitCacheError, SettingsMismatchError
 from logitcache.format.card import DEFAULT_LICENSE, render_card
 from logitcache.format.manifest import (
-    MERGED_FORMAT_VERSION,
     DataInfo,
     Manifest,
     MergedInput,
     part_name,
+    version_for,
 )
 from logitcache.format.shards import shard_of
 from logitcache.read import reader
@@ -196,9 +196,8 @@ def merged_manifest(locations: list[str], caches: list[Cache]) -> Manifest:
     for cache in caches:
         for part in cache.manifest.parts:
             parts.append(part.renamed(part_name(len(parts))))
-    return dataclasses.replace(
+    merged = dataclasses.replace(
         first,
-        format_version=MERGED_FORMAT_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         data=data,
         complete=True,
@@ -208,3 +207,5 @@ def merged_manifest(locations: list[str], caches: list[Cache]) -> Manifest:
         tool_version=__version__,
         merged_from=merged_from,
     )
+    # 1.1 for merged_from, or newer where the inputs' codec needs it (1.2: gaps)
+    return dataclasses.replace(merged, format_version=version_for(merged))

@@ -39,7 +39,7 @@ from logitcache.format.parse import parse_manifest
 from logitcache.storage.mirror import default_cache_dir
 from logitcache.storage.stores import is_remote, local_path
 from logitcache.write.destination import RemoteDestination
-from logitcache.write.writer import CacheWriter, Writer
+from logitcache.write.writer import CacheWriter, StagedPart, Writer
 
 if TYPE_CHECKING:  # the reader (and torch) is not loaded to write a cache
     from logitcache.read.reader import Cache
@@ -157,7 +157,15 @@ class RemoteCacheWriter:
 
     def write_part(self, arrays: PartArrays) -> PartInfo:
         """Stage, upload and commit the next part."""
-        info = self.local.write_part(arrays)
+        return self.commit_staged(self.stage_part(arrays, self.committed))
+
+    def stage_part(self, arrays: PartArrays, index: int) -> StagedPart:
+        """Write and hash part `index` in the staging directory (`CacheWriter.stage_part`)."""
+        return self.local.stage_part(arrays, index)
+
+    def commit_staged(self, staged: StagedPart) -> PartInfo:
+        """Commit a staged part locally, then upload it and the manifest listing it."""
+        info = self.local.commit_staged(staged)
         self.upload_part(info)
         return info
 

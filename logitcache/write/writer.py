@@ -42,7 +42,21 @@ from logitcache.write.destination import LocalDestination
 if TYPE_CHECKING:  # the reader (and torch) is not loaded to write a cache
     from logitcache.read.reader import Cache
 
-__all__ = ["CacheWriter", "Writer"]
+__all__ = ["CacheWriter", "StagedPart", "Writer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedPart:
+    """A part written and hashed under a temporary name (`tmp`), not yet in the manifest.
+
+    Staging is the expensive half of a part's write (compression, hashing) and touches nothing
+    but its own directory, so several parts can be staged at once; committing (a rename and the
+    manifest) is cheap and strictly in order, which keeps the commit protocol unchanged."""
+
+    index: int
+    tmp: Path
+    final: Path
+    info: PartInfo
 
 
 class Writer(Protocol):
@@ -59,6 +73,15 @@ class Writer(Protocol):
 
     def write_part(self, arrays: PartArrays) -> PartInfo:
         """Write the next part and commit it."""
+        ...
+
+    def stage_part(self, arrays: PartArrays, index: int) -> StagedPart:
+        """Write and hash part `index` under a temporary name, not committing it. Safe to call
+        from several threads at once for different parts (the dump's writer pool)."""
+        ...
+
+    def commit_staged(self, staged: StagedPart) -> PartInfo:
+        """Commit a staged part; parts are committed in order, one thread at a time."""
         ...
 
     def put_file(self, cache: Cache, index: int, rel: str, new_rel: str, digest: str) -> None:
@@ -206,7 +229,13 @@ class CacheWriter:
     def write_part(self, arrays: PartArrays) -> PartInfo:
         """Write the next part and commit it in the manifest. A failed write (a full disk, an
         I/O error) raises a `LogitCacheError` and leaves the cache as it was (rerun resumes)."""
-        name = part_name(self.committed)
+        return self.commit_staged(self.stage_part(arrays, self.committed))
+
+    def stage_part(self, arrays: PartArrays, index: int) -> StagedPart:
+        """Write part `index` under a temporary name in parts/ and hash its files. A failure
+        removes what it wrote; a staged part never committed is an orphan that `close` (or the
+        next resume) removes."""
+        name = part_name(index)
         final = part_path(self.root, self.manifest.backend, name)
         tmp = final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
         try:
@@ -220,8 +249,19 @@ class CacheWriter:
             info = PartInfo(
                 name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries
             )
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+        except OSError as exc:
+            remove_quietly(tmp)  # a full disk: free what the failed part took
+            raise self._disk_error(exc, f"writing {name}") from exc
+        return StagedPart(index, tmp, final, info)
+
+    def commit_staged(self, staged: StagedPart) -> PartInfo:
+        """Rename a staged part into place and commit it in the manifest (the next part only)."""
+        if staged.index != self.committed:
+            raise ValueError(f"part {staged.index} staged, but part {self.committed} is next")
+        info = staged.info
+        try:
+            os.replace(staged.tmp, staged.final)
+            fsync_dir(staged.final.parent)
             faults.point("part_renamed")
             manifest = dataclasses.replace(
                 self.manifest,
@@ -231,8 +271,8 @@ class CacheWriter:
             )
             self.destination.commit(manifest)
         except OSError as exc:
-            remove_quietly(tmp)  # a full disk: free what the failed part took
-            raise self._disk_error(exc, f"writing {name}") from exc
+            remove_quietly(staged.tmp)
+            raise self._disk_error(exc, f"writing {info.name}") from exc
         self.manifest = manifest
         faults.point("part_committed")
         return info

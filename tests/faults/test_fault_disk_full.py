@@ -39,15 +39,19 @@ def check_failed_dump(code: int, stderr: str, out: Path) -> int:
     return parts
 
 
+@pytest.mark.parametrize("writer_threads", [1, 3])
 def test_enospc_from_the_writer_then_rerun(
-    tmp_path, tiny_teacher_dir, dump_corpus, dump_reference, capsys, monkeypatch
+    tmp_path, tiny_teacher_dir, dump_corpus, dump_reference, capsys, monkeypatch, writer_threads
 ):
-    """LOGITCACHE_FAULTS=enospc=150000 (about a third of the cache), set here in-process."""
+    """LOGITCACHE_FAULTS=enospc=150000 (about a third of the cache), set here in-process. With
+    a pool of 3 writers, parts after the failed one may be staged already: they must be
+    removed too, and the commits before it kept in order."""
     from logitcache.cli.commands import main
     from logitcache.write import faults
 
     out = tmp_path / "cache"
     args = ["logitcache", *dump_command(tiny_teacher_dir, dump_corpus, out)[3:]]
+    args += ["--writer-threads", str(writer_threads)]
     monkeypatch.setattr(faults, "ACTIVE", True)
     monkeypatch.setattr(faults, "_ENOSPC_AFTER", 150_000)
     monkeypatch.setattr(faults, "_written", 0)

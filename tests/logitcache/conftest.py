@@ -63,6 +63,18 @@ def main_caches(tmp_path_factory, tiny_teacher_dir: Path, stdlib_corpus: Path) -
     )
 
 
+@pytest.fixture(scope="session")
+def small_sampled_cache(tmp_path_factory, tiny_teacher_dir: Path, small_corpus: Path) -> Path:
+    """The small corpus as sampled targets (N=16, parquet, several parts), dumped on one
+    thread: what the tests of the readers' sampled views read."""
+    out = tmp_path_factory.mktemp("small_sampled") / "cache"
+    with _torch_threads(1):
+        return dump_in_process(
+            tiny_teacher_dir, small_corpus, out, targets="sample", samples=16, seq_len=64,
+            part_tokens=256, backend="parquet",
+        )  # fmt: skip
+
+
 def _in_both_backends(root: Path, teacher: Path, corpus: Path, settings: dict) -> dict[str, Path]:
     """`corpus` dumped by `teacher` with `settings` into ROOT/zarr and ROOT/parquet, on one
     torch thread (as the tests that compare bytes expect)."""

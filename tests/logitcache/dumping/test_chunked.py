@@ -90,7 +90,9 @@ def test_chunked_targets_equal_those_of_the_full_logits(family, spec_name, chunk
     with torch.inference_mode():
         full_logits = model(ids).logits
     want = targets.device_targets(full_logits, spec, sequences)
-    got = chunked.chunked_targets(split, ids, spec, sequences, targets.device_targets, chunk_tokens)
+    got = chunked.chunked_targets(
+        split, split.hidden(ids), spec, sequences, targets.device_targets, chunk_tokens
+    )
     assert set(got) == set(want)
     for name in want:
         assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype, name

@@ -91,7 +91,7 @@ def test_round_trip_through_open(main_caches: dict[str, Path], backend: str):
     m = cache.manifest
     assert (m.format, m.format_version, m.backend, m.complete) == (
         "logitcache",
-        "1.1",  # the default id order and delta filter are 1.1 features
+        "1.1",  # the default id order is a 1.1 feature (top-k: no gaps, so not 1.2)
         backend,
         True,
     )

@@ -68,7 +68,8 @@ TOPK_CODECS = [
     {"logprob_dtype": "float16"},
     {"logprob_dtype": "float32", "id_order": "id"},
     {"logprob_dtype": "uint8"},
-    {"logprob_dtype": "uint8", "id_order": "id", "backend": "parquet"},
+    {"logprob_dtype": "uint8", "delta": True},  # the numcodecs filter, only when asked for
+    {"logprob_dtype": "uint8", "id_order": "id", "backend": "parquet", "delta": True},
     {"logprob_dtype": "float16", "id_order": "id", "backend": "parquet", "delta": False},
     {"logprob_dtype": "float16", "id_order": "descending", "shuffle": "bitshuffle"},  # 1.0 layout
     {"logprob_dtype": "float16", "shuffle": "noshuffle"},
@@ -81,8 +82,9 @@ def test_topk_codecs_hold_their_error_bound(tiny_teacher_dir, corpus, exact, tmp
     cache = logitcache.open(out)
     t = cache.manifest.targets
     assert verify(cache).ok, verify(cache).problems
-    wants_delta = options.get("delta", True) and (t.order == "id" or t.logprob_dtype == "uint8")
+    wants_delta = options.get("delta", False) and (t.order == "id" or t.logprob_dtype == "uint8")
     assert bool(cache.manifest.codec.delta) == wants_delta
+    assert cache.manifest.codec.gaps == []  # top-k ids stay plain: gaps are for sampled ids
     assert cache.manifest.codec.shuffle == options.get("shuffle", "shuffle")
     for seq in list(cache)[:6]:
         lp = exact(seq.input_ids)
@@ -114,16 +116,29 @@ def test_descending_float_topk_dump_is_still_format_1_0(tiny_teacher_dir, corpus
     doc = json.loads((out / "manifest.json").read_text())
     assert doc["format_version"] == "1.0"
     assert set(doc["targets"]) == {"kind", "k", "temperature", "id_dtype", "logprob_dtype", "order"}
-    assert "delta" not in doc["codec"]
+    assert "delta" not in doc["codec"] and "gaps" not in doc["codec"]
     # a 1.0 manifest from before this change parses, with the 1.1 fields at their defaults
     m = parse_manifest((out / "manifest.json").read_bytes())
     assert (m.targets.samples, m.targets.count_dtype, m.codec.delta) == (0, "", [])
 
 
-def test_manifest_needs_1_1_for_sampled_targets(tiny_teacher_dir, corpus, tmp_path):
+def test_manifest_needs_1_2_for_gaps_and_1_1_for_sampled_targets(
+    tiny_teacher_dir, corpus, tmp_path
+):
     out = dump_cache(tiny_teacher_dir, corpus, tmp_path / "c", targets="sample", samples=8)
     doc = json.loads((out / "manifest.json").read_text())
-    assert doc["format_version"] == "1.1" and doc["targets"]["kind"] == "sample"
+    assert doc["format_version"] == "1.2" and doc["targets"]["kind"] == "sample"
+    assert doc["codec"]["gaps"] == ["target_ids"] and "delta" not in doc["codec"]
+    doc["format_version"] = "1.1"  # a 1.1 reader would take the gaps for ids
+    with pytest.raises(CorruptCacheError, match=r"1\.2"):
+        parse_manifest(json.dumps(doc))
+    # --delta: the layout before 1.2 (numcodecs filter, no gaps), still 1.1
+    old = dump_cache(
+        tiny_teacher_dir, corpus, tmp_path / "old", targets="sample", samples=8, delta=True
+    )
+    doc = json.loads((old / "manifest.json").read_text())
+    assert doc["format_version"] == "1.1" and doc["codec"]["delta"] == ["target_ids"]
+    assert "gaps" not in doc["codec"]
     doc["format_version"] = "1.0"
     with pytest.raises(CorruptCacheError, match=r"1\.1"):
         parse_manifest(json.dumps(doc))
@@ -227,8 +242,10 @@ def test_verify_catches_bad_counts(sampled):
     counts[0] += 1
     problems = check_invariants(cache, 0, dataclasses.replace(raw, target_counts=counts))
     assert any("sum" in p for p in problems)
+    assert raw.target_lengths[0] >= 2
     ids = raw.target_ids.copy()
-    ids[[0, 1]] = ids[[1, 0]]
+    assert cache.manifest.codec.gaps == ["target_ids"]  # the default: ids stored as gaps
+    ids[1] = 0  # a zero gap: the position's second id repeats its first
     problems = check_invariants(cache, 0, dataclasses.replace(raw, target_ids=ids))
     assert any("increasing" in p for p in problems)
 
@@ -348,7 +365,8 @@ exec(Path(sys.argv[1]).read_text())
 root = Path(sys.argv[2])
 manifest = json.loads((root / "manifest.json").read_text())
 part = manifest["parts"][0]
-ids, counts, lengths, offsets = read_sampled_zarr_part(root / "parts" / part["name"])[1:]
+gaps = "target_ids" in manifest["codec"].get("gaps", [])
+ids, counts, lengths, offsets = read_sampled_zarr_part(root / "parts" / part["name"], gaps)[1:]
 assert "logitcache" not in sys.modules
 rows = [sampled_distribution(ids, counts, lengths, t, manifest["targets"]["samples"])
         for t in range(int(offsets[1]))]

@@ -186,6 +186,31 @@ def test_sampled_targets_are_unbiased():
     assert common.sum() > 500 and float(z.max()) < 5.5
 
 
+def _documented_draws(logits: torch.Tensor, keys: torch.Tensor, samples: int) -> torch.Tensor:
+    """FORMAT.md's recipe, literally: cumsum(softmax) in float64, divided by its last element,
+    the first id whose cdf exceeds u."""
+    x = logits.double().reshape(-1, logits.shape[-1])
+    cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
+    cdf = cdf / cdf[:, -1:]
+    u = sampling.uniforms(keys.reshape(-1), samples)
+    return torch.searchsorted(cdf, u, right=True).view(*logits.shape[:2], samples)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # near-uniform to very peaked
+def test_draws_are_the_documented_recipe_draw_for_draw(scale):
+    """`draw` multiplies the recipe's divisions out; every draw must stay the recipe's, with
+    ids of zero probability (-inf logits, here a whole tail) never drawn."""
+    g = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(6, 64, 3000, generator=g) * scale
+    logits[:, :, 2500:] = float("-inf")  # the last ids cannot be drawn
+    logits[0, 0, :] = float("-inf")
+    logits[0, 0, 7] = 0.0  # one possible id only
+    keys = sampling.position_keys(4, torch.arange(6), 64)
+    got = sampling.draw(logits, keys, 48, chunk_elements=5000)  # a row at a time
+    assert torch.equal(got, _documented_draws(logits, keys, 48))
+    assert int(got.max()) < 2500 and set(got[0, 0].tolist()) == {7}
+
+
 def test_temperature_is_applied_before_sampling():
     logits = lm_like_logits(1, 4, vocab=50, seed=5)
     keys = sampling.position_keys(0, torch.arange(1), 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import logitcache
 from tests.cli import REPO, cli_env
 from tests.logitcache.dump_helpers import describe, sequences_of
 
@@ -100,3 +102,66 @@ def test_plain_zarr_and_pyarrow_read_the_same_data(main_caches: dict[str, Path],
             plain["target_logprobs"].astype(np.float32),
             torch.cat([s.target_logprobs for s in expected]).numpy(),
         )
+
+
+OTHER_READERS_RUNNER = r"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+exec(compile(Path(sys.argv[1]).read_text(encoding="utf-8"), "FORMAT.md recipes", "exec"))
+assert "logitcache" not in sys.modules
+zarr_root, parquet_root, hf_cache = map(Path, sys.argv[2:5])
+manifest = read_manifest(zarr_root)
+arrays = 0
+for part in manifest["parts"]:
+    path = zarr_root / "parts" / part["name"]
+    names = ("input_ids", "target_ids", "target_logprobs", "seq_offsets")
+    for name, ours in zip(names, read_zarr_part(path)):
+        theirs = read_tensorstore_array(path / name)
+        assert theirs.dtype == ours.dtype and np.array_equal(theirs, ours), (part["name"], name)
+        arrays += 1
+manifest = read_manifest(parquet_root)
+k = manifest["targets"]["k"]
+table = read_parquet_cache(parquet_root, manifest)
+assert table.num_rows == manifest["sequences"]
+parts = [read_parquet_part(f, k) for f in parquet_files(parquet_root, manifest)]
+flat = table.column("target_ids").combine_chunks().flatten().flatten().to_numpy()
+assert np.array_equal(flat.reshape(-1, k), np.concatenate([p[1] for p in parts]))
+import os
+
+os.environ["HF_DATASETS_CACHE"] = str(hf_cache)
+rows = load_parquet_cache(parquet_root, manifest)
+assert rows.num_rows == manifest["sequences"]
+assert rows["input_ids"] == table.column("input_ids").to_pylist()
+print(json.dumps({"arrays": arrays, "sequences": rows.num_rows}))
+"""
+
+
+def test_tensorstore_pyarrow_dataset_and_datasets_recipes_read_the_same_data(
+    small_caches: dict[str, Path], tmp_path: Path
+):
+    """FORMAT.md's "Other readers" snippets, run as written: tensorstore gives zarr-python's
+    arrays, pyarrow.dataset and datasets give the rows of the plain pyarrow recipe."""
+    recipes = tmp_path / "recipes.py"
+    recipes.write_text(format_doc_recipes(), encoding="utf-8")
+    assert "def read_tensorstore_array" in recipes.read_text()
+    runner = tmp_path / "runner.py"
+    runner.write_text(OTHER_READERS_RUNNER, encoding="utf-8")
+    caches = [small_caches["zarr"], small_caches["parquet"], tmp_path / "hf"]
+    proc = subprocess.run(
+        [sys.executable, runner, recipes, *map(str, caches)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, describe(proc)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = len(logitcache.open(small_caches["zarr"]).manifest.parts)
+    assert report["arrays"] == 4 * parts >= 8
+    assert report["sequences"] == logitcache.open(small_caches["parquet"]).manifest.sequences

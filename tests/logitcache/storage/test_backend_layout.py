@@ -54,9 +54,10 @@ def test_zarr_layout_is_one_shard_per_array_with_the_documented_codecs(
             rows = max(1, min(length, chunk_bytes // (item * (width or 1))))
             assert config["chunk_shape"][0] == rows
             assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] >= length
-            delta = ["numcodecs.delta"] if array in manifest["codec"]["delta"] else []
-            assert [c["name"] for c in config["codecs"]] == [*delta, "bytes", "blosc", "crc32c"]
-            blosc = config["codecs"][len(delta) + 1]["configuration"]
+            # spec-only (docs/FORMAT.md, section 5): no numcodecs.delta unless dumped with --delta
+            assert "delta" not in manifest["codec"]
+            assert [c["name"] for c in config["codecs"]] == ["bytes", "blosc", "crc32c"]
+            blosc = config["codecs"][1]["configuration"]
             assert (blosc["cname"], blosc["shuffle"], blosc["typesize"]) == (
                 "zstd",
                 "shuffle",

@@ -1,0 +1,90 @@
+"""`Cache.to_hf_dataset()`: a cache as a streaming `datasets.IterableDataset`, read in place.
+
+Users of Hugging Face's stack (`Trainer`, TRL, their own loop over `datasets`) get the cache
+as the dataset type they already shuffle, shard and batch, without a conversion step that would
+copy it: the dataset is `IterableDataset.from_generator` over the cache's parts, each part one
+*shard* (the parts are passed as a list in ``gen_kwargs``, which is what `datasets` splits into
+shards). So:
+
+* ``.shuffle(seed, buffer_size)`` shuffles the order of the parts and, within a buffer of
+  ``buffer_size`` sequences, the sequences; ``.set_epoch(e)`` reshuffles both (the seed in
+  effect is ``seed + e``), and the same seed and epoch give the same order again;
+* DataLoader workers and `datasets.distributed.split_dataset_by_node` divide whole parts, so
+  each part is read and decoded once per epoch, by one process;
+* every part is decoded through `Cache.read_decoded` (its file and value checks included), a
+  part at a time per shard being read, so memory stays at about one decoded part per shard
+  (recent `datasets` fill the shuffle buffer from ``max_buffer_input_shards`` shards at once).
+
+Each example is one sequence, in the reader's uniform view (`CacheSequence`):
+
+* ``index`` (int64): the sequence's global index in the cache (``cache[index]``);
+* ``input_ids`` (n,) int64: the ids the teacher read;
+* ``target_ids`` (n, w) int64 and ``target_logprobs`` (n, w) float32: row j is the teacher's
+  distribution over token j + 1, most probable first, ``-inf`` (and id 0) in unused slots;
+  w = k for top-k caches; for sampled caches, log(count / N) and w the most distinct ids at
+  one position of the sequence's part.
+
+`datasets` is imported here, on first use, never by `import logitcache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from logitcache.format.manifest import PartArrays
+from logitcache.read.decoded import split_sequences
+
+if TYPE_CHECKING:
+    import datasets
+
+
+class Parts(Protocol):
+    """What the view needs of a cache (`logitcache.read.reader.Cache` has it; the reader
+    imports this module, not the reverse). Picklable, for DataLoader workers."""
+
+    @property
+    def num_parts(self) -> int: ...
+
+    def part_span(self, index: int) -> tuple[int, int]: ...
+
+    def read_decoded(self, index: int) -> PartArrays: ...
+
+
+def features() -> datasets.Features:
+    """The examples' schema (module docstring), for `datasets` 3 (`Sequence`) and 4+ (`List`)."""
+    import datasets
+
+    nested = getattr(datasets, "List", None) or datasets.Sequence
+    return datasets.Features(
+        {
+            "index": datasets.Value("int64"),
+            "input_ids": nested(datasets.Value("int64")),
+            "target_ids": nested(nested(datasets.Value("int64"))),
+            "target_logprobs": nested(nested(datasets.Value("float32"))),
+        }
+    )
+
+
+def to_hf_dataset(cache: Parts) -> datasets.IterableDataset:
+    """The sequences of `cache` as a `datasets.IterableDataset` with one shard per part."""
+    import datasets
+
+    return datasets.IterableDataset.from_generator(
+        _sequences,
+        features=features(),
+        gen_kwargs={"parts": list(range(cache.num_parts)), "cache": cache},
+    )
+
+
+def _sequences(parts: list[int], cache: Parts) -> Iterator[dict[str, Any]]:
+    """The examples of the parts `parts` (this shard's, in the order `datasets` gives them)."""
+    for index in parts:
+        first, _ = cache.part_span(index)
+        for offset, seq in enumerate(split_sequences(cache.read_decoded(index))):
+            yield {
+                "index": first + offset,
+                "input_ids": seq.input_ids.numpy(),
+                "target_ids": seq.target_ids.numpy(),
+                "target_logprobs": seq.target_logprobs.numpy(),
+            }
