@@ -60,6 +60,7 @@ from common import (
     WORK,
     command_line,
     ensure_teacher,
+    fill_defaults,
     git_revision,
     loadavg,
     machine,
@@ -704,10 +705,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "part_tokens": 4096 if q else 32768,
         "repeats": 3,
     }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, defaults)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -718,20 +716,16 @@ def main(argv: list[str] | None = None) -> None:
     if args._child_bare:
         _child_bare(args._child_bare)
         return
-    if args.vocab_rss:
-        report = vocab_rss(args)
-        print(report)
-        if not args.no_results:
-            update_results("bench_dump_vocab", report)
-            print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
-        return
-    if args.targets_cost:
-        report = targets_cost(args)
-        print(report)
-        if not args.no_results:
-            update_results("bench_dump_targets", report)
-            print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
-        return
+    # the single measurements, each with its own section
+    for wanted, measure, name in ((args.vocab_rss, vocab_rss, "bench_dump_vocab"),
+                                  (args.targets_cost, targets_cost, "bench_dump_targets")):  # fmt: skip
+        if wanted:
+            report = measure(args)
+            print(report)
+            if not args.no_results:
+                update_results(name, report)
+                print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
+            return
     if args.threads:
         import torch
 

@@ -44,6 +44,7 @@ from bench_dump import Clock, bare_batches, time_dump
 from common import (
     WORK,
     command_line,
+    fill_defaults,
     git_revision,
     machine,
     markdown_table,
@@ -292,10 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "train_batch": 2 if tiny else 4, "train_seq": 32 if tiny else 2048,
         "train_steps": 2 if tiny else 6,
     }  # fmt: skip
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, defaults)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -164,6 +164,15 @@ def update_results(name: str, body: str, path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
+def fill_defaults(args: Any, defaults: dict[str, Any]) -> Any:
+    """Set each of `defaults` on `args` where the command line left it None (defaults that
+    depend on a mode, such as --quick), and return `args`."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table with aligned columns (readable as plain text too); cells go through
     `str`."""

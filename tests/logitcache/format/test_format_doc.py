@@ -60,6 +60,24 @@ def format_doc_recipes() -> str:
     return "\n\n".join(blocks)
 
 
+def _run_recipes(
+    runner: Path, recipes: Path, args: list, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`runner` (which must not import logitcache: the recipes stand alone) in a fresh
+    interpreter, on the recipes file and `args`; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, runner, recipes, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, describe(proc)
+    return proc
+
+
 def test_format_doc_keeps_its_sections():
     text = FORMAT_DOC.read_text(encoding="utf-8")
     assert "## Why these choices" in text
@@ -75,16 +93,7 @@ def test_plain_zarr_and_pyarrow_read_the_same_data(main_caches: dict[str, Path],
     runner.write_text(RECIPE_RUNNER, encoding="utf-8")
     outputs = {backend: tmp_path / f"{backend}.npz" for backend in main_caches}
     args = [x for b in main_caches for x in (main_caches[b], outputs[b])]
-    proc = subprocess.run(
-        [sys.executable, runner, recipes, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=tmp_path,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, describe(proc)
+    _run_recipes(runner, recipes, args, tmp_path)
 
     for backend, out in outputs.items():
         plain = np.load(out)
@@ -151,16 +160,7 @@ def test_tensorstore_pyarrow_dataset_and_datasets_recipes_read_the_same_data(
     runner = tmp_path / "runner.py"
     runner.write_text(OTHER_READERS_RUNNER, encoding="utf-8")
     caches = [small_caches["zarr"], small_caches["parquet"], tmp_path / "hf"]
-    proc = subprocess.run(
-        [sys.executable, runner, recipes, *map(str, caches)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=tmp_path,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, describe(proc)
+    proc = _run_recipes(runner, recipes, caches, tmp_path)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     parts = len(logitcache.open(small_caches["zarr"]).manifest.parts)
     assert report["arrays"] == 4 * parts >= 8
