@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_dump import Clock, bare_batches, time_dump
+from bench_dump import bare_batches, time_bare, time_dump
 from common import (
     WORK,
     command_line,
@@ -119,18 +119,13 @@ def _peak_above(base: int, on_cuda: bool) -> int:
     return torch.cuda.max_memory_allocated() - base if on_cuda else 0
 
 
-def time_bare(teacher, batches: list, on_cuda: bool) -> tuple[float, int]:
-    """The bare forward over `batches`: wall seconds, peak device memory above the start."""
-    import torch
-
+def time_bare_on_device(teacher, batches: list, device: str) -> tuple[float, int]:
+    """bench_dump's bare forward over `batches`: wall seconds, and the peak device memory above
+    the start."""
+    on_cuda = device.startswith("cuda")
     base = _peak_start(on_cuda)
-    clock = Clock()
-    with torch.inference_mode():
-        for ids in batches:
-            teacher.logits(ids)
-    if on_cuda:
-        torch.cuda.synchronize()
-    return clock.stop().wall, _peak_above(base, on_cuda)
+    wall = time_bare(teacher, batches, device).wall
+    return wall, _peak_above(base, on_cuda)
 
 
 def time_dump_on_device(opts, weights: int, on_cuda: bool) -> tuple[float, int, dict]:
@@ -163,14 +158,16 @@ def dump_vs_bare(args: argparse.Namespace, teacher_dir: Path, data: Path) -> lis
 
         weights = sum(p.numel() * p.element_size() for p in job.teacher.model.parameters())
 
-        time_bare(job.teacher, batches, on_cuda)  # warm-up: kernels chosen, caches filled
+        time_bare_on_device(
+            job.teacher, batches, args.device
+        )  # warm-up: kernels chosen, caches filled
         time_dump_on_device(opts, weights, on_cuda)
         bares, dumps, peaks, profiles = [], [], {"bare": [], "dump": []}, []
         for rep in range(args.repeats):
             order = ("bare", "dump") if rep % 2 == 0 else ("dump", "bare")
             for side in order:
                 if side == "bare":
-                    wall, peak = time_bare(job.teacher, batches, on_cuda)
+                    wall, peak = time_bare_on_device(job.teacher, batches, args.device)
                     bares.append(wall)
                 else:
                     wall, peak, profile = time_dump_on_device(opts, weights, on_cuda)

@@ -102,7 +102,7 @@ def dump(opts: DumpOptions, *, loop: sharding.Loop | None = None) -> DumpSummary
         wall,
         placement=job.teacher.placement,
         logits=job.logits.describe(),
-        profile=job.profile.report(wall) if job.profile.enabled else None,
+        profile=job.profile.report(wall),
     )
 
 
@@ -328,15 +328,19 @@ class PartAssembler:
             finite = arrays.pop("finite")
             for row, n in enumerate(batch.lengths):
                 if not finite[row, :n].all():
-                    part = self.writer.committed + len(self._staging)
                     raise LogitCacheError(
-                        f"the teacher produced non-finite logits (NaN or inf) in part {part}. "
+                        f"the teacher produced non-finite logits (NaN or inf) in part {self._next_part}. "
                         "Check the model's weights and --dtype (float16 overflows easily; try bfloat16 or float32)."
                     )
                 self._inputs.append(batch.input_ids[row, :n])
                 self._rows.append({name: a[row, :n] for name, a in arrays.items()})
         if batch.ends_part:
             self._end_part()
+
+    @property
+    def _next_part(self) -> int:
+        """The index of the part being assembled: after the committed and the staging ones."""
+        return self.writer.committed + len(self._staging)
 
     def flush(self) -> None:
         """Commit every part still being staged, in order."""
@@ -356,7 +360,7 @@ class PartAssembler:
         with self.profile.stage("writer", "assemble"):
             arrays = targets.assemble(self.targets, self._inputs, self._rows, self.gaps)
         self._inputs, self._rows = [], []
-        index = self.writer.committed + len(self._staging)
+        index = self._next_part
         if self._pool is None:
             staged = self._stage(arrays, index)
             with self.profile.stage("writer", "commit"):

@@ -105,9 +105,11 @@ class Profile:
             for name, seconds in zip(DEVICE_STAGES, marks.seconds(), strict=True):
                 self.add("device", name, seconds)
 
-    def report(self, wall_seconds: float) -> dict:
-        """The profile as plain data (`DumpSummary.profile`, `dump --json`): seconds and share
-        of the run's wall time per stage, per thread, in journey order."""
+    def report(self, wall_seconds: float) -> dict | None:
+        """The profile as plain data (`DumpSummary.profile`): seconds and share of the run's
+        wall time per stage, per thread, in journey order; None without --profile."""
+        if not self.enabled:
+            return None
         wall = max(wall_seconds, 1e-9)
         rows = [(thread, name) for thread, name, _ in STAGES]
         if self.on_cuda:

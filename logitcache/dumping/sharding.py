@@ -286,5 +286,11 @@ def _summary(
     job: Prepared, manifest: Manifest, resumed: int, out: str | Path, start: float
 ) -> DumpSummary:
     size, wall = stores.disk_usage(out), time.perf_counter() - start
-    profile = job.profile.report(wall) if job.profile.enabled else None
-    return DumpSummary(manifest, resumed, size, wall, logits=job.logits.describe(), profile=profile)
+    return DumpSummary(
+        manifest,
+        resumed,
+        size,
+        wall,
+        logits=job.logits.describe(),
+        profile=job.profile.report(wall),
+    )
