@@ -1,0 +1,149 @@
+/* The top-k log-softmax of float32 rows in one pass over each row, for CPU dumps.
+ *
+ * torch.topk on a CPU walks each row with a scalar partial sort and logsumexp reads the row
+ * twice more; for a small teacher that is a third of its forward (benchmarks/RESULTS.md,
+ * bench_dump_targets). Here each row is read from memory once: a vectorised pass for its
+ * maximum (and whether it holds NaN or +inf), then, on the row while it is still in cache, a
+ * vectorised sum of exp(x - max) and a scan that only leaves the vector loop for a block whose
+ * maximum beats the k-th best value so far. Built by logitcache/dumping/native_topk.py with
+ * -O3 -ffast-math (which lets GCC call glibc's vector expf); the NaN and infinity checks
+ * therefore look at the bits, which fast-math cannot assume away.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 16
+#define BISECTIONS 12
+
+static inline uint32_t bits_of(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u;
+}
+
+/* A min-heap of (value, id) on the value, ties broken so that the larger id is "smaller":
+ * it leaves first, and equal values keep the lowest ids, as a stable scan would. */
+static inline int heap_less(const float *v, const int64_t *id, int64_t a, int64_t b) {
+    return v[a] < v[b] || (v[a] == v[b] && id[a] > id[b]);
+}
+
+static void sift_down(float *v, int64_t *id, int64_t n, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && heap_less(v, id, l, m)) m = l;
+        if (r < n && heap_less(v, id, r, m)) m = r;
+        if (m == i) return;
+        float tv = v[i]; v[i] = v[m]; v[m] = tv;
+        int64_t ti = id[i]; id[i] = id[m]; id[m] = ti;
+        i = m;
+    }
+}
+
+/* Push (value, id) into the k-heap if it beats the heap's smallest. */
+static inline void offer(float *hv, int64_t *hi, int64_t k, float value, int64_t id) {
+    if (value > hv[0]) { hv[0] = value; hi[0] = id; sift_down(hv, hi, k, 0); }
+}
+
+/* The k best of a row by a k-heap over every entry: exact for any k, and what a row gets when
+ * its candidates below are too many (a flat row) or the vocabulary has fewer than k blocks. */
+static void heap_topk(const float *row, int64_t vocab, int64_t k, float *hv, int64_t *hi) {
+    for (int64_t q = 0; q < k; q++) { hv[q] = row[q]; hi[q] = q; }
+    for (int64_t q = k / 2 - 1; q >= 0; q--) sift_down(hv, hi, k, q);
+    for (int64_t j = k; j < vocab; j++) offer(hv, hi, k, row[j], j);
+    for (int64_t n = k - 1; n > 0; n--) {  /* heap sort: smallest to the end, so decreasing */
+        float tv = hv[0]; hv[0] = hv[n]; hv[n] = tv;
+        int64_t ti = hi[0]; hi[0] = hi[n]; hi[n] = ti;
+        sift_down(hv, hi, n, 0);
+    }
+}
+
+/* Rows [row0, row1) of `x` (rows x vocab, contiguous): `values` (rows x k) the k largest
+ * log-probabilities in decreasing order (ties: lower id first), `ids` their ids. A row with a
+ * NaN or +inf, or with every entry -inf, gets NaN values (the caller marks it non-finite).
+ * `scratch` holds ceil(vocab / BLOCK) + 8 * k + 2 floats (the block maxima, then the candidates'
+ * values and ids).
+ *
+ * Why blocks: any `t` that k distinct entries reach is at most the k-th largest entry, so the
+ * k best entries are among those >= t, which live in blocks whose maximum is >= t. With the row
+ * cut into blocks of 16, the smallest of the maxima of k groups of blocks is such a `t`, and a
+ * bisection raises it while k block maxima still reach it. That leaves about k candidates,
+ * gathered from about k blocks and ranked by counting (no branches, no sort), not the row. */
+void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, int64_t k,
+                     float *values, int64_t *ids, float *scratch) {
+    int64_t blocks = (vocab + BLOCK - 1) / BLOCK, full = vocab / BLOCK;
+    int64_t cap = 4 * k;  /* candidates ranked by counting; more fall back to the heap */
+    float *bmax = scratch, *cand = scratch + blocks;
+    for (int64_t r = row0; r < row1; r++) {
+        const float *row = x + r * vocab;
+        float *hv = values + r * k;
+        int64_t *hi = ids + r * k;
+        for (int64_t b = 0; b < full; b++) {  /* a fixed-size inner loop: vectorised */
+            const float *p = row + b * BLOCK;
+            float m = p[0];
+            for (int q = 1; q < BLOCK; q++) m = p[q] > m ? p[q] : m;
+            bmax[b] = m;
+        }
+        if (full < blocks) {
+            const float *p = row + full * BLOCK;
+            float m = p[0];
+            for (int64_t q = 1; q < vocab - full * BLOCK; q++) m = p[q] > m ? p[q] : m;
+            bmax[full] = m;
+        }
+        float mx = bmax[0];
+        for (int64_t b = 1; b < blocks; b++) mx = bmax[b] > mx ? bmax[b] : mx;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < vocab; j++) sum += expf(row[j] - mx);
+        /* NaN anywhere, or +inf (inf - inf), or a row of -inf (-inf + inf) make the sum NaN:
+         * the bits tell, where fast-math would fold a comparison away */
+        if ((bits_of(sum) & 0x7f800000u) == 0x7f800000u) {
+            for (int64_t j = 0; j < k; j++) { hv[j] = NAN; hi[j] = j; }
+            continue;
+        }
+        int64_t n = 0;
+        if (blocks >= k) {
+            int64_t group = blocks / k;  /* k groups of `group` blocks, the last one longer */
+            float t = INFINITY;
+            for (int64_t g = 0; g < k; g++) {
+                int64_t end = g == k - 1 ? blocks : (g + 1) * group;
+                float m = bmax[g * group];
+                for (int64_t b = g * group + 1; b < end; b++) m = bmax[b] > m ? bmax[b] : m;
+                t = m < t ? m : t;
+            }
+            /* raise t while k block maxima still reach it (each is a distinct entry): a
+             * bisection of vectorised counts, which leaves about k candidates, not 4k */
+            float hi = mx;
+            for (int it = 0; it < BISECTIONS; it++) {
+                float mid = 0.5f * (t + hi);
+                int64_t reach = 0;
+                for (int64_t b = 0; b < blocks; b++) reach += bmax[b] >= mid;
+                if (reach >= k) t = mid; else hi = mid;
+            }
+            for (int64_t b = 0; b < blocks && n <= cap; b++) {
+                if (bmax[b] < t) continue;
+                const float *p = row + b * BLOCK;
+                int64_t m = b < full ? BLOCK : vocab - full * BLOCK;
+                for (int64_t q = 0; q < m && n <= cap; q++) {
+                    cand[n] = p[q];
+                    cand[cap + 1 + n] = (float)(b * BLOCK + q);  /* ids < 2^24: exact */
+                    n += p[q] >= t;
+                }
+            }
+        }
+        if (blocks < k || n > cap) {
+            heap_topk(row, vocab, k, hv, hi);
+        } else {
+            /* rank = how many candidates beat it (larger, or equal with a lower id) */
+            const float *cid = cand + cap + 1;
+            for (int64_t i = 0; i < n; i++) {
+                float v = cand[i], id = cid[i];
+                int64_t rank = 0;
+                for (int64_t j = 0; j < n; j++)
+                    rank += (cand[j] > v) | ((cand[j] == v) & (cid[j] < id));
+                if (rank < k) { hv[rank] = v; hi[rank] = (int64_t)id; }
+            }
+        }
+        float lse = mx + logf(sum);
+        for (int64_t q = 0; q < k; q++) hv[q] -= lse;
+    }
+}

@@ -1,0 +1,130 @@
+"""The C top-k log-softmax against torch's operators: the same ids and log-probs on every row
+shape the dump meets (peaked, flat, tied, partly -inf, broken), whatever the thread count, and
+a clean fallback to torch where the kernel cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from logitcache.dumping import native_topk, targets
+
+pytestmark = pytest.mark.skipif(not native_topk.available(), reason="no C compiler here")
+
+
+def reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch in float64; ties broken by the lower id, as the kernel promises."""
+    x = logits.double()
+    # a stable sort on the negated values keeps equal values in increasing id order
+    order = torch.sort(-x, dim=-1, stable=True).indices[..., :k]
+    return x.gather(-1, order) - torch.logsumexp(x, -1, keepdim=True), order
+
+
+def lm_like(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Peaked rows: a Gaussian floor with a few ids far above it, like a trained LM's."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 2.0
+    hot = torch.randint(0, vocab, (rows, 8), generator=g)
+    return x.scatter_add(1, hot, torch.rand(rows, 8, generator=g) * 12)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "k"),
+    [(8192, 64), (8192, 1), (3001, 32), (1000, 200), (50, 50), (17, 5)],
+)
+def test_matches_torch(vocab: int, k: int) -> None:
+    x = lm_like(300, vocab, seed=vocab + k)
+    values, ids = native_topk.topk_logprobs(x, k)
+    want_values, want_ids = reference(x, k)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(values.double(), want_values, atol=2e-5, rtol=1e-5)
+
+
+def test_flat_and_tied_rows_keep_the_lowest_ids() -> None:
+    x = torch.zeros(4, 4096)
+    x[1, ::3] = 1.0  # ties among a third of the row, more candidates than the ranked path takes
+    x[2] = torch.arange(4096).remainder(7).float()  # seven values, each tied ~585 times
+    x[3, 4000:] = 5.0  # the best ids at the end of the row
+    values, ids = native_topk.topk_logprobs(x, 64)
+    want_values, want_ids = reference(x, 64)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(values.double(), want_values, atol=2e-5, rtol=1e-5)
+
+
+def test_non_finite_rows_get_nan_and_masked_ids_do_not_count() -> None:
+    x = lm_like(6, 1024, seed=1)
+    x[0, 10] = float("nan")
+    x[1, 20] = float("inf")
+    x[2] = float("-inf")
+    x[3, :1000] = float("-inf")  # a masked vocabulary: 24 ids left, fewer than k
+    x[4, 1::2] = float("-inf")
+    values, ids = native_topk.topk_logprobs(x, 32)
+    assert values[:3].isnan().all()
+    want_values, want_ids = reference(x[3:], 32)
+    assert torch.equal(ids[3:5, :24], want_ids[:2, :24]) and torch.equal(ids[5], want_ids[2])
+    assert values[3, 24:].isneginf().all()  # the -inf ids that fill the top 32
+    torch.testing.assert_close(values[4:].double(), want_values[1:], atol=2e-5, rtol=1e-5)
+
+
+def test_threads_split_rows_without_changing_them() -> None:
+    x = lm_like(1000, 2048, seed=2).view(10, 100, 2048)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_topk.topk_logprobs(x, 16)
+        torch.set_num_threads(4)
+        four = native_topk.topk_logprobs(x, 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert one[0].shape == (10, 100, 16)
+    assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1])
+
+
+def test_the_dump_targets_use_it_on_a_cpu() -> None:
+    """device_targets' top-k equals the torch path's within float16 rounding, same ids."""
+    x = lm_like(2 * 50, 4096, seed=3).view(2, 50, 4096)
+    spec = targets.TargetSpec(kind="topk", k=16)
+    got = targets.device_targets(x, spec, torch.arange(2))
+    want_values, want_ids = reference(x, 16)
+    assert torch.equal(got["target_ids"].long(), want_ids)
+    torch.testing.assert_close(got["target_logprobs"].double(), want_values.half().double(),
+                               atol=2e-3, rtol=2e-3)  # fmt: skip
+    assert got["finite"].all()
+
+
+@pytest.mark.parametrize(
+    ("env", "why"), [({"LOGITCACHE_NATIVE": "0"}, "disabled"), ({"CC": "/bin/false"}, "no build")]
+)
+def test_falls_back_to_torch(tmp_path, env: dict[str, str], why: str) -> None:
+    """Disabled, or with a compiler that fails, the kernel is unavailable and the targets are
+    torch's: a fresh process with an empty build directory."""
+    code = (
+        "import torch\n"
+        "from logitcache.dumping import native_topk, targets\n"
+        "x = torch.randn(8, 300)\n"
+        "v, i = targets.topk_logprobs(x, 4)\n"
+        "assert torch.equal(i, x.topk(4).indices)\n"
+        "print(native_topk.available())\n"
+    )
+    environ = {**os.environ, "LOGITCACHE_NATIVE_DIR": str(tmp_path / "native"), **env}
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "False", why
+    assert not any((tmp_path / "native").glob("*.so"))
+
+
+def test_builds_once_into_its_directory(tmp_path) -> None:
+    """A fresh build directory gets one library, named by the source and the CPU; the next
+    process loads it instead of compiling again."""
+    code = "from logitcache.dumping import native_topk; print(native_topk.available())"
+    environ = {**os.environ, "LOGITCACHE_NATIVE_DIR": str(tmp_path)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        assert out.stdout.strip() == "True"
+    built = list(tmp_path.glob("topk_lse-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
