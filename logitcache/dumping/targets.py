@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache.dumping import native_topk, sampling
+from logitcache.dumping import native, sampling
 from logitcache.format import codecs
 from logitcache.format.manifest import PartArrays, TargetInfo
 
@@ -67,12 +67,12 @@ CPU_EXP_BYTES = 16 << 20
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k log-probs, their ids) of float32 `logits` (..., vocab), normalised over the
     whole vocabulary: ``topk(x) - logsumexp(x)``. On a CPU, the C pass of
-    `logitcache.dumping.native_topk` where it builds (each row read once; a third of the cost of
+    `logitcache.dumping.native` where it builds (each row read once; a third of the cost of
     torch's operators); otherwise with logsumexp's own arithmetic, except that the row maximum is
     the top-1 value already found, and that on a CPU the exponentials are taken a few rows at a
     time (on one core, 85 instead of 155 ms for 4096 x 8192 logits)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and native_topk.available():
-        return native_topk.topk_logprobs(logits, k)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and native.available():
+        return native.topk_logprobs(logits, k)
     values, indices = logits.topk(k, dim=-1, sorted=True)  # (..., k)
     top = values[..., :1]  # the row maximum, which logsumexp subtracts before exp
     if logits.device.type != "cpu":

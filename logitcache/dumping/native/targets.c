@@ -1,13 +1,12 @@
-/* The top-k log-softmax of float32 rows in one pass over each row, for CPU dumps.
+/* The CPU dump's targets: the top-k log-softmax and the sampled draws of float32 rows.
  *
- * torch.topk on a CPU walks each row with a scalar partial sort and logsumexp reads the row
- * twice more; for a small teacher that is a third of its forward (benchmarks/RESULTS.md,
- * bench_dump_targets). Here each row is read from memory once: a vectorised pass for its
- * maximum (and whether it holds NaN or +inf), then, on the row while it is still in cache, a
- * vectorised sum of exp(x - max) and a scan that only leaves the vector loop for a block whose
- * maximum beats the k-th best value so far. Built by logitcache/dumping/native_topk.py with
- * -O3 -ffast-math (which lets GCC call glibc's vector expf); the NaN and infinity checks
- * therefore look at the bits, which fast-math cannot assume away.
+ * torch's operators for them cost a small teacher about a third of its forward on a CPU
+ * (benchmarks/RESULTS.md, bench_dump_targets): torch.topk walks each row with a scalar partial
+ * sort and logsumexp reads it twice more; the draws make a float64 copy and one long chain of
+ * dependent additions. Here each row is read from memory once and the vector loops are left only
+ * where they must be. Built by logitcache/dumping/native.py with -O3 -ffast-math (which lets GCC
+ * call glibc's vector exp); checks for NaN and infinity therefore look at the bits, which
+ * fast-math cannot assume away.
  */
 #include <math.h>
 #include <stdint.h>
@@ -145,5 +144,53 @@ void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, 
         }
         float lse = mx + logf(sum);
         for (int64_t q = 0; q < k; q++) hv[q] -= lse;
+    }
+}
+
+/* Sampled draws of rows [row0, row1) of `x` (rows x vocab float32, the temperature applied, every
+ * row finite): `out` (rows x n) the first id whose cumulative probability exceeds each of the
+ * row's `u` (rows x n, in [0, 1)), as logitcache/dumping/sampling.py's `draw` defines it: the
+ * float64 running sum C of exp(x - max x), the first v with C[v] > min(u * C[V-1], the float64
+ * just below C[V-1]). `scratch` holds vocab + ceil(vocab / BLOCK) + 1 doubles.
+ *
+ * Why not one running sum: its 8k additions are a chain of dependent adds. Here each block of 16
+ * ids gets its own running sum (independent chains, which the CPU overlaps), the block totals a
+ * running sum of their own, and C[v] = P[block] + within[v]: the same sum up to float64 rounding
+ * (so a draw moves only where u lies within ~1e-16 of a boundary, as between CPU and CUDA), and
+ * still non-decreasing, so a binary search over the blocks and a scan of one block find it. */
+void sample_rows(const float *x, int64_t vocab, int64_t row0, int64_t row1, const double *u,
+                 int64_t n, int64_t *out, double *scratch) {
+    int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
+    double *within = scratch, *prefix = scratch + vocab;  /* prefix[b]: C before block b */
+    for (int64_t r = row0; r < row1; r++) {
+        const float *row = x + r * vocab;
+        float mx = row[0];
+        for (int64_t j = 1; j < vocab; j++) mx = row[j] > mx ? row[j] : mx;
+        for (int64_t j = 0; j < vocab; j++) within[j] = exp((double)row[j] - (double)mx);
+        prefix[0] = 0.0;
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t start = b * BLOCK, stop = start + BLOCK < vocab ? start + BLOCK : vocab;
+            double run = 0.0;
+            for (int64_t j = start; j < stop; j++) { run += within[j]; within[j] = run; }
+            prefix[b + 1] = prefix[b] + run;
+        }
+        double last = prefix[blocks];
+        double below = nextafter(last, 0.0);
+        const double *ur = u + r * n;
+        int64_t *o = out + r * n;
+        for (int64_t d = 0; d < n; d++) {
+            double t = ur[d] * last;
+            t = t < below ? t : below;
+            int64_t lo = 0, hi = blocks - 1;  /* the first block whose end exceeds t */
+            while (lo < hi) {
+                int64_t mid = (lo + hi) / 2;
+                if (prefix[mid + 1] > t) hi = mid; else lo = mid + 1;
+            }
+            int64_t start = lo * BLOCK, stop = start + BLOCK < vocab ? start + BLOCK : vocab;
+            int64_t id = stop - 1;
+            for (int64_t j = start; j < stop; j++)
+                if (prefix[lo] + within[j] > t) { id = j; break; }
+            o[d] = id;
+        }
     }
 }

@@ -1,19 +1,22 @@
-"""The C top-k log-softmax against torch's operators: the same ids and log-probs on every row
-shape the dump meets (peaked, flat, tied, partly -inf, broken), whatever the thread count, and
-a clean fallback to torch where the kernel cannot be built."""
+"""The C targets against torch's operators and the documented recipe: the same top-k ids and
+log-probs on every row shape the dump meets (peaked, flat, tied, partly -inf, broken), the same
+draws, whatever the thread count; a clean fallback to torch where the kernel cannot be built;
+and no change to the process's floating-point mode when it loads."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from logitcache.dumping import native_topk, targets
+from logitcache.dumping import native, sampling, targets
 
-pytestmark = pytest.mark.skipif(not native_topk.available(), reason="no C compiler here")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 
 
 def reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +41,7 @@ def lm_like(rows: int, vocab: int, seed: int) -> torch.Tensor:
 )
 def test_matches_torch(vocab: int, k: int) -> None:
     x = lm_like(300, vocab, seed=vocab + k)
-    values, ids = native_topk.topk_logprobs(x, k)
+    values, ids = native.topk_logprobs(x, k)
     want_values, want_ids = reference(x, k)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(values.double(), want_values, atol=2e-5, rtol=1e-5)
@@ -49,7 +52,7 @@ def test_flat_and_tied_rows_keep_the_lowest_ids() -> None:
     x[1, ::3] = 1.0  # ties among a third of the row, more candidates than the ranked path takes
     x[2] = torch.arange(4096).remainder(7).float()  # seven values, each tied ~585 times
     x[3, 4000:] = 5.0  # the best ids at the end of the row
-    values, ids = native_topk.topk_logprobs(x, 64)
+    values, ids = native.topk_logprobs(x, 64)
     want_values, want_ids = reference(x, 64)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(values.double(), want_values, atol=2e-5, rtol=1e-5)
@@ -62,7 +65,7 @@ def test_non_finite_rows_get_nan_and_masked_ids_do_not_count() -> None:
     x[2] = float("-inf")
     x[3, :1000] = float("-inf")  # a masked vocabulary: 24 ids left, fewer than k
     x[4, 1::2] = float("-inf")
-    values, ids = native_topk.topk_logprobs(x, 32)
+    values, ids = native.topk_logprobs(x, 32)
     assert values[:3].isnan().all()
     want_values, want_ids = reference(x[3:], 32)
     assert torch.equal(ids[3:5, :24], want_ids[:2, :24]) and torch.equal(ids[5], want_ids[2])
@@ -75,9 +78,9 @@ def test_threads_split_rows_without_changing_them() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native_topk.topk_logprobs(x, 16)
+        one = native.topk_logprobs(x, 16)
         torch.set_num_threads(4)
-        four = native_topk.topk_logprobs(x, 16)
+        four = native.topk_logprobs(x, 16)
     finally:
         torch.set_num_threads(threads)
     assert one[0].shape == (10, 100, 16)
@@ -96,35 +99,78 @@ def test_the_dump_targets_use_it_on_a_cpu() -> None:
     assert got["finite"].all()
 
 
-@pytest.mark.parametrize(
-    ("env", "why"), [({"LOGITCACHE_NATIVE": "0"}, "disabled"), ({"CC": "/bin/false"}, "no build")]
-)
-def test_falls_back_to_torch(tmp_path, env: dict[str, str], why: str) -> None:
-    """Disabled, or with a compiler that fails, the kernel is unavailable and the targets are
-    torch's: a fresh process with an empty build directory."""
+def test_disabled_falls_back_to_torch(tmp_path) -> None:
+    """With LOGITCACHE_NATIVE=0 the kernels are unavailable and the targets are torch's: a fresh
+    process with an empty build directory, which stays empty."""
     code = (
         "import torch\n"
-        "from logitcache.dumping import native_topk, targets\n"
+        "from logitcache.dumping import native, targets\n"
         "x = torch.randn(8, 300)\n"
         "v, i = targets.topk_logprobs(x, 4)\n"
         "assert torch.equal(i, x.topk(4).indices)\n"
-        "print(native_topk.available())\n"
+        "print(native.available())\n"
     )
-    environ = {**os.environ, "LOGITCACHE_NATIVE_DIR": str(tmp_path / "native"), **env}
+    environ = {**os.environ, "LOGITCACHE_NATIVE_DIR": str(tmp_path), "LOGITCACHE_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
                          text=True, check=True)  # fmt: skip
-    assert out.stdout.strip() == "False", why
-    assert not any((tmp_path / "native").glob("*.so"))
+    assert out.stdout.strip() == "False"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failing_compiler_gives_none_and_leaves_nothing(tmp_path) -> None:
+    assert native.load(tmp_path, "/bin/false") is None
+    assert not list(tmp_path.iterdir())
 
 
 def test_builds_once_into_its_directory(tmp_path) -> None:
     """A fresh build directory gets one library, named by the source and the CPU; the next
-    process loads it instead of compiling again."""
-    code = "from logitcache.dumping import native_topk; print(native_topk.available())"
-    environ = {**os.environ, "LOGITCACHE_NATIVE_DIR": str(tmp_path)}
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        assert out.stdout.strip() == "True"
-    built = list(tmp_path.glob("topk_lse-*.so"))
-    assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+    load finds it instead of compiling again."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert native.load(tmp_path, compiler) is not None
+    (built,) = tmp_path.iterdir()
+    assert built.name.startswith("targets-") and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert native.load(tmp_path, compiler) is not None
+    assert [p.stat().st_mtime_ns for p in tmp_path.iterdir()] == [stamp]
+
+
+def recipe_draws(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """docs/FORMAT.md's definition, literally: float64 cumsum of the softmax, divided by its last
+    element; the first id whose value exceeds u."""
+    x = logits.double().numpy()
+    p = np.exp(x - x.max(-1, keepdims=True))
+    cdf = np.cumsum(p / p.sum(-1, keepdims=True), -1)
+    cdf /= cdf[..., -1:]
+    got = [np.searchsorted(c, uu, side="right") for c, uu in zip(cdf, u.numpy(), strict=True)]
+    return torch.from_numpy(np.minimum(np.stack(got), x.shape[-1] - 1))
+
+
+@pytest.mark.parametrize("vocab", [8192, 3001, 17, 2, 1])
+def test_draws_are_the_recipe_draw_for_draw(vocab: int) -> None:
+    x = lm_like(400, vocab, seed=vocab) if vocab > 8 else torch.randn(400, vocab)
+    keys = sampling.position_keys(7, torch.arange(4), 100).reshape(400)
+    u = sampling.uniforms(keys, 64)
+    got = native.draw(x, u)
+    assert torch.equal(got, recipe_draws(x, u))
+    x3 = x.view(4, 100, vocab)
+    assert torch.equal(sampling.draw(x3, keys.view(4, 100), 64).view(400, 64), got)
+
+
+def test_draws_keep_zero_probability_ids_out() -> None:
+    """Ids whose probability is 0 in float64 (-inf logits, or far below the maximum) are never
+    drawn, even at u just below 1 and at the row's ends."""
+    x = torch.full((3, 64), -1e4)
+    x[0, 0] = x[1, 63] = 0.0
+    x[2, 31:33] = 0.0
+    x[:, 10] = float("-inf")
+    u = torch.tensor([0.0, 0.5, 1 - 2**-53], dtype=torch.float64).expand(3, 3).contiguous()
+    got = native.draw(x, u)
+    assert (got[0] == 0).all() and (got[1] == 63).all()
+    assert got[2].tolist() == [31, 32, 32]  # C[31] = half the mass: u = 0.5 is not below it
+
+
+def test_loading_it_leaves_subnormals_alone() -> None:
+    """Compiled with -ffast-math but linked without: torch still keeps subnormal floats."""
+    assert native.available()
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
+    assert (tiny * 0.5).item() > 0.0

@@ -1,0 +1,163 @@
+"""The CPU dump's targets in C (``native/targets.c``), compiled on first use.
+
+Why: on a CPU, torch's operators for the targets cost a small teacher about a third of its
+forward (``bench_dump --targets-cost``): ``torch.topk`` walks each row with a scalar partial
+sort and a log-sum-exp reads it twice more; sampled draws make a float64 copy, a running sum
+that is one long chain of dependent additions, and a search. The C passes read each row once,
+leave the vector loops only where they must, and split the running sum into independent chains,
+so a CPU dump runs near its forward's speed. Why C through ``ctypes`` and not a torch
+extension: it builds in about a second with the system's ``cc`` and no torch headers, and a
+``ctypes`` call releases the GIL, so row ranges run on torch's own number of threads.
+
+The library is built for this machine (``-march=native``) into ``$LOGITCACHE_NATIVE_DIR``
+(default ``~/.cache/logitcache/native``), named by a hash of the source, the flags and the CPU,
+under a temporary name and renamed, so concurrent dumps agree. It is compiled with
+``-ffast-math`` (vector ``exp`` from glibc) but linked without it, so that loading it does not
+switch the process to flushing subnormals. Without a C compiler, or with
+``LOGITCACHE_NATIVE=0``, `available` is False and the dump uses torch's operators: the same ids,
+log-probs equal within float rounding, draws equal but where u lies within ~1e-16 of a boundary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import itertools
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native") / "targets.c"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
+#: Rows per call below which threads cost more than they save.
+MIN_ROWS_PER_THREAD = 64
+
+
+def _cpu_id() -> str:
+    """What `-march=native` compiles for: the CPU model and its flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [x for x in info.splitlines() if x.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("LOGITCACHE_NATIVE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "logitcache" / "native"
+
+
+def _build(compiler: str, dest: Path) -> None:
+    """Compile, then link in a second step without the fast-math flags (GCC before 13 links
+    crtfastmath.o into a shared library built with them, which sets flush-to-zero for every
+    thread of the process that loads it)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        obj, lib = Path(tmp) / "targets.o", Path(tmp) / dest.name
+        for step in ([*FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+                     ["-shared", str(obj), "-o", str(lib), "-lm"]):  # fmt: skip
+            subprocess.run([compiler, *step], check=True, capture_output=True, timeout=120)
+        os.replace(lib, dest)
+
+
+def load(build_dir: Path, compiler: str) -> ctypes.CDLL | None:
+    """The library for this source, flags and CPU from `build_dir`, compiled there with
+    `compiler` if it is not there yet; None where that fails."""
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), *FLAGS, compiler, _cpu_id()]).encode()
+    ).hexdigest()[:16]
+    path = build_dir / f"targets-{key}.so"
+    try:
+        if not path.is_file():
+            _build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.sample_rows.restype = lib.topk_logsoftmax.restype = None
+    lib.sample_rows.argtypes = [pointer, size, size, size, pointer, size, pointer, pointer]
+    lib.topk_logsoftmax.argtypes = [pointer, size, size, size, size, pointer, pointer, pointer]
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The kernels, built if missing; None where they cannot be (disabled, no compiler, a build
+    error): the callers fall back to torch."""
+    if os.environ.get("LOGITCACHE_NATIVE", "1") == "0" or platform.system() == "Windows":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return None if compiler is None else load(_build_dir(), compiler)
+
+
+def available() -> bool:
+    """Whether the C kernel can run here (builds it on the first call)."""
+    return _library() is not None
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="logitcache-targets")
+
+
+def _over_rows(rows: int, run: Callable[[int, int], None]) -> None:
+    """`run(start, stop)` over row ranges, on torch's number of threads."""
+    workers = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    if workers == 1:
+        run(0, rows)
+        return
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    for f in [_pool(workers).submit(run, a, b) for a, b in itertools.pairwise(bounds)]:
+        f.result()
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k log-probs, ids) of CPU float32 `logits` (..., vocab), decreasing, normalised over
+    the whole vocabulary; NaN log-probs on a row with NaN or +inf or only -inf. Call only when
+    `available()`."""
+    lib = _library()
+    assert lib is not None, "native.topk_logprobs called where available() is False"
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab).contiguous()
+    values = torch.empty(len(rows), k, dtype=torch.float32)
+    ids = torch.empty(len(rows), k, dtype=torch.int64)
+    scratch_floats = -(-vocab // 16) + 8 * k + 2  # the C side's block maxima and candidates
+
+    def run(start: int, stop: int) -> None:
+        scratch = torch.empty(scratch_floats, dtype=torch.float32)
+        lib.topk_logsoftmax(rows.data_ptr(), vocab, start, stop, k, values.data_ptr(),
+                            ids.data_ptr(), scratch.data_ptr())  # fmt: skip
+
+    _over_rows(len(rows), run)
+    shape = (*logits.shape[:-1], k)
+    return values.view(shape), ids.view(shape)
+
+
+def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(..., n) int64 ids drawn from softmax of CPU float32 `logits` (..., vocab), finite, the
+    temperature applied, at float64 `uniforms` (..., n): `logitcache.dumping.sampling.draw`'s
+    definition. Call only when `available()`."""
+    lib = _library()
+    assert lib is not None, "native.draw called where available() is False"
+    vocab, n = logits.shape[-1], uniforms.shape[-1]
+    rows = logits.reshape(-1, vocab).contiguous()
+    u = uniforms.reshape(-1, n).to(torch.float64).contiguous()
+    out = torch.empty(len(rows), n, dtype=torch.int64)
+    scratch_doubles = vocab + -(-vocab // 16) + 1
+
+    def run(start: int, stop: int) -> None:
+        scratch = torch.empty(scratch_doubles, dtype=torch.float64)
+        lib.sample_rows(rows.data_ptr(), vocab, start, stop, u.data_ptr(), n, out.data_ptr(),
+                        scratch.data_ptr())  # fmt: skip
+
+    _over_rows(len(rows), run)
+    return out.view(*logits.shape[:-1], n)
