@@ -10,7 +10,8 @@ extension: it builds in about a second with the system's ``cc`` and no torch hea
 ``ctypes`` call releases the GIL, so row ranges run on torch's own number of threads.
 
 The library is built for this machine (``-march=native``) into ``$LOGITCACHE_NATIVE_DIR``
-(default ``~/.cache/logitcache/native``), named by a hash of the source, the flags and the CPU,
+(default: ``native/`` in the cache directory of fetched parts, ``$LOGITCACHE_CACHE_DIR`` or
+``~/.cache/logitcache``), named by a hash of the source, the flags and the CPU,
 under a temporary name and renamed, so concurrent dumps agree. It is compiled with
 ``-ffast-math`` (vector ``exp`` from glibc) but linked without it, so that loading it does not
 switch the process to flushing subnormals. Without a C compiler, or with
@@ -52,8 +53,11 @@ def _cpu_id() -> str:
 
 
 def _build_dir() -> Path:
+    """``$LOGITCACHE_NATIVE_DIR``, else ``native/`` in the directory of fetched parts."""
+    from logitcache.storage.mirror import default_cache_dir
+
     root = os.environ.get("LOGITCACHE_NATIVE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "logitcache" / "native"
+    return Path(root) if root else default_cache_dir() / "native"
 
 
 def _build(compiler: str, dest: Path) -> None:
