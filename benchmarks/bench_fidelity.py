@@ -1,11 +1,12 @@
 """Fidelity per byte: students distilled from caches of every target kind, against online KD.
 
     python benchmarks/bench_fidelity.py                       # the realistic regime (~90 min, 2 cores)
+    python benchmarks/bench_fidelity.py --regime long         # realistic, students to convergence
     python benchmarks/bench_fidelity.py --regime weak         # the earlier weak-teacher regime
     python benchmarks/bench_fidelity.py --quick               # smoke run (minutes), no RESULTS.md
     python benchmarks/bench_fidelity.py --report              # rewrite RESULTS.md from stored rows
 
-Two regimes on the same real text (the Python standard library's sources, split by file into
+Three regimes on the same real text (the Python standard library's sources, split by file into
 train and held-out by `logitcache.testing.toy`), with a byte-level BPE of 8192 ids:
 
 ``realistic`` (section ``bench_fidelity_realistic``): the regime users live in. A GPT-2 4x256
@@ -13,6 +14,9 @@ teacher trained for 3,000 cosine-annealed steps, much stronger than the 2x96 stu
 CE more than 1 nat below the hard-label student's) and peaked like a real LM (about 3 nats of
 entropy per position). Every row at alpha 0 (pure KD, where the bias of a target kind shows)
 and at the trainer's default alpha 0.5; the loss variants as rows of their own.
+``long`` (section ``bench_fidelity_long``): the realistic regime's teacher, text and caches, with
+students trained four times as long (four epochs over the cached text, lr 1e-3): the rows whose
+400-step gaps decide the defaults, run until their KL trajectories flatten.
 ``weak`` (section ``bench_fidelity``): the 3x192 teacher of the first benchmark (900 s of
 training, about 5 nats of entropy), alpha 0.5 only; kept as the second section.
 
@@ -35,7 +39,7 @@ For each regime:
 Rows are stored one JSON file each under the work directory as they finish, so an interrupted
 run continues where it stopped and ``--report`` rewrites the section from what is there. Full
 runs write ``benchmarks/RESULTS.md``, ``benchmarks/fidelity_<regime>.json`` (the rows) and
-``benchmarks/fidelity.png`` (quality against bytes/token, both regimes).
+``benchmarks/fidelity.png`` (quality against bytes/token, every regime run).
 """
 
 from __future__ import annotations
@@ -141,6 +145,14 @@ class Regime:
     loss_cache: str
     heldout_tokens: int
     probe_every: int
+    #: Steps' worth of training text (None: `steps`); fewer than `steps` means several epochs
+    #: over the same cache, which is how a cache is used once it exists.
+    text_steps: int | None = None
+    #: The students' peak learning rate (None: `trainer.fit`'s default); cosine to a tenth.
+    lr: float | None = None
+    #: The regime whose work directory (teacher, text, caches) this one shares, so that the
+    #: same caches feed both; its rows are kept apart, under ``rows-NAME/``.
+    shares: str | None = None
 
     def runs(self) -> list[Run]:
         """Every student, the ones a decision rests on first: the baselines and each kind at
@@ -175,16 +187,29 @@ REGIMES = {
                 sample(16, "bucket"), sample(64, "bucket")),
         losses=(), loss_cache="sample64", heldout_tokens=32_768, probe_every=100,
     ),
+    # The realistic regime's teacher, text and caches, with students trained four times as
+    # long (four epochs over the same cached text) at a higher learning rate, so that their
+    # trajectories flatten: do the gaps of the 400-step rows survive training to convergence?
+    "long": Regime(
+        name="long", section="bench_fidelity_long", teacher=STRONG_TEACHER,
+        steps=1600, alphas=(0.0,),
+        caches=(sample(64), dataclasses.replace(topk(64), tails=("bucket", "renorm"))),
+        losses=(), loss_cache="sample64", heldout_tokens=16_384, probe_every=200,
+        text_steps=400, lr=1e-3, shares="realistic",
+    ),
 }  # fmt: skip
 
 
 def quick(regime: Regime) -> Regime:
-    """A smoke run of `regime`: a tiny teacher budget, two caches, few steps."""
+    """A smoke run of `regime`: a tiny teacher budget, its first and last caches, few steps."""
     teacher = {k: v for k, v in regime.teacher.items() if k not in ("train_steps", "train_seconds")}
-    caches = tuple(c for c in regime.caches if c.name in ("topk8", "sample16"))
+    caches = (regime.caches[0], regime.caches[-1])
+    steps = 20
     return dataclasses.replace(
         regime, name=regime.name + "-quick", teacher={**teacher, "train_steps": 30},
-        steps=20, caches=caches, loss_cache="sample16", heldout_tokens=4_096, probe_every=10,
+        steps=steps, caches=caches, loss_cache=caches[0].name, heldout_tokens=4_096,
+        probe_every=10, shares=regime.shares and regime.shares + "-quick",
+        text_steps=regime.text_steps and regime.text_steps * steps // regime.steps,
     )  # fmt: skip
 
 
@@ -328,15 +353,18 @@ class OnlineTeacher:
 
 
 def train_student(
-    run: Run, cache: Path, student_cfg: Path, steps: int, work: Path, heldout: HeldOut,
-    probe_every: int, teacher_dir: Path,
+    run: Run, cache: Path, student_cfg: Path, regime: Regime, work: Path, heldout: HeldOut,
+    teacher_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
     """Train one student, measuring it every `probe_every` steps; its final measures, its
     trajectory and its training cost (wall and CPU seconds, the probes' own time excluded)."""
     from trainer.fit import FitConfig, fit
 
+    steps, probe_every = regime.steps, regime.probe_every
     out = work / "runs" / run.key
     variant = {} if run.loss == "forward_kl" else {"loss": run.loss, "beta": run.beta}
+    if regime.lr is not None:
+        variant |= {"lr": regime.lr, "min_lr": regime.lr / 10}
     config = FitConfig(
         cache=str(cache), student=str(student_cfg), out=str(out), alpha=run.alpha,
         tail=run.tail if run.is_cached else "renorm", batch_size=BATCH, steps=steps,
@@ -521,9 +549,17 @@ def plot(regimes: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
     plt.close(fig)
 
 
+def epochs_note(regime: Regime) -> str:
+    """How many passes the students make over the cached text, when more than one."""
+    if regime.text_steps is None or regime.text_steps >= regime.steps:
+        return ""
+    return f", {regime.steps / regime.text_steps:g} epochs over {regime.text_steps} steps' text"
+
+
 def write_report(regime: Regime, rows, caches, context: dict[str, Any]) -> None:
-    """The RESULTS.md section, the rows' JSON next to it, and the two-regime plot."""
+    """The RESULTS.md section, the rows' JSON next to it, and the plot of every regime."""
     from logitcache.testing import toy
+    from trainer.config import FitConfig
 
     info = toy.read_info(context["teacher_dir"]) or {}
     train = info.get("train", {})
@@ -532,6 +568,7 @@ def write_report(regime: Regime, rows, caches, context: dict[str, Any]) -> None:
     alpha = regime.alphas[-1]
     econ = economics(rows, caches, choice, alpha) if choice else None
     missing = [r.key for r in regime.runs() if r.key not in {x["key"] for x in rows}]
+    lr = regime.lr or FitConfig.lr
     lines = [
         f"## Fidelity per byte, {regime.name} regime (`bench_fidelity.py --regime {regime.name}`)",
         f"- date: {context['started']}; {context['minutes']:.1f} min in this invocation (rows "
@@ -554,8 +591,8 @@ def write_report(regime: Regime, rows, caches, context: dict[str, Any]) -> None:
         f"**Students**: GPT-2 {STUDENT['n_layer']} x {STUDENT['n_embd']} "
         f"({context['student_params'] / 1e6:.2f}M non-embedding), seed 0, {regime.steps} steps of "
         f"{BATCH} x {SEQ_LEN} tokens ({regime.steps * BATCH * SEQ_LEN:,} tokens, the same "
-        "sequences in the same order), `trainer.fit` defaults otherwise (AdamW lr 3e-4 cosine "
-        "to 3e-5, T 1). Held-out: "
+        f"sequences in the same order{epochs_note(regime)}), `trainer.fit` defaults otherwise "
+        f"(AdamW lr {lr:g} cosine to {lr / 10:g}, T 1). Held-out: "
         f"{context['heldout_tokens']:,} tokens of stdlib files that no cache and no training "
         "saw; KL is exact over the full vocabulary. *vs online* is relative to online KD at "
         "the same alpha (+1.0% = 1% worse).",
@@ -642,17 +679,19 @@ def main(argv: list[str] | None = None) -> None:
     regime = REGIMES[args.regime]
     if args.quick:
         regime = quick(regime)
-    work: Path = args.work or WORK_ROOT / f"fidelity-{regime.name}"
+    work: Path = args.work or WORK_ROOT / f"fidelity-{regime.shares or regime.name}"
     if regime.name == "weak" and args.work is None:
         work = WORK_ROOT / "fidelity"  # where the first benchmark kept it (bench_storage too)
+    rows_dir = work / ("rows" if regime.shares is None else f"rows-{regime.name}")
     started, t_start, load_before = now_utc(), time.perf_counter(), loadavg()
-    (work / "rows").mkdir(parents=True, exist_ok=True)
+    rows_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
     log(f"teacher ({regime.name} regime; trained only if missing)")
     teacher_dir = args.teacher_from or toy.ensure_teacher(work / "teacher", **regime.teacher)
     corpus = work / "corpus-train"
-    write_corpus(corpus, teacher_dir, "train", (regime.steps + 1) * BATCH * SEQ_LEN)
+    text_steps = regime.text_steps or regime.steps
+    write_corpus(corpus, teacher_dir, "train", (text_steps + 1) * BATCH * SEQ_LEN)
     teacher = load_model(teacher_dir)
     heldout = HeldOut.build(teacher, heldout_sequences(teacher_dir, regime.heldout_tokens))
     teacher_stats = heldout.teacher_stats()
@@ -661,7 +700,8 @@ def main(argv: list[str] | None = None) -> None:
     student_cfg.write_text(toy.build_student_config(teacher_dir, **STUDENT).to_json_string())
     fingerprint = hashlib.sha1(json.dumps(
         [ROW_VERSION, regime.teacher, STUDENT, regime.steps, regime.heldout_tokens,
-         regime.probe_every, (toy.read_info(teacher_dir) or {}).get("settings")],
+         regime.probe_every, (toy.read_info(teacher_dir) or {}).get("settings"),
+         *([regime.text_steps, regime.lr] if regime.shares else [])],
         sort_keys=True, default=str).encode()).hexdigest()[:16]  # fmt: skip
 
     only = {x.strip() for x in args.only.split(",") if x.strip()}
@@ -669,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     caches: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for run in regime.runs():
-        stored = work / "rows" / f"{run.key}.json"
+        stored = rows_dir / f"{run.key}.json"
         row = json.loads(stored.read_text()) if stored.is_file() else None
         wanted = not only or run.key in only or run.name in only
         if (row is None or row.get("fingerprint") != fingerprint) and wanted and not args.report:
@@ -678,8 +718,8 @@ def main(argv: list[str] | None = None) -> None:
                 caches[run.cache] = dump_cache(specs[run.cache], teacher_dir, corpus, work)
                 log(f"  {caches[run.cache]['bytes_per_token']:.1f} B/token")
             log(f"student {run.key}")
-            trained = train_student(run, caches[run.cache]["path"], student_cfg, regime.steps,
-                                    work, heldout, regime.probe_every, teacher_dir)  # fmt: skip
+            trained = train_student(run, caches[run.cache]["path"], student_cfg, regime,
+                                    work, heldout, teacher_dir)  # fmt: skip
             spec = specs[run.cache]
             row = {
                 "key": run.key, "fingerprint": fingerprint, "name": run.name,
