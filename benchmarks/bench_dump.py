@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         if wanted:
             report = measure(args)
             print(report)
-            if not args.no_results:
+            if not args.quick and not args.no_results:  # a smoke run leaves RESULTS.md alone
                 update_results(name, report)
                 print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
             return
