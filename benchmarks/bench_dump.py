@@ -44,6 +44,7 @@ Full runs (not ``--quick``) write their section of ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -557,7 +558,7 @@ def targets_cost(args: argparse.Namespace) -> str:
     forward, free of the writer, the disk and other processes' noise (the median per batch)."""
     import torch
 
-    from logitcache.dumping import targets
+    from logitcache.dumping import native, targets
     from logitcache.dumping.teacher import load_teacher
 
     torch.set_num_threads(1)
@@ -569,8 +570,11 @@ def targets_cost(args: argparse.Namespace) -> str:
     teacher = load_teacher(str(teacher_dir), device="cpu")
     batches = bare_batches(corpus, teacher, args.seq_len, args.batch_size, args.part_tokens)
     batches = [b for b in batches if b.shape[0] == args.batch_size][: args.cost_batches]
-    specs = [(name, targets.TargetSpec(**fields)) for name, fields in TARGET_COSTS]
-    times: dict[str, list[float]] = {"forward": []} | {name: [] for name, _ in specs}
+    # each kind on both paths where the C kernels build: theirs, then torch's operators
+    paths = ("C", "torch") if native.available() else ("torch",)
+    specs = [(f"{name}, {path}", targets.TargetSpec(**fields), path)
+             for name, fields in TARGET_COSTS for path in paths]  # fmt: skip
+    times: dict[str, list[float]] = {"forward": []} | {name: [] for name, _, _ in specs}
     with torch.inference_mode():
         for rep in range(args.repeats + 1):  # the first pass warms up, untimed
             for i, ids in enumerate(batches):
@@ -578,22 +582,26 @@ def targets_cost(args: argparse.Namespace) -> str:
                 logits = teacher.logits(ids)
                 spent = {"forward": time.process_time() - start}
                 index = torch.arange(i * len(ids), (i + 1) * len(ids))
-                for name, spec in specs:
-                    start = time.process_time()
-                    targets.device_targets(logits, spec, index)
-                    spent[name] = time.process_time() - start
+                for name, spec, path in specs:
+                    with native.torch_operators() if path == "torch" else contextlib.nullcontext():
+                        start = time.process_time()
+                        targets.device_targets(logits, spec, index)
+                        spent[name] = time.process_time() - start
                 if rep:
                     for name, seconds in spent.items():
                         times[name].append(seconds)
     forward = statistics.median(times["forward"])
-    rows = [["teacher forward (bare)", f"{forward * 1000:.1f}", "1.000", "-"]]
-    for name, _ in specs:
+    rows = [["teacher forward (bare)", f"{forward * 1000:.1f}", "1.000", "-", "-"]]
+    for name, _, path in specs:
         t = statistics.median(times[name])
+        torch_t = statistics.median(times[name.replace(", C", ", torch")])
         rows.append([f"targets: {name}", f"{t * 1000:.1f}", f"{t / forward:.3f}",
-                     f"{(forward + t) / forward:.3f}"])  # fmt: skip
+                     f"{(forward + t) / forward:.3f}",
+                     f"{torch_t / t:.2f}x" if path == "C" else "-"])  # fmt: skip
     table = markdown_table(
-        ["work per batch", "CPU ms (median)", "/ forward", "forward + targets, / forward"], rows
-    )
+        ["work per batch", "CPU ms (median)", "/ forward", "forward + targets, / forward",
+         "C speed-up"], rows,
+    )  # fmt: skip
     vocab = teacher.info.vocab_size
     return f"""## What the targets cost next to the forward (`bench_dump.py --targets-cost`)
 
@@ -606,8 +614,10 @@ def targets_cost(args: argparse.Namespace) -> str:
 
 {table}
 
-The last column is what a dump's device thread does per batch against a bare forward, before
-the writer (which runs beside it) and the disk: the floor of dump/bare on a CPU.
+*forward + targets* is what a dump's device thread does per batch against a bare forward,
+before the writer (which runs beside it) and the disk: the floor of dump/bare on a CPU. *C* is
+`logitcache.dumping.native` (what a CPU dump uses where a C compiler is found), *torch* the
+same targets from torch's operators (`LOGITCACHE_NATIVE=0`, and every GPU).
 """
 
 
@@ -722,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         if wanted:
             report = measure(args)
             print(report)
-            if not args.no_results:
+            if not args.quick and not args.no_results:  # a smoke run leaves RESULTS.md alone
                 update_results(name, report)
                 print(f"[bench_dump] wrote its section of {RESULTS}", file=sys.stderr)
             return

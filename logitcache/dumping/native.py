@@ -21,6 +21,8 @@ log-probs equal within float rounding, draws equal but where u lies within ~1e-1
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -30,14 +32,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("native") / "targets.c"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC")
 #: Rows per call below which threads cost more than they save.
 MIN_ROWS_PER_THREAD = 64
 
@@ -103,9 +105,24 @@ def _library() -> ctypes.CDLL | None:
     return None if compiler is None else load(_build_dir(), compiler)
 
 
+#: Set inside `torch_operators()`: the targets are computed by torch even where C could.
+_TORCH_ONLY = contextvars.ContextVar("logitcache_native_torch_only", default=False)
+
+
 def available() -> bool:
-    """Whether the C kernel can run here (builds it on the first call)."""
-    return _library() is not None
+    """Whether the C kernels run here (builds them on the first call)."""
+    return not _TORCH_ONLY.get() and _library() is not None
+
+
+@contextlib.contextmanager
+def torch_operators() -> Iterator[None]:
+    """Within the block, the targets take torch's path even where C could: for a benchmark
+    that times both paths side by side, and tests of the fallback in the same process."""
+    token = _TORCH_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _TORCH_ONLY.reset(token)
 
 
 @functools.cache
@@ -134,7 +151,7 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     rows = logits.reshape(-1, vocab).contiguous()
     values = torch.empty(len(rows), k, dtype=torch.float32)
     ids = torch.empty(len(rows), k, dtype=torch.int64)
-    scratch_floats = -(-vocab // 16) + 8 * k + 2  # the C side's block maxima and candidates
+    scratch_floats = 2 * -(-vocab // 16) + 8 * k + 2  # block maxima, candidates, chosen blocks
 
     def run(start: int, stop: int) -> None:
         scratch = torch.empty(scratch_floats, dtype=torch.float32)

@@ -60,8 +60,8 @@ static void heap_topk(const float *row, int64_t vocab, int64_t k, float *hv, int
 /* Rows [row0, row1) of `x` (rows x vocab, contiguous): `values` (rows x k) the k largest
  * log-probabilities in decreasing order (ties: lower id first), `ids` their ids. A row with a
  * NaN or +inf, or with every entry -inf, gets NaN values (the caller marks it non-finite).
- * `scratch` holds ceil(vocab / BLOCK) + 8 * k + 2 floats (the block maxima, then the candidates'
- * values and ids).
+ * `scratch` holds 2 * ceil(vocab / BLOCK) + 8 * k + 2 floats (the block maxima, the candidates'
+ * values and ids, the chosen blocks).
  *
  * Why blocks: any `t` that k distinct entries reach is at most the k-th largest entry, so the
  * k best entries are among those >= t, which live in blocks whose maximum is >= t. With the row
@@ -118,16 +118,25 @@ void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, 
                 for (int64_t b = 0; b < blocks; b++) reach += bmax[b] >= mid;
                 if (reach >= k) t = mid; else hi = mid;
             }
-            for (int64_t b = 0; b < blocks && n <= cap; b++) {
-                if (bmax[b] < t) continue;
+            /* the blocks that can hold one, listed without branches, then their entries
+             * >= t appended without branches; a flat row stops at `cap` and takes the heap */
+            int32_t *chosen = (int32_t *)(cand + 2 * cap + 2);
+            int64_t picked = 0, c = 0;
+            for (int64_t b = 0; b < blocks; b++) {
+                chosen[picked] = (int32_t)b;
+                picked += bmax[b] >= t;
+            }
+            for (; c < picked && n + BLOCK <= cap + 1; c++) {
+                int64_t b = chosen[c];
                 const float *p = row + b * BLOCK;
                 int64_t m = b < full ? BLOCK : vocab - full * BLOCK;
-                for (int64_t q = 0; q < m && n <= cap; q++) {
+                for (int64_t q = 0; q < m; q++) {
                     cand[n] = p[q];
                     cand[cap + 1 + n] = (float)(b * BLOCK + q);  /* ids < 2^24: exact */
                     n += p[q] >= t;
                 }
             }
+            if (c < picked) n = cap + 1;  /* stopped early: too many candidates */
         }
         if (blocks < k || n > cap) {
             heap_topk(row, vocab, k, hv, hi);

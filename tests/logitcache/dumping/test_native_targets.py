@@ -174,3 +174,15 @@ def test_loading_it_leaves_subnormals_alone() -> None:
     assert native.available()
     tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
     assert (tiny * 0.5).item() > 0.0
+
+
+def test_torch_operators_block_takes_torch_path() -> None:
+    x = lm_like(64, 1000, seed=4)
+    assert native.available()
+    with native.torch_operators():
+        assert not native.available()
+        values, ids = targets.topk_logprobs(x, 8)
+    assert native.available()
+    want_values, want_ids = reference(x, 8)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(values.double(), want_values, atol=2e-5, rtol=1e-5)
