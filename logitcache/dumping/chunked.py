@@ -6,8 +6,7 @@ per position. For a Hugging Face causal LM whose output head is a plain `torch.n
 `split_head` cuts the model at its final hidden states: the body (`model.base_model`) runs once
 per batch, and `chunked_targets` computes ``logits = head(hidden[:, t : t + steps])`` and their
 targets with the same function as the full path (`targets.device_targets`), one chunk of time
-steps after another, so that no more than `CHUNK_LOGITS_BYTES` of float32 logits exist at once
-(on a CPU, a few MiB: `auto_tokens`).
+steps after another, so that no more than `CHUNK_LOGITS_BYTES` of float32 logits exist at once.
 Sampled draws are keyed by (seed, sequence, position) (`logitcache.dumping.sampling`), so
 chunking changes none of them.
 
@@ -38,11 +37,9 @@ from logitcache.dumping.targets import TargetSpec
 
 __all__ = [
     "CHUNK_LOGITS_BYTES",
-    "CPU_CHUNK_LOGITS_BYTES",
     "UNREPRODUCED",
     "LogitsPlan",
     "SplitHead",
-    "auto_tokens",
     "chunked_targets",
     "plan_logits",
     "split_head",
@@ -53,13 +50,6 @@ __all__ = [
 #: 512 positions at 131072 ids, 2.6k at 32k. Large enough that the head's matmul keeps a GPU
 #: busy, small next to a batch's full logits (2 GiB at batch 2, 2048 positions, 131072 ids).
 CHUNK_LOGITS_BYTES = 256 << 20
-#: On a CPU, the logits a chunk holds when auto-sized: a few MiB, so that they are still in the
-#: caches when the targets read them, instead of a trip to memory and back (the head and top-k
-#: of 4096 positions of the 4x256 toy teacher took a fifth less CPU time in 512-position chunks
-#: than in one piece, on the 2-core Xeon of benchmarks/RESULTS.md). A chunk keeps at least
-#: twice the hidden size's positions, so that the head's weights, read again per chunk, stay a
-#: small part of the traffic.
-CPU_CHUNK_LOGITS_BYTES = 16 << 20
 
 #: Config fields that name a step after the head which `SplitHead.logits` does not take; a
 #: model whose config sets one (to anything but None or 1) keeps the full path.
@@ -104,11 +94,6 @@ class SplitHead:
     @property
     def vocab_size(self) -> int:
         return self.head.out_features
-
-    @property
-    def cpu_hidden(self) -> int | None:
-        """The head's input width where it runs on a CPU (what sizes a chunk there)."""
-        return self.head.in_features if self.head.weight.device.type == "cpu" else None
 
     @torch.inference_mode()
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -208,22 +193,10 @@ def _probe(model: torch.nn.Module, split: SplitHead, device: torch.device) -> st
     )
 
 
-def auto_tokens(vocab: int, cpu_hidden: int | None = None) -> int:
-    """Positions per chunk when --logits-chunk-tokens is 0: `CHUNK_LOGITS_BYTES` of float32
-    logits; on a CPU (`cpu_hidden`, the head's input width) fewer, `CPU_CHUNK_LOGITS_BYTES` or
-    twice the hidden size, whichever is more."""
-    tokens = max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
-    if cpu_hidden is None:
-        return tokens
-    return min(tokens, max(CPU_CHUNK_LOGITS_BYTES // (4 * vocab), 2 * cpu_hidden))
-
-
-def time_steps(
-    chunk_tokens: int, batch: int, time: int, vocab: int, cpu_hidden: int | None = None
-) -> int:
-    """Time steps per chunk: `chunk_tokens` positions (batch rows x steps), or `auto_tokens`
-    where it is 0; at least 1, at most `time`."""
-    tokens = chunk_tokens if chunk_tokens > 0 else auto_tokens(vocab, cpu_hidden)
+def time_steps(chunk_tokens: int, batch: int, time: int, vocab: int) -> int:
+    """Time steps per chunk: `chunk_tokens` positions (batch rows x steps), or as many as
+    `CHUNK_LOGITS_BYTES` of float32 logits hold where it is 0; at least 1, at most `time`."""
+    tokens = chunk_tokens if chunk_tokens > 0 else CHUNK_LOGITS_BYTES // (4 * vocab)
     return max(1, min(time, tokens // batch))
 
 
@@ -240,7 +213,7 @@ class LogitsPlan:
         if self.split is None:
             return f"full logits ({self.why})"
         vocab = self.split.vocab_size
-        tokens = self.chunk_tokens or auto_tokens(vocab, self.split.cpu_hidden)
+        tokens = self.chunk_tokens or max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
         steps = " with a tanh soft-cap" if self.split.softcap is not None else ""
         return (
             f"chunked logits: {self.split.family}'s linear head over up to {tokens:,} positions "
@@ -278,7 +251,7 @@ def chunked_targets(
     `targets_fn` returns is (batch, time, ...), so the chunks' arrays are joined along time.
     The body's forward is the caller's, so that it can be timed apart (`dump --profile`)."""
     batch, time = hidden.shape[:2]
-    steps = time_steps(chunk_tokens, batch, time, split.vocab_size, split.cpu_hidden)
+    steps = time_steps(chunk_tokens, batch, time, split.vocab_size)
     pieces = []
     for start in range(0, time, steps):
         logits = split.logits(hidden[:, start : start + steps])  # (batch, steps, vocab)

@@ -121,16 +121,6 @@ def test_time_steps_come_from_the_budget_or_the_option():
     assert chunked.time_steps(10, 3, 50, VOCAB) == 3
 
 
-def test_cpu_chunks_hold_a_few_mib_of_logits_but_twice_the_hidden_size():
-    # 16 MiB of float32 logits at 8192 ids: 512 positions, 64 steps of a batch of 8
-    assert chunked.auto_tokens(8192, cpu_hidden=256) == 512
-    assert chunked.time_steps(0, 8, 512, 8192, cpu_hidden=256) == 64
-    # a wide head: twice its hidden size, but never past the device budget (512 at 131072)
-    assert chunked.auto_tokens(131072, cpu_hidden=2048) == 512
-    assert chunked.auto_tokens(131072, cpu_hidden=128) == 256
-    assert chunked.auto_tokens(131072) == 512  # off a CPU: the budget alone
-
-
 # --------------------------------------------------------------------------------------------
 # The full path, and why
 
