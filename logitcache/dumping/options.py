@@ -207,8 +207,8 @@ def check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(f"--temperature must be a positive number, got {opts.temperature}.")
     if not 0 <= opts.seed < 1 << 63:
         raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
+    _check_ensemble(opts)  # before --device-map's checks, which are about one teacher
     _check_placement(opts)
-    _check_ensemble(opts)
     refuse_overlap(opts.out, _local_inputs(opts), "--out")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from logitcache.testing import toy
 from tests.logitcache.background import Background, wanted_jobs
 from tests.logitcache.dump_helpers import MAIN, SMALL, dump_in_process, write_docs
 
@@ -104,3 +105,28 @@ def background(
                 job.cancel()
     for cleanup in jobs.cleanups:
         cleanup()
+
+
+@pytest.fixture(scope="session")
+def second_teacher_dir(tmp_path_factory, tiny_teacher_dir: Path, stdlib_small_files) -> Path:
+    """A second tiny teacher for the ensemble tests: the tiny teacher's tokenizer and shape,
+    another seed and fewer steps, so the two disagree (a weaker member beside a stronger)."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TINY_TEACHER
+
+    settings = TINY_TEACHER | {"seed": 1, "train_steps": 15}
+    return toy.build_teacher(
+        tmp_path_factory.mktemp("second_teacher"), files=stdlib_small_files, verbose=False,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir), **settings,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_teacher_dir(tmp_path_factory, stdlib_small_files) -> Path:
+    """An untrained one-layer teacher with its own 300-id tokenizer: what an ensemble with the
+    tiny teacher must refuse."""
+    return toy.build_teacher(
+        tmp_path_factory.mktemp("other_tokenizer_teacher"), files=stdlib_small_files,
+        verbose=False, vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=256,
+    )  # fmt: skip
