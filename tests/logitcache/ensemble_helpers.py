@@ -1,5 +1,5 @@
 """What the ensemble tests share: the direct average of the teachers' outputs, computed here
-from the models themselves (not by the code under test), and a cache's targets read back."""
+from the models themselves (not by the code under test)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
-import logitcache
 
 
 def load_models(teacher_dirs: Sequence[Path]) -> list[torch.nn.Module]:
@@ -33,15 +31,3 @@ def direct_average(
         return torch.log_softmax(sum(w * x for w, x in zip(weights, logits, strict=True)), -1)
     probs = sum(w * torch.softmax(x, -1) for w, x in zip(weights, logits, strict=True))
     return torch.log(probs)
-
-
-def member_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, temperature: float):
-    """(T, V) float64 log-probabilities of one teacher at `temperature`."""
-    with torch.inference_mode():
-        return torch.log_softmax(model(input_ids[None]).logits[0].double() / temperature, -1)
-
-
-def sequences(cache: Path) -> list[logitcache.CacheSequence]:
-    """Every sequence of `cache` in the decoded view (ids and log-probs, decreasing)."""
-    opened = logitcache.open(cache)
-    return [opened[i] for i in range(len(opened))]

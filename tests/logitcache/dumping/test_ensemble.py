@@ -14,8 +14,8 @@ from logitcache.dumping.ensemble import FULL_LOGITS_WHY
 from logitcache.dumping.pipeline import DumpOptions, dump
 from logitcache.errors import LogitCacheError
 from logitcache.format.ensemble import ensemble_teacher
-from tests.logitcache.dump_helpers import VOCAB
-from tests.logitcache.ensemble_helpers import direct_average, load_models, sequences
+from tests.logitcache.dump_helpers import VOCAB, sequences_of
+from tests.logitcache.ensemble_helpers import direct_average, load_models
 
 #: Every id with float32 log-probs, so the cache holds the whole distribution to compare.
 FULL = {"targets": "topk", "top_k": VOCAB, "logprob_dtype": "float32", "seq_len": 64,
@@ -49,7 +49,7 @@ def test_ensemble_dump_equals_the_direct_average(
     )
     models = load_models(teachers)
     worst = 0.0
-    for seq in sequences(tmp_path / "cache"):
+    for seq in sequences_of(tmp_path / "cache"):
         want = direct_average(models, seq.input_ids, [0.75, 0.25], mode, temperature)
         got = torch.full_like(want, -torch.inf).scatter_(
             1, seq.target_ids, seq.target_logprobs.double()
