@@ -274,10 +274,15 @@ def _check_ensemble(opts: DumpOptions) -> None:
                 f"times (--teacher A --teacher B {flag} ...), or leave out {flag}."
             )
         return
-    if len(opts.teachers) < 2 or opts.teacher is not None or opts.teacher_factory is not None:
+    if opts.teacher_factory is not None:
         raise LogitCacheError(
-            "an ensemble is two or more --teacher models (paths or hub names), and only them: "
-            "DumpOptions.teachers lists all of them, with teacher and teacher_factory None."
+            "an ensemble is two or more --teacher models (paths or hub names); a "
+            "--teacher-factory cannot be one of them. Leave out --teacher-factory."
+        )
+    if len(opts.teachers) < 2 or opts.teacher is not None:
+        raise LogitCacheError(
+            "an ensemble is two or more teachers: DumpOptions.teachers lists all of them "
+            "(teacher is then None); a single teacher is DumpOptions.teacher."
         )
     if ensemble_mode(opts) not in ENSEMBLE_MODES:
         raise LogitCacheError(

@@ -47,6 +47,11 @@ def test_ensemble_dump_cli_writes_the_ensemble_record(
     assert [m["weight"] for m in members] == pytest.approx([2 / 3, 1 / 3])
     assert "cache" not in members[0]  # a one-pass dump's members have no cache of their own
     assert logitcache.open(out).manifest.teacher.name.startswith("ensemble (probs) of ")
+    info = run_cli("info", out)
+    assert info.returncode == 0, describe(info)
+    assert f"probs average of {tiny_teacher_dir} (0.667) + {second_teacher_dir} (0.333)" in flat(
+        info.stdout
+    )
 
 
 @pytest.mark.parametrize(

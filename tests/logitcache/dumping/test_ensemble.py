@@ -84,6 +84,7 @@ def test_ensemble_dump_resumes_and_a_changed_weight_is_another_cache(
         ({"weights": [1.0, 0.0]}, "must be positive numbers, got 0"),
         ({"ensemble": "mean"}, "--ensemble must be one of logits, probs"),
         ({"device_map": "auto"}, "the teachers of an ensemble each run whole"),
+        ({"teacher_factory": "pkg.models:build"}, "a --teacher-factory cannot be one of them"),
     ],
 )
 def test_ensemble_settings_are_refused_before_any_teacher_loads(
