@@ -5,14 +5,16 @@ their counts; whatever cannot be averaged is refused before OUT is touched."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 import logitcache
-from logitcache.errors import LogitCacheError
+from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.format.ensemble import ensemble_teacher
+from logitcache.format.parse import parse_manifest
 from logitcache.read.verify import verify
 from logitcache.write.ensemble import ensemble
 from tests.logitcache.dump_helpers import VOCAB, sequences_of
@@ -135,3 +137,31 @@ def test_what_cannot_be_averaged_is_refused_before_out_is_touched(
     with pytest.raises(LogitCacheError, match=phrase):
         ensemble(tmp_path / "out", inputs, mode=mode, weights=weights)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tampered_ensemble_record_is_refused_by_the_parser(ensemble_members, tmp_path):
+    """The record a reader trusts: weights that are a mixture, two or more members, the
+    teacher record their identity, format 1.3. Each edit below makes the manifest corrupt."""
+    m = ensemble(tmp_path / "out", ensemble_members["top8"], mode="probs", weights=[3.0, 1.0])
+    doc = json.loads(m.to_json())
+    assert parse_manifest(json.dumps(doc)) == m
+
+    def edited(change) -> str:
+        copy = json.loads(json.dumps(doc))
+        change(copy)
+        return json.dumps(copy)
+
+    cases = {
+        "weights must be positive and sum to 1": lambda d: d["ensemble"]["members"][0].update(
+            weight=0.5
+        ),
+        "at least two members": lambda d: d["ensemble"]["members"].pop(),
+        "is not one of": lambda d: d["ensemble"].update(mode="median"),
+        "not the identity of the ensemble's members": lambda d: d["teacher"].update(
+            weights_sha256="0" * 64
+        ),
+        "ensemble needs format_version 1.3": lambda d: d.update(format_version="1.2"),
+    }
+    for phrase, change in cases.items():
+        with pytest.raises(CorruptCacheError, match=phrase):
+            parse_manifest(edited(change))
