@@ -36,7 +36,6 @@ import common
 
 import logitcache
 from logitcache.dumping.ensemble import ensemble_logits
-from logitcache.write.ensemble import ensemble
 
 #: The two teachers: the same shape, data and recipe; seeds 0 and 1.
 TEACHER = {"vocab_size": 2048, "n_layer": 2, "n_embd": 128, "n_head": 2, "n_positions": 256,
@@ -147,7 +146,9 @@ def main() -> None:
     _, single_b_s = timed_dump(caches / "b", data, teacher=str(dirs[1]))
     _, both_s = timed_dump(caches / "ab", data, teachers=[str(d) for d in dirs], ensemble="probs")
     combine_t = time.perf_counter()
-    ensemble(caches / "combined", [caches / "a", caches / "b"], mode="probs", overwrite=True)
+    logitcache.ensemble(
+        caches / "combined", [caches / "a", caches / "b"], mode="probs", overwrite=True
+    )
     combine_s = time.perf_counter() - combine_t
     from transformers import AutoModelForCausalLM
 
