@@ -39,8 +39,8 @@ from logitcache.dumping.ensemble import ensemble_logits
 
 #: The two teachers: the same shape, data and recipe; seeds 0 and 1.
 TEACHER = {"vocab_size": 2048, "n_layer": 2, "n_embd": 128, "n_head": 2, "n_positions": 256,
-           "seq_len": 128, "batch_size": 16, "lr": 3e-3, "lr_schedule": "cosine",
-           "warmup_steps": 20}  # fmt: skip
+           "seq_len": 128, "batch_size": 16, "lr": 1e-3, "lr_schedule": "cosine",
+           "warmup_steps": 60}  # fmt: skip
 TRAIN_FILES = 400
 K = 32
 
