@@ -1,7 +1,7 @@
 """Ensembles of two toy teachers: what averaging buys on held-out text, what it costs in the
 dump, and how close `logitcache ensemble` comes to the exact average from top-k caches.
 
-    python benchmarks/bench_ensemble.py           # default run (~15 min on 2 busy CPU cores)
+    python benchmarks/bench_ensemble.py           # default run (mostly training the two teachers)
     python benchmarks/bench_ensemble.py --quick   # smoke run (untrained teachers, no RESULTS.md)
 
 Two GPT-2 teachers (2x128, vocabulary 2048, the same byte-level BPE) are trained on the stdlib
