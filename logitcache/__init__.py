@@ -2,7 +2,7 @@
 
 The public API. Reading names (`open`, `Cache`, the format and the errors) are imported at once
 and stay light; the teacher side (`dump`, `DumpOptions`) and the sharing tools (`merge`,
-`export`, `verify`) are imported on first use, so a trainer that only reads never loads the
+`ensemble`, `export`, `verify`) are imported on first use, so a trainer that only reads never loads the
 teacher code, transformers or a writer.
 """
 
@@ -32,6 +32,7 @@ __all__ = [
     "SettingsMismatchError",
     "__version__",
     "dump",
+    "ensemble",
     "export",
     "merge",
     "open",
@@ -45,6 +46,7 @@ _HOME = {
     "DumpOptions": "logitcache.dumping.options",
     "DumpSummary": "logitcache.dumping.options",
     "merge": "logitcache.write.merge",
+    "ensemble": "logitcache.write.ensemble",
     "export": "logitcache.write.export",
     "verify": "logitcache.read.verify",
 }
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from logitcache.dumping.options import DumpOptions, DumpSummary
     from logitcache.dumping.pipeline import dump
     from logitcache.read.verify import verify
+    from logitcache.write.ensemble import ensemble
     from logitcache.write.export import export
     from logitcache.write.merge import merge
 

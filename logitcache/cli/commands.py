@@ -1,9 +1,9 @@
-"""The `logitcache` command: dump, info, stats, verify, merge, export. Thin: parse flags, call
+"""The `logitcache` command: dump, info, stats, verify, merge, ensemble, export. Thin: parse flags, call
 the library, print. Every CACHE argument is a directory or a URL (s3://, gs://, az://,
 memory://).
 
 The commands live by job: `logitcache.cli.dump` (write a cache), `logitcache.cli.inspect`
-(info, stats, verify: read one), `logitcache.cli.share` (merge, export: make one from others);
+(info, stats, verify: read one), `logitcache.cli.share` (merge, ensemble, export: make one from others);
 this module gathers them into the app, in the order `--help` lists them.
 """
 
@@ -14,7 +14,7 @@ import typer
 from logitcache.cli.common import run_app
 from logitcache.cli.dump import dump
 from logitcache.cli.inspect import info, stats, verify
-from logitcache.cli.share import export, merge
+from logitcache.cli.share import ensemble, export, merge
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -22,7 +22,7 @@ app = typer.Typer(
     add_completion=False,
     help="Run a teacher once, cache its soft targets, and inspect caches.",
 )
-for command in (dump, info, stats, verify, merge, export):
+for command in (dump, info, stats, verify, merge, ensemble, export):
     app.command()(command)
 
 

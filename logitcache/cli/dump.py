@@ -28,8 +28,27 @@ def dump(
         ),
     ],
     teacher: Annotated[
-        str | None, typer.Option(help="Hugging Face causal LM: a local directory or a hub name.")
-    ] = D.teacher,
+        list[str] | None,
+        typer.Option(
+            help="Hugging Face causal LM: a local directory or a hub name. Give it two or more "
+            "times for an ensemble (see --ensemble)."
+        ),
+    ] = None,
+    ensemble: Annotated[
+        str | None,
+        typer.Option(
+            help="With several --teacher: cache the targets of their average, logits (the "
+            "weighted mean of their logits) or probs (of their probabilities at --temperature) "
+            "[logits]."
+        ),
+    ] = D.ensemble,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="With several --teacher: their weights in the average, in their order, e.g. "
+            "2,1 (scaled to sum to 1) [equal]."
+        ),
+    ] = None,
     teacher_factory: Annotated[
         str | None,
         typer.Option(help="MODULE:FUNCTION returning a torch module that maps ids to logits."),
@@ -211,9 +230,12 @@ def dump(
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --profile
 
+      logitcache dump --teacher ./teacher-a --teacher ./teacher-b --weights 2,1 --ensemble probs --data ./corpus/ --out ./cache
+
       logitcache dump --teacher ./llama-70b --data ./corpus/ --out ./cache --device-map auto --max-memory 0=70GiB,1=70GiB --dtype bfloat16
     """
     from logitcache.dumping.pipeline import dump as run_dump
+    from logitcache.format.ensemble import parse_weights
 
     targets = target_kind(
         targets, topk_flags={"--top-k": top_k, "--logprob-dtype": logprob_dtype,
@@ -223,9 +245,13 @@ def dump(
     samples = D.samples if samples is None else samples
     id_order = D.id_order if id_order is None else id_order
     logprob_dtype = D.logprob_dtype if logprob_dtype is None else logprob_dtype
+    teachers = teacher or []
     summary = run_dump(
         DumpOptions(
-            data=data, out=out_dir, teacher=teacher, teacher_factory=teacher_factory, tokenizer=tokenizer,
+            data=data, out=out_dir, teacher=teachers[0] if len(teachers) == 1 else None,
+            teachers=teachers if len(teachers) > 1 else [], ensemble=ensemble,
+            weights=None if weights is None else parse_weights(weights),
+            teacher_factory=teacher_factory, tokenizer=tokenizer,
             trust_remote_code=trust_remote_code, data_format=data_format, text_field=text_field,
             ids_field=ids_field, targets=targets, top_k=top_k, samples=samples,
             temperature=temperature, seed=seed, id_order=id_order, delta=delta, seq_len=seq_len,

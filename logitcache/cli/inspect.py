@@ -69,6 +69,9 @@ def info(
         ("counts", f"{m.tokens:,} tokens, {m.sequences:,} sequences, {len(m.parts)} parts"),
         ("size", size_per_token(size, m.tokens)),
     ]  # fmt: skip
+    if m.ensemble is not None:  # the teacher row is the ensemble's identity: who is in it
+        members = " + ".join(f"{x.teacher.name} ({x.weight:.3g})" for x in m.ensemble.members)
+        rows.insert(2, ("ensemble", f"{m.ensemble.mode} average of {members}"))
     if not c.is_remote and not problems:
         rows.append(("checked", "every part's files present, metadata and chunk indexes intact "
                      "(data: logitcache verify)"))  # fmt: skip

@@ -58,6 +58,61 @@ def merge(
     )
 
 
+def ensemble(
+    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="New cache directory or URL.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="CACHE...", help="Caches of the teachers, each dumped from the same data."
+        ),
+    ],
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="logits: the weighted mean of the teachers' logits (exact for caches of every "
+            "id, --top-k = vocabulary; refused otherwise); probs: of their probabilities "
+            "(top-k: the union of the stored ids, within the bound of docs/FORMAT.md section "
+            "3c; sampled: their draws pooled)."
+        ),
+    ],
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="The caches' weights, in their order, e.g. 2,1 (scaled to sum to 1) [equal]. "
+            "Sampled caches weigh their draws: leave it out with equal --samples."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    license: LicenseOption = DEFAULT_LICENSE,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Combine caches that several teachers dumped separately over the same data into the
+    cache of their average (an ensemble; one pass instead: dump --teacher A --teacher B).
+
+    The caches must hold the same input ids from the same tokenizer, with targets of one kind
+    and temperature. Interrupted? Rerun the same command: it resumes.
+
+    Examples:
+
+      logitcache ensemble ./cache-ab ./cache-a ./cache-b --mode probs
+
+      logitcache ensemble ./cache-ab ./cache-a-full ./cache-b-full --mode logits --weights 2,1
+    """
+    from logitcache.format.ensemble import parse_weights
+    from logitcache.write.ensemble import ensemble as run_ensemble
+
+    m = run_ensemble(
+        out_dir, inputs, mode=mode, weights=None if weights is None else parse_weights(weights),
+        overwrite=overwrite, license=license, cache_dir=cache_dir,
+    )  # fmt: skip
+    shares = ", ".join(f"{member.weight:.3g}" for member in m.ensemble.members)
+    print(
+        f"wrote {out_dir}: the {mode} average of {len(inputs)} caches (weights {shares}), "
+        f"{m.tokens:,} tokens in {m.sequences:,} sequences, {len(m.parts)} parts, "
+        f"{m.targets.kind} k={m.targets.k}"
+    )
+
+
 def export(
     cache: Annotated[str, typer.Argument(help="Cache directory or URL to read.")],
     out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Cache directory or URL to write.")],

@@ -10,12 +10,14 @@ from __future__ import annotations
 import glob
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from logitcache.errors import LogitCacheError
 from logitcache.format.card import DEFAULT_LICENSE
+from logitcache.format.ensemble import MODES as ENSEMBLE_MODES
+from logitcache.format.ensemble import normalized_weights
 from logitcache.format.manifest import (
     LOGPROB_DTYPES,
     MAX_SAMPLES,
@@ -81,6 +83,12 @@ class DumpOptions:
     data: str
     out: str | Path  # a directory, or a URL (s3://...): see logitcache.storage.stores
     teacher: str | None = None
+    #: An ensemble (`logitcache.dumping.ensemble`): two or more teachers (paths or hub names,
+    #: loaded like `teacher`, which is then None), averaged as `ensemble` says ("logits" or
+    #: "probs"; None: "logits") with `weights` (one per teacher; None: equal).
+    teachers: list[str] = field(default_factory=list)
+    ensemble: str | None = None
+    weights: list[float] | None = None
     teacher_factory: str | None = None
     tokenizer: str | None = None
     trust_remote_code: bool = False
@@ -199,6 +207,7 @@ def check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(f"--temperature must be a positive number, got {opts.temperature}.")
     if not 0 <= opts.seed < 1 << 63:
         raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
+    _check_ensemble(opts)  # before --device-map's checks, which are about one teacher
     _check_placement(opts)
     refuse_overlap(opts.out, _local_inputs(opts), "--out")
 
@@ -253,6 +262,43 @@ def _check_placement(opts: DumpOptions) -> None:
             "which is not installed here: pip install accelerate (or pip install "
             "'logitcache[big]')."
         ) from exc
+
+
+def _check_ensemble(opts: DumpOptions) -> None:
+    """--teacher given several times, --ensemble and --weights: together, and their values."""
+    if not opts.teachers:
+        if opts.ensemble is not None or opts.weights is not None:
+            flag = "--ensemble" if opts.ensemble is not None else "--weights"
+            raise LogitCacheError(
+                f"{flag} sets how several teachers are averaged; give --teacher two or more "
+                f"times (--teacher A --teacher B {flag} ...), or leave out {flag}."
+            )
+        return
+    if opts.teacher_factory is not None:
+        raise LogitCacheError(
+            "an ensemble is two or more --teacher models (paths or hub names); a "
+            "--teacher-factory cannot be one of them. Leave out --teacher-factory."
+        )
+    if len(opts.teachers) < 2 or opts.teacher is not None:
+        raise LogitCacheError(
+            "an ensemble is two or more teachers: DumpOptions.teachers lists all of them "
+            "(teacher is then None); a single teacher is DumpOptions.teacher."
+        )
+    if ensemble_mode(opts) not in ENSEMBLE_MODES:
+        raise LogitCacheError(
+            f"--ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {opts.ensemble!r}."
+        )
+    normalized_weights(opts.weights, len(opts.teachers))
+    if opts.device_map is not None:
+        raise LogitCacheError(
+            "--device-map places the layers of one teacher; the teachers of an ensemble each "
+            "run whole on --device. Leave out --device-map."
+        )
+
+
+def ensemble_mode(opts: DumpOptions) -> str:
+    """How an ensemble dump averages its teachers: --ensemble, "logits" where not given."""
+    return opts.ensemble or "logits"
 
 
 def device_map_of(opts: DumpOptions) -> str | dict[str, int | str] | None:
@@ -318,7 +364,8 @@ def _local_inputs(opts: DumpOptions) -> list[str]:
     """What a dump reads from local disk, for the --out check: --data (for a glob, the files
     it matches) and --teacher / --tokenizer where they are paths rather than hub names."""
     found = [opts.data] if Path(opts.data).exists() else glob.glob(opts.data, recursive=True)
-    return found + [p for p in (opts.teacher, opts.tokenizer) if p and Path(p).exists()]
+    named = (opts.teacher, *opts.teachers, opts.tokenizer)
+    return found + [p for p in named if p and Path(p).exists()]
 
 
 def check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:

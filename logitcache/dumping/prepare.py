@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from logitcache.dumping import chunked, data, targets
+from logitcache.dumping.ensemble import FULL_LOGITS_WHY, load_ensemble
 from logitcache.dumping.options import (
     DumpOptions,
     check_against_teacher,
     check_options,
     device_map_of,
+    ensemble_mode,
     max_memory_of,
 )
 from logitcache.dumping.profile import Profile
@@ -90,26 +92,36 @@ def prepare(opts: DumpOptions) -> Prepared:
     """Check `opts`, load the teacher and the data, and build the manifest template."""
     check_options(opts)
     source = data.resolve(opts.data, opts.data_format, opts.text_field, opts.ids_field)
-    teacher = load_teacher(
-        opts.teacher,
-        factory=opts.teacher_factory,
-        tokenizer=opts.tokenizer,
-        device=opts.device,
-        dtype=opts.dtype,
-        trust_remote_code=opts.trust_remote_code,
-        device_map=device_map_of(opts),
-        max_memory=max_memory_of(opts),
-        attn=opts.attn,
-    )
+    teacher = _load(opts)
     check_against_teacher(opts, teacher)
     if source.pretokenized:  # before touching --out: a bad id must leave nothing behind
         data.check_ids(source, teacher.info.vocab_size)
-    plan = chunked.plan_logits(
-        teacher.model, teacher.device, pretrained=opts.teacher is not None,
-        chunk_tokens=opts.logits_chunk_tokens,
+    plan = (
+        chunked.LogitsPlan(None, why=FULL_LOGITS_WHY)
+        if opts.teachers
+        else chunked.plan_logits(
+            teacher.model, teacher.device, pretrained=opts.teacher is not None,
+            chunk_tokens=opts.logits_chunk_tokens,
+        )
     )  # fmt: skip
     template = _manifest_template(opts, teacher, source)
     return Prepared(opts, teacher, source, template, plan, Profile(opts.profile, teacher.device))
+
+
+def _load(opts: DumpOptions) -> Teacher:
+    """The teacher of the dump: `opts.teacher` or the factory's, or the ensemble of
+    `opts.teachers`, each member loaded as a single --teacher would be."""
+
+    def load(name: str | None, factory: str | None = None) -> Teacher:
+        return load_teacher(
+            name, factory=factory, tokenizer=opts.tokenizer, device=opts.device,
+            dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+            device_map=device_map_of(opts), max_memory=max_memory_of(opts), attn=opts.attn,
+        )  # fmt: skip
+
+    if not opts.teachers:
+        return load(opts.teacher, opts.teacher_factory)
+    return load_ensemble(opts.teachers, opts.weights, ensemble_mode(opts), opts.temperature, load)
 
 
 def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSource) -> Manifest:
@@ -154,5 +166,6 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
         sequences=0,
         tokens=0,
         tool_version=__version__,
+        ensemble=teacher.ensemble,
     )
     return dataclasses.replace(manifest, format_version=version_for(manifest))

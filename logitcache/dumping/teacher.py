@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import TeacherInfo, TokenizerInfo
+from logitcache.format.manifest import EnsembleInfo, TeacherInfo, TokenizerInfo
 from logitcache.format.tokenizer_id import tokenizer_fingerprint
 from logitcache.runtime import load_tokenizer, resolve_device
 
@@ -50,6 +50,9 @@ class Teacher:
     #: Where weights that are offloaded to the disk but not stored as safetensors are written
     #: (removed with the teacher); None without a device map.
     offload_dir: tempfile.TemporaryDirectory | None = None
+    #: An ensemble of teachers (`logitcache.dumping.ensemble`): its members, weights and mode,
+    #: for the manifest; `info` is then the ensemble's identity. None for one teacher.
+    ensemble: EnsembleInfo | None = None
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,12 @@ FORMAT_VERSION = (
 #: The newest version this package reads. 1.1 adds optional fields: `merged_from` (written only
 #: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
 #: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
-#: them is still written as 1.0, which every 1.x reader reads (`version_for`).
-READER_VERSION = "1.2"
+#: them is still written as 1.0, which every 1.x reader reads (`version_for`). 1.3 adds
+#: `ensemble` (targets of several teachers' average: `logitcache.format.ensemble`).
+READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
+ENSEMBLE_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
@@ -200,6 +202,30 @@ class MergedInput:
 
 
 @dataclass(frozen=True)
+class EnsembleMember:
+    """One teacher of an ensemble (format 1.3) and its share of the average."""
+
+    teacher: TeacherInfo
+    weight: float  # normalised: the members' weights sum to 1
+    #: Made by `logitcache ensemble` from separate caches: the member cache's location as given
+    #: and its own targets record (what the approximation bound of docs/FORMAT.md reads);
+    #: empty and None in a one-pass ensemble dump.
+    cache: str = ""
+    targets: TargetInfo | None = None
+
+
+@dataclass(frozen=True)
+class EnsembleInfo:
+    """The targets are those of the members' average (format 1.3): ``mode`` "logits", the
+    weighted mean of their logits; "probs", the weighted mean of their probabilities at the
+    targets' temperature. The manifest's `teacher` record is then the ensemble's identity
+    (`logitcache.format.ensemble.ensemble_teacher`)."""
+
+    mode: str
+    members: list[EnsembleMember]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The whole description of a cache; written last, so it is the commit point."""
 
@@ -219,10 +245,12 @@ class Manifest:
     parts: list[PartInfo] = field(default_factory=list)
     tool_version: str = ""
     merged_from: list[MergedInput] = field(default_factory=list)  # format 1.1, merge only
+    ensemble: EnsembleInfo | None = None  # format 1.3: targets of several teachers' average
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the cache's content: a resumed dump must match it exactly."""
-        return {
+        ensemble = {"ensemble": dataclasses.asdict(self.ensemble)} if self.ensemble else {}
+        return ensemble | {
             "backend": self.backend,
             "teacher": dataclasses.asdict(self.teacher),
             "tokenizer": dataclasses.asdict(self.tokenizer),
@@ -236,6 +264,12 @@ class Manifest:
         doc = dataclasses.asdict(self)
         if not doc["merged_from"]:  # optional (1.1): absent from dumps, which stay 1.0
             del doc["merged_from"]
+        if doc["ensemble"] is None:  # optional (1.3): absent from a single teacher's cache
+            del doc["ensemble"]
+        else:
+            for member in doc["ensemble"]["members"]:
+                if member["targets"] is None:  # a one-pass dump's members: no cache of their own
+                    del member["cache"], member["targets"]
         for record, defaults in _ADDED_IN_1_1.items():  # absent means the default
             for entry in doc["parts"] if record == "parts" else [doc[record]]:
                 for name, default in defaults.items():
@@ -254,8 +288,10 @@ _ADDED_IN_1_1 = {
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.2 with gaps, else 1.1 if a 1.1 feature
-    is used, else 1.0."""
+    """The oldest format version that describes `m`: 1.3 for an ensemble, 1.2 with gaps, else
+    1.1 if a 1.1 feature is used, else 1.0."""
+    if m.ensemble is not None:
+        return ENSEMBLE_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION

@@ -18,8 +18,10 @@ import typing
 from typing import Any
 
 from logitcache.errors import CorruptCacheError, LogitCacheError
+from logitcache.format.ensemble import MODES, WEIGHT_TOLERANCE, ensemble_teacher
 from logitcache.format.manifest import (
     BACKENDS,
+    ENSEMBLE_FORMAT_VERSION,
     FORMAT_NAME,
     GAPS_FORMAT_VERSION,
     KIND_ARRAYS,
@@ -168,8 +170,33 @@ def _check_consistency(m: Manifest, source: str) -> None:
         short = any(i < c for i, c in zip(inputs, counts, strict=True))
         if (inputs != counts) if m.complete else short:
             problems.append("merged_from counts do not add up to the cache's parts and totals")
+    if m.ensemble is not None:
+        problems += _ensemble_problems(m)
     if problems:
         raise CorruptCacheError(f"{source} is inconsistent: " + "; ".join(problems) + ".")
+
+
+def _ensemble_problems(m: Manifest) -> list[str]:
+    """An ensemble record (1.3): its mode, at least two members, weights that are a mixture,
+    one vocabulary, and a teacher record that is the ensemble's identity."""
+    e, problems = m.ensemble, []
+    assert e is not None
+    if _version_tuple(m.format_version) < _version_tuple(ENSEMBLE_FORMAT_VERSION):
+        problems.append(f"ensemble needs format_version {ENSEMBLE_FORMAT_VERSION} or later")
+    if e.mode not in MODES:
+        problems.append(f"ensemble.mode {e.mode!r} is not one of {MODES}")
+    weights = [member.weight for member in e.members]
+    if len(weights) < 2:
+        problems.append("an ensemble needs at least two members")
+    elif not all(math.isfinite(w) and w > 0 for w in weights) or not math.isclose(
+        math.fsum(weights), 1.0, abs_tol=WEIGHT_TOLERANCE
+    ):
+        problems.append("ensemble weights must be positive and sum to 1")
+    elif any(member.teacher.vocab_size != m.teacher.vocab_size for member in e.members):
+        problems.append("every ensemble member must have the cache's vocab_size")
+    elif ensemble_teacher(e.mode, e.members) != m.teacher:
+        problems.append("the teacher record is not the identity of the ensemble's members")
+    return problems
 
 
 def _target_problems(m: Manifest) -> list[str]:

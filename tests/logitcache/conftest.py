@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from logitcache.testing import toy
 from tests.logitcache.background import Background, wanted_jobs
 from tests.logitcache.dump_helpers import MAIN, SMALL, dump_in_process, write_docs
 
@@ -104,3 +105,70 @@ def background(
                 job.cancel()
     for cleanup in jobs.cleanups:
         cleanup()
+
+
+@pytest.fixture(scope="session")
+def second_teacher_dir(tmp_path_factory, tiny_teacher_dir: Path, stdlib_small_files) -> Path:
+    """A second tiny teacher for the ensemble tests: the tiny teacher's tokenizer and shape,
+    another seed and fewer steps, so the two disagree (a weaker member beside a stronger)."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TINY_TEACHER
+
+    settings = TINY_TEACHER | {"seed": 1, "train_steps": 15}
+    return toy.build_teacher(
+        tmp_path_factory.mktemp("second_teacher"), files=stdlib_small_files, verbose=False,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir), **settings,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_teacher_dir(tmp_path_factory, stdlib_small_files) -> Path:
+    """An untrained one-layer teacher with its own 300-id tokenizer: what an ensemble with the
+    tiny teacher must refuse."""
+    return toy.build_teacher(
+        tmp_path_factory.mktemp("other_tokenizer_teacher"), files=stdlib_small_files,
+        verbose=False, vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=256,
+    )  # fmt: skip
+
+
+#: The member caches of the ensemble tests: every id (full coverage), the top 8, 16 draws.
+ENSEMBLE_SHAPE = {"seq_len": 64, "part_tokens": 256}
+FULL = {"targets": "topk", "top_k": 512, "logprob_dtype": "float32", **ENSEMBLE_SHAPE}
+TOP8 = {"targets": "topk", "top_k": 8, "logprob_dtype": "float32", "id_order": "descending",
+        **ENSEMBLE_SHAPE}  # fmt: skip
+SAMPLED = {"targets": "sample", "samples": 16, **ENSEMBLE_SHAPE}
+
+
+@pytest.fixture(scope="session")
+def ensemble_members(
+    tmp_path_factory, tiny_teacher_dir, second_teacher_dir, other_tokenizer_teacher_dir,
+    small_corpus, small_docs,
+) -> dict[str, list[Path]]:  # fmt: skip
+    """{"full", "top8", "sampled": [cache of the tiny teacher, of the second teacher]} over
+    the small corpus (the draws seeded 0 and 1), and the odd ones out: "other data" (the
+    second teacher's top 8 of three of the documents), "other tokenizer" (its own teacher's
+    top 8 of the small corpus). Dumped in-process on one thread, once per session."""
+    root = tmp_path_factory.mktemp("ensemble_members")
+    teachers = {"a": tiny_teacher_dir, "b": second_teacher_dir}
+    caches: dict[str, list[Path]] = {}
+    with _torch_threads(1):
+        for kind, settings in (("full", FULL), ("top8", TOP8), ("sampled", SAMPLED)):
+            caches[kind] = [
+                dump_in_process(
+                    t,
+                    small_corpus,
+                    root / f"{kind}-{name}",
+                    **settings,
+                    **({"seed": i} if kind == "sampled" else {}),
+                )
+                for i, (name, t) in enumerate(teachers.items())
+            ]
+        other_data = write_docs(root / "other-corpus", small_docs[:3])
+        caches["other data"] = [
+            dump_in_process(second_teacher_dir, other_data, root / "other-data", **TOP8)
+        ]
+        caches["other tokenizer"] = [
+            dump_in_process(other_tokenizer_teacher_dir, small_corpus, root / "other-tok", **TOP8)
+        ]
+    return caches
