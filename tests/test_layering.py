@@ -28,6 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "logitcache.format": {"logitcache.errors", "logitcache.version"},
     "logitcache.storage": {"logitcache.errors", "logitcache.format"},
     "logitcache.read": {"logitcache.errors", "logitcache.format", "logitcache.storage"},
+    # classifier examples and their views: read by the dump and replayed by the trainer
+    "logitcache.examples": {"logitcache.errors", "logitcache.format"},
     "logitcache.write": {
         "logitcache.errors", "logitcache.format", "logitcache.storage", "logitcache.read",
         "logitcache.version",
@@ -35,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "logitcache.dumping": {
         "logitcache.errors", "logitcache.format", "logitcache.storage", "logitcache.read",
         "logitcache.write", "logitcache.version", "logitcache.progress", "logitcache.runtime",
+        "logitcache.examples",
     },
     "logitcache.runtime": {"logitcache.errors"},
     "logitcache.cli": {
@@ -52,7 +55,7 @@ ALLOWED: dict[str, set[str]] = {
     # the trainer sees logitcache's public names only (the public modules below, no room whole)
     "trainer": {
         "logitcache", "logitcache.errors", "logitcache.progress", "logitcache.cli",
-        "logitcache.runtime", "logitcache.storage.files",
+        "logitcache.runtime", "logitcache.storage.files", "logitcache.examples",
     },
 }  # fmt: skip
 
