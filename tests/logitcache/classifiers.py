@@ -49,4 +49,6 @@ def recording_cnn() -> torch.nn.Module:
 
 def sequence_model() -> torch.nn.Module:
     """Not a classifier: (B, T) ids -> (B, T, V) logits, which a classification dump refuses."""
-    return torch.nn.Sequential(torch.nn.Flatten(2), torch.nn.Linear(64, 4), torch.nn.Unflatten(1, (1, 1)))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(2), torch.nn.Linear(64, 4), torch.nn.Unflatten(1, (1, 1))
+    )
