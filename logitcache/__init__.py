@@ -30,9 +30,13 @@ __all__ = [
     "Manifest",
     "PartArrays",
     "SettingsMismatchError",
+    "ViewSpec",
     "__version__",
+    "apply_views",
+    "draw_views",
     "dump",
     "export",
+    "load_examples",
     "merge",
     "open",
     "refuse_overlap",
@@ -47,11 +51,17 @@ _HOME = {
     "merge": "logitcache.write.merge",
     "export": "logitcache.write.export",
     "verify": "logitcache.read.verify",
+    "load_examples": "logitcache.examples.load",
+    "ViewSpec": "logitcache.examples.views",
+    "apply_views": "logitcache.examples.views",
+    "draw_views": "logitcache.examples.views",
 }
 
 if TYPE_CHECKING:
     from logitcache.dumping.options import DumpOptions, DumpSummary
     from logitcache.dumping.pipeline import dump
+    from logitcache.examples.load import load_examples
+    from logitcache.examples.views import ViewSpec, apply_views, draw_views
     from logitcache.read.verify import verify
     from logitcache.write.export import export
     from logitcache.write.merge import merge

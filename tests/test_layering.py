@@ -51,6 +51,7 @@ ALLOWED: dict[str, set[str]] = {
     "logitcache": {
         "logitcache.errors", "logitcache.format", "logitcache.read", "logitcache.write",
         "logitcache.dumping", "logitcache.version", "logitcache.cli", "logitcache.storage.paths",
+        "logitcache.examples",
     },
     # the trainer sees logitcache's public names only (the public modules below, no room whole)
     "trainer": {
