@@ -10,9 +10,11 @@ image (FKD); a 2,410-parameter MLP student is then trained the same number of st
 * from the hard labels alone (fresh crops at every step),
 
 all with the same loop and loss (`trainer.classify`: alpha * CE + (1 - alpha) * T^2 * KL, alpha
-0.5, T = 4), and once more with the labels of only 10% of the training images (soft labels on
-all of them). Held-out accuracy is on the last third, never used to choose anything: every
-setting below was fixed before the first run. Each student is trained under --seeds seeds.
+0.5), and once more with the labels of only 10% of the training images (soft labels on all of
+them). Held-out accuracy is on the last third, never used to choose anything. T is 1: on a
+validation split (the last 300 training images, students trained on the other 897; see
+`VALIDATION`) T = 1 beat T = 2 and the textbook T = 4 at every alpha for this 60x smaller
+student; the cached student at T = 4 is reported too. Each student runs under --seeds seeds.
 
     python benchmarks/bench_digits.py            # writes its section of benchmarks/RESULTS.md
     python benchmarks/bench_digits.py --quick    # a smoke run (1 seed, few epochs), no RESULTS.md
@@ -43,6 +45,11 @@ SCALE = (0.6, 1.0)  # crop area fraction: digits survive it, 0.08 would cut them
 RATIO = (3 / 4, 4 / 3)
 TEACHER_SEEDS = (0, 1, 2)
 TEACHER_EPOCHS = 60
+TEMPERATURE = 1.0
+#: Validation accuracy % (last 300 training images; cached KD on the other 897, 2 seeds, 40
+#: epochs, 40 views) that chose TEMPERATURE, by T then alpha: the one selection made.
+VALIDATION = {1.0: (94.67, 95.00, 95.17), 2.0: (93.50, 93.83, 94.50), 4.0: (92.33, 93.00, 93.33)}
+VALIDATION_ALPHAS = (0.1, 0.5, 0.9)
 
 
 def digits(work: Path) -> tuple[Path, Path]:
@@ -177,8 +184,9 @@ def main() -> None:
     labels_all = torch.from_numpy(train.labels)
     results: dict[str, list[dict[str, float]]] = {}
 
-    def run(name: str, batches: Callable, nrows: int, seed: int, alpha: float) -> None:
-        config = ClassifierConfig("", "", "", alpha=alpha, temperature=4.0, batch_size=64,
+    def run(name: str, batches: Callable, nrows: int, seed: int, alpha: float,
+            temperature: float = TEMPERATURE) -> None:  # fmt: skip
+        config = ClassifierConfig("", "", "", alpha=alpha, temperature=temperature, batch_size=64,
                                   epochs=steps / math.ceil(nrows / 64), lr=3e-3, seed=seed,
                                   progress=False)  # fmt: skip
         torch.manual_seed(seed)
@@ -193,6 +201,7 @@ def main() -> None:
         run("cached KD", cached_batches(rows, train), len(rows.example), seed, 0.5)
         run("online KD", online_batches(train, teachers[0], labels_all, seed), n, seed, 0.5)
         run("hard labels", hard_batches(train, torch.arange(n), seed), n, seed, 1.0)
+        run("cached KD at T = 4", cached_batches(rows, train), len(rows.example), seed, 0.5, 4.0)
         run(
             "10% labels: cached KD", cached_batches(cached_few, train), len(rows.example), seed, 0.5
         )
@@ -233,6 +242,8 @@ def main() -> None:
     if args.quick:
         return
     finished, load_end = common.now_utc(), common.loadavg()
+    validation = "; ".join(f"T = {t:g}: {' / '.join(f'{a:.2f}' for a in accs)}"
+                           for t, accs in VALIDATION.items())  # fmt: skip
     body = f"""## bench_digits: classifier distillation from a cache (scikit-learn digits)
 
 - machine: {common.machine_line()}
@@ -252,8 +263,13 @@ def main() -> None:
   `--targets topk --top-k 3` (float16) would take {top_b:,.0f}. Dump: {dump_s:.1f} s.
 - students: the MLP 64-32-10, {steps} steps of 64 (= {args.epochs} epochs of the training
   images; the cached run sees each of the {args.views} stored crops once), AdamW lr 3e-3 with a
-  cosine schedule, loss alpha * CE + (1 - alpha) * T^2 * KL with alpha 0.5 and T 4 (hard labels:
-  alpha 1); online KD and hard labels draw fresh crops of the same distribution at every step.
+  cosine schedule, loss alpha * CE + (1 - alpha) * T^2 * KL with alpha 0.5 and T = {TEMPERATURE:g}
+  (hard labels: alpha 1); online KD and hard labels draw fresh crops of the same distribution at
+  every step. T was the one setting chosen, on a validation split (the last 300 training
+  images; cached-KD students trained on the other 897, 2 seeds), never on the test images:
+  validation accuracy % at alpha {" / ".join(map(str, VALIDATION_ALPHAS))}: {validation}; the
+  smaller the student, the less it gains from matching the teacher's flattened tail (the
+  textbook T = 4 is the "cached KD at T = 4" row).
   "10% labels": the labels of a seeded 10% of the training images ({len(labelled)}), the same
   images in the three regimes; the KD students see every image with the teacher's soft labels,
   the hard-label student only the labelled ones (for the same number of steps).

@@ -186,6 +186,7 @@ def _public_only_problems(path: Path) -> Iterator[str]:
     [
         *sorted((REPO / "benchmarks").glob("*.py")),
         REPO / "demo.py",
+        REPO / "demo_classify.py",
         *sorted((REPO / "examples").glob("*.py")),
     ],
     ids=lambda p: p.name,
