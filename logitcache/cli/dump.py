@@ -56,7 +56,8 @@ def dump(
             help="sample: the distinct ids among --samples draws from the teacher and their "
             "counts (counts / N estimates the whole distribution without bias); topk: the k "
             f"most probable ids and their log-probs, fully supported (--targets topk --top-k "
-            f"{D.top_k}). Default {D.targets}, or topk when a top-k option is given; why: "
+            f"{D.top_k}); full (--task classification, its default): every class's log-prob "
+            f"in float32. Default {D.targets}, or topk when a top-k option is given; why: "
             "Choosing targets in README.md."
         ),
     ] = None,

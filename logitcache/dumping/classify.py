@@ -23,7 +23,7 @@ import torch
 
 from logitcache.dumping import targets as target_code
 from logitcache.dumping.options import DumpOptions, DumpSummary, check_options
-from logitcache.dumping.teacher import Teacher, load_classifier
+from logitcache.dumping.teacher import DTYPES, Teacher, load_classifier
 from logitcache.errors import LogitCacheError
 from logitcache.examples.load import Examples, check_labels, load_examples
 from logitcache.examples.views import ViewSpec, apply_views, draw_views
@@ -169,7 +169,7 @@ def _part(
             views = np.concatenate([draw_views(spec, i, height, width) for i in range(a, b)])
             batch = apply_views(batch.repeat_interleave(rows, 0), torch.from_numpy(views))
             boxes.append(views)
-        inputs = batch.to(device=teacher.device, dtype=next(teacher.model.parameters()).dtype)
+        inputs = batch.to(device=teacher.device, dtype=DTYPES[opts.dtype])
         logits = teacher.logits(inputs).float().reshape(b - a, rows, -1)  # (B, views, classes)
         found = target_code.device_targets(logits, target_spec, torch.arange(a, b))
         if not bool(found["finite"].all()):
