@@ -23,6 +23,7 @@ student; the cached student at T = 4 is reported too. Each student runs under --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -122,6 +123,34 @@ def train_teacher(seed: int, train, epochs: int) -> torch.nn.Module:
     return model.eval()
 
 
+def validate(rows, train, epochs: int, seeds: int, held: int = 300) -> None:
+    """Cached-KD students on all but the last `held` training images, scored on those: the
+    grid of T and alpha that chose TEMPERATURE (the test images play no part)."""
+    n = len(train) - held
+    keep = rows.example < n
+    sub = rows._replace(**{f: getattr(rows, f)[keep] for f in
+                           ("example", "labels", "views", "target_ids", "target_logprobs")})  # fmt: skip
+    held_out = dataclasses.replace(train, inputs=train.inputs[n:], labels=train.labels[n:])
+    steps = epochs * math.ceil(n / 64)
+    for t in VALIDATION:
+        scores = []
+        for alpha in VALIDATION_ALPHAS:
+            accs = []
+            for seed in range(seeds):
+                config = ClassifierConfig("", "", "", alpha=alpha, temperature=t, batch_size=64,
+                                          epochs=steps / math.ceil(len(sub.example) / 64),
+                                          lr=3e-3, seed=seed, progress=False)  # fmt: skip
+                torch.manual_seed(seed)
+                student = models.student()
+                train_classifier(student, cached_batches(sub, train), len(sub.example), config,
+                                 torch.device("cpu"))  # fmt: skip
+                accs.append(evaluate_classifier(student, held_out, torch.device("cpu"))["accuracy"])
+            scores.append(f"{100 * statistics.mean(accs):.2f}")
+        print(
+            f"T = {t:g}: validation accuracy % at alpha {VALIDATION_ALPHAS}: {' / '.join(scores)}"
+        )
+
+
 def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
     return float((logits.argmax(-1) == torch.from_numpy(labels)).float().mean())
 
@@ -132,6 +161,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (online)")
     parser.add_argument("--seeds", type=int, default=None, help="student seeds")
     parser.add_argument("--quick", action="store_true", help="a smoke run; RESULTS.md untouched")
+    parser.add_argument("--validate", action="store_true",
+                        help="print the validation grid that chose TEMPERATURE, then stop")  # fmt: skip
     args = common.fill_defaults(
         parser.parse_args(),
         {"views": 4, "epochs": 4, "seeds": 1} if parser.parse_args().quick
@@ -177,6 +208,9 @@ def main() -> None:
     cache = logitcache.open(WORK / f"cache-v{args.views}")
     rows = load_rows(cache, train)
     test_rows = load_rows(logitcache.open(WORK / "cache-test"), test)
+    if args.validate:
+        validate(rows, train, args.epochs, seeds=2)
+        return
 
     # students: the same loop, loss and number of steps in every regime
     n = len(train)
