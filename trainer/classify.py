@@ -9,8 +9,8 @@ teacher's inputs) -> `evaluate_classifier` on held-out examples. The loss is the
 
 with CE over the rows that carry a label and KL over every row (`classifier_loss`; the KL is
 `trainer.losses.sparse_kd_loss` on the stored classes). With full-distribution targets (every
-class in float32) that KL is the dense one up to float32 rounding; `tests/trainer/
-test_classify.py` checks it against the formula.
+class in float32) that KL is the dense one up to float32 rounding;
+`tests/trainer/test_fit_classifier.py` checks it against the formula.
 
 `train_classifier` takes the batches from a function, so an online-distillation or hard-label
 baseline (benchmarks/bench_digits.py) runs the very same loop and loss with other targets.
