@@ -30,10 +30,14 @@ __all__ = [
     "Manifest",
     "PartArrays",
     "SettingsMismatchError",
+    "ViewSpec",
     "__version__",
+    "apply_views",
+    "draw_views",
     "dump",
     "ensemble",
     "export",
+    "load_examples",
     "merge",
     "open",
     "refuse_overlap",
@@ -49,11 +53,17 @@ _HOME = {
     "ensemble": "logitcache.write.ensemble",
     "export": "logitcache.write.export",
     "verify": "logitcache.read.verify",
+    "load_examples": "logitcache.examples.load",
+    "ViewSpec": "logitcache.examples.views",
+    "apply_views": "logitcache.examples.views",
+    "draw_views": "logitcache.examples.views",
 }
 
 if TYPE_CHECKING:
     from logitcache.dumping.options import DumpOptions, DumpSummary
     from logitcache.dumping.pipeline import dump
+    from logitcache.examples.load import load_examples
+    from logitcache.examples.views import ViewSpec, apply_views, draw_views
     from logitcache.read.verify import verify
     from logitcache.write.ensemble import ensemble
     from logitcache.write.export import export

@@ -15,6 +15,7 @@ __all__ = [
     "TAIL_MODES",
     "CacheDataset",
     "CacheSequences",
+    "ClassifierConfig",
     "DistillationLoss",
     "DistillationTrainer",
     "FitConfig",
@@ -22,12 +23,17 @@ __all__ = [
     "LossFn",
     "LossParts",
     "build_student",
+    "classifier_loss",
     "collate_sequences",
     "distillation_loss",
     "evaluate",
+    "evaluate_classifier",
     "fit",
+    "fit_classifier",
     "fused_distillation_loss",
+    "load_rows",
     "plot_run",
+    "train_classifier",
 ]
 
 _HOME = {
@@ -49,9 +55,23 @@ _HOME = {
     "build_student": "trainer.student",
     "evaluate": "trainer.evaluate",
     "plot_run": "trainer.plot",
+    "ClassifierConfig": "trainer.classify",
+    "classifier_loss": "trainer.classify",
+    "evaluate_classifier": "trainer.classify",
+    "fit_classifier": "trainer.classify",
+    "load_rows": "trainer.classify",
+    "train_classifier": "trainer.classify",
 }
 
 if TYPE_CHECKING:
+    from trainer.classify import (
+        ClassifierConfig,
+        classifier_loss,
+        evaluate_classifier,
+        fit_classifier,
+        load_rows,
+        train_classifier,
+    )
     from trainer.config import FitConfig
     from trainer.dataset import CacheDataset
     from trainer.evaluate import evaluate

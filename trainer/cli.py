@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from logitcache.cli.common import CacheDirOption, run_app
+from logitcache.errors import LogitCacheError
 from trainer.fit import FitConfig
 
 app = typer.Typer(
@@ -139,6 +140,34 @@ def fit(
         ),
     ] = D.check_files,
     cache_dir: CacheDirOption = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="lm, or classification: a student classifier from a `dump --task "
+            "classification` cache; --student is then MODULE:FUNCTION (a torch module) or an "
+            "image-classifier config.json, and --data the examples the cache was dumped from."
+        ),
+    ] = "lm",
+    data: Annotated[
+        str | None, typer.Option(help="classification: the examples the cache was dumped from.")
+    ] = None,
+    eval_cache: Annotated[
+        str | None,
+        typer.Option(help="classification: a cache of held-out examples (dumped without views)."),
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="classification: the held-out examples of --eval-cache.")
+    ] = None,
+    label_fraction: Annotated[
+        float,
+        typer.Option(
+            help="classification: the share of examples whose labels are used (seeded); the "
+            "others train on the teacher's soft labels alone."
+        ),
+    ] = 1.0,
+    resize: Annotated[
+        str | None, typer.Option(help="classification: the dump's --resize HEIGHTxWIDTH.")
+    ] = None,
 ) -> None:
     """Train a student on a cache's soft targets: loss = alpha * CE + (1 - alpha) * T^2 * D,
     D the --loss divergence (forward KL by default).
@@ -162,9 +191,16 @@ def fit(
 
       torchrun --nproc-per-node 8 -m trainer fit --cache ./cache --student ./student-config.json --out ./run --batch-size 64
 
+      trainer fit --task classification --cache ./cache --data digits.npz --student mypkg.models:mlp --eval-cache ./test-cache --eval-data test.npz --alpha 0.5 --temperature 4 --epochs 30 --lr 3e-3 --out ./run
+
     Under torchrun, --batch-size is the global batch (split over the processes) and only rank 0
     writes --out; --resume works with another number of processes (docs/SCALING.md).
     """
+    if task == "classification":
+        _fit_classifier(locals())
+        return
+    if task != "lm":
+        raise LogitCacheError(f"--task must be lm or classification, got {task!r}.")
     from trainer.fit import Interrupted
     from trainer.fit import fit as run_fit
 
@@ -206,6 +242,27 @@ def fit(
         else ""
     )
     print(f"trained {out}: {summary['steps']} steps{held_out}; model in {summary['model_dir']}")
+
+
+def _fit_classifier(flags: dict) -> None:
+    """`fit --task classification`: the flags that apply, into `trainer.classify`."""
+    from logitcache.cli.dump import pair
+    from trainer.classify import ClassifierConfig, fit_classifier
+
+    if flags["data"] is None:
+        raise LogitCacheError("--task classification needs --data (the examples of the cache).")
+    names = ("cache", "student", "out", "alpha", "temperature", "label_fraction", "batch_size",
+             "epochs", "lr", "weight_decay", "seed", "device", "eval_cache", "eval_data",
+             "progress", "data")  # fmt: skip
+    resize = flags["resize"]
+    config = ClassifierConfig(
+        **{n: flags[n] for n in names},
+        resize=None if resize is None else pair(resize, "--resize", int, "x"),
+    )
+    summary = fit_classifier(config)
+    held_out = "; ".join(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items())
+    print(f"trained {config.out}: {summary['parameters']:,} parameters, {summary['rows']:,} rows"
+          f"{'; ' + held_out if held_out else ''}; model in {Path(config.out) / 'model.pt'}")  # fmt: skip
 
 
 @app.command("eval")

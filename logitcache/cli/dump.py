@@ -75,7 +75,8 @@ def dump(
             help="sample: the distinct ids among --samples draws from the teacher and their "
             "counts (counts / N estimates the whole distribution without bias); topk: the k "
             f"most probable ids and their log-probs, fully supported (--targets topk --top-k "
-            f"{D.top_k}). Default {D.targets}, or topk when a top-k option is given; why: "
+            f"{D.top_k}); full (--task classification, its default): every class's log-prob "
+            f"in float32. Default {D.targets}, or topk when a top-k option is given; why: "
             "Choosing targets in README.md."
         ),
     ] = None,
@@ -207,6 +208,44 @@ def dump(
             "the data by themselves."
         ),
     ] = D.shard,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="lm: a causal LM over token sequences. classification: a classifier over "
+            "examples (an image folder with one subfolder per class, a .npz of inputs and "
+            "labels, or a Parquet/datasets table with an image column), one target row per "
+            "example or per --views view; --targets full (the default there) stores every "
+            "class's log-prob in float32 (docs/FORMAT.md, section 3b)."
+        ),
+    ] = D.task,
+    views: Annotated[
+        int,
+        typer.Option(
+            help="classification: seeded random resized crops per example, each stored with "
+            "its box and flip so that training replays it (FKD); 0: the examples as they are."
+        ),
+    ] = D.views,
+    crop_scale: Annotated[
+        str, typer.Option(help="--views: MIN,MAX area fraction of a crop.")
+    ] = ",".join(map(str, D.crop_scale)),
+    crop_ratio: Annotated[
+        str, typer.Option(help="--views: MIN,MAX aspect ratio (width / height) of a crop.")
+    ] = f"{D.crop_ratio[0]:.4g},{D.crop_ratio[1]:.4g}",
+    flip: Annotated[
+        bool, typer.Option(help="--views: mirror each view with probability 1/2.")
+    ] = D.flip,
+    resize: Annotated[
+        str | None,
+        typer.Option(help="classification: HEIGHTxWIDTH to resize images of mixed sizes to."),
+    ] = None,
+    input_field: Annotated[
+        str | None,
+        typer.Option(help="classification tables: the image or array column (default: image)."),
+    ] = D.input_field,
+    label_field: Annotated[
+        str | None,
+        typer.Option(help="classification tables: the class-id column (default: label)."),
+    ] = D.label_field,
 ) -> None:
     """Run the teacher over a dataset once and write its soft targets (sampled or top-k).
 
@@ -233,6 +272,10 @@ def dump(
       logitcache dump --teacher ./teacher-a --teacher ./teacher-b --weights 2,1 --ensemble probs --data ./corpus/ --out ./cache
 
       logitcache dump --teacher ./llama-70b --data ./corpus/ --out ./cache --device-map auto --max-memory 0=70GiB,1=70GiB --dtype bfloat16
+
+      logitcache dump --task classification --teacher ./vit-classifier --data ./images/ --resize 224x224 --out ./cache
+
+      logitcache dump --task classification --teacher-factory mypkg.models:cnn --data digits.npz --views 32 --crop-scale 0.5,1 --no-flip --out ./cache
     """
     from logitcache.dumping.pipeline import dump as run_dump
     from logitcache.format.ensemble import parse_weights
@@ -241,6 +284,8 @@ def dump(
         targets, topk_flags={"--top-k": top_k, "--logprob-dtype": logprob_dtype,
                              "--id-order": id_order}, sample_flags={"--samples": samples},
     )  # fmt: skip
+    if task == "classification" and targets == D.targets and not (top_k or samples):
+        targets = "full"  # nothing asked for: every class (exact at any temperature)
     top_k = D.top_k if top_k is None else top_k
     samples = D.samples if samples is None else samples
     id_order = D.id_order if id_order is None else id_order
@@ -261,7 +306,11 @@ def dump(
             backend=format, logprob_dtype=logprob_dtype,
             part_tokens=part_tokens, clevel=clevel, shuffle=shuffle, overwrite=overwrite, progress=progress,
             writer_threads=writer_threads, profile=profile,
-            license=license, shard=shard,
+            license=license, shard=shard, task=task, views=views,
+            crop_scale=pair(crop_scale, "--crop-scale", float),
+            crop_ratio=pair(crop_ratio, "--crop-ratio", float),
+            flip=flip, resize=None if resize is None else pair(resize, "--resize", int, "x"),
+            input_field=input_field, label_field=label_field,
         )
     )  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
@@ -276,6 +325,14 @@ def dump(
             for device, n in summary.placement.items()
         )
         print(f"teacher placed by --device-map {device_map}: {where}")
+    if m.task is not None:
+        print(
+            f"wrote {out_dir}{resumed}: {m.sequences:,} examples, {m.tokens:,} target rows "
+            f"({max(1, m.task.views)} per example), {m.teacher.vocab_size} classes, "
+            f"{summary.bytes_on_disk / max(m.sequences, 1):,.1f} bytes per example on disk; "
+            f"{summary.wall_seconds:.1f} s"
+        )
+        return
     print(
         f"wrote {out_dir}{resumed}: {m.tokens:,} tokens in {m.sequences:,} sequences, {len(m.parts)} parts; "
         f"{size_per_token(summary.bytes_on_disk, m.tokens)} on disk; "
@@ -286,6 +343,18 @@ def dump(
         from logitcache.dumping.profile import render
 
         print(render(summary.profile))
+
+
+def pair(text: str, flag: str, kind: type, sep: str = ",") -> tuple:
+    """'A,B' (or 'AxB') as a pair of `kind`, or a one-line error naming the flag."""
+    pieces = text.lower().split(sep)
+    try:
+        if len(pieces) != 2:
+            raise ValueError
+        return kind(pieces[0]), kind(pieces[1])
+    except ValueError:
+        example = "224x224" if sep == "x" else "0.5,1"
+        raise LogitCacheError(f"{flag} {text!r} is not two numbers like {example}.") from None
 
 
 def target_kind(

@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "DEFAULT_TOP_K",
     "DEVICE_MAPS",
+    "TASKS",
     "DumpOptions",
     "DumpSummary",
     "check_against_teacher",
@@ -60,6 +61,8 @@ DEFAULT_SAMPLES = 64
 #: Ids per position of a top-k dump (--top-k): the smallest k whose students came within 1% of
 #: online KD in benchmarks/bench_fidelity.py.
 DEFAULT_TOP_K = 32
+#: What a dump's teacher is (--task): a causal LM, or a classifier (format 1.3).
+TASKS = ("lm", "classification")
 
 #: --clevel ranges: Blosc's (zarr) levels, 0 (none) to 9; the Parquet backend's plain zstd
 #: levels, 1 to 22 (0 means zstd's default there). Checked up front: out of range, Blosc fails
@@ -134,6 +137,17 @@ class DumpOptions:
     profile: bool = False  # time every stage of the dump (`logitcache.dumping.profile`)
     license: str = DEFAULT_LICENSE  # shown on the README.md card
     shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.dumping.sharding)
+    #: "lm": a causal LM over token sequences. "classification" (format 1.3,
+    #: `logitcache.dumping.classify`): a classifier over examples, one target row per example,
+    #: or per augmented view with `views`; `targets` may then also be "full" (every class).
+    task: str = "lm"
+    views: int = 0  # classification: seeded random resized crops per example (0: none)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # views: area fraction of a crop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # views: aspect ratio (width / height)
+    flip: bool = True  # views: mirror each view with probability 1/2
+    resize: tuple[int, int] | None = None  # classification: (height, width) for mixed sizes
+    input_field: str | None = None  # classification tables: the image or array column
+    label_field: str | None = None  # classification tables: the label column
 
 
 @dataclass
@@ -191,10 +205,16 @@ def check_options(opts: DumpOptions) -> None:
             f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}, got "
             f"{opts.logprob_dtype!r}."
         )
-    if opts.targets not in TARGET_KINDS:
+    if opts.task not in TASKS:
+        raise LogitCacheError(f"--task must be one of {', '.join(TASKS)}, got {opts.task!r}.")
+    choices = TARGET_KINDS if opts.task == "lm" else (*TARGET_KINDS, "full")
+    if opts.targets not in choices:
         raise LogitCacheError(
-            f"--targets must be one of {', '.join(TARGET_KINDS)}, got {opts.targets!r}."
+            f"--targets must be one of {', '.join(choices)} for --task {opts.task}, got "
+            f"{opts.targets!r}."
         )
+    if opts.task == "lm" and (opts.views or opts.resize):
+        raise LogitCacheError("--views and --resize are for --task classification.")
     if opts.id_order not in ORDERS:
         raise LogitCacheError(f"--id-order must be descending or id, got {opts.id_order!r}.")
     if opts.shuffle not in SHUFFLES:

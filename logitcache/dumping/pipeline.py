@@ -75,6 +75,10 @@ def dump(opts: DumpOptions, *, loop: sharding.Loop | None = None) -> DumpSummary
     With `opts.shard` ("I/N"), or launched by torchrun, dump one slice of the data instead
     (`logitcache.dumping.sharding`: the same steps, on a slice of the parts). `loop` replaces
     `run` (bench_dump times it, or runs it without a stage); None is `run`."""
+    if opts.task == "classification":  # format 1.3: one row per example or view
+        from logitcache.dumping.classify import dump_classifier
+
+        return dump_classifier(opts)
     loop = loop or run
     shard = sharding.from_options(opts.shard)
     if shard is not None:

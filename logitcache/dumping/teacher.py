@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -285,3 +286,96 @@ def _max_positions(model: torch.nn.Module) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def load_classifier(
+    name_or_path: str | None,
+    probe: torch.Tensor,
+    *,
+    factory: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> Teacher:
+    """A classifier teacher: a Hugging Face `AutoModelForImageClassification` directory or any
+    torch module a `module:function` factory returns, mapping (batch, *example shape) float32
+    inputs to (batch, classes) logits. `probe` (1, *shape) is one example: its forward gives
+    the class count, and refuses a module that does not take such inputs before --out is
+    touched. The same `Teacher` as a causal LM's, so whatever wraps one (an ensemble) wraps this.
+
+    A Hugging Face directory with a preprocessor_config.json that normalises is given its
+    image mean and std in front of the model (inputs are pixel values in [0, 1])."""
+    if dtype not in DTYPES:
+        raise LogitCacheError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
+    if (name_or_path is None) == (factory is None):
+        raise LogitCacheError(
+            "give exactly one of --teacher PATH (a saved image classifier) or "
+            "--teacher-factory MODULE:FN."
+        )
+    torch_device = resolve_device(device)
+    if factory is not None:
+        model, name, config_text = _from_factory(factory), factory, ""
+    else:
+        model, name = _classifier_from_pretrained(name_or_path, trust_remote_code), name_or_path
+        config_text = model.config.to_json_string(use_diff=False)
+        model = _Normalized(model, Path(name_or_path))
+    model = model.to(device=torch_device, dtype=DTYPES[dtype]).eval()
+    with torch.inference_mode():
+        out = _as_logits(model(probe.to(device=torch_device, dtype=DTYPES[dtype])))
+    if not isinstance(out, torch.Tensor) or out.shape[:1] != (1,) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise LogitCacheError(
+            f"the teacher returned {got} for one example of shape {tuple(probe.shape[1:])}; a "
+            "classifier teacher returns (batch, classes) logits."
+        )
+    info = TeacherInfo(
+        name=name,
+        config_sha256=hashlib.sha256(config_text.encode()).hexdigest(),
+        weights_sha256=weights_sha256(model),
+        dtype=dtype,
+        vocab_size=int(out.shape[-1]),
+    )
+    # no tokenizer: the inputs are the examples themselves (the data record fingerprints them)
+    no_tokenizer = TokenizerInfo(name="", vocab_size=0, fingerprint="", eos_token_id=None)
+    return Teacher(model, None, info, no_tokenizer, torch_device)
+
+
+def _classifier_from_pretrained(name: str, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not (Path(name) / "config.json").is_file():
+        raise LogitCacheError(
+            f"teacher path {name} has no config.json. Pass a directory saved with "
+            "save_pretrained, or use --teacher-factory MODULE:FN."
+        )
+    try:
+        return AutoModelForImageClassification.from_pretrained(
+            name, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise LogitCacheError(
+            f"cannot load {name} as an image classifier ({exc}). Pass a directory saved from an "
+            "AutoModelForImageClassification, or use --teacher-factory MODULE:FN."
+        ) from exc
+
+
+class _Normalized(torch.nn.Module):
+    """A Hugging Face image classifier behind its image processor's normalisation (mean and
+    std of preprocessor_config.json, when it normalises): what it was trained to see."""
+
+    def __init__(self, model: torch.nn.Module, path: Path) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        processor = path / "preprocessor_config.json"
+        settings = json.loads(processor.read_text()) if processor.is_file() else {}
+        normalize = settings.get("do_normalize", False)
+        mean = settings.get("image_mean", [0.0]) if normalize else [0.0]
+        std = settings.get("image_std", [1.0]) if normalize else [1.0]
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=(pixel_values - self.mean) / self.std).logits

@@ -18,6 +18,12 @@ Each part holds, for its sequences laid end to end on one token axis:
 ``target_ids`` and ``target_logprobs`` (tokens, k); sampled targets (format 1.1) are ragged:
 ``target_ids`` and ``target_counts`` (entries,) with ``target_lengths`` (tokens,) entries per
 position.
+
+Classification caches (format 1.3, ``task`` set) use the same axes for another content: a
+sequence is one input example and its positions are its views (one position when the dump made
+no views). Their parts hold no ``input_ids``; instead ``labels`` (tokens,) holds the example's
+hard label on each of its rows where the data has labels, and ``views`` (tokens, 5) the crop box
+and flip of each augmented view (`logitcache.examples.views` makes and replays them).
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ FORMAT_VERSION = (
 #: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
 #: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
 #: them is still written as 1.0, which every 1.x reader reads (`version_for`). 1.3 adds
-#: `ensemble` (targets of several teachers' average: `logitcache.format.ensemble`).
+#: `ensemble` (targets of several teachers' average: `logitcache.format.ensemble`) and `task`
+#: (classification caches: one sequence per example, one position per view).
 READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
 ENSEMBLE_FORMAT_VERSION = "1.3"
+TASK_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
@@ -56,6 +64,15 @@ KIND_ARRAYS = {
 }
 LOGPROB_DTYPES = ("float16", "float32", "uint8")
 ORDERS = ("descending", "id")
+#: Task kinds (1.3): what one sequence of the cache is. A cache without `task` is a causal LM's.
+TASK_KINDS = ("classification",)
+#: What a classification teacher read (`TaskInfo.input`).
+TASK_INPUTS = ("image", "array")
+#: Augmentations a classification dump may declare (`TaskInfo.augment`): "" (the examples as
+#: they are) or random resized crops with optional horizontal flips (`logitcache.examples.views`).
+AUGMENTS = ("", "crop")
+#: Per view, in this order (the columns of the `views` array).
+VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 #: Blosc shuffle filters a codec may name (zarr.codecs.BloscShuffle member names).
 SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 MAX_SAMPLES = 65535
@@ -137,6 +154,29 @@ class TargetInfo:
     count_dtype: str = ""  # sample: uint8 (N <= 255) or uint16
     logprob_scale: float = 0.0  # uint8 log-probs: stored q means log-prob -q / logprob_scale
     seed: int = 0  # sample: the seed of the draws (logitcache.dumping.sampling)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Format 1.3: a classification cache. Sequence s is input example s (in input order),
+    and its `views` positions (1 without views) are the rows the teacher scored; `vocab_size`
+    counts classes. The augmentation is declared here and each view's own draw stored in the
+    part's ``views`` array, so a trainer replays exactly the crops the teacher saw.
+
+    `shape` is one example as the teacher read it: (channels, height, width) for images, the
+    array's shape for arrays. Views crop `shape`'s last two axes and resize to them.
+    """
+
+    kind: str  # "classification"
+    input: str  # "image" or "array"
+    shape: list[int]
+    labels: bool  # whether parts hold `labels` (the data had a label for every example)
+    views: int = 0  # 0: one row per example, the example itself; N: N augmented views
+    augment: str = ""  # "" or "crop": random resized crop (+ flip), see AUGMENTS
+    scale: list[float] = field(default_factory=list)  # crop: [min, max] area fraction
+    ratio: list[float] = field(default_factory=list)  # crop: [min, max] aspect ratio w / h
+    flip: bool = False  # crop: a horizontal flip with probability 1/2
+    seed: int = 0  # crop: the seed of the draws
 
 
 @dataclass(frozen=True)
@@ -246,6 +286,7 @@ class Manifest:
     tool_version: str = ""
     merged_from: list[MergedInput] = field(default_factory=list)  # format 1.1, merge only
     ensemble: EnsembleInfo | None = None  # format 1.3: targets of several teachers' average
+    task: TaskInfo | None = None  # format 1.3: a classification cache; None for a causal LM
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the cache's content: a resumed dump must match it exactly."""
@@ -258,6 +299,7 @@ class Manifest:
             "targets": dataclasses.asdict(self.targets),
             "layout": dataclasses.asdict(self.layout),
             "codec": dataclasses.asdict(self.codec),
+            "task": None if self.task is None else dataclasses.asdict(self.task),
         }
 
     def to_json(self) -> str:
@@ -270,6 +312,8 @@ class Manifest:
             for member in doc["ensemble"]["members"]:
                 if member["targets"] is None:  # a one-pass dump's members: no cache of their own
                     del member["cache"], member["targets"]
+        if doc["task"] is None:  # optional (1.3): absent from causal-LM caches
+            del doc["task"]
         for record, defaults in _ADDED_IN_1_1.items():  # absent means the default
             for entry in doc["parts"] if record == "parts" else [doc[record]]:
                 for name, default in defaults.items():
@@ -288,10 +332,12 @@ _ADDED_IN_1_1 = {
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.3 for an ensemble, 1.2 with gaps, else
-    1.1 if a 1.1 feature is used, else 1.0."""
+    """The oldest format version that describes `m`: 1.3 for an ensemble or a task, 1.2 with
+    gaps, else 1.1 if a 1.1 feature is used, else 1.0."""
     if m.ensemble is not None:
         return ENSEMBLE_FORMAT_VERSION
+    if m.task is not None:
+        return TASK_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
@@ -320,9 +366,12 @@ def targets_need_1_1(m: Manifest) -> bool:
     )
 
 
-def array_names(kind: str) -> tuple[str, ...]:
-    """The arrays a part of a cache with targets of `kind` holds."""
-    return KIND_ARRAYS[kind]
+def array_names(kind: str, task: TaskInfo | None = None) -> tuple[str, ...]:
+    """The arrays a part of a cache with targets of `kind` (and `task`, 1.3) holds."""
+    if task is None:
+        return KIND_ARRAYS[kind]
+    inputs = ("labels",) if task.labels else ()
+    return (*inputs, *KIND_ARRAYS[kind][1:], *(("views",) if task.views else ()))
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -342,6 +391,8 @@ def part_bytes(m: Manifest, part: PartInfo) -> int:
     also the float32 log-probs of the decoded (tokens, k) view)."""
     id_size = {"uint8": 1, "uint16": 2, "uint32": 4}.get(m.targets.id_dtype, 4)
     lp_size = {"float16": 2, "uint8": 1}.get(m.targets.logprob_dtype, 4)
+    if m.task is not None:  # no input ids; labels in the id type, views 5 int32 per row
+        id_size += 4 * len(VIEW_FIELDS) if m.task.views else 0
     if m.targets.kind == "sample":
         count_size = 2 if m.targets.count_dtype == "uint16" else 1
         per_token = id_size * (1 + m.targets.k) + 4 * m.targets.k + count_size
@@ -352,6 +403,19 @@ def part_bytes(m: Manifest, part: PartInfo) -> int:
 
 def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} that part `part` must hold, from the manifest alone."""
+    if m.task is not None:
+        arrays = _task_free(m, part)
+        rows = {
+            "labels": ((part.tokens,), m.targets.id_dtype),
+            "views": ((part.tokens, len(VIEW_FIELDS)), "int32"),
+        }
+        names = array_names(m.targets.kind, m.task)
+        return {name: arrays[name] if name in arrays else rows[name] for name in names}
+    return _task_free(m, part)
+
+
+def _task_free(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`expected_arrays` of a causal-LM cache (input ids and the targets of its kind)."""
     t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
     if t.kind == "sample":
         return {
@@ -382,6 +446,8 @@ class PartArrays:
     ``target_logprobs`` (tokens, k); sampled: ``target_ids`` and ``target_counts`` (entries,),
     ``target_lengths`` (tokens,), and ``target_logprobs`` None. The reader's decoded view
     (`logitcache.read.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
+    Classification (1.3): ``input_ids`` None, ``labels`` (tokens,) if the data had labels,
+    ``views`` (tokens, 5) int32 with views.
     """
 
     input_ids: Any
@@ -390,10 +456,12 @@ class PartArrays:
     seq_offsets: Any
     target_counts: Any = None
     target_lengths: Any = None
+    labels: Any = None
+    views: Any = None
 
     def arrays(self) -> dict[str, Any]:
         """{name: array} of the arrays this part holds (the ones that are not None)."""
-        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths")
+        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths", "labels", "views")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property

@@ -20,6 +20,7 @@ from typing import Any
 from logitcache.errors import CorruptCacheError, LogitCacheError
 from logitcache.format.ensemble import MODES, WEIGHT_TOLERANCE, ensemble_teacher
 from logitcache.format.manifest import (
+    AUGMENTS,
     BACKENDS,
     ENSEMBLE_FORMAT_VERSION,
     FORMAT_NAME,
@@ -38,6 +39,9 @@ from logitcache.format.manifest import (
     READER_VERSION,
     SHUFFLES,
     TARGET_KINDS,
+    TASK_FORMAT_VERSION,
+    TASK_INPUTS,
+    TASK_KINDS,
     Manifest,
     id_dtype_for,
     part_bytes,
@@ -127,6 +131,8 @@ def _check_consistency(m: Manifest, source: str) -> None:
             f"k={m.targets.k} is not in 1..min(vocab_size={m.teacher.vocab_size}, {MAX_K})"
         )
     problems += _target_problems(m)
+    if m.task is not None:
+        problems += _task_problems(m)
     if not 1 <= m.layout.seq_len <= MAX_SEQ_LEN or m.layout.sequences_per_part < 1:
         problems.append(
             f"seq_len must be in 1..{MAX_SEQ_LEN} and sequences_per_part must be positive"
@@ -140,6 +146,8 @@ def _check_consistency(m: Manifest, source: str) -> None:
             problems.append(f"{part.name}: {part.sequences} sequences is out of bounds")
         if not 0 < part.tokens <= part.sequences * m.layout.seq_len:
             problems.append(f"{part.name}: {part.tokens} tokens is out of bounds")
+        elif m.task is not None and part.tokens != part.sequences * m.layout.seq_len:
+            problems.append(f"{part.name}: {part.tokens} rows is not one per view of each example")
         elif m.targets.kind == "sample" and not (
             part.tokens <= part.entries <= part.tokens * m.targets.k
         ):
@@ -247,6 +255,37 @@ def _target_problems(m: Manifest) -> list[str]:
             f"format_version {m.format_version} cannot describe these targets or this codec "
             f"(they need {MERGED_FORMAT_VERSION})"
         )
+    return problems
+
+
+def _task_problems(m: Manifest) -> list[str]:
+    """The `task` record (1.3): one sequence per example with exactly one row per view, the
+    augmentation's parameters in range, and the layout and version that describe it."""
+    task, problems = m.task, []
+    assert task is not None
+    if task.kind not in TASK_KINDS or task.input not in TASK_INPUTS:
+        problems.append(
+            f"task {task.kind!r} of {task.input!r} is not one of {TASK_KINDS} of {TASK_INPUTS}"
+        )
+    if not 1 <= len(task.shape) <= 4 or not all(1 <= n <= 1 << 16 for n in task.shape):
+        problems.append(f"task.shape {task.shape} is not 1 to 4 sizes in 1..65536")
+    if not 0 <= task.views <= MAX_SEQ_LEN or m.layout.seq_len != max(1, task.views):
+        problems.append(f"task.views={task.views} does not match layout.seq_len={m.layout.seq_len}")
+    if m.layout.packing or m.backend != "zarr":
+        problems.append("a classification cache is stored unpacked in the zarr backend")
+    if task.augment not in AUGMENTS or (task.augment == "crop") != (task.views > 0):
+        problems.append(f"task.augment {task.augment!r} must be 'crop' with views, else ''")
+    elif task.augment == "crop":
+        if len(task.scale) != 2 or not 0 < task.scale[0] <= task.scale[1] <= 1:
+            problems.append(f"task.scale {task.scale} is not [min, max] with 0 < min <= max <= 1")
+        if len(task.ratio) != 2 or not 0 < task.ratio[0] <= task.ratio[1] < math.inf:
+            problems.append(f"task.ratio {task.ratio} is not [min, max] with 0 < min <= max")
+        if len(task.shape) < 2:
+            problems.append("crops need examples with two spatial axes")
+    elif task.scale or task.ratio or task.flip or task.seed:
+        problems.append("task.scale, ratio, flip and seed are for augment 'crop' only")
+    if _version_tuple(m.format_version) < _version_tuple(TASK_FORMAT_VERSION):
+        problems.append(f"a task needs format_version {TASK_FORMAT_VERSION} or later")
     return problems
 
 

@@ -24,6 +24,7 @@ from logitcache.format.manifest import Manifest, PartArrays
 __all__ = [
     "TOKEN_ARRAYS",
     "CacheSequence",
+    "bad_views",
     "check_values",
     "decode",
     "split_sequences",
@@ -74,7 +75,14 @@ def decode(
         ids, logprobs = codecs.decode_topk(
             arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
         )
-    return PartArrays(arrays.input_ids, ids, logprobs, arrays.seq_offsets)
+    return PartArrays(
+        arrays.input_ids,
+        ids,
+        logprobs,
+        arrays.seq_offsets,
+        labels=arrays.labels,
+        views=arrays.views,
+    )
 
 
 def ungapped(manifest: Manifest, arrays: PartArrays, where: str = "a part") -> PartArrays:
@@ -108,7 +116,12 @@ def check_values(
     (benchmarks/bench_trainer.py measures their share); only a failure pays for finding where.
     """
     vocab, t = manifest.teacher.vocab_size, manifest.targets
-    input_ids, target_ids = np.asarray(arrays.input_ids), np.asarray(arrays.target_ids)
+    # classification (1.3): the labels are class ids like the input ids of a causal LM
+    inputs = arrays.input_ids if manifest.task is None else arrays.labels
+    input_ids = np.zeros(0, np.int64) if inputs is None else np.asarray(inputs)
+    target_ids = np.asarray(arrays.target_ids)
+    if manifest.task is not None and arrays.views is not None:
+        _check_views(manifest, np.asarray(arrays.views), arrays, where, first_sequence)
     if t.kind == "sample":
         stored = int(np.asarray(arrays.target_lengths).sum(dtype=np.int64))
         if stored != len(target_ids):
@@ -119,7 +132,8 @@ def check_values(
             )
     if input_ids.size and input_ids.max() >= vocab:
         row = int(np.argmax(input_ids >= vocab))
-        what = f"input id {int(input_ids[row])} is >= the vocabulary size {vocab}"
+        name = "input id" if manifest.task is None else "label"
+        what = f"{name} {int(input_ids[row])} is >= the vocabulary size {vocab}"
     elif target_ids.size and target_ids.max() >= vocab:
         flat = target_ids.reshape(-1)
         entry = int(np.argmax(flat >= vocab))
@@ -143,6 +157,34 @@ def check_values(
     position = row - int(offsets[sequence])
     raise _bad_values(
         where, f"sequence {first_sequence + sequence} of the part, position {position}: {what}"
+    )
+
+
+def bad_views(views: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(rows,) bool: the (top, left, height, width, flip) rows that are not a box of positive
+    size inside a `height` x `width` example with a flip of 0 or 1."""
+    top, left, h, w, flip = (views[:, i].astype(np.int64) for i in range(views.shape[1]))
+    bad = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > height) | (left + w > width)
+    return bad | ((flip != 0) & (flip != 1))
+
+
+def _check_views(
+    manifest: Manifest, views: np.ndarray, arrays: PartArrays, where: str, first_sequence: int
+) -> None:
+    """Every view's box inside the example (`task.shape`'s last two axes), of positive size,
+    and a flip of 0 or 1: what `logitcache.examples.views.apply_views` slices with."""
+    assert manifest.task is not None
+    height, width = manifest.task.shape[-2:]
+    bad = bad_views(views, height, width)
+    if not bad.any():
+        return
+    row = int(np.argmax(bad))
+    example = int(np.searchsorted(arrays.seq_offsets, row, side="right")) - 1
+    raise _bad_values(
+        where,
+        f"example {first_sequence + example} of the part, view {row - int(arrays.seq_offsets[example])}: "
+        f"(top, left, height, width, flip) {views[row].tolist()} is not a box inside its "
+        f"{height}x{width} example",
     )
 
 

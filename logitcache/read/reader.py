@@ -261,7 +261,8 @@ class Cache:
         info = self.manifest.parts[index]
         try:
             with self.open_part(index) as path:
-                arrays = self.backend.read_part(path, array_names(self.manifest.targets.kind))
+                names = array_names(self.manifest.targets.kind, self.manifest.task)
+                arrays = self.backend.read_part(path, names)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CorruptCacheError(
                 f"cannot read {info.name} of {self.root}: {exc}. Run `logitcache verify` on it."
@@ -314,6 +315,11 @@ class Cache:
 
     def __getitem__(self, index: int) -> CacheSequence:
         """One sequence, reading only the chunks it touches."""
+        if self.manifest.task is not None:
+            raise LogitCacheError(
+                f"{self.root} is a classification cache: its sequences are examples with labels "
+                "and views, read a part at a time with Cache.read_decoded(part)."
+            )
         part, local = self.locate(index)
         read = self.backend.read_rows
         with self.open_part(part) as path:

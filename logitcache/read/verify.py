@@ -19,7 +19,8 @@ import numpy as np
 
 from logitcache.errors import LogitCacheError
 from logitcache.format import codecs
-from logitcache.format.manifest import PARTS_DIR, PartArrays, array_names
+from logitcache.format.manifest import PARTS_DIR, VIEW_FIELDS, PartArrays, array_names
+from logitcache.read.decoded import bad_views
 from logitcache.read.reader import Cache, completeness_problem
 from logitcache.storage.files import sha256_file
 from logitcache.storage.paths import link_problem, link_under
@@ -91,7 +92,7 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
         report.problems.append(str(exc))
         return
     arrays = {}
-    for array in array_names(cache.manifest.targets.kind):
+    for array in array_names(cache.manifest.targets.kind, cache.manifest.task):
         pieces = []
         try:
             for _, chunk in backend.iter_chunks(path, array):
@@ -103,7 +104,9 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
         arrays[array] = np.concatenate(pieces) if pieces else np.zeros(0)
     report.problems += [
         f"{name}: {p}"
-        for p in check_invariants(cache, index, PartArrays(**{"target_logprobs": None} | arrays))
+        for p in check_invariants(
+            cache, index, PartArrays(**{"input_ids": None, "target_logprobs": None} | arrays)
+        )
     ]
 
 
@@ -121,9 +124,11 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
         problems.append(
             f"seq_offsets give a sequence that is empty or longer than seq_len={m.layout.seq_len}"
         )
-    if part.input_ids.shape != (info.tokens,):
+    if m.task is not None:
+        problems += _task_problems(m, info, part)
+    elif part.input_ids.shape != (info.tokens,):
         problems.append(f"input_ids has shape {part.input_ids.shape}, expected ({info.tokens},)")
-    if part.input_ids.size and part.input_ids.max() >= m.teacher.vocab_size:
+    elif part.input_ids.size and part.input_ids.max() >= m.teacher.vocab_size:
         problems.append(f"an input id is >= vocab_size {m.teacher.vocab_size}")
     if m.targets.kind == "sample":
         return problems + _sample_problems(m, info, part)
@@ -151,6 +156,21 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
             "the stored probabilities of a position sum to more than 1 by more than the "
             f"{t.logprob_dtype} codec's worst-case error allows"
         )
+    return problems
+
+
+def _task_problems(m, info, part: PartArrays) -> list[str]:
+    """Classification (1.3): labels are class ids, views are boxes inside the examples."""
+    problems, labels, views = [], part.labels, part.views
+    if labels is not None and labels.shape != (info.tokens,):
+        problems.append(f"labels has shape {labels.shape}, expected ({info.tokens},)")
+    elif labels is not None and labels.size and labels.max() >= m.teacher.vocab_size:
+        problems.append(f"a label is >= the class count {m.teacher.vocab_size}")
+    if views is not None:
+        if views.shape != (info.tokens, len(VIEW_FIELDS)):
+            problems.append(f"views has shape {views.shape}, expected ({info.tokens}, 5)")
+        elif bad_views(views, *m.task.shape[-2:]).any():
+            problems.append("a view is not a box inside its example, or its flip is not 0 or 1")
     return problems
 
 

@@ -186,7 +186,8 @@ def read_part(path: Path, names: tuple[str, ...] = ARRAY_NAMES) -> PartArrays:
     the others are None."""
     with _quiet():
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        return PartArrays(**{"target_logprobs": None} | {name: group[name][...] for name in names})
+        absent = {"input_ids": None, "target_logprobs": None}  # classification: no input ids
+        return PartArrays(**absent | {name: group[name][...] for name in names})
 
 
 def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
