@@ -126,6 +126,9 @@ class DumpOptions:
     profile: bool = False  # time every stage of the dump (`logitcache.dumping.profile`)
     license: str = DEFAULT_LICENSE  # shown on the README.md card
     shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.dumping.sharding)
+    #: Store each sequence's text and each token's character span in it (format 1.3), so that
+    #: a student with another tokenizer can train from the cache (`trainer fit --loss uld`).
+    offsets: bool = False
 
 
 @dataclass
@@ -171,6 +174,11 @@ def check_options(opts: DumpOptions) -> None:
     if opts.backend not in CLEVELS:
         raise LogitCacheError(
             f"--format must be one of {', '.join(CLEVELS)}, got {opts.backend!r}."
+        )
+    if opts.offsets and opts.backend != "zarr":
+        raise LogitCacheError(
+            f"--offsets is stored by the zarr backend only, not --format {opts.backend}: "
+            "drop --format or drop --offsets."
         )
     low, high = CLEVELS[opts.backend]
     if not low <= opts.clevel <= high:

@@ -37,10 +37,12 @@ FORMAT_VERSION = (
 #: The newest version this package reads. 1.1 adds optional fields: `merged_from` (written only
 #: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
 #: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
-#: them is still written as 1.0, which every 1.x reader reads (`version_for`).
-READER_VERSION = "1.2"
+#: them is still written as 1.0, which every 1.x reader reads (`version_for`). 1.3 adds
+#: `layout.offsets` (`dump --offsets`: each sequence's text and each token's character span).
+READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
+OFFSETS_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
@@ -52,6 +54,8 @@ KIND_ARRAYS = {
     "topk": ("input_ids", "target_ids", "target_logprobs", "seq_offsets"),
     "sample": ("input_ids", "target_ids", "target_counts", "target_lengths", "seq_offsets"),
 }
+#: 1.3, `layout.offsets`: the arrays that give each sequence's text and each token's span in it.
+TEXT_ARRAYS = ("text", "text_offsets", "token_offsets")
 LOGPROB_DTYPES = ("float16", "float32", "uint8")
 ORDERS = ("descending", "id")
 #: Blosc shuffle filters a codec may name (zarr.codecs.BloscShuffle member names).
@@ -145,6 +149,10 @@ class LayoutInfo:
     packing: bool
     sequences_per_part: int
     chunk_bytes: int
+    #: 1.3: each part also holds its sequences' text and each token's character span in it
+    #: (`TEXT_ARRAYS`), so that a student with another tokenizer can re-tokenize the same text
+    #: and pair its positions with the teacher's (`trainer fit --loss uld`).
+    offsets: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,7 @@ class PartInfo:
     tokens: int
     files: dict[str, str]
     entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
+    text_bytes: int = 0  # 1.3, layout.offsets: UTF-8 bytes of the part's text array
 
     def file_as(self, rel: str, name: str) -> str:
         """The path of this part's file `rel` once the part is renamed `name` (merge and the
@@ -244,18 +253,22 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
-#: Fields added to existing records in 1.1 (and `codec.gaps` in 1.2), and the values they take
-#: where unused: left out of the JSON at these values.
+#: Fields added to existing records in 1.1 (`codec.gaps` in 1.2, `layout.offsets` and
+#: `parts[].text_bytes` in 1.3), and the values they take where unused: left out of the JSON
+#: at these values.
 _ADDED_IN_1_1 = {
     "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
     "codec": {"delta": [], "gaps": []},
-    "parts": {"entries": 0},
+    "layout": {"offsets": False},
+    "parts": {"entries": 0, "text_bytes": 0},
 }
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.2 with gaps, else 1.1 if a 1.1 feature
-    is used, else 1.0."""
+    """The oldest format version that describes `m`: 1.3 with offsets, 1.2 with gaps, else 1.1
+    if a 1.1 feature is used, else 1.0."""
+    if m.layout.offsets:
+        return OFFSETS_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
@@ -284,9 +297,10 @@ def targets_need_1_1(m: Manifest) -> bool:
     )
 
 
-def array_names(kind: str) -> tuple[str, ...]:
-    """The arrays a part of a cache with targets of `kind` holds."""
-    return KIND_ARRAYS[kind]
+def array_names(kind: str, offsets: bool = False) -> tuple[str, ...]:
+    """The arrays a part of a cache with targets of `kind` holds (and, with `offsets`, its
+    text: `TEXT_ARRAYS`)."""
+    return KIND_ARRAYS[kind] + (TEXT_ARRAYS if offsets else ())
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -303,7 +317,15 @@ def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 def part_bytes(m: Manifest, part: PartInfo) -> int:
     """Decoded size of one part: what a reader allocates to hold it whole (for sampled targets,
-    also the float32 log-probs of the decoded (tokens, k) view)."""
+    also the float32 log-probs of the decoded (tokens, k) view; with offsets, the text and the
+    spans)."""
+    text = 0
+    if m.layout.offsets:
+        text = part.text_bytes + (part.sequences + 1) * 8 + part.tokens * 8
+    return text + _target_part_bytes(m, part)
+
+
+def _target_part_bytes(m: Manifest, part: PartInfo) -> int:
     id_size = {"uint8": 1, "uint16": 2, "uint32": 4}.get(m.targets.id_dtype, 4)
     lp_size = {"float16": 2, "uint8": 1}.get(m.targets.logprob_dtype, 4)
     if m.targets.kind == "sample":
@@ -316,6 +338,17 @@ def part_bytes(m: Manifest, part: PartInfo) -> int:
 
 def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} that part `part` must hold, from the manifest alone."""
+    text = {}
+    if m.layout.offsets:
+        text = {
+            "text": ((part.text_bytes,), "uint8"),
+            "text_offsets": ((part.sequences + 1,), "int64"),
+            "token_offsets": ((part.tokens, 2), "uint32"),
+        }
+    return _target_arrays(m, part) | text
+
+
+def _target_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
     if t.kind == "sample":
         return {
@@ -346,6 +379,10 @@ class PartArrays:
     ``target_logprobs`` (tokens, k); sampled: ``target_ids`` and ``target_counts`` (entries,),
     ``target_lengths`` (tokens,), and ``target_logprobs`` None. The reader's decoded view
     (`logitcache.read.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
+    With ``layout.offsets`` (1.3): ``text`` (text bytes,) uint8, the UTF-8 text of the
+    sequences end to end; ``text_offsets`` (sequences + 1,) int64, sequence s's text is bytes
+    ``text_offsets[s]:text_offsets[s + 1]``; ``token_offsets`` (tokens, 2) uint32, each token's
+    [start, end) in characters of its sequence's text.
     """
 
     input_ids: Any
@@ -354,10 +391,13 @@ class PartArrays:
     seq_offsets: Any
     target_counts: Any = None
     target_lengths: Any = None
+    text: Any = None
+    text_offsets: Any = None
+    token_offsets: Any = None
 
     def arrays(self) -> dict[str, Any]:
         """{name: array} of the arrays this part holds (the ones that are not None)."""
-        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths")
+        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths", *TEXT_ARRAYS)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property

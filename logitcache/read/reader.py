@@ -261,7 +261,9 @@ class Cache:
         info = self.manifest.parts[index]
         try:
             with self.open_part(index) as path:
-                arrays = self.backend.read_part(path, array_names(self.manifest.targets.kind))
+                arrays = self.backend.read_part(
+                    path, array_names(self.manifest.targets.kind, self.manifest.layout.offsets)
+                )
         except (OSError, ValueError, RuntimeError) as exc:
             raise CorruptCacheError(
                 f"cannot read {info.name} of {self.root}: {exc}. Run `logitcache verify` on it."

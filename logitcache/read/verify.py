@@ -21,6 +21,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.format import codecs
 from logitcache.format.manifest import PARTS_DIR, PartArrays, array_names
 from logitcache.read.reader import Cache, completeness_problem
+from logitcache.read.texts import text_problems
 from logitcache.storage.files import sha256_file
 from logitcache.storage.paths import link_problem, link_under
 
@@ -91,7 +92,7 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
         report.problems.append(str(exc))
         return
     arrays = {}
-    for array in array_names(cache.manifest.targets.kind):
+    for array in array_names(cache.manifest.targets.kind, cache.manifest.layout.offsets):
         pieces = []
         try:
             for _, chunk in backend.iter_chunks(path, array):
@@ -125,6 +126,8 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
         problems.append(f"input_ids has shape {part.input_ids.shape}, expected ({info.tokens},)")
     if part.input_ids.size and part.input_ids.max() >= m.teacher.vocab_size:
         problems.append(f"an input id is >= vocab_size {m.teacher.vocab_size}")
+    if m.layout.offsets:
+        problems += text_problems(part)
     if m.targets.kind == "sample":
         return problems + _sample_problems(m, info, part)
     if (
