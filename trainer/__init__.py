@@ -21,6 +21,8 @@ __all__ = [
     "FusedDistillationLoss",
     "LossFn",
     "LossParts",
+    "StudentTokens",
+    "ULDLoss",
     "build_student",
     "collate_sequences",
     "distillation_loss",
@@ -28,6 +30,7 @@ __all__ = [
     "fit",
     "fused_distillation_loss",
     "plot_run",
+    "uld_distance",
 ]
 
 _HOME = {
@@ -38,6 +41,9 @@ _HOME = {
     "LossFn": "trainer.losses",
     "LossParts": "trainer.losses",
     "distillation_loss": "trainer.losses",
+    "ULDLoss": "trainer.losses",
+    "uld_distance": "trainer.losses",
+    "StudentTokens": "trainer.align",
     "CacheDataset": "trainer.dataset",
     "CacheSequences": "trainer.hf",
     "DistillationTrainer": "trainer.hf",
@@ -52,6 +58,7 @@ _HOME = {
 }
 
 if TYPE_CHECKING:
+    from trainer.align import StudentTokens
     from trainer.config import FitConfig
     from trainer.dataset import CacheDataset
     from trainer.evaluate import evaluate
@@ -65,7 +72,9 @@ if TYPE_CHECKING:
         DistillationLoss,
         LossFn,
         LossParts,
+        ULDLoss,
         distillation_loss,
+        uld_distance,
     )
     from trainer.plot import plot_run
     from trainer.student import build_student
