@@ -114,3 +114,18 @@ def test_offsets_refuse_what_cannot_hold_them(tmp_path, tiny_teacher_dir, small_
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "--offsets is stored by the zarr backend only" in flat(proc.stderr)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_manifest_must_say_1_3_to_hold_offsets(tmp_path, tiny_teacher_dir, small_corpus):
+    import json
+
+    from logitcache.format.parse import parse_manifest
+
+    out = dump_in_process(tiny_teacher_dir, small_corpus, tmp_path / "c", offsets=True, **SETTINGS)
+    doc = manifest_json(out)
+    assert parse_manifest(json.dumps(doc)).layout.offsets
+    with pytest.raises(CorruptCacheError, match=r"cannot describe layout\.offsets"):
+        parse_manifest(json.dumps(dict(doc, format_version="1.2")))
+    doc["layout"]["offsets"] = False  # text_bytes left behind: inconsistent
+    with pytest.raises(CorruptCacheError, match=r"text_bytes without layout\.offsets"):
+        parse_manifest(json.dumps(doc))
