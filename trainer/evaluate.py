@@ -33,7 +33,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.runtime import load_tokenizer, resolve_device
 from trainer.align import StudentTokens
 from trainer.dataset import SPLITS, CacheDataset
-from trainer.losses import distillation_loss, hard_label_loss, uld_distance
+from trainer.losses import ULD_LOSS, distillation_loss, hard_label_loss, uld_distance
 from trainer.student import RUN_MODEL_DIR, build_student, max_positions
 
 
@@ -83,7 +83,7 @@ def evaluate_model(
                 ce_sum = ce_sum + hard_label_loss(logits, b["labels"]).ce.double() * n
                 distance = uld_distance(logits, b["labels"], b["target_logprobs"])
                 kl_sum = kl_sum + distance.double() * paired.sum()
-                agree = agree + paired.sum()
+                agree = agree + paired.sum()  # here: the positions with a ULD term
             else:
                 parts = distillation_loss(
                     logits, b["labels"], b["target_ids"], b["target_logprobs"],
@@ -153,7 +153,8 @@ def evaluate(
     where the parts of a cache at a URL are fetched to (see `logitcache.open`). `tokenizer` is
     the student's own tokenizer when it differs from the teacher's (a ``--loss uld`` student, on
     a cache dumped with ``--offsets``): CE is then in the student's tokens, with the ULD
-    distance in place of KL and top-1 (`evaluate_model`). Returns the metrics of
+    distance in place of KL and top-1 (`evaluate_model`); a ``--loss uld`` run directory
+    brings its own by default. Returns the metrics of
     `evaluate_model` plus the split, cache and student.
     """
     if split not in SPLITS:
@@ -162,9 +163,11 @@ def evaluate(
         raise LogitCacheError(f"--precision must be fp32 or bf16, got {precision!r}.")
     is_open = isinstance(cache, logitcache.Cache)
     c = cache if is_open else logitcache.open(cache, cache_dir=cache_dir)
+    trained = run_config(student) or {}
     if eval_fraction is None:
-        trained = run_config(student) or {}
         eval_fraction = float(trained.get("eval_fraction", 0.01))
+    if tokenizer is None and trained.get("loss") == ULD_LOSS:  # a run's own tokenizer
+        tokenizer = trained.get("tokenizer")
     if split == "eval" and eval_fraction <= 0:
         raise LogitCacheError(
             "the run held out nothing (eval fraction 0), so there is no eval split; "

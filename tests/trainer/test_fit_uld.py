@@ -81,11 +81,10 @@ def test_the_same_path_through_the_api(
     assert abs(row["loss"] - row["ce"] - 0.5 * row["kd"]) < 1e-4
     from trainer.evaluate import evaluate
 
-    measured = evaluate(
-        offsets_cache, tmp_path / "run", tokenizer=str(student_tokenizer_dir), device="cpu",
-        max_batches=2,
-    )  # fmt: skip
+    # the run directory names its own tokenizer: no --tokenizer needed
+    measured = evaluate(offsets_cache, tmp_path / "run", device="cpu", max_batches=2)
     assert measured["ce"] == pytest.approx(final["ce"], rel=0.2) and measured["sequences"] == 16
+    assert 0 < measured["uld"] <= 2
 
 
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(
