@@ -347,7 +347,11 @@ class _Document:
     spans: np.ndarray  # (n, 2) int64
 
 
-def ids_of(sequence: np.ndarray | Spanned) -> np.ndarray:
+#: A packed sequence: its ids (`pack`), or with --offsets its ids and text (`pack_spans`).
+Packed = np.ndarray | Spanned
+
+
+def ids_of(sequence: Packed) -> np.ndarray:
     """The token ids of a sequence that `pack` or `pack_spans` made."""
     return sequence.ids if isinstance(sequence, Spanned) else sequence
 

@@ -65,8 +65,6 @@ __all__ = [
 
 QUEUE_BATCHES = 4  # batches in flight between the device and the writer: bounds host memory
 
-#: A packed sequence: its ids, or with --offsets its ids and text (`data.Spanned`).
-Packed = np.ndarray | data.Spanned
 #: What computes a batch's targets on its device (`targets.device_targets`; bench_dump swaps it).
 TargetsFn = chunked.TargetsFn
 
@@ -122,7 +120,7 @@ def writer_threads(requested: int, device: torch.device) -> int:
 
 def run(
     job: Prepared,
-    sequences: Iterator[np.ndarray | data.Spanned],
+    sequences: Iterator[data.Packed],
     writer: CacheWriter,
     bar: Bar,
     first_part: int = 0,
@@ -198,8 +196,8 @@ def run(
 
 
 def batches(
-    sequences: Iterator[Packed], per_part: int, batch_size: int, skip_parts: int
-) -> Iterator[tuple[list[Packed], bool]]:
+    sequences: Iterator[data.Packed], per_part: int, batch_size: int, skip_parts: int
+) -> Iterator[tuple[list[data.Packed], bool]]:
     """(sequences, ends_part) per batch. A batch never spans two parts, so a resumed run forms
     exactly the batches an uninterrupted one does. Holds one part's input ids (8 bytes/token)."""
     for _ in range(skip_parts):
@@ -233,7 +231,7 @@ class BatchTargets:
 
 def _teacher_targets(
     teacher: Teacher,
-    batch: list[Packed],
+    batch: list[data.Packed],
     spec: targets.TargetSpec,
     first_sequence: int,
     ends_part: bool,

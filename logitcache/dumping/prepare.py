@@ -16,8 +16,6 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from logitcache.dumping import chunked, data, targets
 from logitcache.dumping.options import (
     DumpOptions,
@@ -64,7 +62,7 @@ class Prepared:
         documents = data.iter_documents(self.source)
         return documents if bar is None else bar.counting(documents)
 
-    def sequences(self, bar: Bar | None = None) -> Iterator[np.ndarray | data.Spanned]:
+    def sequences(self, bar: Bar | None = None) -> Iterator[data.Packed]:
         """The packed sequences of the whole data, in order (with --offsets, each with its text:
         `data.Spanned`). The first is made at once, so that empty data (or packing without an
         EOS token) fails before --out is touched."""
