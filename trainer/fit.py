@@ -277,8 +277,7 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         f"{'resuming at step ' + str(step) if step else 'training'} {type(model).__name__} "
         f"({n_params / 1e6:.2f}M params, {source.kind} {source.spec}) on {cache.root}: "
         f"{total_steps} steps of {config.batch_size} sequences ({per_epoch} per epoch), "
-        f"alpha {config.alpha}, T {config.temperature}, loss {config.loss}"
-        f"{f' (beta {config.beta})' if config.loss == 'gjsd' else ''}, "
+        f"{_objective_note(config)}, "
         f"{_targets_note(cache, config.tail)}{', fused loss' if config.fused_loss else ''}, "
         f"{device}"
         f"{f' x {d.world_size} processes' if d.enabled else ''}, {config.precision}",
@@ -293,6 +292,16 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         total_steps=total_steps, warmup=warmup, log=log, samples=SampleLog.from_env(d),
         step=step, last_saved=step,
     )  # fmt: skip
+
+
+def _objective_note(c: FitConfig) -> str:
+    """The loss, for the start-up line: its own knobs only."""
+    if c.loss == ULD_LOSS:
+        return (
+            f"T {c.temperature}, loss CE + {c.uld_weight} * ULD (student tokenizer {c.tokenizer})"
+        )
+    beta = f" (beta {c.beta})" if c.loss == "gjsd" else ""
+    return f"alpha {c.alpha}, T {c.temperature}, loss {c.loss}{beta}"
 
 
 def _targets_note(cache: logitcache.Cache, tail: str) -> str:
