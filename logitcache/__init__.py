@@ -16,6 +16,7 @@ from logitcache.format.manifest import FORMAT_VERSION, Manifest, PartArrays
 from logitcache.format.tokenizer_id import tokenizer_fingerprint
 from logitcache.read.decoded import CacheSequence
 from logitcache.read.reader import Cache, open
+from logitcache.read.texts import sequence_text
 from logitcache.storage.paths import refuse_overlap
 from logitcache.version import __version__
 
@@ -41,6 +42,7 @@ __all__ = [
     "merge",
     "open",
     "refuse_overlap",
+    "sequence_text",
     "tokenizer_fingerprint",
     "verify",
 ]

@@ -65,7 +65,12 @@ def load_tokenizer(
         if local_only and not Path(name_or_path).exists():
             raise OSError("the path does not exist")
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:
+        # a file the Rust `tokenizers` library cannot parse raises a bare Exception
+        if not isinstance(exc, (OSError, ValueError, KeyError, TypeError)) and (
+            type(exc) is not Exception
+        ):
+            raise
         first = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
         where = f"{flag} {name_or_path}" if flag else name_or_path
         raise LogitCacheError(

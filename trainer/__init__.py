@@ -22,6 +22,8 @@ __all__ = [
     "FusedDistillationLoss",
     "LossFn",
     "LossParts",
+    "StudentTokens",
+    "ULDLoss",
     "build_student",
     "classifier_loss",
     "collate_sequences",
@@ -34,6 +36,7 @@ __all__ = [
     "load_rows",
     "plot_run",
     "train_classifier",
+    "uld_distance",
 ]
 
 _HOME = {
@@ -44,6 +47,9 @@ _HOME = {
     "LossFn": "trainer.losses",
     "LossParts": "trainer.losses",
     "distillation_loss": "trainer.losses",
+    "ULDLoss": "trainer.losses",
+    "uld_distance": "trainer.losses",
+    "StudentTokens": "trainer.align",
     "CacheDataset": "trainer.dataset",
     "CacheSequences": "trainer.hf",
     "DistillationTrainer": "trainer.hf",
@@ -64,6 +70,7 @@ _HOME = {
 }
 
 if TYPE_CHECKING:
+    from trainer.align import StudentTokens
     from trainer.classify import (
         ClassifierConfig,
         classifier_loss,
@@ -85,7 +92,9 @@ if TYPE_CHECKING:
         DistillationLoss,
         LossFn,
         LossParts,
+        ULDLoss,
         distillation_loss,
+        uld_distance,
     )
     from trainer.plot import plot_run
     from trainer.student import build_student

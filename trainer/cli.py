@@ -41,7 +41,10 @@ def fit(
     out: Annotated[str, typer.Option(help="Run directory (metrics, checkpoint, model).")] = D.out,
     tokenizer: Annotated[
         str | None,
-        typer.Option(help="Tokenizer directory or tokenizer.json; checked against the cache's."),
+        typer.Option(
+            help="Tokenizer directory or tokenizer.json; checked against the cache's. With "
+            "--loss uld: the student's own tokenizer, another vocabulary than the teacher's."
+        ),
     ] = None,
     alpha: Annotated[
         float, typer.Option(help="Weight of hard-label CE; 1.0 = hard labels only (no KD).")
@@ -54,9 +57,16 @@ def fit(
             "forward_kl (KL(teacher || student), classic KD, mass-covering), reverse_kl "
             "(KL(student || teacher), mode-seeking; the student is renormalised over the ids "
             "the teacher gives mass), gjsd (generalised Jensen-Shannon, TRL's GKD: see "
-            "--beta) or tvd (total variation, in [0, 1])."
+            "--beta) or tvd (total variation, in [0, 1]). uld: a student with another "
+            "tokenizer (--tokenizer), loss = CE + --uld-weight * ULD (the L1 distance between "
+            "the sorted teacher and student probabilities, Boizard et al. 2024) at the student "
+            "positions paired with the teacher's by character offsets; needs a cache dumped "
+            "with --offsets; --alpha and --tail are not used."
         ),
     ] = D.loss,
+    uld_weight: Annotated[
+        float, typer.Option(help="--loss uld: lambda, the weight of the ULD term next to CE.")
+    ] = D.uld_weight,
     beta: Annotated[
         float,
         typer.Option(
@@ -187,6 +197,8 @@ def fit(
 
       trainer fit --cache ./cache-128k --student ./student-config.json --out ./run --fused-loss
 
+      trainer fit --cache ./cache-offsets --student ./other-vocab-config.json --tokenizer ./other-tok --loss uld --out ./run-uld
+
       trainer fit --cache ./cache --student ./pretrained-student --tokenizer ./tok --out ./run --epochs 3 --temperature 2 --precision bf16
 
       torchrun --nproc-per-node 8 -m trainer fit --cache ./cache --student ./student-config.json --out ./run --batch-size 64
@@ -206,7 +218,8 @@ def fit(
 
     config = FitConfig(
         cache=cache, student=student, out=out, tokenizer=tokenizer, alpha=alpha,
-        temperature=temperature, loss=loss, beta=beta, tail=tail, fused_loss=fused_loss,
+        temperature=temperature, loss=loss, uld_weight=uld_weight, beta=beta, tail=tail,
+        fused_loss=fused_loss,
         batch_size=batch_size,
         eval_fraction=eval_fraction, shuffle_window=shuffle_window, num_workers=num_workers,
         steps=steps, epochs=epochs, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
@@ -235,13 +248,18 @@ def fit(
             f"{Path(out) / 'checkpoint'}. Rerun the same command with --resume to continue."
         )
         return
-    final = summary["final"]["eval"]
-    held_out = (
-        f"; held-out CE {final['ce']:.4f}, KL {final['kl']:.4f}, top-1 {final['top1']:.3f}"
-        if final
-        else ""
-    )
-    print(f"trained {out}: {summary['steps']} steps{held_out}; model in {summary['model_dir']}")
+    print(f"trained {out}: {summary['steps']} steps{_held_out(summary['final']['eval'])}; "
+          f"model in {summary['model_dir']}")  # fmt: skip
+
+
+def _held_out(final: dict | None) -> str:
+    """The final held-out metrics for the last line: KL and top-1, or for a student with its
+    own tokenizer (--loss uld) the ULD distance."""
+    if not final:
+        return ""
+    if "uld" in final:
+        return f"; held-out CE {final['ce']:.4f}, ULD {final['uld']:.4f}"
+    return f"; held-out CE {final['ce']:.4f}, KL {final['kl']:.4f}, top-1 {final['top1']:.3f}"
 
 
 def _fit_classifier(flags: dict) -> None:
@@ -282,6 +300,13 @@ def eval_(
         float | None,
         typer.Option(help="Held-out share defining the eval/train split [default: the run's]."),
     ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="The student's own tokenizer, for a --loss uld student (another vocabulary "
+            "than the teacher's, on a cache dumped with --offsets): CE in its tokens, and ULD."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
     max_batches: Annotated[int, typer.Option(help="Stop after this many batches (0: all).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -296,15 +321,27 @@ def eval_(
       trainer eval --cache ./cache --student ./run
 
       trainer eval --cache ./heldout-cache --student ./run --split all --json
+
+      trainer eval --cache ./heldout-offsets --student ./run-uld --tokenizer ./other-tok --split all
     """
     from trainer.evaluate import evaluate
 
     result = evaluate(
         cache, student, split=split, eval_fraction=eval_fraction, batch_size=batch_size,
         device=device, precision=precision, max_batches=max_batches, cache_dir=cache_dir,
+        tokenizer=tokenizer,
     )  # fmt: skip
     if as_json:
         print(json.dumps(result, indent=2))
+        return
+    if "uld" in result:
+        print(
+            f"{result['student']} on {result['cache']} (split {split}, {result['sequences']:,} "
+            f"sequences, {result['tokens']:,} student tokens):\n"
+            f"  CE     {result['ce']:.4f} nats/token (perplexity {result['ppl']:.2f})\n"
+            f"  ULD    {result['uld']:.4f} (sorted teacher vs student probabilities, L1)\n"
+            f"  paired {result['paired']:.4f} (student positions with a teacher position)"
+        )
         return
     print(
         f"{result['student']} on {result['cache']} (split {split}, {result['sequences']:,} "

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from trainer.losses import DEFAULT_BETA, DEFAULT_LOSS, DEFAULT_TAIL, LOSSES, TAIL_MODES
+from trainer.losses import (
+    DEFAULT_BETA,
+    DEFAULT_LOSS,
+    DEFAULT_TAIL,
+    DEFAULT_ULD_WEIGHT,
+    LOSSES,
+    TAIL_MODES,
+    ULD_LOSS,
+)
 from trainer.student import RUN_MODEL_DIR as MODEL_DIR
 
 PRECISIONS = ("fp32", "bf16")
@@ -60,11 +68,16 @@ class FitConfig:
     cache: str  # the cache directory (`logitcache dump --out`)
     student: str  # config JSON, directory with config.json, or saved model directory
     out: str = "run"  # the run directory
-    tokenizer: str | None = None  # if given, checked against the cache's tokenizer fingerprint
+    # if given, checked against the cache's tokenizer fingerprint; with loss "uld", the
+    # student's own tokenizer, which differs from the teacher's
+    tokenizer: str | None = None
     # objective: loss = alpha * CE + (1 - alpha) * T^2 * D(teacher_T, student_T)
     alpha: float = 0.5  # 1.0: hard labels only (the targets are not used)
     temperature: float = 1.0
-    loss: str = DEFAULT_LOSS  # the divergence D (trainer.losses.LOSSES)
+    # the divergence D (trainer.losses.LOSSES), or "uld": CE + uld_weight * ULD for a student
+    # with another tokenizer (trainer.losses.ULDLoss; alpha and tail are not used)
+    loss: str = DEFAULT_LOSS
+    uld_weight: float = DEFAULT_ULD_WEIGHT
     beta: float = DEFAULT_BETA  # gjsd's interpolation: 0 = forward KL, 1 = reverse KL
     # how the teacher's mass outside the top-k is handled (TAIL_MODES): renorm gave the lowest
     # held-out KL at every k in benchmarks/bench_fidelity.py, and it is the cheapest
@@ -112,8 +125,14 @@ def check_config(c: FitConfig) -> None:
         for f in dataclasses.fields(c)
         if f.type == "float" and not math.isfinite(getattr(c, f.name))
     ]
-    if c.loss not in LOSSES:
-        problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
+    if c.loss not in (*LOSSES, ULD_LOSS):
+        problems.append(f"--loss must be one of {', '.join(LOSSES)}, {ULD_LOSS}, got {c.loss!r}")
+    if c.loss == ULD_LOSS and c.tokenizer is None:
+        problems.append("--loss uld needs --tokenizer: the student's own tokenizer")
+    if c.loss == ULD_LOSS and c.fused_loss:
+        problems.append("--loss uld computes its loss from the logits: drop --fused-loss")
+    if not c.uld_weight >= 0:
+        problems.append(f"--uld-weight must be 0 or more, got {c.uld_weight}")
     if not 0.0 <= c.beta <= 1.0:
         problems.append(
             f"--beta must be in [0, 1] (gjsd: 0 = forward KL, 1 = reverse KL), got {c.beta}"

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,9 @@ _EMPTY_SPLIT_FIX = {
 #: The held-out sequences, the rest, or every sequence (`trainer eval --split`).
 SPLITS = ("eval", "train", "all")
 IGNORE_INDEX = -100
+#: One sequence as `collate` takes it: input ids (T,), target ids (T, k), target log-probs
+#: (T, k).
+Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]
 _SPLIT_SALT = np.uint64(0x5EED_0F_CAC4E)
 
 
@@ -79,6 +82,11 @@ class CacheDataset(IterableDataset):
     in the manifest before the part is first decoded by this process (a flipped byte, a
     truncated file or a manifest copied from another cache is reported naming the part, instead
     of training on wrong data). A cache at a URL is checked when its parts are fetched.
+
+    With `student_tokens` (a `trainer.align.StudentTokens`: a student with another tokenizer,
+    `--loss uld`) each sequence is the student's tokens of the cached text instead, and
+    ``target_ids``/``target_logprobs`` (B, T, k) hold at each student position the targets of
+    the teacher position it is paired with (all ``-inf`` where it has none).
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class CacheDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         check_files: bool = True,
+        student_tokens: Callable[[PartArrays, int], Sequence] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -105,6 +114,7 @@ class CacheDataset(IterableDataset):
         self.batch_size, self.split, self.seed = batch_size, split, seed
         self.shuffle, self.shuffle_window = shuffle, shuffle_window
         self.check_files = check_files
+        self.student_tokens = student_tokens
         if rank is None or world_size is None:
             distributed = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank() if distributed else 0
@@ -216,12 +226,17 @@ class CacheDataset(IterableDataset):
             batch = whole[self.rank :: self.world_size]
             if len(batch) == 0:  # padding: the global batch's first sequence, without labels
                 p, s = whole[0]
-                padded = collate([parts.sequence(int(p), int(s))], np.array([-1]))
+                padded = collate([self._sequence(parts, int(p), int(s))], np.array([-1]))
                 padded["labels"].fill_(IGNORE_INDEX)
                 yield padded
                 continue
-            sequences = [parts.sequence(int(p), int(s)) for p, s in batch]
+            sequences = [self._sequence(parts, int(p), int(s)) for p, s in batch]
             yield collate(sequences, self.storage_index(batch))
+
+    def _sequence(self, parts: PartCache, part: int, local: int) -> Sequence:
+        if self.student_tokens is None:
+            return parts.sequence(part, local)
+        return self.student_tokens(parts.part(part), local)
 
 
 class PartCache:
@@ -232,7 +247,14 @@ class PartCache:
         self.cache, self.capacity, self.check_files = cache, capacity, check_files
         self._parts: OrderedDict[int, PartArrays] = OrderedDict()
 
-    def sequence(self, part: int, local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sequence(self, part: int, local: int) -> Sequence:
+        """(input ids (T,), target ids (T, k), target log-probs (T, k)) of one sequence."""
+        arrays = self.part(part)
+        a, b = int(arrays.seq_offsets[local]), int(arrays.seq_offsets[local + 1])
+        return arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b]
+
+    def part(self, part: int) -> PartArrays:
+        """Part `part` decoded (`Cache.read_decoded`), from memory if it was read lately."""
         if part not in self._parts:
             if self.check_files:
                 self.cache.check_part_files(part)
@@ -240,14 +262,10 @@ class PartCache:
             while len(self._parts) > self.capacity:
                 self._parts.popitem(last=False)
         self._parts.move_to_end(part)
-        arrays = self._parts[part]
-        a, b = int(arrays.seq_offsets[local]), int(arrays.seq_offsets[local + 1])
-        return arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b]
+        return self._parts[part]
 
 
-def collate(
-    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]], indices: np.ndarray
-) -> dict[str, torch.Tensor]:
+def collate(sequences: list[Sequence], indices: np.ndarray) -> dict[str, torch.Tensor]:
     """Right-pad sequences to the longest and build next-token labels."""
     batch, longest = len(sequences), max(len(s[0]) for s in sequences)
     k = max(s[1].shape[1] for s in sequences)  # sampled targets: parts differ in width

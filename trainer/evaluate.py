@@ -30,10 +30,11 @@ import torch
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from logitcache.runtime import resolve_device
+from logitcache.runtime import load_tokenizer, resolve_device
+from trainer.align import StudentTokens
 from trainer.dataset import SPLITS, CacheDataset
-from trainer.losses import distillation_loss
-from trainer.student import RUN_MODEL_DIR, build_student
+from trainer.losses import ULD_LOSS, distillation_loss, hard_label_loss, uld_distance
+from trainer.student import RUN_MODEL_DIR, build_student, max_positions
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -52,11 +53,17 @@ def evaluate_model(
     precision: str = "fp32",
     max_batches: int = 0,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    uld: bool = False,
 ) -> dict[str, float]:
     """CE, KL (bucket tail, T=1) and top-1 agreement of `model` over `batches` (all if 0).
 
     `reduce`, if given, sums the per-process totals over processes (data-parallel evaluation:
-    each rank evaluates its share of the batches; padding rows, ``index`` -1, count nothing)."""
+    each rank evaluates its share of the batches; padding rows, ``index`` -1, count nothing).
+
+    With `uld` (a student with another tokenizer: batches of `trainer.align.StudentTokens`),
+    the teacher's ids are not the student's, so there is no KL or top-1 agreement: ``uld`` is
+    the ULD distance (`trainer.losses.uld_distance`, T=1) in their place, and ``paired`` the
+    share of the student's labelled positions that have a teacher position."""
     was_training = model.training
     model.eval()
     ce_sum = kl_sum = agree = torch.zeros((), dtype=torch.float64, device=device)
@@ -69,15 +76,22 @@ def evaluate_model(
             b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device, precision):
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            parts = distillation_loss(
-                logits, b["labels"], b["target_ids"], b["target_logprobs"],
-                alpha=0.5, temperature=1.0, tail="bucket",
-            )  # fmt: skip
             mask = b["labels"] != -100  # (B, T)
             n = mask.sum()
-            ce_sum = ce_sum + parts.ce.double() * n
-            kl_sum = kl_sum + parts.kd.double() * n
-            agree = agree + ((logits.argmax(-1) == b["target_ids"][..., 0]) & mask).sum()
+            if uld:
+                paired = mask & ~b["target_logprobs"][..., 0].isneginf()  # (B, T)
+                ce_sum = ce_sum + hard_label_loss(logits, b["labels"]).ce.double() * n
+                distance = uld_distance(logits, b["labels"], b["target_logprobs"])
+                kl_sum = kl_sum + distance.double() * paired.sum()
+                agree = agree + paired.sum()  # here: the positions with a ULD term
+            else:
+                parts = distillation_loss(
+                    logits, b["labels"], b["target_ids"], b["target_logprobs"],
+                    alpha=0.5, temperature=1.0, tail="bucket",
+                )  # fmt: skip
+                ce_sum = ce_sum + parts.ce.double() * n
+                kl_sum = kl_sum + parts.kd.double() * n
+                agree = agree + ((logits.argmax(-1) == b["target_ids"][..., 0]) & mask).sum()
             tokens = tokens + n
             sequences += int((b["index"] >= 0).sum()) if "index" in b else len(b["input_ids"])
     finally:
@@ -91,11 +105,15 @@ def evaluate_model(
     if count == 0:
         raise LogitCacheError("nothing to evaluate: the split has no positions with a label.")
     ce = float(ce_sum) / count
+    teacher = (
+        {"uld": float(kl_sum) / max(float(agree), 1.0), "paired": float(agree) / count}
+        if uld
+        else {"kl": float(kl_sum) / count, "top1": float(agree) / count}
+    )
     return {
         "ce": ce,
         "ppl": math.exp(min(ce, 700.0)),
-        "kl": float(kl_sum) / count,
-        "top1": float(agree) / count,
+        **teacher,
         "tokens": count,
         "sequences": sequences,
     }
@@ -125,14 +143,19 @@ def evaluate(
     max_batches: int = 0,
     num_workers: int = 0,
     cache_dir: str | Path | None = None,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved student (a model directory or a trainer run directory) on a cache split.
 
     ``split`` "eval" is the held-out split that training left out; its ``eval_fraction``
     defaults to the run's own (read from the run's summary.json), else 0.01. "train" is the
     rest, "all" every sequence (use it for a separately dumped held-out cache). `cache_dir` is
-    where the parts of a cache at a URL are fetched to (see `logitcache.open`). Returns the
-    metrics of `evaluate_model` plus the split, cache and student.
+    where the parts of a cache at a URL are fetched to (see `logitcache.open`). `tokenizer` is
+    the student's own tokenizer when it differs from the teacher's (a ``--loss uld`` student, on
+    a cache dumped with ``--offsets``): CE is then in the student's tokens, with the ULD
+    distance in place of KL and top-1 (`evaluate_model`); a ``--loss uld`` run directory
+    brings its own by default. Returns the metrics of
+    `evaluate_model` plus the split, cache and student.
     """
     if split not in SPLITS:
         raise LogitCacheError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}.")
@@ -140,9 +163,11 @@ def evaluate(
         raise LogitCacheError(f"--precision must be fp32 or bf16, got {precision!r}.")
     is_open = isinstance(cache, logitcache.Cache)
     c = cache if is_open else logitcache.open(cache, cache_dir=cache_dir)
+    trained = run_config(student) or {}
     if eval_fraction is None:
-        trained = run_config(student) or {}
         eval_fraction = float(trained.get("eval_fraction", 0.01))
+    if tokenizer is None and trained.get("loss") == ULD_LOSS:  # a run's own tokenizer
+        tokenizer = trained.get("tokenizer")
     if split == "eval" and eval_fraction <= 0:
         raise LogitCacheError(
             "the run held out nothing (eval fraction 0), so there is no eval split; "
@@ -150,7 +175,12 @@ def evaluate(
         )
     torch_device = resolve_device(device)
     # the model before the split: a missing or untrained student is the first thing to fix
-    model, source = build_student(student, c.manifest)
+    own = (
+        None
+        if tokenizer is None
+        else load_tokenizer(tokenizer, flag="--tokenizer", local_only=True)
+    )
+    model, source = build_student(student, c.manifest, student_tokenizer=own)
     if source.kind != "pretrained":
         raise LogitCacheError(
             f"--student {student} has no trained weights (only a config). Pass a trainer run "
@@ -159,12 +189,14 @@ def evaluate(
     ds = CacheDataset(
         c, batch_size=batch_size, split=split,
         eval_fraction=0.0 if split == "all" else eval_fraction, shuffle=False,
+        student_tokens=None if own is None else StudentTokens(own, c.manifest, max_positions(model.config)),
     )  # fmt: skip
     model.to(torch_device)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
     metrics = evaluate_model(
-        model, loader, device=torch_device, precision=precision, max_batches=max_batches
-    )
+        model, loader, device=torch_device, precision=precision, max_batches=max_batches,
+        uld=own is not None,
+    )  # fmt: skip
     return {
         "split": split,
         "eval_fraction": eval_fraction if split != "all" else 0.0,

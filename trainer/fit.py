@@ -37,8 +37,10 @@ import torch.distributed as dist
 import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.progress import Bar, progress_bar
+from logitcache.runtime import load_tokenizer
 from logitcache.storage.files import write_json_atomic
 from trainer import distributed
+from trainer.align import StudentTokens
 from trainer.checkpoint import (
     check_resume,
     load_checkpoint,
@@ -62,11 +64,17 @@ from trainer.dataset import CacheDataset
 from trainer.evaluate import autocast, evaluate_model
 from trainer.fused import FusedDistillationLoss
 from trainer.loader import epoch_batches, worker_message
-from trainer.losses import DistillationLoss, LossFn, LossParts
+from trainer.losses import ULD_LOSS, DistillationLoss, LossFn, LossParts, ULDLoss
 from trainer.optim import lr_factor, make_optimizer, warmup_steps
 from trainer.runlog import RunLog, SampleLog, log_message, summary, truncate_metrics
 from trainer.signals import Interrupted, StopFlag
-from trainer.student import HiddenStates, StudentSource, build_student, fused_head
+from trainer.student import (
+    HiddenStates,
+    StudentSource,
+    build_student,
+    fused_head,
+    max_positions,
+)
 
 __all__ = ["FitConfig", "Interrupted", "fit"]
 
@@ -111,6 +119,8 @@ def fit(
         )  # fmt: skip
     elif loss_fn is not None:
         step_loss = loss_fn
+    elif config.loss == ULD_LOSS:
+        step_loss = ULDLoss(weight=config.uld_weight, temperature=config.temperature)
     else:
         step_loss = DistillationLoss(
             alpha=config.alpha, temperature=config.temperature, tail=config.tail,
@@ -196,15 +206,26 @@ def _open(
     checkpoint = load_checkpoint(Path(config.out)) if config.resume else None
     if checkpoint is not None:
         check_resume(config, checkpoint, cache.manifest)
+    uld = config.loss == ULD_LOSS  # a student with its own tokenizer (`trainer.align`)
+    tokenizer = (
+        load_tokenizer(config.tokenizer, flag="--tokenizer", local_only=True)
+        if uld and config.tokenizer is not None
+        else None
+    )
     model, source = build_student(
         config.student, cache.manifest, tokenizer=config.tokenizer, seed=config.seed,
         config_dict=None if checkpoint is None else checkpoint["student_config"],
+        student_tokenizer=tokenizer,
     )  # fmt: skip
+    student_tokens = None
+    if tokenizer is not None:
+        student_tokens = StudentTokens(tokenizer, cache.manifest, max_positions(model.config))
     if config.fused_loss:  # before the seeding, so that its check forward changes no RNG
         fused_head(model, f"the student {config.student}")
     split = partial(
         CacheDataset, cache, batch_size=config.batch_size, eval_fraction=config.eval_fraction,
         seed=config.seed, rank=d.rank, world_size=d.world_size, check_files=config.check_files,
+        student_tokens=student_tokens,
     )  # fmt: skip
     train_ds = split(split="train", shuffle=True, shuffle_window=config.shuffle_window)
     eval_ds = split(split="eval", shuffle=False) if config.eval_fraction > 0 else None
@@ -256,8 +277,7 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         f"{'resuming at step ' + str(step) if step else 'training'} {type(model).__name__} "
         f"({n_params / 1e6:.2f}M params, {source.kind} {source.spec}) on {cache.root}: "
         f"{total_steps} steps of {config.batch_size} sequences ({per_epoch} per epoch), "
-        f"alpha {config.alpha}, T {config.temperature}, loss {config.loss}"
-        f"{f' (beta {config.beta})' if config.loss == 'gjsd' else ''}, "
+        f"{_objective_note(config)}, "
         f"{_targets_note(cache, config.tail)}{', fused loss' if config.fused_loss else ''}, "
         f"{device}"
         f"{f' x {d.world_size} processes' if d.enabled else ''}, {config.precision}",
@@ -272,6 +292,16 @@ def _setup(config: FitConfig, d: distributed.Dist, device: torch.device) -> _Run
         total_steps=total_steps, warmup=warmup, log=log, samples=SampleLog.from_env(d),
         step=step, last_saved=step,
     )  # fmt: skip
+
+
+def _objective_note(c: FitConfig) -> str:
+    """The loss, for the start-up line: its own knobs only."""
+    if c.loss == ULD_LOSS:
+        return (
+            f"T {c.temperature}, loss CE + {c.uld_weight} * ULD (student tokenizer {c.tokenizer})"
+        )
+    beta = f" (beta {c.beta})" if c.loss == "gjsd" else ""
+    return f"alpha {c.alpha}, T {c.temperature}, loss {c.loss}{beta}"
 
 
 def _targets_note(cache: logitcache.Cache, tail: str) -> str:
@@ -452,7 +482,7 @@ def _eval(run: _Run) -> dict[str, float]:
     try:
         return evaluate_model(
             run.model, loader, device=run.device, precision=run.config.precision,
-            max_batches=run.config.eval_batches, reduce=reduce,
+            max_batches=run.config.eval_batches, reduce=reduce, uld=run.config.loss == ULD_LOSS,
         )  # fmt: skip
     except LogitCacheError as exc:
         raise type(exc)(worker_message(exc)) from None

@@ -320,6 +320,85 @@ def distillation_loss(
 
 
 # --------------------------------------------------------------------------------------------
+# A student with another tokenizer: the Universal Logit Distillation loss
+
+#: ``--loss uld``: not a divergence on shared ids (`LOSSES`) but `ULDLoss`, for a student whose
+#: tokenizer differs from the teacher's.
+ULD_LOSS = "uld"
+#: lambda, the weight of the ULD term next to the student's CE, when none is given.
+DEFAULT_ULD_WEIGHT = 1.0
+
+
+@dataclass(frozen=True)
+class ULDLoss:
+    """``CE + weight * ULD``: the student's own cross-entropy on its tokens plus the Universal
+    Logit Distillation term of Boizard et al. (2024), `uld_distance`, for a student whose
+    vocabulary is not the teacher's. The batch is `CacheDataset`'s with ``student_tokens``
+    (`trainer.align.StudentTokens`): student ids and labels, and at each student position the
+    cached targets of the teacher position it is paired with. ``kd`` is the ULD term."""
+
+    weight: float = DEFAULT_ULD_WEIGHT
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_args(DEFAULT_TAIL, self.temperature)
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
+
+    def __call__(self, logits: Tensor, batch: Mapping[str, Tensor]) -> LossParts:
+        ce = hard_label_loss(logits, batch["labels"])
+        uld = uld_distance(
+            logits, batch["labels"], batch["target_logprobs"], temperature=self.temperature
+        )
+        return LossParts(loss=ce.loss + self.weight * uld, ce=ce.ce, kd=uld.detach())
+
+
+def uld_distance(
+    student_logits: Tensor,
+    labels: Tensor,
+    target_logprobs: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Mean over the positions with a label and a teacher of the 1-D Wasserstein distance
+    between the sorted teacher and student probability vectors (ULD, Boizard et al. 2024).
+
+    Sorting makes the two vocabularies comparable without any id mapping: both distributions
+    are sorted decreasing, the shorter padded with zeros, and the distance is the L1 norm of
+    the difference. The teacher is its cached support, renormalised over it at ``temperature``
+    (the mass outside its top-k is dropped, as ``tail="renorm"`` drops it; sampled targets have
+    none) and zero beyond. Then only the student's K largest probabilities meet a non-zero
+    teacher entry, and the rest of its vocabulary adds exactly its mass outside them:
+    ``sum_j |t_(j) - s_(j)| + (1 - sum_j s_(j))`` over j < K, exact with no (B, T, V) sort.
+
+    student_logits (B, T, V) any float dtype; labels (B, T) with ``ignore_index``;
+    target_logprobs (B, T, K) the teacher log-probs at the student's positions, ``-inf`` for
+    padding and for every slot of a position with no paired teacher (no ULD term there).
+    Returns a 0-dim tensor in [0, 2]; 0 (attached to the graph) when no position counts.
+    """
+    _check_args(DEFAULT_TAIL, temperature)
+    if tuple(student_logits.shape[:-1]) != tuple(labels.shape) or tuple(
+        target_logprobs.shape[:-1]
+    ) != tuple(labels.shape):
+        raise ValueError(
+            f"shape mismatch: expected student_logits (*L, V), labels (*L) and target_logprobs "
+            f"(*L, K); got {tuple(student_logits.shape)}, {tuple(labels.shape)}, "
+            f"{tuple(target_logprobs.shape)}"
+        )
+    teacher = target_logprobs.to(_compute_dtype(student_logits))
+    mask = (labels != ignore_index) & ~teacher[..., 0].isneginf()  # (B, T); decreasing order
+    teacher = _log_normalize(teacher / temperature).exp()  # (B, T, K), rows sum to 1 or 0
+    teacher = teacher.sort(dim=-1, descending=True).values
+    k = min(teacher.shape[-1], student_logits.shape[-1])
+    student = _log_softmax_at(student_logits, temperature).exp()  # (B, T, V)
+    top = student.topk(k, dim=-1).values  # (B, T, k) decreasing
+    gap = (teacher[..., :k] - top).abs().sum(-1) + teacher[..., k:].sum(-1)  # (B, T)
+    distance = gap + (1.0 - top.sum(-1)).clamp_min(0.0)
+    return _masked_mean(distance, mask)
+
+
+# --------------------------------------------------------------------------------------------
 # The algorithm
 
 

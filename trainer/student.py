@@ -11,7 +11,8 @@ Before any training the student is checked against the cache's manifest: its out
 equal the teacher's vocabulary (the cached targets are teacher token ids that index the
 student's logits), its context must hold the cache's sequences, and, with ``--tokenizer``, the
 tokenizer must be the one the cache was made with. Every mismatch is a `LogitCacheError` that
-names both sides.
+names both sides. A student with another tokenizer (``--loss uld``, `check_uld_student`) is
+checked against that tokenizer instead: its output must cover the tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -150,7 +151,18 @@ def check_tokenizer(spec: str, manifest: Manifest) -> None:
             f"tokenizer mismatch: --tokenizer {spec} has fingerprint {fingerprint[:16]}, but the "
             f"cache was made with tokenizer {manifest.tokenizer.name} (fingerprint "
             f"{want[:16]}). The cache's input ids would mean different text to this tokenizer; "
-            "pass the tokenizer the cache was dumped with."
+            "pass the tokenizer the cache was dumped with, or, to distil into a student with "
+            "this other tokenizer, use --loss uld on a cache dumped with --offsets."
+        )
+
+
+def check_uld_student(config: Any, tokenizer: Any, where: str = "the student") -> None:
+    """Refuse a student (``--loss uld``) whose logits do not cover its own tokenizer's ids."""
+    width, ids = output_size(config), len(tokenizer)
+    if width < ids:
+        raise LogitCacheError(
+            f"vocabulary mismatch: {where} has vocab_size {width}, but its --tokenizer has "
+            f"{ids} ids. Set vocab_size to at least {ids} in the student's config."
         )
 
 
@@ -161,8 +173,12 @@ def build_student(
     tokenizer: str | None = None,
     seed: int = 0,
     config_dict: dict[str, Any] | None = None,
+    student_tokenizer: Any = None,
 ) -> tuple[torch.nn.Module, StudentSource]:
     """The student model in float32, in train mode, checked against `manifest` if given.
+
+    With `student_tokenizer` (``--loss uld``: the loaded tokenizer of a student whose vocabulary
+    is not the teacher's) it is checked against that tokenizer instead (`check_uld_student`).
 
     A fresh model is initialised under ``torch.manual_seed(seed)``, so the same seed gives the
     same initial weights. ``config_dict`` (a resumed run's saved config) replaces the config
@@ -179,7 +195,9 @@ def build_student(
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     else:
         config = load_config(source)
-    if manifest is not None:
+    if student_tokenizer is not None:
+        check_uld_student(config, student_tokenizer, f"the student {spec}")
+    elif manifest is not None:
         check_student(config, manifest, f"the student {spec}")
         if tokenizer is not None:
             check_tokenizer(tokenizer, manifest)
@@ -201,7 +219,7 @@ def build_student(
                 else ""
             )
         ) from exc
-    if manifest is not None:
+    if manifest is not None and student_tokenizer is None:
         check_output_rows(model, manifest, f"the student {spec}")
     model.train()
     return model, source

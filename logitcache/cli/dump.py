@@ -113,6 +113,15 @@ def dump(
             "opens in every Zarr v3 reader (docs/FORMAT.md, section 5)."
         ),
     ] = D.delta,
+    offsets: Annotated[
+        bool,
+        typer.Option(
+            "--offsets",
+            help="Also store each sequence's text and each token's character span in it "
+            "(format 1.3, zarr only), so that a student with another tokenizer can train from "
+            "the cache: `trainer fit --loss uld --tokenizer STUDENT_TOK`.",
+        ),
+    ] = D.offsets,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = D.seq_len,
     pack: Annotated[
         bool,
@@ -270,6 +279,7 @@ def dump(
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --profile
 
       logitcache dump --teacher ./teacher-a --teacher ./teacher-b --weights 2,1 --ensemble probs --data ./corpus/ --out ./cache
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets topk --offsets
 
       logitcache dump --teacher ./llama-70b --data ./corpus/ --out ./cache --device-map auto --max-memory 0=70GiB,1=70GiB --dtype bfloat16
 
@@ -299,7 +309,8 @@ def dump(
             teacher_factory=teacher_factory, tokenizer=tokenizer,
             trust_remote_code=trust_remote_code, data_format=data_format, text_field=text_field,
             ids_field=ids_field, targets=targets, top_k=top_k, samples=samples,
-            temperature=temperature, seed=seed, id_order=id_order, delta=delta, seq_len=seq_len,
+            temperature=temperature, seed=seed, id_order=id_order, delta=delta, offsets=offsets,
+            seq_len=seq_len,
             logits_chunk_tokens=logits_chunk_tokens,
             pack=pack, batch_size=batch_size,
             device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, attn=attn,

@@ -8,6 +8,7 @@ memory does not grow with the dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from logitcache.errors import LogitCacheError
+from logitcache.format.manifest import PartArrays
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "arrow", "npy")
 _BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".npy": "npy"}
@@ -314,3 +316,136 @@ def _require_eos(eos_id: int | None) -> None:
         raise LogitCacheError(
             "the tokenizer has no EOS token to join documents with; pass --no-pack."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# --offsets: each sequence's text and each token's character span in it (format 1.3)
+
+
+@dataclass(frozen=True)
+class Spanned:
+    """A packed sequence with its text: ``ids`` (n,) int64, ``text`` the characters its tokens
+    come from (the pieces of its documents, end to end), ``spans`` (n, 2) uint32 each token's
+    [start, end) in characters of ``text``; an EOS appended after a document has the empty span
+    at that document's end. What `dump --offsets` stores, so that a student with another
+    tokenizer can re-tokenize the same text (`trainer fit --loss uld`)."""
+
+    ids: np.ndarray
+    text: str
+    spans: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class _Document:
+    """A tokenized document: its text, ids and each id's character span in the text."""
+
+    text: str
+    ids: list[int]
+    spans: np.ndarray  # (n, 2) int64
+
+
+#: A packed sequence: its ids (`pack`), or with --offsets its ids and text (`pack_spans`).
+Packed = np.ndarray | Spanned
+
+
+def ids_of(sequence: Packed) -> np.ndarray:
+    """The token ids of a sequence that `pack` or `pack_spans` made."""
+    return sequence.ids if isinstance(sequence, Spanned) else sequence
+
+
+def tokenize_spans(
+    docs: Iterator[str | list[int]], tokenizer: Any, batch: int = 64
+) -> Iterator[_Document]:
+    """Each text document with its ids and their character spans, from the fast tokenizer's
+    offsets (`check_offsets` has made sure there is one)."""
+    backend = tokenizer.backend_tokenizer
+    pending: list[str] = []
+
+    def flush() -> Iterator[_Document]:
+        for text, e in zip(
+            pending, backend.encode_batch(pending, add_special_tokens=False), strict=True
+        ):
+            yield _Document(text, list(e.ids), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
+        pending.clear()
+
+    for doc in docs:
+        pending.append(doc)  # text: the source is not pre-tokenized (`check_offsets`)
+        if len(pending) == batch:
+            yield from flush()
+    yield from flush()
+
+
+def check_offsets(source: DataSource, tokenizer: Any) -> None:
+    """Refuse `--offsets` where there is no text to store or no offsets to take."""
+    if source.pretokenized:
+        raise LogitCacheError(
+            f"--offsets needs text, but --data {source.spec} is already tokenized ids: there "
+            "are no characters to store. Dump from the text (--text-field), or drop --offsets."
+        )
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise LogitCacheError(
+            "--offsets needs a fast (Rust) tokenizer, which reports each token's characters; "
+            "this teacher's tokenizer is a slow one. Pass a tokenizer.json with --tokenizer."
+        )
+
+
+def pack_spans(
+    docs: Iterator[_Document], seq_len: int, eos_id: int | None, packing: bool = True
+) -> Iterator[Spanned]:
+    """`pack`'s sequences, the same ids cut at the same places, each with its text and spans."""
+    if not packing:
+        for doc in docs:
+            if doc.ids:
+                yield _spanned([(doc, 0, min(len(doc.ids), seq_len), False)], eos_id)
+        return
+    _require_eos(eos_id)
+    pieces: list[tuple[_Document, int, int, bool]] = []  # (document, first, stop, EOS after)
+    filled = 0
+    for doc in docs:
+        n, first = len(doc.ids), 0
+        while doc.ids and first <= n:  # positions 0..n-1 are the tokens, n its EOS
+            stop = min(n + 1, first + seq_len - filled)
+            pieces.append((doc, first, min(stop, n), stop == n + 1))
+            filled, first = filled + stop - first, stop
+            if filled == seq_len:
+                yield _spanned(pieces, eos_id)
+                pieces, filled = [], 0
+    if pieces:
+        yield _spanned(pieces, eos_id)
+
+
+def _spanned(pieces: list[tuple[_Document, int, int, bool]], eos_id: int | None) -> Spanned:
+    """One sequence from its document pieces: tokens ``first:stop`` of each document, and its
+    EOS if the piece ends the document. A piece's text runs from the end of the token before it
+    (0 at the document's start) to the end of its last token (the document's end if that token
+    is the last), so consecutive sequences cut a document's text without gap or overlap."""
+    texts, ids, spans, base = [], [], [], 0
+    for doc, first, stop, eos in pieces:
+        start = 0 if first == 0 else int(doc.spans[first - 1, 1])
+        end = len(doc.text) if stop == len(doc.ids) else max(start, int(doc.spans[stop - 1, 1]))
+        ids += doc.ids[first:stop]
+        spans.append(np.clip(doc.spans[first:stop], start, end) - start + base)
+        base += end - start
+        texts.append(doc.text[start:end])
+        if eos:
+            ids.append(eos_id)
+            spans.append(np.array([[base, base]]))
+    return Spanned(
+        np.asarray(ids, dtype=np.int64), "".join(texts), np.concatenate(spans).astype(np.uint32)
+    )
+
+
+def with_texts(arrays: PartArrays, texts: list[Spanned]) -> PartArrays:
+    """A part's arrays plus its sequences' text (`TEXT_ARRAYS`): the UTF-8 of each text end to
+    end, where each sequence's begins, and every token's span."""
+    encoded = [t.text.encode("utf-8") for t in texts]
+    starts = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
+    return dataclasses.replace(
+        arrays,
+        text=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+        text_offsets=starts,
+        token_offsets=np.concatenate([t.spans for t in texts]).astype(np.uint32),
+    )

@@ -148,6 +148,9 @@ class DumpOptions:
     resize: tuple[int, int] | None = None  # classification: (height, width) for mixed sizes
     input_field: str | None = None  # classification tables: the image or array column
     label_field: str | None = None  # classification tables: the label column
+    #: Store each sequence's text and each token's character span in it (format 1.3), so that
+    #: a student with another tokenizer can train from the cache (`trainer fit --loss uld`).
+    offsets: bool = False
 
 
 @dataclass
@@ -193,6 +196,11 @@ def check_options(opts: DumpOptions) -> None:
     if opts.backend not in CLEVELS:
         raise LogitCacheError(
             f"--format must be one of {', '.join(CLEVELS)}, got {opts.backend!r}."
+        )
+    if opts.offsets and opts.backend != "zarr":
+        raise LogitCacheError(
+            f"--offsets is stored by the zarr backend only, not --format {opts.backend}: "
+            "drop --format or drop --offsets."
         )
     low, high = CLEVELS[opts.backend]
     if not low <= opts.clevel <= high:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache.dumping import chunked, sharding, targets
+from logitcache.dumping import chunked, data, sharding, targets
 from logitcache.dumping.options import DumpOptions, DumpSummary
 from logitcache.dumping.prepare import Prepared, prepare
 from logitcache.dumping.profile import DeviceMarks, Profile
@@ -124,7 +124,7 @@ def writer_threads(requested: int, device: torch.device) -> int:
 
 def run(
     job: Prepared,
-    sequences: Iterator[np.ndarray],
+    sequences: Iterator[data.Packed],
     writer: CacheWriter,
     bar: Bar,
     first_part: int = 0,
@@ -200,8 +200,8 @@ def run(
 
 
 def batches(
-    sequences: Iterator[np.ndarray], per_part: int, batch_size: int, skip_parts: int
-) -> Iterator[tuple[list[np.ndarray], bool]]:
+    sequences: Iterator[data.Packed], per_part: int, batch_size: int, skip_parts: int
+) -> Iterator[tuple[list[data.Packed], bool]]:
     """(sequences, ends_part) per batch. A batch never spans two parts, so a resumed run forms
     exactly the batches an uninterrupted one does. Holds one part's input ids (8 bytes/token)."""
     for _ in range(skip_parts):
@@ -230,11 +230,12 @@ class BatchTargets:
     ready: torch.cuda.Event | None
     ends_part: bool
     marks: DeviceMarks | None = None  # --profile on CUDA: the device's time per stage
+    texts: list[data.Spanned] | None = None  # --offsets: each sequence's text and spans
 
 
 def _teacher_targets(
     teacher: Teacher,
-    batch: list[np.ndarray],
+    batch: list[data.Packed],
     spec: targets.TargetSpec,
     first_sequence: int,
     ends_part: bool,
@@ -245,7 +246,7 @@ def _teacher_targets(
     """The batch's targets; `first_sequence` is the global index of its first sequence (what
     sampled targets are seeded by, so that they do not depend on batching). `plan` says
     whether they come from the full logits or a chunk of time steps at a time."""
-    ids = input_ids(batch)
+    ids = input_ids([data.ids_of(s) for s in batch])
     device_ids = torch.from_numpy(ids).to(teacher.device)
     index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
     marks = profile.marks()
@@ -286,7 +287,8 @@ def _teacher_targets(
     if pinned:  # on the stream the copies were queued on, which need not be the default one
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(teacher.device))
-    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part, marks)
+    texts = [s for s in batch if isinstance(s, data.Spanned)] or None
+    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part, marks, texts)
 
 
 class PartAssembler:
@@ -313,6 +315,7 @@ class PartAssembler:
         self.profile = profile or Profile(enabled=False)
         self._inputs: list[np.ndarray] = []
         self._rows: list[dict[str, np.ndarray]] = []
+        self._texts: list[data.Spanned] = []
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="logitcache-encode")
             if threads > 1
@@ -338,6 +341,7 @@ class PartAssembler:
                     )
                 self._inputs.append(batch.input_ids[row, :n])
                 self._rows.append({name: a[row, :n] for name, a in arrays.items()})
+            self._texts += batch.texts or []
         if batch.ends_part:
             self._end_part()
 
@@ -363,7 +367,9 @@ class PartAssembler:
     def _end_part(self) -> None:
         with self.profile.stage("writer", "assemble"):
             arrays = targets.assemble(self.targets, self._inputs, self._rows, self.gaps)
-        self._inputs, self._rows = [], []
+            if self._texts:
+                arrays = data.with_texts(arrays, self._texts)
+        self._inputs, self._rows, self._texts = [], [], []
         index = self._next_part
         if self._pool is None:
             staged = self._stage(arrays, index)

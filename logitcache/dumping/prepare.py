@@ -16,8 +16,6 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from logitcache.dumping import chunked, data, targets
 from logitcache.dumping.ensemble import FULL_LOGITS_WHY, load_ensemble
 from logitcache.dumping.options import (
@@ -60,16 +58,23 @@ class Prepared:
 
     def tokens(self, bar: Bar | None = None) -> Iterator[list[int]]:
         """Token ids per document, in order; `bar` counts the documents read."""
-        documents = data.iter_documents(self.source)
-        if bar is not None:
-            documents = bar.counting(documents)
-        return data.tokenize(documents, self.teacher.tokenizer, self.source.pretokenized)
+        return data.tokenize(self._documents(bar), self.teacher.tokenizer, self.source.pretokenized)
 
-    def sequences(self, bar: Bar | None = None) -> Iterator[np.ndarray]:
-        """The packed sequences of the whole data, in order. The first is made at once, so that
-        empty data (or packing without an EOS token) fails before --out is touched."""
+    def _documents(self, bar: Bar | None) -> Iterator[str | list[int]]:
+        documents = data.iter_documents(self.source)
+        return documents if bar is None else bar.counting(documents)
+
+    def sequences(self, bar: Bar | None = None) -> Iterator[data.Packed]:
+        """The packed sequences of the whole data, in order (with --offsets, each with its text:
+        `data.Spanned`). The first is made at once, so that empty data (or packing without an
+        EOS token) fails before --out is touched."""
         eos = self.teacher.tokenizer_info.eos_token_id
-        stream = data.pack(self.tokens(bar), self.opts.seq_len, eos, self.opts.pack)
+        o = self.opts
+        if o.offsets:
+            spans = data.tokenize_spans(self._documents(bar), self.teacher.tokenizer)
+            stream = data.pack_spans(spans, o.seq_len, eos, o.pack)
+        else:
+            stream = data.pack(self.tokens(bar), o.seq_len, eos, o.pack)
         first = next(stream, None)
         if first is None:
             raise self._no_tokens()
@@ -94,6 +99,8 @@ def prepare(opts: DumpOptions) -> Prepared:
     source = data.resolve(opts.data, opts.data_format, opts.text_field, opts.ids_field)
     teacher = _load(opts)
     check_against_teacher(opts, teacher)
+    if opts.offsets:
+        data.check_offsets(source, teacher.tokenizer)
     if source.pretokenized:  # before touching --out: a bad id must leave nothing behind
         data.check_ids(source, teacher.info.vocab_size)
     plan = (
@@ -151,6 +158,7 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
             packing=opts.pack,
             sequences_per_part=max(1, opts.part_tokens // opts.seq_len),
             chunk_bytes=opts.chunk_bytes,
+            offsets=opts.offsets,
         ),
         codec=CodecInfo(
             name="blosc",

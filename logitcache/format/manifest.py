@@ -44,13 +44,15 @@ FORMAT_VERSION = (
 #: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
 #: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
 #: them is still written as 1.0, which every 1.x reader reads (`version_for`). 1.3 adds
-#: `ensemble` (targets of several teachers' average: `logitcache.format.ensemble`) and `task`
-#: (classification caches: one sequence per example, one position per view).
+#: `ensemble` (targets of several teachers' average: `logitcache.format.ensemble`), `task`
+#: (classification caches: one sequence per example, one position per view) and
+#: `layout.offsets` (`dump --offsets`: each sequence's text and each token's character span).
 READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
 ENSEMBLE_FORMAT_VERSION = "1.3"
 TASK_FORMAT_VERSION = "1.3"
+OFFSETS_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
@@ -62,6 +64,8 @@ KIND_ARRAYS = {
     "topk": ("input_ids", "target_ids", "target_logprobs", "seq_offsets"),
     "sample": ("input_ids", "target_ids", "target_counts", "target_lengths", "seq_offsets"),
 }
+#: 1.3, `layout.offsets`: the arrays that give each sequence's text and each token's span in it.
+TEXT_ARRAYS = ("text", "text_offsets", "token_offsets")
 LOGPROB_DTYPES = ("float16", "float32", "uint8")
 ORDERS = ("descending", "id")
 #: Task kinds (1.3): what one sequence of the cache is. A cache without `task` is a causal LM's.
@@ -187,6 +191,10 @@ class LayoutInfo:
     packing: bool
     sequences_per_part: int
     chunk_bytes: int
+    #: 1.3: each part also holds its sequences' text and each token's character span in it
+    #: (`TEXT_ARRAYS`), so that a student with another tokenizer can re-tokenize the same text
+    #: and pair its positions with the teacher's (`trainer fit --loss uld`).
+    offsets: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,7 @@ class PartInfo:
     tokens: int
     files: dict[str, str]
     entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
+    text_bytes: int = 0  # 1.3, layout.offsets: UTF-8 bytes of the part's text array
 
     def file_as(self, rel: str, name: str) -> str:
         """The path of this part's file `rel` once the part is renamed `name` (merge and the
@@ -322,22 +331,26 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
-#: Fields added to existing records in 1.1 (and `codec.gaps` in 1.2), and the values they take
-#: where unused: left out of the JSON at these values.
+#: Fields added to existing records in 1.1 (`codec.gaps` in 1.2, `layout.offsets` and
+#: `parts[].text_bytes` in 1.3), and the values they take where unused: left out of the JSON
+#: at these values.
 _ADDED_IN_1_1 = {
     "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
     "codec": {"delta": [], "gaps": []},
-    "parts": {"entries": 0},
+    "layout": {"offsets": False},
+    "parts": {"entries": 0, "text_bytes": 0},
 }
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.3 for an ensemble or a task, 1.2 with
-    gaps, else 1.1 if a 1.1 feature is used, else 1.0."""
+    """The oldest format version that describes `m`: 1.3 for an ensemble, a task or offsets,
+    1.2 with gaps, else 1.1 if a 1.1 feature is used, else 1.0."""
     if m.ensemble is not None:
         return ENSEMBLE_FORMAT_VERSION
     if m.task is not None:
         return TASK_FORMAT_VERSION
+    if m.layout.offsets:
+        return OFFSETS_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
@@ -366,10 +379,11 @@ def targets_need_1_1(m: Manifest) -> bool:
     )
 
 
-def array_names(kind: str, task: TaskInfo | None = None) -> tuple[str, ...]:
-    """The arrays a part of a cache with targets of `kind` (and `task`, 1.3) holds."""
+def array_names(kind: str, task: TaskInfo | None = None, offsets: bool = False) -> tuple[str, ...]:
+    """The arrays a part of a cache with targets of `kind` holds: with `task` (1.3), a
+    classification cache's; with `offsets` (1.3), its text too (`TEXT_ARRAYS`)."""
     if task is None:
-        return KIND_ARRAYS[kind]
+        return KIND_ARRAYS[kind] + (TEXT_ARRAYS if offsets else ())
     inputs = ("labels",) if task.labels else ()
     return (*inputs, *KIND_ARRAYS[kind][1:], *(("views",) if task.views else ()))
 
@@ -388,7 +402,15 @@ def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 def part_bytes(m: Manifest, part: PartInfo) -> int:
     """Decoded size of one part: what a reader allocates to hold it whole (for sampled targets,
-    also the float32 log-probs of the decoded (tokens, k) view)."""
+    also the float32 log-probs of the decoded (tokens, k) view; with offsets, the text and the
+    spans)."""
+    text = 0
+    if m.layout.offsets:
+        text = part.text_bytes + (part.sequences + 1) * 8 + part.tokens * 8
+    return text + _target_part_bytes(m, part)
+
+
+def _target_part_bytes(m: Manifest, part: PartInfo) -> int:
     id_size = {"uint8": 1, "uint16": 2, "uint32": 4}.get(m.targets.id_dtype, 4)
     lp_size = {"float16": 2, "uint8": 1}.get(m.targets.logprob_dtype, 4)
     if m.task is not None:  # no input ids; labels in the id type, views 5 int32 per row
@@ -404,18 +426,25 @@ def part_bytes(m: Manifest, part: PartInfo) -> int:
 def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} that part `part` must hold, from the manifest alone."""
     if m.task is not None:
-        arrays = _task_free(m, part)
+        arrays = _target_arrays(m, part)
         rows = {
             "labels": ((part.tokens,), m.targets.id_dtype),
             "views": ((part.tokens, len(VIEW_FIELDS)), "int32"),
         }
         names = array_names(m.targets.kind, m.task)
         return {name: arrays[name] if name in arrays else rows[name] for name in names}
-    return _task_free(m, part)
+    text = {}
+    if m.layout.offsets:
+        text = {
+            "text": ((part.text_bytes,), "uint8"),
+            "text_offsets": ((part.sequences + 1,), "int64"),
+            "token_offsets": ((part.tokens, 2), "uint32"),
+        }
+    return _target_arrays(m, part) | text
 
 
-def _task_free(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
-    """`expected_arrays` of a causal-LM cache (input ids and the targets of its kind)."""
+def _target_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The input ids and the targets of the cache's kind (what every causal-LM part holds)."""
     t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
     if t.kind == "sample":
         return {
@@ -448,6 +477,10 @@ class PartArrays:
     (`logitcache.read.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
     Classification (1.3): ``input_ids`` None, ``labels`` (tokens,) if the data had labels,
     ``views`` (tokens, 5) int32 with views.
+    With ``layout.offsets`` (1.3): ``text`` (text bytes,) uint8, the UTF-8 text of the
+    sequences end to end; ``text_offsets`` (sequences + 1,) int64, sequence s's text is bytes
+    ``text_offsets[s]:text_offsets[s + 1]``; ``token_offsets`` (tokens, 2) uint32, each token's
+    [start, end) in characters of its sequence's text.
     """
 
     input_ids: Any
@@ -458,10 +491,14 @@ class PartArrays:
     target_lengths: Any = None
     labels: Any = None
     views: Any = None
+    text: Any = None
+    text_offsets: Any = None
+    token_offsets: Any = None
 
     def arrays(self) -> dict[str, Any]:
         """{name: array} of the arrays this part holds (the ones that are not None)."""
-        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths", "labels", "views")
+        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths", "labels", "views",
+                 *TEXT_ARRAYS)  # fmt: skip
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property

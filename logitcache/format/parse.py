@@ -35,6 +35,7 @@ from logitcache.format.manifest import (
     MAX_SAMPLES,
     MAX_SEQ_LEN,
     MERGED_FORMAT_VERSION,
+    OFFSETS_FORMAT_VERSION,
     ORDERS,
     READER_VERSION,
     SHUFFLES,
@@ -152,6 +153,8 @@ def _check_consistency(m: Manifest, source: str) -> None:
             part.tokens <= part.entries <= part.tokens * m.targets.k
         ):
             problems.append(f"{part.name}: {part.entries} entries is out of bounds")
+        elif part.text_bytes and not m.layout.offsets:
+            problems.append(f"{part.name}: text_bytes without layout.offsets")
         elif part_bytes(m, part) > MAX_PART_BYTES:
             problems.append(
                 f"{part.name}: {part.tokens} tokens at k={m.targets.k} decode to "
@@ -245,6 +248,13 @@ def _target_problems(m: Manifest) -> list[str]:
             problems.append(f"codec.gaps {m.codec.gaps} names arrays outside {sorted(gaps)}")
         elif set(m.codec.gaps) & set(m.codec.delta):
             problems.append(f"codec.gaps and codec.delta both name {sorted(m.codec.gaps)}")
+    if m.layout.offsets and _version_tuple(m.format_version) < _version_tuple(
+        OFFSETS_FORMAT_VERSION
+    ):
+        problems.append(
+            f"format_version {m.format_version} cannot describe layout.offsets (it needs "
+            f"{OFFSETS_FORMAT_VERSION})"
+        )
     if m.codec.gaps and _version_tuple(m.format_version) < _version_tuple(GAPS_FORMAT_VERSION):
         problems.append(
             f"format_version {m.format_version} cannot describe codec.gaps (it needs "

@@ -20,6 +20,7 @@ import torch
 from logitcache.errors import CorruptCacheError
 from logitcache.format import codecs
 from logitcache.format.manifest import Manifest, PartArrays
+from logitcache.read.texts import text_problems
 
 __all__ = [
     "TOKEN_ARRAYS",
@@ -66,6 +67,9 @@ def decode(
     `first_sequence` is the part's sequence that `arrays` start with)."""
     arrays = ungapped(manifest, arrays, where)
     check_values(manifest, arrays, where, first_sequence)
+    if arrays.text is not None:  # format 1.3, --offsets (a whole part; `cache[i]` reads none)
+        for problem in text_problems(arrays):
+            raise _bad_values(where, problem)
     t = manifest.targets
     if t.kind == "sample":
         ids, logprobs = codecs.decode_sample(
@@ -76,13 +80,10 @@ def decode(
             arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
         )
     return PartArrays(
-        arrays.input_ids,
-        ids,
-        logprobs,
-        arrays.seq_offsets,
-        labels=arrays.labels,
-        views=arrays.views,
-    )
+        arrays.input_ids, ids, logprobs, arrays.seq_offsets, labels=arrays.labels,
+        views=arrays.views, text=arrays.text, text_offsets=arrays.text_offsets,
+        token_offsets=arrays.token_offsets,
+    )  # fmt: skip
 
 
 def ungapped(manifest: Manifest, arrays: PartArrays, where: str = "a part") -> PartArrays:

@@ -261,7 +261,9 @@ class Cache:
         info = self.manifest.parts[index]
         try:
             with self.open_part(index) as path:
-                names = array_names(self.manifest.targets.kind, self.manifest.task)
+                names = array_names(
+                    self.manifest.targets.kind, self.manifest.task, self.manifest.layout.offsets
+                )
                 arrays = self.backend.read_part(path, names)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CorruptCacheError(

@@ -22,6 +22,7 @@ from logitcache.format import codecs
 from logitcache.format.manifest import PARTS_DIR, VIEW_FIELDS, PartArrays, array_names
 from logitcache.read.decoded import bad_views
 from logitcache.read.reader import Cache, completeness_problem
+from logitcache.read.texts import text_problems
 from logitcache.storage.files import sha256_file
 from logitcache.storage.paths import link_problem, link_under
 
@@ -92,7 +93,8 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
         report.problems.append(str(exc))
         return
     arrays = {}
-    for array in array_names(cache.manifest.targets.kind, cache.manifest.task):
+    manifest = cache.manifest
+    for array in array_names(manifest.targets.kind, manifest.task, manifest.layout.offsets):
         pieces = []
         try:
             for _, chunk in backend.iter_chunks(path, array):
@@ -130,6 +132,8 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
         problems.append(f"input_ids has shape {part.input_ids.shape}, expected ({info.tokens},)")
     elif part.input_ids.size and part.input_ids.max() >= m.teacher.vocab_size:
         problems.append(f"an input id is >= vocab_size {m.teacher.vocab_size}")
+    if m.layout.offsets:
+        problems += text_problems(part)
     if m.targets.kind == "sample":
         return problems + _sample_problems(m, info, part)
     if (
