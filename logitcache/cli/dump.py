@@ -28,7 +28,11 @@ def dump(
         ),
     ],
     teacher: Annotated[
-        str | None, typer.Option(help="Hugging Face causal LM: a local directory or a hub name.")
+        str | None,
+        typer.Option(
+            help="Hugging Face causal LM, or masked LM (a config naming a *ForMaskedLM "
+            "architecture: see --mask-prob): a local directory or a hub name."
+        ),
     ] = D.teacher,
     teacher_factory: Annotated[
         str | None,
@@ -179,6 +183,23 @@ def dump(
             "commits; on a GPU the device's own time too) and print where the time went."
         ),
     ] = D.profile,
+    mask_prob: Annotated[
+        float | None,
+        typer.Option(
+            help="Masked-LM teachers: the probability that a position is masked (BERT's "
+            "80/10/10: [MASK], a random id, unchanged), drawn from --seed; targets are stored "
+            "at the masked positions only (docs/FORMAT.md, section 3b). Default 0.15 for a "
+            "masked-LM --teacher; makes a --teacher-factory module a masked LM. Refused for a "
+            "causal LM."
+        ),
+    ] = D.mask_prob,
+    views: Annotated[
+        int,
+        typer.Option(
+            help="Masked-LM teachers: maskings per sequence, each its own target set (stored "
+            "as consecutive sequences); `trainer fit` shows a student one view per epoch."
+        ),
+    ] = D.views,
     license: LicenseOption = D.license,
     shard: Annotated[
         str | None,
@@ -212,6 +233,8 @@ def dump(
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --profile
 
       logitcache dump --teacher ./llama-70b --data ./corpus/ --out ./cache --device-map auto --max-memory 0=70GiB,1=70GiB --dtype bfloat16
+
+      logitcache dump --teacher ./bert-teacher --data ./corpus/ --out ./mlm-cache --seq-len 128 --targets topk --top-k 32 --mask-prob 0.15 --views 4
     """
     from logitcache.dumping.pipeline import dump as run_dump
 
@@ -235,7 +258,7 @@ def dump(
             backend=format, logprob_dtype=logprob_dtype,
             part_tokens=part_tokens, clevel=clevel, shuffle=shuffle, overwrite=overwrite, progress=progress,
             writer_threads=writer_threads, profile=profile,
-            license=license, shard=shard,
+            license=license, shard=shard, mask_prob=mask_prob, views=views,
         )
     )  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
@@ -256,6 +279,12 @@ def dump(
         f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s); "
         f"{summary.logits}"
     )
+    if m.masking is not None:  # targets at the masked positions only: their own rate
+        print(
+            f"masked LM: {m.masked:,} masked positions ({m.masked / m.tokens:.1%} of tokens, "
+            f"{m.masking.views} view{'' if m.masking.views == 1 else 's'} per sequence); "
+            f"{summary.bytes_on_disk / max(m.masked, 1):.1f} bytes per masked token"
+        )
     if summary.profile is not None:
         from logitcache.dumping.profile import render
 

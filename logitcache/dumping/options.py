@@ -126,6 +126,11 @@ class DumpOptions:
     profile: bool = False  # time every stage of the dump (`logitcache.dumping.profile`)
     license: str = DEFAULT_LICENSE  # shown on the README.md card
     shard: str | None = None  # "I/N": dump only slice I of N (see logitcache.dumping.sharding)
+    #: Masked-LM teachers (`logitcache.dumping.masking`): the probability that a position is
+    #: masked. None: `DEFAULT_MASK_PROB` for a masked-LM --teacher, and a causal teacher; given,
+    #: it also makes a --teacher-factory module a masked LM. Refused with a causal LM.
+    mask_prob: float | None = None
+    views: int = 1  # masked LMs: maskings of each sequence, stored as consecutive sequences
 
 
 @dataclass
@@ -199,6 +204,12 @@ def check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(f"--temperature must be a positive number, got {opts.temperature}.")
     if not 0 <= opts.seed < 1 << 63:
         raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
+    if opts.mask_prob is not None and not 0 < opts.mask_prob < 1:
+        raise LogitCacheError(
+            f"--mask-prob must be in (0, 1) (BERT's is 0.15), got {opts.mask_prob}."
+        )
+    if opts.views < 1:
+        raise LogitCacheError(f"--views must be at least 1, got {opts.views}.")
     _check_placement(opts)
     refuse_overlap(opts.out, _local_inputs(opts), "--out")
 
@@ -324,6 +335,7 @@ def _local_inputs(opts: DumpOptions) -> list[str]:
 def check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
     """Refuse settings the loaded teacher cannot serve (a k past its vocabulary, a tokenizer
     wider than its logits, sequences longer than its positions)."""
+    _check_masking(opts, teacher)
     vocab = teacher.info.vocab_size
     if opts.targets == "topk" and not 1 <= opts.top_k <= vocab:
         raise LogitCacheError(
@@ -343,4 +355,32 @@ def check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
         raise LogitCacheError(
             f"--seq-len {opts.seq_len} is longer than the teacher's maximum of {limit} positions. "
             f"Use --seq-len {limit} or less."
+        )
+
+
+def _check_masking(opts: DumpOptions, teacher: Teacher) -> None:
+    """--mask-prob and --views only with a masked-LM teacher, whose tokenizer has a mask token;
+    its caches in the zarr backend only."""
+    name = teacher.info.name
+    if teacher.info.kind != "masked":
+        for flag, given in (
+            ("--mask-prob", opts.mask_prob is not None),
+            ("--views", opts.views != 1),
+        ):
+            if given:
+                raise LogitCacheError(
+                    f"{flag} masks the input of a masked-LM teacher, but {name} is a causal LM "
+                    "(its config names no *ForMaskedLM architecture): its targets are for the "
+                    f"next token at every position. Leave out {flag}, or pass a masked LM."
+                )
+        return
+    if teacher.tokenizer.mask_token_id is None:
+        raise LogitCacheError(
+            f"the tokenizer ({teacher.tokenizer_info.name}) has no mask token, which a masked-LM "
+            "dump writes at the masked positions. Pass the teacher's own tokenizer (--tokenizer) "
+            "with a mask token ([MASK])."
+        )
+    if opts.backend != "zarr":
+        raise LogitCacheError(
+            f"--format {opts.backend} does not store masked-LM caches yet; use --format zarr."
         )

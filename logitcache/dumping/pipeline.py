@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache.dumping import chunked, sharding, targets
+from logitcache.dumping import chunked, masking, sharding, targets
 from logitcache.dumping.options import DumpOptions, DumpSummary
 from logitcache.dumping.prepare import Prepared, prepare
 from logitcache.dumping.profile import DeviceMarks, Profile
@@ -180,7 +180,7 @@ def run(
             batch, ends_part = item
             result = _teacher_targets(
                 job.teacher, batch, spec, next_sequence, ends_part, targets_fn, job.logits,
-                profile,
+                profile, job.masker,
             )  # fmt: skip
             with profile.stage("teacher", "queue full"):
                 pipe.put(result)
@@ -226,6 +226,8 @@ class BatchTargets:
     ready: torch.cuda.Event | None
     ends_part: bool
     marks: DeviceMarks | None = None  # --profile on CUDA: the device's time per stage
+    #: A masked-LM dump: each sequence's masking; only its positions' targets are kept.
+    masked: list[masking.Masked] | None = None
 
 
 def _teacher_targets(
@@ -237,12 +239,23 @@ def _teacher_targets(
     targets_fn: TargetsFn,
     plan: chunked.LogitsPlan,
     profile: Profile,
+    masker: masking.Masker | None = None,
 ) -> BatchTargets:
     """The batch's targets; `first_sequence` is the global index of its first sequence (what
-    sampled targets are seeded by, so that they do not depend on batching). `plan` says
-    whether they come from the full logits or a chunk of time steps at a time."""
+    sampled targets and maskings are seeded by, so that they do not depend on batching). `plan`
+    says whether they come from the full logits or a chunk of time steps at a time. With
+    `masker` (a masked-LM teacher) the teacher reads each sequence masked, with an attention
+    mask when the batch is padded."""
+    masked = None
+    if masker is not None:
+        masked = [masker.mask(s, first_sequence + i) for i, s in enumerate(batch)]
+        batch = [m.input_ids for m in masked]
     ids = input_ids(batch)
     device_ids = torch.from_numpy(ids).to(teacher.device)
+    attention = None
+    if masker is not None and min(map(len, batch)) < ids.shape[1]:
+        lengths = torch.tensor([len(s) for s in batch], device=teacher.device)
+        attention = (torch.arange(ids.shape[1], device=teacher.device) < lengths[:, None]).long()
     index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
     marks = profile.marks()
     mark = marks.mark if marks is not None else lambda: None
@@ -258,7 +271,7 @@ def _teacher_targets(
         del hidden
     else:
         with profile.stage("teacher", "forward"):
-            logits = teacher.logits(device_ids)  # (batch, time, vocab)
+            logits = teacher.logits(device_ids, attention)  # (batch, time, vocab)
         mark()
         if logits.shape[-1] != teacher.info.vocab_size:  # the width probed, in the manifest
             raise LogitCacheError(
@@ -282,7 +295,7 @@ def _teacher_targets(
     if pinned:  # on the stream the copies were queued on, which need not be the default one
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(teacher.device))
-    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part, marks)
+    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part, marks, masked)
 
 
 class PartAssembler:
@@ -309,6 +322,7 @@ class PartAssembler:
         self.profile = profile or Profile(enabled=False)
         self._inputs: list[np.ndarray] = []
         self._rows: list[dict[str, np.ndarray]] = []
+        self._masked: list[masking.Masked] = []
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="logitcache-encode")
             if threads > 1
@@ -333,7 +347,12 @@ class PartAssembler:
                         "Check the model's weights and --dtype (float16 overflows easily; try bfloat16 or float32)."
                     )
                 self._inputs.append(batch.input_ids[row, :n])
-                self._rows.append({name: a[row, :n] for name, a in arrays.items()})
+                if batch.masked is None:
+                    self._rows.append({name: a[row, :n] for name, a in arrays.items()})
+                    continue
+                at = batch.masked[row].positions  # a masked LM: the masked positions' rows
+                self._rows.append({name: a[row, at] for name, a in arrays.items()})
+                self._masked.append(batch.masked[row])
         if batch.ends_part:
             self._end_part()
 
@@ -359,7 +378,9 @@ class PartAssembler:
     def _end_part(self) -> None:
         with self.profile.stage("writer", "assemble"):
             arrays = targets.assemble(self.targets, self._inputs, self._rows, self.gaps)
-        self._inputs, self._rows = [], []
+            if self._masked:
+                arrays = targets.with_masking(arrays, self._masked, self.targets.id_dtype)
+        self._inputs, self._rows, self._masked = [], [], []
         index = self._next_part
         if self._pool is None:
             staged = self._stage(arrays, index)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from logitcache.dumping import chunked, data, targets
+from logitcache.dumping import chunked, data, masking, targets
 from logitcache.dumping.options import (
     DumpOptions,
     check_against_teacher,
@@ -36,6 +36,7 @@ from logitcache.format.manifest import (
     DataInfo,
     LayoutInfo,
     Manifest,
+    MaskingInfo,
     version_for,
 )
 from logitcache.progress import Bar
@@ -55,6 +56,7 @@ class Prepared:
     template: Manifest
     logits: chunked.LogitsPlan
     profile: Profile  # every stage's time with --profile; inert without
+    masker: masking.Masker | None = None  # a masked-LM teacher: how each sequence is masked
 
     def tokens(self, bar: Bar | None = None) -> Iterator[list[int]]:
         """Token ids per document, in order; `bar` counts the documents read."""
@@ -64,14 +66,19 @@ class Prepared:
         return data.tokenize(documents, self.teacher.tokenizer, self.source.pretokenized)
 
     def sequences(self, bar: Bar | None = None) -> Iterator[np.ndarray]:
-        """The packed sequences of the whole data, in order. The first is made at once, so that
-        empty data (or packing without an EOS token) fails before --out is touched."""
+        """The packed sequences of the whole data, in order (for a masked-LM teacher each one
+        `views` times, before masking: the cache's sequences). The first is made at once, so
+        that empty data (or packing without an EOS token) fails before --out is touched."""
         eos = self.teacher.tokenizer_info.eos_token_id
         stream = data.pack(self.tokens(bar), self.opts.seq_len, eos, self.opts.pack)
         first = next(stream, None)
         if first is None:
             raise self._no_tokens()
-        return itertools.chain([first], stream)
+        return masking.repeat_views(itertools.chain([first], stream), self._views)
+
+    @property
+    def _views(self) -> int:
+        return 1 if self.masker is None else self.masker.info.views
 
     def count_parts(self) -> int:
         """How many parts the whole dump makes: a counting pass over the tokens, without
@@ -80,7 +87,7 @@ class Prepared:
         sequences = data.count_sequences(self.tokens(), self.opts.seq_len, eos, self.opts.pack)
         if sequences == 0:
             raise self._no_tokens()
-        return -(-sequences // self.template.layout.sequences_per_part)
+        return -(-sequences * self._views // self.template.layout.sequences_per_part)
 
     def _no_tokens(self) -> LogitCacheError:
         return LogitCacheError(f"--data {self.opts.data} holds no tokens: every document is empty.")
@@ -100,16 +107,25 @@ def prepare(opts: DumpOptions) -> Prepared:
         device_map=device_map_of(opts),
         max_memory=max_memory_of(opts),
         attn=opts.attn,
+        masked_factory=opts.mask_prob is not None,
     )
     check_against_teacher(opts, teacher)
     if source.pretokenized:  # before touching --out: a bad id must leave nothing behind
         data.check_ids(source, teacher.info.vocab_size)
-    plan = chunked.plan_logits(
-        teacher.model, teacher.device, pretrained=opts.teacher is not None,
-        chunk_tokens=opts.logits_chunk_tokens,
-    )  # fmt: skip
     template = _manifest_template(opts, teacher, source)
-    return Prepared(opts, teacher, source, template, plan, Profile(opts.profile, teacher.device))
+    masker = None
+    if template.masking is not None:  # its head is no plain linear layer: the full logits
+        plan = chunked.LogitsPlan(None, why="a masked-LM teacher")
+        tok = teacher.tokenizer
+        specials = np.asarray(sorted(set(tok.all_special_ids)), dtype=np.int64)
+        masker = masking.Masker(template.masking, specials, len(tok))
+    else:
+        plan = chunked.plan_logits(
+            teacher.model, teacher.device, pretrained=opts.teacher is not None,
+            chunk_tokens=opts.logits_chunk_tokens,
+        )  # fmt: skip
+    profile = Profile(opts.profile, teacher.device)
+    return Prepared(opts, teacher, source, template, plan, profile, masker)
 
 
 def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSource) -> Manifest:
@@ -154,5 +170,15 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
         sequences=0,
         tokens=0,
         tool_version=__version__,
+        masking=_masking_info(opts, teacher),
     )
     return dataclasses.replace(manifest, format_version=version_for(manifest))
+
+
+def _masking_info(opts: DumpOptions, teacher: Teacher) -> MaskingInfo | None:
+    """The manifest's `masking` record of a masked-LM teacher (BERT's 80/10/10), else None."""
+    if teacher.info.kind != "masked":
+        return None
+    prob = masking.DEFAULT_MASK_PROB if opts.mask_prob is None else opts.mask_prob
+    mask_id = teacher.tokenizer.mask_token_id
+    return MaskingInfo(prob=float(prob), mask_token_id=mask_id, seed=opts.seed, views=opts.views)

@@ -17,7 +17,10 @@ Each part holds, for its sequences laid end to end on one token axis:
 ``s`` of the part is tokens ``seq_offsets[s]:seq_offsets[s + 1]``. Top-k targets are
 ``target_ids`` and ``target_logprobs`` (tokens, k); sampled targets (format 1.1) are ragged:
 ``target_ids`` and ``target_counts`` (entries,) with ``target_lengths`` (tokens,) entries per
-position.
+position. A masked-LM cache (format 1.3, ``masking`` set) stores its targets only at the
+masked positions: ``target_positions`` and ``target_labels`` (masked,) say where each target row
+belongs on the token axis and which token the masking replaced there, and every target array has
+a row per masked position instead of per token.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ FORMAT_VERSION = (
 )
 #: The newest version this package reads. 1.1 adds optional fields: `merged_from` (written only
 #: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
-#: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
-#: them is still written as 1.0, which every 1.x reader reads (`version_for`).
-READER_VERSION = "1.2"
+#: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps); 1.3 adds masked-LM
+#: caches (`masking`, `teacher.kind`, `parts[i].masked`, targets at masked positions only). A
+#: cache that uses none of them is still written as 1.0, which every 1.x reader reads
+#: (`version_for`).
+READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
+MASKED_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
@@ -52,6 +58,10 @@ KIND_ARRAYS = {
     "topk": ("input_ids", "target_ids", "target_logprobs", "seq_offsets"),
     "sample": ("input_ids", "target_ids", "target_counts", "target_lengths", "seq_offsets"),
 }
+#: The two arrays a masked-LM cache's part adds (format 1.3), one entry per masked position.
+MASKED_ARRAYS = ("target_positions", "target_labels")
+#: What `teacher.kind` may say: a causal LM (predicts the next token) or a masked LM (1.3).
+TEACHER_KINDS = ("causal", "masked")
 LOGPROB_DTYPES = ("float16", "float32", "uint8")
 ORDERS = ("descending", "id")
 #: Blosc shuffle filters a codec may name (zarr.codecs.BloscShuffle member names).
@@ -65,6 +75,8 @@ _PART_NAME = re.compile(r"^part-\d{6}$")
 MAX_K = 1 << 20
 MAX_SEQ_LEN = 1 << 24
 MAX_PART_BYTES = 1 << 34  # 16 GiB decoded
+#: Element type of `target_positions` (1.3): a masked position on its part's token axis.
+POSITION_DTYPE = "uint32"
 
 
 def part_name(index: int) -> str:
@@ -90,6 +102,7 @@ class TeacherInfo:
     dtype: str
     vocab_size: int  # width of the teacher's logits; students must match it
     max_positions: int | None = None
+    kind: str = "causal"  # 1.3: "masked" for a masked-LM teacher (then `Manifest.masking`)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,22 @@ class TargetInfo:
 
 
 @dataclass(frozen=True)
+class MaskingInfo:
+    """How a masked-LM dump masked its input (format 1.3), BERT's recipe: each position that is
+    not a special token is chosen with probability `prob`; a chosen one became `mask_token_id`
+    with probability `replace_mask`, a uniformly random id with `replace_random`, else stayed
+    as it was. Each sequence of the data was masked `views` times (consecutive sequences of the
+    cache), every masking drawn from (`seed`, the sequence's storage index)."""
+
+    prob: float
+    mask_token_id: int
+    seed: int
+    views: int = 1
+    replace_mask: float = 0.8
+    replace_random: float = 0.1
+
+
+@dataclass(frozen=True)
 class LayoutInfo:
     """How sequences are cut and grouped into parts and chunks."""
 
@@ -175,6 +204,7 @@ class PartInfo:
     tokens: int
     files: dict[str, str]
     entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
+    masked: int = 0  # 1.3, masked-LM caches: positions with targets (rows of the target arrays)
 
     def file_as(self, rel: str, name: str) -> str:
         """The path of this part's file `rel` once the part is renamed `name` (merge and the
@@ -219,6 +249,13 @@ class Manifest:
     parts: list[PartInfo] = field(default_factory=list)
     tool_version: str = ""
     merged_from: list[MergedInput] = field(default_factory=list)  # format 1.1, merge only
+    masking: MaskingInfo | None = None  # format 1.3: a masked-LM cache
+
+    @property
+    def masked(self) -> int:
+        """Positions with targets over the whole cache: `tokens`, or for a masked-LM cache the
+        masked positions only."""
+        return sum(p.masked for p in self.parts) if self.masking else self.tokens
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the cache's content: a resumed dump must match it exactly."""
@@ -230,12 +267,15 @@ class Manifest:
             "targets": dataclasses.asdict(self.targets),
             "layout": dataclasses.asdict(self.layout),
             "codec": dataclasses.asdict(self.codec),
+            "masking": None if self.masking is None else dataclasses.asdict(self.masking),
         }
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
         if not doc["merged_from"]:  # optional (1.1): absent from dumps, which stay 1.0
             del doc["merged_from"]
+        if doc["masking"] is None:  # optional (1.3): only masked-LM caches have it
+            del doc["masking"]
         for record, defaults in _ADDED_IN_1_1.items():  # absent means the default
             for entry in doc["parts"] if record == "parts" else [doc[record]]:
                 for name, default in defaults.items():
@@ -249,13 +289,16 @@ class Manifest:
 _ADDED_IN_1_1 = {
     "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
     "codec": {"delta": [], "gaps": []},
-    "parts": {"entries": 0},
+    "parts": {"entries": 0, "masked": 0},
+    "teacher": {"kind": "causal"},  # 1.3
 }
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.2 with gaps, else 1.1 if a 1.1 feature
-    is used, else 1.0."""
+    """The oldest format version that describes `m`: 1.3 for a masked-LM cache, else 1.2 with
+    gaps, else 1.1 if a 1.1 feature is used, else 1.0."""
+    if m.masking is not None:
+        return MASKED_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
@@ -284,9 +327,15 @@ def targets_need_1_1(m: Manifest) -> bool:
     )
 
 
-def array_names(kind: str) -> tuple[str, ...]:
-    """The arrays a part of a cache with targets of `kind` holds."""
-    return KIND_ARRAYS[kind]
+def array_names(kind: str, masked: bool = False) -> tuple[str, ...]:
+    """The arrays a part of a cache with targets of `kind` holds (`masked`: a masked-LM cache,
+    whose parts add `MASKED_ARRAYS`)."""
+    return KIND_ARRAYS[kind] + (MASKED_ARRAYS if masked else ())
+
+
+def target_rows(m: Manifest, part: PartInfo) -> int:
+    """The rows of `part`'s target arrays: a row per token, or per masked position."""
+    return part.masked if m.masking is not None else part.tokens
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -309,28 +358,39 @@ def part_bytes(m: Manifest, part: PartInfo) -> int:
     if m.targets.kind == "sample":
         count_size = 2 if m.targets.count_dtype == "uint16" else 1
         per_token = id_size * (1 + m.targets.k) + 4 * m.targets.k + count_size
-        return part.tokens * per_token + part.entries * count_size + (part.sequences + 1) * 8
+        masked = part.masked * (4 + id_size + 8)  # positions, labels, and the decoded labels
+        return (
+            part.tokens * per_token + part.entries * count_size + masked
+            + (part.sequences + 1) * 8
+        )  # fmt: skip
     per_token = id_size * (1 + m.targets.k) + lp_size * m.targets.k
-    return part.tokens * per_token + (part.sequences + 1) * 8
+    masked = part.masked * (4 + id_size + 8)  # positions, labels, and the decoded labels
+    return part.tokens * per_token + masked + (part.sequences + 1) * 8
 
 
 def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} that part `part` must hold, from the manifest alone."""
     t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
+    rows = target_rows(m, part)
     if t.kind == "sample":
-        return {
+        shapes = {
             "input_ids": ((part.tokens,), ids),
             "target_ids": ((part.entries,), ids),
             "target_counts": ((part.entries,), t.count_dtype),
-            "target_lengths": ((part.tokens,), t.count_dtype),
+            "target_lengths": ((rows,), t.count_dtype),
             "seq_offsets": ((part.sequences + 1,), "int64"),
         }
-    return {
-        "input_ids": ((part.tokens,), ids),
-        "target_ids": ((part.tokens, k), ids),
-        "target_logprobs": ((part.tokens, k), t.logprob_dtype),
-        "seq_offsets": ((part.sequences + 1,), "int64"),
-    }
+    else:
+        shapes = {
+            "input_ids": ((part.tokens,), ids),
+            "target_ids": ((rows, k), ids),
+            "target_logprobs": ((rows, k), t.logprob_dtype),
+            "seq_offsets": ((part.sequences + 1,), "int64"),
+        }
+    if m.masking is not None:
+        shapes["target_positions"] = ((rows,), POSITION_DTYPE)
+        shapes["target_labels"] = ((rows,), ids)
+    return shapes
 
 
 def is_part_name(name: str) -> bool:
@@ -344,8 +404,11 @@ class PartArrays:
     Shapes: ``input_ids`` (tokens,), ``seq_offsets`` (sequences + 1,) with
     ``seq_offsets[0] == 0`` and ``[-1] == tokens``; top-k: ``target_ids`` and
     ``target_logprobs`` (tokens, k); sampled: ``target_ids`` and ``target_counts`` (entries,),
-    ``target_lengths`` (tokens,), and ``target_logprobs`` None. The reader's decoded view
-    (`logitcache.read.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
+    ``target_lengths`` (tokens,), and ``target_logprobs`` None. A masked-LM cache (1.3) adds
+    ``target_positions`` and ``target_labels`` (masked,), and its target arrays have a row per
+    masked position. The reader's decoded view (`logitcache.read.reader.Cache.read_decoded`) is
+    always the top-k shape, -inf padded, a row per token; for a masked-LM cache
+    ``target_labels`` is then (tokens,) int64, -1 where a position has no target.
     """
 
     input_ids: Any
@@ -354,10 +417,12 @@ class PartArrays:
     seq_offsets: Any
     target_counts: Any = None
     target_lengths: Any = None
+    target_positions: Any = None
+    target_labels: Any = None
 
     def arrays(self) -> dict[str, Any]:
         """{name: array} of the arrays this part holds (the ones that are not None)."""
-        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths")
+        names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths", *MASKED_ARRAYS)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property

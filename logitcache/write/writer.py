@@ -246,8 +246,9 @@ class CacheWriter:
                 faults.wrote(bytes_under(tmp), str(tmp))
                 faults.point("part_written")
             entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
+            masked = 0 if arrays.target_positions is None else len(arrays.target_positions)
             info = PartInfo(
-                name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries
+                name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries, masked
             )
         except OSError as exc:
             remove_quietly(tmp)  # a full disk: free what the failed part took
