@@ -251,7 +251,7 @@ def eval_(
         return
     print(
         f"{result['student']} on {result['cache']} (split {split}, {result['sequences']:,} "
-        f"sequences, {result['tokens']:,} tokens):\n"
+        f"sequences, {result['tokens']:,} {result['positions']} positions):\n"
         f"  CE     {result['ce']:.4f} nats/token (perplexity {result['ppl']:.2f})\n"
         f"  KL     {result['kl']:.4f} nats/token (teacher || student, cached ids + tail)\n"
         f"  top-1  {result['top1']:.4f} (student argmax == teacher's top id)"

@@ -56,7 +56,8 @@ def ensure_mlm_teacher(
     train_steps: int = 0,
     seq_len: int = 128,
     batch_size: int = 16,
-    lr: float = 1e-3,
+    lr: float = 5e-4,
+    warmup_steps: int = 100,
     seed: int = 0,
     files: Sequence[Path] | None = None,
     verbose: bool = True,
@@ -65,7 +66,8 @@ def ensure_mlm_teacher(
 
     The build trains the tokenizer on `files` (default: the stdlib train split), then a
     seeded-random BERT for `train_steps` AdamW steps on packed `seq_len` sequences with masked-LM
-    loss (15%, 80/10/10) and a cosine schedule, and saves model, tokenizer and ``toy_info.json``
+    loss (15%, 80/10/10) and a cosine schedule after `warmup_steps` (post-LayerNorm BERT stalls
+    at unigram statistics with a short warm-up or a large rate), and saves model, tokenizer and ``toy_info.json``
     (settings, loss curve) last: its presence, with equal settings, means "built".
     """
     files = list(stdlib_files("train") if files is None else files)
@@ -80,6 +82,7 @@ def ensure_mlm_teacher(
         "seq_len": seq_len,
         "batch_size": batch_size,
         "lr": lr,
+        "warmup_steps": warmup_steps,
         "seed": seed,
         "files": [str(p) for p in files] if len(files) < 64 else f"{len(files)} files",
     }
@@ -109,7 +112,7 @@ def ensure_mlm_teacher(
         batch_size=batch_size,
         lr=lr,
         lr_schedule="cosine",
-        warmup_steps=min(50, train_steps // 10),
+        warmup_steps=min(warmup_steps, train_steps // 10),
         seed=seed,
         verbose=verbose,
         loss_of=masked_loss,
@@ -133,6 +136,7 @@ def build_mlm_student_config(
     targets index the student's logits by the teacher's ids)."""
     cfg = BertConfig.from_pretrained(teacher)
     student = _bert_config(cfg.vocab_size, n_layer, hidden, cfg.max_position_embeddings)
+    student.architectures = ["BertForMaskedLM"]  # what makes `trainer fit` build a masked LM
     for name, value in overrides.items():
         setattr(student, name, value)
     return student
