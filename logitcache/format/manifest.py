@@ -304,6 +304,16 @@ def version_for(m: Manifest) -> str:
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
 
 
+def refuse_masked(m: Manifest, what: str) -> None:
+    """Refuse a masked-LM cache (1.3) in `what`, a conversion that has no place yet for its
+    masked positions and labels."""
+    if m.masking is not None:
+        raise LogitCacheError(
+            f"{what} does not take masked-LM caches yet (format 1.3: targets at masked positions "
+            "only); read this one with logitcache.open or train on it with `trainer fit`."
+        )
+
+
 def nonstandard_filters(m: Manifest) -> list[str]:
     """The filters of `m` that are not in the Zarr v3 specification or its registered
     extensions, one phrase each; empty for a cache every conforming reader opens (zarr-python,

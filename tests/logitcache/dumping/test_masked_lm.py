@@ -159,3 +159,18 @@ def test_bad_masked_lm_input_exits_2_and_writes_nothing(
     for phrase in phrases:
         assert phrase in flat(proc.stderr), describe(proc)
     assert not out.exists()
+
+
+def test_conversions_without_a_place_for_masks_refuse_a_masked_cache(tmp_path, tiny_mlm_cache):
+    for args in (["--format", "parquet"], ["--format", "axolotl"]):
+        out = tmp_path / args[-1]
+        proc = run_cli("export", tiny_mlm_cache, out, *args)
+        assert proc.returncode == 2, describe(proc)
+        assert "does not take masked-LM caches" in flat(proc.stderr), describe(proc)
+        assert "Traceback" not in proc.stderr and not out.exists()
+    copy = tmp_path / "copy"
+    proc = run_cli("export", tiny_mlm_cache, copy, "--format", "zarr")
+    assert proc.returncode == 0, describe(proc)
+    assert logitcache.verify(logitcache.open(copy)).ok
+    with pytest.raises(logitcache.LogitCacheError, match="masked-LM"):
+        logitcache.open(tiny_mlm_cache).to_hf_dataset()
