@@ -146,6 +146,10 @@ def fit(
     Writes metrics.jsonl, checkpoint/, model/ (save_pretrained) and summary.json into --out.
     Interrupted (Ctrl-C, SIGTERM)? It checkpoints; rerun the same command with --resume.
 
+    A masked-LM cache (a BERT-style teacher, `logitcache dump --mask-prob`) takes a masked-LM
+    student config ("architectures": ["BertForMaskedLM"]): CE and D at the masked positions only,
+    one view of each sequence per epoch.
+
     Examples:
 
       trainer fit --cache ./cache --student ./student-config.json --out ./run --steps 2000
@@ -161,6 +165,8 @@ def fit(
       trainer fit --cache ./cache --student ./pretrained-student --tokenizer ./tok --out ./run --epochs 3 --temperature 2 --precision bf16
 
       torchrun --nproc-per-node 8 -m trainer fit --cache ./cache --student ./student-config.json --out ./run --batch-size 64
+
+      trainer fit --cache ./mlm-cache --student ./bert-student.json --out ./run-mlm --alpha 0.5
 
     Under torchrun, --batch-size is the global batch (split over the processes) and only rank 0
     writes --out; --resume works with another number of processes (docs/SCALING.md).
@@ -232,7 +238,8 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     cache_dir: CacheDirOption = None,
 ) -> None:
-    """Held-out CE, KL(teacher || student) on the cached ids + tail bucket, top-1 agreement.
+    """Held-out CE, KL(teacher || student) on the cached ids + tail bucket, top-1 agreement
+    (a masked-LM cache: at its masked positions, CE against the tokens the masking replaced).
 
     Examples:
 
