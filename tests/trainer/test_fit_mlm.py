@@ -117,3 +117,13 @@ def test_a_student_of_the_other_kind_is_refused(
         for phrase in phrases:
             assert phrase in text, text
         assert not out.exists()
+
+
+def test_hf_trainer_items_carry_the_masked_labels(tiny_mlm_cache):
+    from trainer import CacheSequences, collate_sequences
+
+    items = CacheSequences(tiny_mlm_cache, split="all", shuffle=False)
+    batch = collate_sequences([items[0], items[1]])
+    ds = CacheDataset(tiny_mlm_cache, batch_size=2, split="all", shuffle=False)
+    assert torch.equal(batch["labels"], next(iter(ds))["labels"])
+    assert (batch["labels"] != IGNORE_INDEX).sum() < batch["attention_mask"].sum() / 3
