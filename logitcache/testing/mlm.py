@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    BertForMaskedLM,
+    DataCollatorForLanguageModeling,
+    MegatronBertConfig,
+    MegatronBertForMaskedLM,
+    PretrainedConfig,
+)
 
 from logitcache.testing import toy
 from logitcache.testing.corpus import stdlib_files
@@ -28,12 +36,20 @@ __all__ = ["build_mlm_student_config", "ensure_mlm_teacher"]
 
 #: Bump when the recipe changes so that `ensure_mlm_teacher` rebuilds saved teachers.
 RECIPE_VERSION = 1
+#: The architectures a teacher can have: BERT (post-LayerNorm, as published), or Megatron's BERT
+#: (pre-LayerNorm: on a few minutes of CPU it gets past the unigram plateau where BERT stalls).
+ARCHITECTURES = {
+    "bert": (BertConfig, BertForMaskedLM),
+    "megatron-bert": (MegatronBertConfig, MegatronBertForMaskedLM),
+}
 
 
-def _bert_config(vocab_size: int, n_layer: int, hidden: int, positions: int) -> BertConfig:
+def _bert_config(
+    vocab_size: int, n_layer: int, hidden: int, positions: int, arch: str = "bert"
+) -> PretrainedConfig:
     """A BERT of `n_layer` x `hidden` (heads of 64 wide, at least one), dropout 0 so that the
     same weights always give the same logits."""
-    return BertConfig(
+    return ARCHITECTURES[arch][0](
         vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=n_layer,
@@ -59,12 +75,13 @@ def ensure_mlm_teacher(
     lr: float = 5e-4,
     warmup_steps: int = 100,
     seed: int = 0,
+    arch: str = "bert",
     files: Sequence[Path] | None = None,
     verbose: bool = True,
 ) -> Path:
     """`out_dir` if it holds a masked-LM teacher built with these settings, else build one.
 
-    The build trains the tokenizer on `files` (default: the stdlib train split), then a
+    `arch` is one of `ARCHITECTURES`. The build trains the tokenizer on `files` (default: the stdlib train split), then a
     seeded-random BERT for `train_steps` AdamW steps on packed `seq_len` sequences with masked-LM
     loss (15%, 80/10/10) and a cosine schedule after `warmup_steps` (post-LayerNorm BERT stalls
     at unigram statistics with a short warm-up or a large rate), and saves model, tokenizer and ``toy_info.json``
@@ -84,6 +101,7 @@ def ensure_mlm_teacher(
         "lr": lr,
         "warmup_steps": warmup_steps,
         "seed": seed,
+        "arch": arch,
         "files": [str(p) for p in files] if len(files) < 64 else f"{len(files)} files",
     }
     out_dir = Path(out_dir)
@@ -95,7 +113,7 @@ def ensure_mlm_teacher(
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(files, vocab_size, model_max_length=positions, masked_lm=True)
     torch.manual_seed(seed)
-    model = BertForMaskedLM(_bert_config(len(tokenizer), n_layer, hidden, positions))
+    model = ARCHITECTURES[arch][1](_bert_config(len(tokenizer), n_layer, hidden, positions, arch))
     masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
 
     def masked_loss(net: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -131,10 +149,10 @@ def ensure_mlm_teacher(
 
 def build_mlm_student_config(
     teacher: Path | str, *, n_layer: int = 2, hidden: int = 64, **overrides: Any
-) -> BertConfig:
+) -> PretrainedConfig:
     """Config of a small BERT student with the teacher's vocabulary and positions (cached
-    targets index the student's logits by the teacher's ids)."""
-    cfg = BertConfig.from_pretrained(teacher)
+    targets index the student's logits by the teacher's ids), whatever the teacher's `arch`."""
+    cfg = AutoConfig.from_pretrained(teacher)
     student = _bert_config(cfg.vocab_size, n_layer, hidden, cfg.max_position_embeddings)
     student.architectures = ["BertForMaskedLM"]  # what makes `trainer fit` build a masked LM
     for name, value in overrides.items():
