@@ -27,14 +27,17 @@ import torch
 import logitcache
 from logitcache.dumping.pipeline import DumpOptions, dump
 from logitcache.testing import mlm
+from logitcache.testing.corpus import stdlib_files
 from trainer import FitConfig, evaluate, fit
 
-#: The benchmark teacher: a pre-LayerNorm BERT (Megatron's) 4x128, vocab 2048, 500 masked-LM
-#: steps of 16 x 128 tokens: what 2 shared cores train in minutes (a post-LN BERT 4x256 stayed
-#: at the unigram plateau, loss 6.6, after 600 steps of 16 x 128 at lr 1e-3).
-TEACHER_KW = {"arch": "megatron-bert", "vocab_size": 2048, "n_layer": 4, "hidden": 128,
-              "train_steps": 500, "seq_len": 128, "batch_size": 16, "lr": 1e-3,
-              "warmup_steps": 50}  # fmt: skip
+#: The benchmark teacher: a pre-LayerNorm BERT (Megatron's) 2x128, vocab 1024, 300 masked-LM
+#: steps of 16 x 64 tokens on TEACHER_FILES stdlib train files (tokenizer and model): what the
+#: shared 2-core machine trained in minutes. (A post-LN BERT 4x256 stayed at the unigram
+#: plateau, loss 6.6, after 600 steps of 16 x 128 at lr 1e-3.)
+TEACHER_KW = {"arch": "megatron-bert", "vocab_size": 1024, "n_layer": 2, "hidden": 128,
+              "train_steps": 300, "seq_len": 64, "batch_size": 16, "lr": 2e-3,
+              "warmup_steps": 30}  # fmt: skip
+TEACHER_FILES = 150
 QUICK_TEACHER_KW = {"vocab_size": 512, "n_layer": 2, "hidden": 64, "train_steps": 40,
                     "seq_len": 64, "batch_size": 8, "lr": 3e-3, "warmup_steps": 4}  # fmt: skip
 
@@ -42,15 +45,15 @@ QUICK_TEACHER_KW = {"vocab_size": 512, "n_layer": 2, "hidden": 64, "train_steps"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny teacher and data; no RESULTS.md")
-    p.add_argument("--train-tokens", type=int, help="tokens of the training data [150000]")
-    p.add_argument("--heldout-tokens", type=int, help="tokens of the held-out data [20000]")
+    p.add_argument("--train-tokens", type=int, help="tokens of the training data [40000]")
+    p.add_argument("--heldout-tokens", type=int, help="tokens of the held-out data [8000]")
     p.add_argument("--views", type=int, default=2, help="maskings per training sequence")
-    p.add_argument("--steps", type=int, help="student steps [300]")
-    p.add_argument("--student", default="2x64", help="student BERT LAYERSxWIDTH")
+    p.add_argument("--steps", type=int, help="student steps [150]")
+    p.add_argument("--student", default="1x32", help="student BERT LAYERSxWIDTH")
     p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
     args = p.parse_args()
     quick = {"train_tokens": 8000, "heldout_tokens": 3000, "steps": 20}
-    full = {"train_tokens": 150_000, "heldout_tokens": 20_000, "steps": 300}
+    full = {"train_tokens": 40_000, "heldout_tokens": 8_000, "steps": 150}
     return common.fill_defaults(args, quick if args.quick else full)
 
 
@@ -87,8 +90,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     kw = QUICK_TEACHER_KW if args.quick else TEACHER_KW
+    files = stdlib_files("train", limit=TEACHER_FILES)
     teacher = mlm.ensure_mlm_teacher(
-        common.WORK / ("mlm-teacher-quick" if args.quick else "mlm-teacher"), **kw
+        common.WORK / ("mlm-teacher-quick" if args.quick else "mlm-teacher"), files=files, **kw
     )
     seq_len = kw["seq_len"]
     train_data, held_data = work / "train-data", work / "heldout-data"
@@ -156,7 +160,7 @@ def main() -> None:
 - Date: {common.now_utc()}
 - Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}; load average at the end {common.loadavg()}
 - Revision: {common.git_revision()}; wall time {wall / 60:.1f} min
-- Teacher: {kw.get("arch", "bert")} {kw["n_layer"]}x{kw["hidden"]} (vocab {kw["vocab_size"]}), trained here {kw["train_steps"]} masked-LM steps of {kw["batch_size"]} x {kw["seq_len"]} tokens on the stdlib train split. On the held-out masked positions ({strength["tokens"]:,}, other files): masked-token CE {strength["ce"]:.3f} nats, mean entropy {strength["entropy"]:.3f} nats (uniform would be {math.log(kw["vocab_size"]):.2f}).
+- Teacher: {kw.get("arch", "bert")} {kw["n_layer"]}x{kw["hidden"]} (vocab {kw["vocab_size"]}), trained here {kw["train_steps"]} masked-LM steps of {kw["batch_size"]} x {kw["seq_len"]} tokens on {TEACHER_FILES} stdlib train-split files (its tokenizer too). On the held-out masked positions ({strength["tokens"]:,}, other files): masked-token CE {strength["ce"]:.3f} nats, mean entropy {strength["entropy"]:.3f} nats (uniform would be {math.log(kw["vocab_size"]):.2f}).
 - Students: BERT {args.student} from the same seed, {args.steps} steps of 16 sequences, lr 2e-3, on the training cache ({args.views} maskings per sequence at p=0.15, 80/10/10; one view per epoch); cached KD is `alpha 0.5, T 1` (loss = 0.5 CE + 0.5 KL at the masked positions), MLM only is `alpha 1` (the cache's labels, no teacher).
 - Evaluation: `trainer eval --split all` on the held-out cache (top-64 targets; KL over the 64 ids plus one tail bucket, a lower bound on the full KL).
 
