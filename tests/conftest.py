@@ -113,3 +113,42 @@ def dump_reference(tmp_path_factory, tiny_teacher_dir: Path, dump_corpus: Path) 
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+#: Settings of the tiny masked-LM teacher (a BERT, `logitcache.testing.mlm`).
+TINY_MLM_TEACHER = {
+    "vocab_size": 400,
+    "n_layer": 2,
+    "hidden": 32,
+    "positions": 128,
+    "seq_len": 64,
+    "batch_size": 8,
+    "train_steps": 40,
+    "lr": 3e-3,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_teacher_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_small_files) -> Path:
+    """A saved tiny BERT masked-LM teacher (vocab 400, 2x32) with BERT's special tokens,
+    trained 40 steps with masked-LM loss."""
+    from logitcache.testing import mlm
+
+    out = tmp_path_factory.mktemp("tiny_mlm_teacher")
+    return mlm.ensure_mlm_teacher(out, files=stdlib_small_files, verbose=False, **TINY_MLM_TEACHER)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_cache(tmp_path_factory, tiny_mlm_teacher_dir, stdlib_corpus) -> Path:
+    """The tiny BERT's top-8 targets at 15% masked positions, 2 views per sequence of 64
+    (dumped in-process once per session)."""
+    from logitcache.dumping.pipeline import DumpOptions, dump
+
+    out = tmp_path_factory.mktemp("tiny_mlm_cache") / "cache"
+    dump(
+        DumpOptions(
+            data=str(stdlib_corpus), out=out, teacher=str(tiny_mlm_teacher_dir), targets="topk",
+            top_k=8, seq_len=64, part_tokens=4096, device="cpu", progress=False, views=2,
+        )
+    )  # fmt: skip
+    return out

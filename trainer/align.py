@@ -27,7 +27,7 @@ import numpy as np
 
 from logitcache import Manifest, PartArrays, sequence_text
 from logitcache.errors import LogitCacheError
-from trainer.dataset import Sequence
+from trainer.dataset import SequenceRows
 
 
 class StudentTokens:
@@ -55,7 +55,7 @@ class StudentTokens:
         self.teacher_eos = manifest.tokenizer.eos_token_id
         self.max_length = max_length
 
-    def __call__(self, part: PartArrays, s: int) -> Sequence:
+    def __call__(self, part: PartArrays, s: int) -> SequenceRows:
         """Sequence `s` of a decoded part (`logitcache.Cache.read_decoded`) as the student
         reads it: its ids (M,), and the teacher's targets (M, k) at the paired positions, all
         ``-inf`` (no teacher, no ULD term) where a position has no pair."""
@@ -68,7 +68,7 @@ class StudentTokens:
         paired = pairs >= 0
         target_ids[paired] = part.target_ids[a:b][pairs[paired]]
         target_logprobs[paired] = part.target_logprobs[a:b][pairs[paired]]
-        return ids, target_ids, target_logprobs
+        return ids, target_ids, target_logprobs, None  # no masked-LM labels: next tokens
 
     def tokenize(
         self, text: str, teacher_ids: np.ndarray, spans: np.ndarray

@@ -185,6 +185,10 @@ def fit(
     Writes metrics.jsonl, checkpoint/, model/ (save_pretrained) and summary.json into --out.
     Interrupted (Ctrl-C, SIGTERM)? It checkpoints; rerun the same command with --resume.
 
+    A masked-LM cache (a BERT-style teacher, `logitcache dump --mask-prob`) takes a masked-LM
+    student config ("architectures": ["BertForMaskedLM"]): CE and D at the masked positions only,
+    one view of each sequence per epoch.
+
     Examples:
 
       trainer fit --cache ./cache --student ./student-config.json --out ./run --steps 2000
@@ -204,6 +208,8 @@ def fit(
       torchrun --nproc-per-node 8 -m trainer fit --cache ./cache --student ./student-config.json --out ./run --batch-size 64
 
       trainer fit --task classification --cache ./cache --data digits.npz --student mypkg.models:mlp --eval-cache ./test-cache --eval-data test.npz --alpha 0.5 --temperature 4 --epochs 30 --lr 3e-3 --out ./run
+
+      trainer fit --cache ./mlm-cache --student ./bert-student.json --out ./run-mlm --alpha 0.5
 
     Under torchrun, --batch-size is the global batch (split over the processes) and only rank 0
     writes --out; --resume works with another number of processes (docs/SCALING.md).
@@ -314,7 +320,8 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     cache_dir: CacheDirOption = None,
 ) -> None:
-    """Held-out CE, KL(teacher || student) on the cached ids + tail bucket, top-1 agreement.
+    """Held-out CE, KL(teacher || student) on the cached ids + tail bucket, top-1 agreement
+    (a masked-LM cache: at its masked positions, CE against the tokens the masking replaced).
 
     Examples:
 
@@ -345,7 +352,7 @@ def eval_(
         return
     print(
         f"{result['student']} on {result['cache']} (split {split}, {result['sequences']:,} "
-        f"sequences, {result['tokens']:,} tokens):\n"
+        f"sequences, {result['tokens']:,} {result['positions']} positions):\n"
         f"  CE     {result['ce']:.4f} nats/token (perplexity {result['ppl']:.2f})\n"
         f"  KL     {result['kl']:.4f} nats/token (teacher || student, cached ids + tail)\n"
         f"  top-1  {result['top1']:.4f} (student argmax == teacher's top id)"

@@ -23,6 +23,12 @@ consumed batches by index, without reading them. Because the state counts global
 may resume with another number of ranks (same `batch_size`): it continues with the same global
 batches, in the same order (docs/SCALING.md). The held-out split is chosen per sequence by a hash of
 its storage index with a fixed salt (not the seed), so it never changes between runs.
+
+A masked-LM cache (format 1.3) stores `views` maskings of each data sequence as consecutive
+sequences. Its views are held out together (the hash is of the data sequence, ``index //
+views``), and the train split of epoch e holds view ``e % views`` of each sequence only: the
+student sees a different masking each epoch, as online masked-LM training would, without the
+teacher. Its labels are the tokens the masking replaced, -100 at every other position.
 """
 
 from __future__ import annotations
@@ -50,9 +56,6 @@ _EMPTY_SPLIT_FIX = {
 #: The held-out sequences, the rest, or every sequence (`trainer eval --split`).
 SPLITS = ("eval", "train", "all")
 IGNORE_INDEX = -100
-#: One sequence as `collate` takes it: input ids (T,), target ids (T, k), target log-probs
-#: (T, k).
-Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]
 _SPLIT_SALT = np.uint64(0x5EED_0F_CAC4E)
 
 
@@ -70,7 +73,8 @@ class CacheDataset(IterableDataset):
     """Whole collated batches from a cache; use with ``DataLoader(ds, batch_size=None)``.
 
     Each batch is a dict: ``input_ids`` (B, T) int64, ``labels`` (B, T) int64 (the next input
-    token; -100 at padding and at each sequence's last position), ``target_ids`` (B, T, k) int64,
+    token; -100 at padding and at each sequence's last position; for a masked-LM cache the
+    original token at each masked position, -100 elsewhere), ``target_ids`` (B, T, k) int64,
     ``target_logprobs`` (B, T, k) float32, ``attention_mask`` (B, T) int64, ``index`` (B,) int64
     storage indices of the sequences (-1 for the row of a padding batch, whose labels are all
     -100).
@@ -102,7 +106,7 @@ class CacheDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         check_files: bool = True,
-        student_tokens: Callable[[PartArrays, int], Sequence] | None = None,
+        student_tokens: Callable[[PartArrays, int], SequenceRows] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -121,6 +125,8 @@ class CacheDataset(IterableDataset):
             world_size = dist.get_world_size() if distributed else 1
         self.rank, self.world_size = rank, world_size
         self._epoch, self._batches = 0, 0
+        masking = self.cache.manifest.masking
+        self.views = 1 if masking is None else masking.views
         self._members = self._split_members(eval_fraction)
         self._part_firsts = np.cumsum([0] + [p.sequences for p in self.cache.manifest.parts])
         if not 0 <= rank < world_size:
@@ -143,8 +149,8 @@ class CacheDataset(IterableDataset):
         members, start = [], 0
         for part in self.cache.manifest.parts:
             local = np.arange(part.sequences, dtype=np.int64)
-            if self.split != "all":
-                held_out = _unit_hash(local + start) < eval_fraction
+            if self.split != "all":  # the views of one data sequence go together
+                held_out = _unit_hash((local + start) // self.views) < eval_fraction
                 local = local[held_out] if self.split == "eval" else local[~held_out]
             members.append(local)
             start += part.sequences
@@ -177,7 +183,20 @@ class CacheDataset(IterableDataset):
         return self.batches_per_epoch()
 
     def num_sequences(self) -> int:
-        return sum(len(m) for m in self._members)
+        return sum(len(m) for m in self._epoch_members(self._epoch))
+
+    def _epoch_members(self, epoch: int) -> list[np.ndarray]:
+        """Per part, the local indices of this split's sequences in `epoch`: all of them, but
+        for the train split of a masked-LM cache with several views only view ``epoch % views``
+        of each data sequence."""
+        if self.views == 1 or self.split != "train":
+            return self._members
+        view = epoch % self.views
+        firsts = self._part_firsts[:-1]
+        return [
+            m[(m + first) % self.views == view]
+            for m, first in zip(self._members, firsts, strict=True)
+        ]
 
     def batches_per_epoch(self) -> int:
         """Global batches (optimizer steps) per epoch: the same on every rank."""
@@ -187,13 +206,14 @@ class CacheDataset(IterableDataset):
     def epoch_order(self, epoch: int) -> np.ndarray:
         """(sequences, 2) array of (part, local index) pairs: the whole epoch's order, all ranks."""
         rng = np.random.default_rng([self.seed, epoch])
-        parts = np.arange(len(self._members))
+        members = self._epoch_members(epoch)
+        parts = np.arange(len(members))
         if self.shuffle:
             parts = rng.permutation(parts)
         pieces = []
         for w in range(0, len(parts), self.shuffle_window):
             window = [
-                np.stack([np.full(len(self._members[p]), p), self._members[p]], axis=1)
+                np.stack([np.full(len(members[p]), p), members[p]], axis=1)
                 for p in parts[w : w + self.shuffle_window]
             ]
             pairs = np.concatenate(window) if window else np.zeros((0, 2), dtype=np.int64)
@@ -233,7 +253,7 @@ class CacheDataset(IterableDataset):
             sequences = [self._sequence(parts, int(p), int(s)) for p, s in batch]
             yield collate(sequences, self.storage_index(batch))
 
-    def _sequence(self, parts: PartCache, part: int, local: int) -> Sequence:
+    def _sequence(self, parts: PartCache, part: int, local: int) -> SequenceRows:
         if self.student_tokens is None:
             return parts.sequence(part, local)
         return self.student_tokens(parts.part(part), local)
@@ -247,11 +267,13 @@ class PartCache:
         self.cache, self.capacity, self.check_files = cache, capacity, check_files
         self._parts: OrderedDict[int, PartArrays] = OrderedDict()
 
-    def sequence(self, part: int, local: int) -> Sequence:
-        """(input ids (T,), target ids (T, k), target log-probs (T, k)) of one sequence."""
+    def sequence(self, part: int, local: int) -> SequenceRows:
+        """(input ids, target ids, target log-probs, labels or None) of one sequence, in the
+        reader's decoded view (labels: a masked-LM cache's, -1 without a target)."""
         arrays = self.part(part)
         a, b = int(arrays.seq_offsets[local]), int(arrays.seq_offsets[local + 1])
-        return arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b]
+        labels = None if arrays.target_labels is None else arrays.target_labels[a:b]
+        return arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b], labels
 
     def part(self, part: int) -> PartArrays:
         """Part `part` decoded (`Cache.read_decoded`), from memory if it was read lately."""
@@ -265,8 +287,14 @@ class PartCache:
         return self._parts[part]
 
 
-def collate(sequences: list[Sequence], indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """Right-pad sequences to the longest and build next-token labels."""
+#: One sequence for `collate`: input ids (n,), target ids and log-probs (n, w), and a masked-LM
+#: cache's labels (n,) (the replaced token, negative without a target) or None.
+SequenceRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def collate(sequences: list[SequenceRows], indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """Right-pad sequences to the longest and build the labels: the next token, or a masked-LM
+    cache's own labels (-100 where a position has no target)."""
     batch, longest = len(sequences), max(len(s[0]) for s in sequences)
     k = max(s[1].shape[1] for s in sequences)  # sampled targets: parts differ in width
     input_ids = np.zeros((batch, longest), dtype=np.int64)  # (B, T)
@@ -274,10 +302,13 @@ def collate(sequences: list[Sequence], indices: np.ndarray) -> dict[str, torch.T
     mask = np.zeros((batch, longest), dtype=np.int64)  # (B, T)
     target_ids = np.zeros((batch, longest, k), dtype=np.int64)  # (B, T, k)
     target_logprobs = np.zeros((batch, longest, k), dtype=np.float32)  # (B, T, k); pads masked
-    for row, (ids, tids, tlps) in enumerate(sequences):
+    for row, (ids, tids, tlps, masked_labels) in enumerate(sequences):
         n = len(ids)
         input_ids[row, :n] = ids
-        labels[row, : n - 1] = ids[1:]
+        if masked_labels is None:
+            labels[row, : n - 1] = ids[1:]
+        else:
+            labels[row, :n] = np.where(masked_labels >= 0, masked_labels, IGNORE_INDEX)
         mask[row, :n] = 1
         target_ids[row, :n, : tids.shape[1]] = tids
         target_logprobs[row, :n, : tids.shape[1]] = tlps

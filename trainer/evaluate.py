@@ -1,6 +1,8 @@
 """Held-out evaluation of a student against a cache: CE, KL to the teacher, top-1 agreement.
 
-All three are token averages over the positions that have a next-token label:
+All three are token averages over the positions that have a label: the next token, or for a
+masked-LM cache (format 1.3) the masked positions, whose label is the token the masking replaced
+(masked-token CE, KL and agreement):
 
 ``ce``
     cross-entropy of the student on the real next tokens (nats/token); ``ppl = exp(ce)``.
@@ -202,5 +204,7 @@ def evaluate(
         "eval_fraction": eval_fraction if split != "all" else 0.0,
         "cache": str(c.root),
         "student": str(source.path),
+        # a masked-LM cache's labels are the tokens its masking replaced, nothing else
+        "positions": "masked" if c.manifest.masking is not None else "next-token",
         **metrics,
     }

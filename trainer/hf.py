@@ -122,13 +122,16 @@ class CacheSequences(Dataset):
             self._parts = PartCache(
                 self.cache, self.parts_in_memory, check_files=self._source.check_files
             )
-        input_ids, target_ids, target_logprobs = self._parts.sequence(*map(int, pair[0]))
-        return {
+        input_ids, target_ids, target_logprobs, labels = self._parts.sequence(*map(int, pair[0]))
+        item = {
             "input_ids": input_ids,  # (T,)
             "target_ids": target_ids,  # (T, k)
             "target_logprobs": target_logprobs,  # (T, k)
             "index": int(self._source.storage_index(pair)[0]),
         }
+        if labels is not None:  # a masked-LM cache: the replaced tokens, -1 without a target
+            item["masked_labels"] = labels  # (T,)
+        return item
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for DataLoader workers without the decoded parts: each worker reads its own."""
@@ -137,14 +140,16 @@ class CacheSequences(Dataset):
 
 def collate_sequences(features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
     """The Trainer's ``data_collator``: items of `CacheSequences` (or any mapping with
-    ``input_ids`` (T,), ``target_ids`` and ``target_logprobs`` (T, k), optionally ``index``) ->
-    the batch `trainer fit` trains on (`trainer.dataset.collate`: right-padded, next-token
-    ``labels`` with -100 at padding and at each sequence's last position)."""
+    ``input_ids`` (T,), ``target_ids`` and ``target_logprobs`` (T, k), optionally ``index``
+    and a masked-LM cache's ``masked_labels`` (T,)) -> the batch `trainer fit` trains on
+    (`trainer.dataset.collate`: right-padded, next-token ``labels`` with -100 at padding and at
+    each sequence's last position, or the masked labels)."""
     sequences = [
         (
             np.asarray(f["input_ids"]),
             np.asarray(f["target_ids"]),
             np.asarray(f["target_logprobs"], dtype=np.float32),
+            None if f.get("masked_labels") is None else np.asarray(f["masked_labels"]),
         )
         for f in features
     ]

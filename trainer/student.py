@@ -10,9 +10,11 @@
 Before any training the student is checked against the cache's manifest: its output size must
 equal the teacher's vocabulary (the cached targets are teacher token ids that index the
 student's logits), its context must hold the cache's sequences, and, with ``--tokenizer``, the
-tokenizer must be the one the cache was made with. Every mismatch is a `LogitCacheError` that
-names both sides. A student with another tokenizer (``--loss uld``, `check_uld_student`) is
-checked against that tokenizer instead: its output must cover the tokenizer's ids.
+tokenizer must be the one the cache was made with, and it must be the teacher's kind of model:
+a causal LM for a causal teacher's cache, a masked LM (``AutoModelForMaskedLM``) for a masked-LM
+cache (format 1.3). Every mismatch is a `LogitCacheError` that names both sides. A student with
+another tokenizer (``--loss uld``, `check_uld_student`) is checked against that tokenizer
+instead: its output must cover the tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -108,8 +110,37 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def student_kind(config: Any) -> str:
+    """ "masked" for a masked-LM config (its ``architectures`` name a ``*ForMaskedLM`` class, or
+    its model type has no causal LM class at all, like DistilBERT's), else "causal"."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "masked"
+    return "causal" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "masked"
+
+
 def check_student(config: Any, manifest: Manifest, where: str = "the student") -> None:
-    """Refuse a student whose vocabulary or context does not fit the cache."""
+    """Refuse a student whose kind, vocabulary or context does not fit the cache."""
+    kind, want = student_kind(config), manifest.teacher.kind
+    if kind != want:
+        names = {"masked": "a masked LM", "causal": "a causal LM"}
+        raise LogitCacheError(
+            f"model mismatch: {where} is {names[kind]} ({config.model_type}), but the cache's "
+            f"teacher ({manifest.teacher.name}) is {names[want]}: its targets are "
+            + (
+                "for the masked positions of a masked input"
+                if want == "masked"
+                else "for the next token at every position"
+            )
+            + f". Use {names[want]} student config"
+            + (
+                ' (e.g. a BERT config with "architectures": ["BertForMaskedLM"]).'
+                if want == "masked"
+                else "."
+            )
+        )
     teacher_vocab = manifest.teacher.vocab_size
     student_vocab = output_size(config)
     if student_vocab != teacher_vocab:
@@ -184,7 +215,7 @@ def build_student(
     same initial weights. ``config_dict`` (a resumed run's saved config) replaces the config
     read from ``spec``; the weights are then loaded by the caller.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -201,17 +232,19 @@ def build_student(
         check_student(config, manifest, f"the student {spec}")
         if tokenizer is not None:
             check_tokenizer(tokenizer, manifest)
+    kind = student_kind(config) if manifest is None else manifest.teacher.kind
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
     try:
         if source.kind == "pretrained" and config_dict is None:
-            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
+            model = auto.from_pretrained(str(source.path), dtype=torch.float32)
         else:
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = auto.from_config(config, dtype=torch.float32)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         damaged = isinstance(exc, SafetensorError)  # a truncated or overwritten weights file
         raise LogitCacheError(
-            f"cannot build a causal language model from --student {spec}: {first}."
+            f"cannot build a {kind} language model from --student {spec}: {first}."
             + (
                 f" Its weights in {source.path} are damaged (truncated?): save the model "
                 "again, or rerun the `trainer fit` that wrote it."

@@ -30,8 +30,9 @@ def dump(
     teacher: Annotated[
         list[str] | None,
         typer.Option(
-            help="Hugging Face causal LM: a local directory or a hub name. Give it two or more "
-            "times for an ensemble (see --ensemble)."
+            help="Hugging Face causal LM, or masked LM (a config naming a *ForMaskedLM "
+            "architecture: see --mask-prob): a local directory or a hub name. Give it two or "
+            "more times for an ensemble (see --ensemble)."
         ),
     ] = None,
     ensemble: Annotated[
@@ -208,6 +209,16 @@ def dump(
             "commits; on a GPU the device's own time too) and print where the time went."
         ),
     ] = D.profile,
+    mask_prob: Annotated[
+        float | None,
+        typer.Option(
+            help="Masked-LM teachers: the probability that a position is masked (BERT's "
+            "80/10/10: [MASK], a random id, unchanged), drawn from --seed; targets are stored "
+            "at the masked positions only (docs/FORMAT.md, section 3e). Default 0.15 for a "
+            "masked-LM --teacher; makes a --teacher-factory module a masked LM. Refused for a "
+            "causal LM."
+        ),
+    ] = D.mask_prob,
     license: LicenseOption = D.license,
     shard: Annotated[
         str | None,
@@ -231,7 +242,9 @@ def dump(
         int,
         typer.Option(
             help="classification: seeded random resized crops per example, each stored with "
-            "its box and flip so that training replays it (FKD); 0: the examples as they are."
+            "its box and flip so that training replays it (FKD); 0: the examples as they are. "
+            "Masked-LM teachers: maskings per sequence, each its own target set (stored as "
+            "consecutive sequences; `trainer fit` shows a student one view per epoch) [1]."
         ),
     ] = D.views,
     crop_scale: Annotated[
@@ -286,6 +299,8 @@ def dump(
       logitcache dump --task classification --teacher ./vit-classifier --data ./images/ --resize 224x224 --out ./cache
 
       logitcache dump --task classification --teacher-factory mypkg.models:cnn --data digits.npz --views 32 --crop-scale 0.5,1 --no-flip --out ./cache
+
+      logitcache dump --teacher ./bert-teacher --data ./corpus/ --out ./mlm-cache --seq-len 128 --targets topk --top-k 32 --mask-prob 0.15 --views 4
     """
     from logitcache.dumping.pipeline import dump as run_dump
     from logitcache.format.ensemble import parse_weights
@@ -322,6 +337,7 @@ def dump(
             crop_ratio=pair(crop_ratio, "--crop-ratio", float),
             flip=flip, resize=None if resize is None else pair(resize, "--resize", int, "x"),
             input_field=input_field, label_field=label_field,
+            mask_prob=mask_prob,
         )
     )  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
@@ -350,6 +366,12 @@ def dump(
         f"{summary.wall_seconds:.1f} s ({m.tokens / max(summary.wall_seconds, 1e-9):,.0f} tokens/s); "
         f"{summary.logits}"
     )
+    if m.masking is not None:  # targets at the masked positions only: their own rate
+        print(
+            f"masked LM: {m.masked:,} masked positions ({m.masked / m.tokens:.1%} of tokens, "
+            f"{m.masking.views} view{'' if m.masking.views == 1 else 's'} per sequence); "
+            f"{summary.bytes_on_disk / max(m.masked, 1):.1f} bytes per masked token"
+        )
     if summary.profile is not None:
         from logitcache.dumping.profile import render
 

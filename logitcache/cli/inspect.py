@@ -72,6 +72,13 @@ def info(
     if m.ensemble is not None:  # the teacher row is the ensemble's identity: who is in it
         members = " + ".join(f"{x.teacher.name} ({x.weight:.3g})" for x in m.ensemble.members)
         rows.insert(2, ("ensemble", f"{m.ensemble.mode} average of {members}"))
+    if m.masking is not None:  # a masked-LM cache: its masking, and the rate per masked token
+        k = m.masking
+        rows.insert(5, ("masking", f"masked LM: p={k.prob} ({k.replace_mask:.0%} mask id "
+                    f"{k.mask_token_id}, {k.replace_random:.0%} random, rest unchanged), seed "
+                    f"{k.seed}, {k.views} view(s) per sequence"))  # fmt: skip
+        rows.append(("masked", f"{m.masked:,} positions with targets = "
+                     f"{size / max(m.masked, 1):.1f} bytes per masked token"))  # fmt: skip
     if not c.is_remote and not problems:
         rows.append(("checked", "every part's files present, metadata and chunk indexes intact "
                      "(data: logitcache verify)"))  # fmt: skip

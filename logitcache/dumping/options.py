@@ -141,7 +141,10 @@ class DumpOptions:
     #: `logitcache.dumping.classify`): a classifier over examples, one target row per example,
     #: or per augmented view with `views`; `targets` may then also be "full" (every class).
     task: str = "lm"
-    views: int = 0  # classification: seeded random resized crops per example (0: none)
+    #: Views per example or sequence (format 1.3). Classification: seeded random resized crops
+    #: per example (0: none, the example itself). Masked LM: maskings of each sequence, stored
+    #: as consecutive sequences (0 or 1: one).
+    views: int = 0
     crop_scale: tuple[float, float] = (0.08, 1.0)  # views: area fraction of a crop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # views: aspect ratio (width / height)
     flip: bool = True  # views: mirror each view with probability 1/2
@@ -151,6 +154,10 @@ class DumpOptions:
     #: Store each sequence's text and each token's character span in it (format 1.3), so that
     #: a student with another tokenizer can train from the cache (`trainer fit --loss uld`).
     offsets: bool = False
+    #: Masked-LM teachers (`logitcache.dumping.masking`): the probability that a position is
+    #: masked. None: `DEFAULT_MASK_PROB` for a masked-LM --teacher, and a causal teacher; given,
+    #: it also makes a --teacher-factory module a masked LM. Refused with a causal LM.
+    mask_prob: float | None = None
 
 
 @dataclass
@@ -221,8 +228,8 @@ def check_options(opts: DumpOptions) -> None:
             f"--targets must be one of {', '.join(choices)} for --task {opts.task}, got "
             f"{opts.targets!r}."
         )
-    if opts.task == "lm" and (opts.views or opts.resize):
-        raise LogitCacheError("--views and --resize are for --task classification.")
+    if opts.task == "lm" and opts.resize:
+        raise LogitCacheError("--resize is for --task classification.")
     if opts.id_order not in ORDERS:
         raise LogitCacheError(f"--id-order must be descending or id, got {opts.id_order!r}.")
     if opts.shuffle not in SHUFFLES:
@@ -236,6 +243,12 @@ def check_options(opts: DumpOptions) -> None:
     if not 0 <= opts.seed < 1 << 63:
         raise LogitCacheError(f"--seed must be in 0..2**63-1, got {opts.seed}.")
     _check_ensemble(opts)  # before --device-map's checks, which are about one teacher
+    if opts.mask_prob is not None and not 0 < opts.mask_prob < 1:
+        raise LogitCacheError(
+            f"--mask-prob must be in (0, 1) (BERT's is 0.15), got {opts.mask_prob}."
+        )
+    if opts.views < 0:
+        raise LogitCacheError(f"--views must be 0 or more, got {opts.views}.")
     _check_placement(opts)
     refuse_overlap(opts.out, _local_inputs(opts), "--out")
 
@@ -399,6 +412,7 @@ def _local_inputs(opts: DumpOptions) -> list[str]:
 def check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
     """Refuse settings the loaded teacher cannot serve (a k past its vocabulary, a tokenizer
     wider than its logits, sequences longer than its positions)."""
+    _check_masking(opts, teacher)
     vocab = teacher.info.vocab_size
     if opts.targets == "topk" and not 1 <= opts.top_k <= vocab:
         raise LogitCacheError(
@@ -418,4 +432,32 @@ def check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
         raise LogitCacheError(
             f"--seq-len {opts.seq_len} is longer than the teacher's maximum of {limit} positions. "
             f"Use --seq-len {limit} or less."
+        )
+
+
+def _check_masking(opts: DumpOptions, teacher: Teacher) -> None:
+    """--mask-prob and --views only with a masked-LM teacher, whose tokenizer has a mask token;
+    its caches in the zarr backend only."""
+    name = teacher.info.name
+    if teacher.info.kind != "masked":
+        for flag, given in (
+            ("--mask-prob", opts.mask_prob is not None),
+            ("--views", opts.views > 1 and opts.task == "lm"),
+        ):
+            if given:
+                raise LogitCacheError(
+                    f"{flag} masks the input of a masked-LM teacher, but {name} is a causal LM "
+                    "(its config names no *ForMaskedLM architecture): its targets are for the "
+                    f"next token at every position. Leave out {flag}, or pass a masked LM."
+                )
+        return
+    if teacher.tokenizer.mask_token_id is None:
+        raise LogitCacheError(
+            f"the tokenizer ({teacher.tokenizer_info.name}) has no mask token, which a masked-LM "
+            "dump writes at the masked positions. Pass the teacher's own tokenizer (--tokenizer) "
+            "with a mask token ([MASK])."
+        )
+    if opts.backend != "zarr":
+        raise LogitCacheError(
+            f"--format {opts.backend} does not store masked-LM caches yet; use --format zarr."
         )

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache.dumping import chunked, data, sharding, targets
+from logitcache.dumping import chunked, data, masking, sharding, targets
 from logitcache.dumping.options import DumpOptions, DumpSummary
 from logitcache.dumping.prepare import Prepared, prepare
 from logitcache.dumping.profile import DeviceMarks, Profile
@@ -184,7 +184,7 @@ def run(
             batch, ends_part = item
             result = _teacher_targets(
                 job.teacher, batch, spec, next_sequence, ends_part, targets_fn, job.logits,
-                profile,
+                profile, job.masker,
             )  # fmt: skip
             with profile.stage("teacher", "queue full"):
                 pipe.put(result)
@@ -231,6 +231,8 @@ class BatchTargets:
     ends_part: bool
     marks: DeviceMarks | None = None  # --profile on CUDA: the device's time per stage
     texts: list[data.Spanned] | None = None  # --offsets: each sequence's text and spans
+    #: A masked-LM dump: each sequence's masking; only its positions' targets are kept.
+    masked: list[masking.Masked] | None = None
 
 
 def _teacher_targets(
@@ -242,12 +244,23 @@ def _teacher_targets(
     targets_fn: TargetsFn,
     plan: chunked.LogitsPlan,
     profile: Profile,
+    masker: masking.Masker | None = None,
 ) -> BatchTargets:
     """The batch's targets; `first_sequence` is the global index of its first sequence (what
-    sampled targets are seeded by, so that they do not depend on batching). `plan` says
-    whether they come from the full logits or a chunk of time steps at a time."""
+    sampled targets and maskings are seeded by, so that they do not depend on batching). `plan`
+    says whether they come from the full logits or a chunk of time steps at a time. With
+    `masker` (a masked-LM teacher) the teacher reads each sequence masked, with an attention
+    mask when the batch is padded."""
+    masked = None
+    if masker is not None:
+        masked = [masker.mask(s, first_sequence + i) for i, s in enumerate(batch)]
+        batch = [m.input_ids for m in masked]
     ids = input_ids([data.ids_of(s) for s in batch])
     device_ids = torch.from_numpy(ids).to(teacher.device)
+    attention = None
+    if masker is not None and min(map(len, batch)) < ids.shape[1]:
+        lengths = torch.tensor([len(s) for s in batch], device=teacher.device)
+        attention = (torch.arange(ids.shape[1], device=teacher.device) < lengths[:, None]).long()
     index = torch.arange(first_sequence, first_sequence + len(batch), device=teacher.device)
     marks = profile.marks()
     mark = marks.mark if marks is not None else lambda: None
@@ -263,7 +276,7 @@ def _teacher_targets(
         del hidden
     else:
         with profile.stage("teacher", "forward"):
-            logits = teacher.logits(device_ids)  # (batch, time, vocab)
+            logits = teacher.logits(device_ids, attention)  # (batch, time, vocab)
         mark()
         if logits.shape[-1] != teacher.info.vocab_size:  # the width probed, in the manifest
             raise LogitCacheError(
@@ -288,7 +301,7 @@ def _teacher_targets(
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(teacher.device))
     texts = [s for s in batch if isinstance(s, data.Spanned)] or None
-    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part, marks, texts)
+    return BatchTargets([len(s) for s in batch], ids, host, ready, ends_part, marks, texts, masked)
 
 
 class PartAssembler:
@@ -316,6 +329,7 @@ class PartAssembler:
         self._inputs: list[np.ndarray] = []
         self._rows: list[dict[str, np.ndarray]] = []
         self._texts: list[data.Spanned] = []
+        self._masked: list[masking.Masked] = []
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="logitcache-encode")
             if threads > 1
@@ -340,7 +354,12 @@ class PartAssembler:
                         "Check the model's weights and --dtype (float16 overflows easily; try bfloat16 or float32)."
                     )
                 self._inputs.append(batch.input_ids[row, :n])
-                self._rows.append({name: a[row, :n] for name, a in arrays.items()})
+                if batch.masked is None:
+                    self._rows.append({name: a[row, :n] for name, a in arrays.items()})
+                    continue
+                at = batch.masked[row].positions  # a masked LM: the masked positions' rows
+                self._rows.append({name: a[row, at] for name, a in arrays.items()})
+                self._masked.append(batch.masked[row])
             self._texts += batch.texts or []
         if batch.ends_part:
             self._end_part()
@@ -369,7 +388,9 @@ class PartAssembler:
             arrays = targets.assemble(self.targets, self._inputs, self._rows, self.gaps)
             if self._texts:
                 arrays = data.with_texts(arrays, self._texts)
-        self._inputs, self._rows, self._texts = [], [], []
+            if self._masked:
+                arrays = targets.with_masking(arrays, self._masked, self.targets.id_dtype)
+        self._inputs, self._rows, self._texts, self._masked = [], [], [], []
         index = self._next_part
         if self._pool is None:
             staged = self._stage(arrays, index)

@@ -16,7 +16,9 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from logitcache.dumping import chunked, data, targets
+import numpy as np
+
+from logitcache.dumping import chunked, data, masking, targets
 from logitcache.dumping.ensemble import FULL_LOGITS_WHY, load_ensemble
 from logitcache.dumping.options import (
     DumpOptions,
@@ -36,6 +38,7 @@ from logitcache.format.manifest import (
     DataInfo,
     LayoutInfo,
     Manifest,
+    MaskingInfo,
     version_for,
 )
 from logitcache.progress import Bar
@@ -55,6 +58,7 @@ class Prepared:
     template: Manifest
     logits: chunked.LogitsPlan
     profile: Profile  # every stage's time with --profile; inert without
+    masker: masking.Masker | None = None  # a masked-LM teacher: how each sequence is masked
 
     def tokens(self, bar: Bar | None = None) -> Iterator[list[int]]:
         """Token ids per document, in order; `bar` counts the documents read."""
@@ -66,7 +70,8 @@ class Prepared:
 
     def sequences(self, bar: Bar | None = None) -> Iterator[data.Packed]:
         """The packed sequences of the whole data, in order (with --offsets, each with its text:
-        `data.Spanned`). The first is made at once, so that empty data (or packing without an
+        `data.Spanned`; for a masked-LM teacher each one `views` times, before masking: the
+        cache's sequences). The first is made at once, so that empty data (or packing without an
         EOS token) fails before --out is touched."""
         eos = self.teacher.tokenizer_info.eos_token_id
         o = self.opts
@@ -78,7 +83,11 @@ class Prepared:
         first = next(stream, None)
         if first is None:
             raise self._no_tokens()
-        return itertools.chain([first], stream)
+        return masking.repeat_views(itertools.chain([first], stream), self._views)
+
+    @property
+    def _views(self) -> int:
+        return 1 if self.masker is None else self.masker.info.views
 
     def count_parts(self) -> int:
         """How many parts the whole dump makes: a counting pass over the tokens, without
@@ -87,7 +96,7 @@ class Prepared:
         sequences = data.count_sequences(self.tokens(), self.opts.seq_len, eos, self.opts.pack)
         if sequences == 0:
             raise self._no_tokens()
-        return -(-sequences // self.template.layout.sequences_per_part)
+        return -(-sequences * self._views // self.template.layout.sequences_per_part)
 
     def _no_tokens(self) -> LogitCacheError:
         return LogitCacheError(f"--data {self.opts.data} holds no tokens: every document is empty.")
@@ -103,16 +112,22 @@ def prepare(opts: DumpOptions) -> Prepared:
         data.check_offsets(source, teacher.tokenizer)
     if source.pretokenized:  # before touching --out: a bad id must leave nothing behind
         data.check_ids(source, teacher.info.vocab_size)
-    plan = (
-        chunked.LogitsPlan(None, why=FULL_LOGITS_WHY)
-        if opts.teachers
-        else chunked.plan_logits(
+    template = _manifest_template(opts, teacher, source)
+    masker = None
+    if template.masking is not None:  # its head is no plain linear layer: the full logits
+        plan = chunked.LogitsPlan(None, why="a masked-LM teacher")
+        tok = teacher.tokenizer
+        specials = np.asarray(sorted(set(tok.all_special_ids)), dtype=np.int64)
+        masker = masking.Masker(template.masking, specials, len(tok))
+    elif opts.teachers:  # an ensemble: one member at a time into a running average
+        plan = chunked.LogitsPlan(None, why=FULL_LOGITS_WHY)
+    else:
+        plan = chunked.plan_logits(
             teacher.model, teacher.device, pretrained=opts.teacher is not None,
             chunk_tokens=opts.logits_chunk_tokens,
-        )
-    )  # fmt: skip
-    template = _manifest_template(opts, teacher, source)
-    return Prepared(opts, teacher, source, template, plan, Profile(opts.profile, teacher.device))
+        )  # fmt: skip
+    profile = Profile(opts.profile, teacher.device)
+    return Prepared(opts, teacher, source, template, plan, profile, masker)
 
 
 def _load(opts: DumpOptions) -> Teacher:
@@ -124,6 +139,7 @@ def _load(opts: DumpOptions) -> Teacher:
             name, factory=factory, tokenizer=opts.tokenizer, device=opts.device,
             dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
             device_map=device_map_of(opts), max_memory=max_memory_of(opts), attn=opts.attn,
+            masked_factory=opts.mask_prob is not None,
         )  # fmt: skip
 
     if not opts.teachers:
@@ -175,5 +191,17 @@ def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSou
         tokens=0,
         tool_version=__version__,
         ensemble=teacher.ensemble,
+        masking=_masking_info(opts, teacher),
     )
     return dataclasses.replace(manifest, format_version=version_for(manifest))
+
+
+def _masking_info(opts: DumpOptions, teacher: Teacher) -> MaskingInfo | None:
+    """The manifest's `masking` record of a masked-LM teacher (BERT's 80/10/10), else None."""
+    if teacher.info.kind != "masked":
+        return None
+    prob = masking.DEFAULT_MASK_PROB if opts.mask_prob is None else opts.mask_prob
+    mask_id = teacher.tokenizer.mask_token_id
+    return MaskingInfo(
+        prob=float(prob), mask_token_id=mask_id, seed=opts.seed, views=max(1, opts.views)
+    )

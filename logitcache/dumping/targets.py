@@ -19,6 +19,7 @@ part's arrays.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 
 from logitcache.dumping import native, sampling
+from logitcache.dumping.masking import Masked
 from logitcache.format import codecs
-from logitcache.format.manifest import PartArrays, TargetInfo
+from logitcache.format.manifest import POSITION_DTYPE, PartArrays, TargetInfo
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,22 @@ def assemble(
         seq_offsets=offsets,
         target_counts=counts.astype(count_dtype),
         target_lengths=widths.astype(count_dtype),
+    )
+
+
+def with_masking(arrays: PartArrays, masked: Sequence[Masked], id_dtype: str) -> PartArrays:
+    """A masked-LM part: `arrays` (`assemble` of the masked positions' rows) with the two arrays
+    that say where each row belongs, ``target_positions`` on the part's token axis (uint32) and
+    ``target_labels``, the ids the masking replaced (`Masked`)."""
+    starts = arrays.seq_offsets[:-1]
+    positions = np.concatenate(
+        [m.positions + start for m, start in zip(masked, starts, strict=True)]
+    )
+    if arrays.tokens >= 1 << 32:
+        raise ValueError(f"a part of {arrays.tokens} tokens is past uint32 positions")
+    labels = np.concatenate([m.labels for m in masked]).astype(np.dtype(id_dtype))
+    return dataclasses.replace(
+        arrays, target_positions=positions.astype(POSITION_DTYPE), target_labels=labels
     )
 
 

@@ -1,8 +1,9 @@
 """Loading a teacher and its tokenizer, and fingerprinting both.
 
 A teacher is any torch module that maps input ids (batch, time) to logits (batch, time, vocab):
-a Hugging Face causal LM loaded from a path or hub name, or whatever a `module:function` factory
-returns. The fingerprints go into the manifest so that a cache says exactly what made it.
+a Hugging Face causal LM or masked LM loaded from a path or hub name (a masked LM is one whose
+config names a ``*ForMaskedLM`` architecture, loaded with ``AutoModelForMaskedLM``), or whatever
+a `module:function` factory returns (a masked LM when the dump is given ``--mask-prob``). The fingerprints go into the manifest so that a cache says exactly what made it.
 
 A Hugging Face teacher too big for one device is loaded with a device map (`--device-map`):
 transformers has accelerate place its layers over the GPUs, then the CPU, then the disk, and
@@ -56,9 +57,15 @@ class Teacher:
     ensemble: EnsembleInfo | None = None
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(batch, time) ids -> (batch, time, vocab) logits, whatever the module returns."""
-        return _as_logits(self.model(input_ids))
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, time) ids -> (batch, time, vocab) logits, whatever the module returns.
+        `attention_mask` (batch, time), 0 on padding, is passed only when given: a masked LM
+        attends both ways, so right padding would change its logits (a causal LM's not)."""
+        if attention_mask is None:
+            return _as_logits(self.model(input_ids))
+        return _as_logits(self.model(input_ids, attention_mask=attention_mask))
 
 
 def _as_logits(out: Any) -> Any:
@@ -78,8 +85,10 @@ def load_teacher(
     device_map: str | dict[str, int | str] | None = None,
     max_memory: dict[int | str, int] | None = None,
     attn: str = "auto",
+    masked_factory: bool = False,
 ) -> Teacher:
-    """Load a Hugging Face causal LM (`name_or_path`) or call a `module:function` factory.
+    """Load a Hugging Face causal or masked LM (`name_or_path`) or call a `module:function`
+    factory (a masked LM with `masked_factory`: nothing in a module says which it is).
 
     The weights are loaded in `dtype`. `device_map` (a name accelerate computes a placement
     for, or {module: GPU index, "cpu" or "disk"}) and `max_memory` ({device: bytes}) place a
@@ -103,6 +112,7 @@ def load_teacher(
                 "--teacher-factory needs --tokenizer PATH (the teacher's tokenizer)."
             )
         model, name, config_text = _from_factory(factory), factory, ""
+        kind = "masked" if masked_factory else "causal"
     else:
         extra: dict[str, Any] = {}
         if placed:
@@ -112,7 +122,8 @@ def load_teacher(
                      "offload_folder": offload_dir.name}  # fmt: skip
         if attn != "auto":
             extra["attn_implementation"] = attn
-        model = _from_pretrained(name_or_path, DTYPES[dtype], trust_remote_code, extra)
+        kind = pretrained_kind(name_or_path, trust_remote_code)
+        model = _from_pretrained(name_or_path, DTYPES[dtype], trust_remote_code, extra, kind)
         name, config_text = name_or_path, model.config.to_json_string(use_diff=False)
     tok = load_tokenizer(tokenizer or name_or_path, trust_remote_code)
     placement = None
@@ -129,17 +140,33 @@ def load_teacher(
         dtype=dtype,
         vocab_size=vocab_size,
         max_positions=_max_positions(model),
+        kind=kind,
     )
     tok_info = tokenizer_info(tok, tokenizer or name_or_path)
     return Teacher(model, tok, info, tok_info, torch_device, placement, offload_dir)
 
 
+def pretrained_kind(name: str, trust_remote_code: bool) -> str:
+    """ "masked" when the config at `name` names a ``*ForMaskedLM`` architecture (what
+    ``save_pretrained`` of a BERT-style masked LM writes), else "causal". A name whose config
+    cannot be read is "causal": loading it then reports the problem."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError):
+        return "causal"
+    architectures = getattr(config, "architectures", None) or []
+    return "masked" if any(a.endswith("ForMaskedLM") for a in architectures) else "causal"
+
+
 def _from_pretrained(
-    name: str, dtype: torch.dtype, trust_remote_code: bool, extra: dict[str, Any]
+    name: str, dtype: torch.dtype, trust_remote_code: bool, extra: dict[str, Any], kind: str
 ) -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` in `dtype` (no float32 copy first), with `extra`:
-    the device map, memory budgets, offload folder and attention implementation, if any."""
-    from transformers import AutoModelForCausalLM
+    """`AutoModelForCausalLM.from_pretrained` (`AutoModelForMaskedLM` for `kind` "masked") in
+    `dtype` (no float32 copy first), with `extra`: the device map, memory budgets, offload
+    folder and attention implementation, if any."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # our own progress bar and messages say what matters
@@ -151,10 +178,9 @@ def _from_pretrained(
             f"teacher path {name} does not exist or has no config.json. Pass a directory saved with "
             "save_pretrained (or a hub name), or use --teacher-factory MODULE:FN."
         )
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=trust_remote_code, **extra
-        )
+        return auto.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         hint = (
             "Check that it is a causal LM saved with save_pretrained (or a reachable hub name); "
@@ -165,8 +191,9 @@ def _from_pretrained(
         if "device_map" in extra:
             hint += " A --device-map file must give a device to every module of the model."
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        what = "masked" if kind == "masked" else "causal"
         raise LogitCacheError(
-            f"cannot load {name} as a causal language model: {first} {hint}"
+            f"cannot load {name} as a {what} language model: {first} {hint}"
         ) from exc
 
 

@@ -24,6 +24,11 @@ sequence is one input example and its positions are its views (one position when
 no views). Their parts hold no ``input_ids``; instead ``labels`` (tokens,) holds the example's
 hard label on each of its rows where the data has labels, and ``views`` (tokens, 5) the crop box
 and flip of each augmented view (`logitcache.examples.views` makes and replays them).
+
+A masked-LM cache (format 1.3, ``masking`` set) stores its targets only at the
+masked positions: ``target_positions`` and ``target_labels`` (masked,) say where each target row
+belongs on the token axis and which token the masking replaced there, and every target array has
+a row per masked position instead of per token.
 """
 
 from __future__ import annotations
@@ -45,14 +50,17 @@ FORMAT_VERSION = (
 #: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
 #: them is still written as 1.0, which every 1.x reader reads (`version_for`). 1.3 adds
 #: `ensemble` (targets of several teachers' average: `logitcache.format.ensemble`), `task`
-#: (classification caches: one sequence per example, one position per view) and
-#: `layout.offsets` (`dump --offsets`: each sequence's text and each token's character span).
+#: (classification caches: one sequence per example, one position per view),
+#: `layout.offsets` (`dump --offsets`: each sequence's text and each token's character span)
+#: and masked-LM caches (`masking`, `teacher.kind`, `parts[i].masked`, targets at masked
+#: positions only).
 READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
 ENSEMBLE_FORMAT_VERSION = "1.3"
 TASK_FORMAT_VERSION = "1.3"
 OFFSETS_FORMAT_VERSION = "1.3"
+MASKED_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
@@ -66,6 +74,10 @@ KIND_ARRAYS = {
 }
 #: 1.3, `layout.offsets`: the arrays that give each sequence's text and each token's span in it.
 TEXT_ARRAYS = ("text", "text_offsets", "token_offsets")
+#: The two arrays a masked-LM cache's part adds (format 1.3), one entry per masked position.
+MASKED_ARRAYS = ("target_positions", "target_labels")
+#: What `teacher.kind` may say: a causal LM (predicts the next token) or a masked LM (1.3).
+TEACHER_KINDS = ("causal", "masked")
 LOGPROB_DTYPES = ("float16", "float32", "uint8")
 ORDERS = ("descending", "id")
 #: Task kinds (1.3): what one sequence of the cache is. A cache without `task` is a causal LM's.
@@ -88,6 +100,8 @@ _PART_NAME = re.compile(r"^part-\d{6}$")
 MAX_K = 1 << 20
 MAX_SEQ_LEN = 1 << 24
 MAX_PART_BYTES = 1 << 34  # 16 GiB decoded
+#: Element type of `target_positions` (1.3): a masked position on its part's token axis.
+POSITION_DTYPE = "uint32"
 
 
 def part_name(index: int) -> str:
@@ -113,6 +127,7 @@ class TeacherInfo:
     dtype: str
     vocab_size: int  # width of the teacher's logits; students must match it
     max_positions: int | None = None
+    kind: str = "causal"  # 1.3: "masked" for a masked-LM teacher (then `Manifest.masking`)
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,22 @@ class TaskInfo:
 
 
 @dataclass(frozen=True)
+class MaskingInfo:
+    """How a masked-LM dump masked its input (format 1.3), BERT's recipe: each position that is
+    not a special token is chosen with probability `prob`; a chosen one became `mask_token_id`
+    with probability `replace_mask`, a uniformly random id with `replace_random`, else stayed
+    as it was. Each sequence of the data was masked `views` times (consecutive sequences of the
+    cache), every masking drawn from (`seed`, the sequence's storage index)."""
+
+    prob: float
+    mask_token_id: int
+    seed: int
+    views: int = 1
+    replace_mask: float = 0.8
+    replace_random: float = 0.1
+
+
+@dataclass(frozen=True)
 class LayoutInfo:
     """How sequences are cut and grouped into parts and chunks."""
 
@@ -226,6 +257,7 @@ class PartInfo:
     files: dict[str, str]
     entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
     text_bytes: int = 0  # 1.3, layout.offsets: UTF-8 bytes of the part's text array
+    masked: int = 0  # 1.3, masked-LM caches: positions with targets (rows of the target arrays)
 
     def file_as(self, rel: str, name: str) -> str:
         """The path of this part's file `rel` once the part is renamed `name` (merge and the
@@ -296,6 +328,13 @@ class Manifest:
     merged_from: list[MergedInput] = field(default_factory=list)  # format 1.1, merge only
     ensemble: EnsembleInfo | None = None  # format 1.3: targets of several teachers' average
     task: TaskInfo | None = None  # format 1.3: a classification cache; None for a causal LM
+    masking: MaskingInfo | None = None  # format 1.3: a masked-LM cache
+
+    @property
+    def masked(self) -> int:
+        """Positions with targets over the whole cache: `tokens`, or for a masked-LM cache the
+        masked positions only."""
+        return sum(p.masked for p in self.parts) if self.masking else self.tokens
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the cache's content: a resumed dump must match it exactly."""
@@ -309,6 +348,7 @@ class Manifest:
             "layout": dataclasses.asdict(self.layout),
             "codec": dataclasses.asdict(self.codec),
             "task": None if self.task is None else dataclasses.asdict(self.task),
+            "masking": None if self.masking is None else dataclasses.asdict(self.masking),
         }
 
     def to_json(self) -> str:
@@ -323,6 +363,8 @@ class Manifest:
                     del member["cache"], member["targets"]
         if doc["task"] is None:  # optional (1.3): absent from causal-LM caches
             del doc["task"]
+        if doc["masking"] is None:  # optional (1.3): only masked-LM caches have it
+            del doc["masking"]
         for record, defaults in _ADDED_IN_1_1.items():  # absent means the default
             for entry in doc["parts"] if record == "parts" else [doc[record]]:
                 for name, default in defaults.items():
@@ -338,22 +380,35 @@ _ADDED_IN_1_1 = {
     "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
     "codec": {"delta": [], "gaps": []},
     "layout": {"offsets": False},
-    "parts": {"entries": 0, "text_bytes": 0},
+    "parts": {"entries": 0, "text_bytes": 0, "masked": 0},
+    "teacher": {"kind": "causal"},  # 1.3
 }
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.3 for an ensemble, a task or offsets,
-    1.2 with gaps, else 1.1 if a 1.1 feature is used, else 1.0."""
+    """The oldest format version that describes `m`: 1.3 for an ensemble, a task, offsets or
+    a masked LM, 1.2 with gaps, else 1.1 if a 1.1 feature is used, else 1.0."""
     if m.ensemble is not None:
         return ENSEMBLE_FORMAT_VERSION
     if m.task is not None:
         return TASK_FORMAT_VERSION
     if m.layout.offsets:
         return OFFSETS_FORMAT_VERSION
+    if m.masking is not None:
+        return MASKED_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
+
+
+def refuse_masked(m: Manifest, what: str) -> None:
+    """Refuse a masked-LM cache (1.3) in `what`, a conversion that has no place yet for its
+    masked positions and labels."""
+    if m.masking is not None:
+        raise LogitCacheError(
+            f"{what} does not take masked-LM caches yet (format 1.3: targets at masked positions "
+            "only); read this one with logitcache.open or train on it with `trainer fit`."
+        )
 
 
 def nonstandard_filters(m: Manifest) -> list[str]:
@@ -379,13 +434,23 @@ def targets_need_1_1(m: Manifest) -> bool:
     )
 
 
-def array_names(kind: str, task: TaskInfo | None = None, offsets: bool = False) -> tuple[str, ...]:
+def array_names(
+    kind: str, task: TaskInfo | None = None, offsets: bool = False, masked: bool = False
+) -> tuple[str, ...]:
     """The arrays a part of a cache with targets of `kind` holds: with `task` (1.3), a
-    classification cache's; with `offsets` (1.3), its text too (`TEXT_ARRAYS`)."""
+    classification cache's; with `offsets` (1.3), its text too (`TEXT_ARRAYS`); `masked`: a
+    masked-LM cache, whose parts add `MASKED_ARRAYS`."""
     if task is None:
-        return KIND_ARRAYS[kind] + (TEXT_ARRAYS if offsets else ())
+        return (
+            KIND_ARRAYS[kind] + (TEXT_ARRAYS if offsets else ()) + (MASKED_ARRAYS if masked else ())
+        )
     inputs = ("labels",) if task.labels else ()
     return (*inputs, *KIND_ARRAYS[kind][1:], *(("views",) if task.views else ()))
+
+
+def target_rows(m: Manifest, part: PartInfo) -> int:
+    """The rows of `part`'s target arrays: a row per token, or per masked position."""
+    return part.masked if m.masking is not None else part.tokens
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -418,9 +483,14 @@ def _target_part_bytes(m: Manifest, part: PartInfo) -> int:
     if m.targets.kind == "sample":
         count_size = 2 if m.targets.count_dtype == "uint16" else 1
         per_token = id_size * (1 + m.targets.k) + 4 * m.targets.k + count_size
-        return part.tokens * per_token + part.entries * count_size + (part.sequences + 1) * 8
+        masked = part.masked * (4 + id_size + 8)  # positions, labels, and the decoded labels
+        return (
+            part.tokens * per_token + part.entries * count_size + masked
+            + (part.sequences + 1) * 8
+        )  # fmt: skip
     per_token = id_size * (1 + m.targets.k) + lp_size * m.targets.k
-    return part.tokens * per_token + (part.sequences + 1) * 8
+    masked = part.masked * (4 + id_size + 8)  # positions, labels, and the decoded labels
+    return part.tokens * per_token + masked + (part.sequences + 1) * 8
 
 
 def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -446,20 +516,26 @@ def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, .
 def _target_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """The input ids and the targets of the cache's kind (what every causal-LM part holds)."""
     t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
+    rows = target_rows(m, part)
     if t.kind == "sample":
-        return {
+        shapes = {
             "input_ids": ((part.tokens,), ids),
             "target_ids": ((part.entries,), ids),
             "target_counts": ((part.entries,), t.count_dtype),
-            "target_lengths": ((part.tokens,), t.count_dtype),
+            "target_lengths": ((rows,), t.count_dtype),
             "seq_offsets": ((part.sequences + 1,), "int64"),
         }
-    return {
-        "input_ids": ((part.tokens,), ids),
-        "target_ids": ((part.tokens, k), ids),
-        "target_logprobs": ((part.tokens, k), t.logprob_dtype),
-        "seq_offsets": ((part.sequences + 1,), "int64"),
-    }
+    else:
+        shapes = {
+            "input_ids": ((part.tokens,), ids),
+            "target_ids": ((rows, k), ids),
+            "target_logprobs": ((rows, k), t.logprob_dtype),
+            "seq_offsets": ((part.sequences + 1,), "int64"),
+        }
+    if m.masking is not None:
+        shapes["target_positions"] = ((rows,), POSITION_DTYPE)
+        shapes["target_labels"] = ((rows,), ids)
+    return shapes
 
 
 def is_part_name(name: str) -> bool:
@@ -481,6 +557,11 @@ class PartArrays:
     sequences end to end; ``text_offsets`` (sequences + 1,) int64, sequence s's text is bytes
     ``text_offsets[s]:text_offsets[s + 1]``; ``token_offsets`` (tokens, 2) uint32, each token's
     [start, end) in characters of its sequence's text.
+    A masked-LM cache (1.3) adds
+    ``target_positions`` and ``target_labels`` (masked,), and its target arrays have a row per
+    masked position. The reader's decoded view (`logitcache.read.reader.Cache.read_decoded`) is
+    always the top-k shape, -inf padded, a row per token; for a masked-LM cache
+    ``target_labels`` is then (tokens,) int64, -1 where a position has no target.
     """
 
     input_ids: Any
@@ -494,11 +575,13 @@ class PartArrays:
     text: Any = None
     text_offsets: Any = None
     token_offsets: Any = None
+    target_positions: Any = None
+    target_labels: Any = None
 
     def arrays(self) -> dict[str, Any]:
         """{name: array} of the arrays this part holds (the ones that are not None)."""
         names = (*KIND_ARRAYS["topk"], "target_counts", "target_lengths", "labels", "views",
-                 *TEXT_ARRAYS)  # fmt: skip
+                 *TEXT_ARRAYS, *MASKED_ARRAYS)  # fmt: skip
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property

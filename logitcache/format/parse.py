@@ -29,6 +29,7 @@ from logitcache.format.manifest import (
     KNOWN_MAJORS,
     LOGPROB_DTYPES,
     MANIFEST_NAME,
+    MASKED_FORMAT_VERSION,
     MAX_K,
     MAX_MANIFEST_BYTES,
     MAX_PART_BYTES,
@@ -43,10 +44,12 @@ from logitcache.format.manifest import (
     TASK_FORMAT_VERSION,
     TASK_INPUTS,
     TASK_KINDS,
+    TEACHER_KINDS,
     Manifest,
     id_dtype_for,
     part_bytes,
     part_name,
+    target_rows,
     targets_need_1_1,
 )
 
@@ -131,7 +134,7 @@ def _check_consistency(m: Manifest, source: str) -> None:
         problems.append(
             f"k={m.targets.k} is not in 1..min(vocab_size={m.teacher.vocab_size}, {MAX_K})"
         )
-    problems += _target_problems(m)
+    problems += _target_problems(m) + _masking_problems(m)
     if m.task is not None:
         problems += _task_problems(m)
     if not 1 <= m.layout.seq_len <= MAX_SEQ_LEN or m.layout.sequences_per_part < 1:
@@ -149,8 +152,12 @@ def _check_consistency(m: Manifest, source: str) -> None:
             problems.append(f"{part.name}: {part.tokens} tokens is out of bounds")
         elif m.task is not None and part.tokens != part.sequences * m.layout.seq_len:
             problems.append(f"{part.name}: {part.tokens} rows is not one per view of each example")
+        elif m.masking is not None and not 0 < part.masked <= part.tokens:
+            problems.append(f"{part.name}: {part.masked} masked positions is out of bounds")
+        elif m.masking is None and part.masked:
+            problems.append(f"{part.name}: masked positions in a cache without masking")
         elif m.targets.kind == "sample" and not (
-            part.tokens <= part.entries <= part.tokens * m.targets.k
+            target_rows(m, part) <= part.entries <= target_rows(m, part) * m.targets.k
         ):
             problems.append(f"{part.name}: {part.entries} entries is out of bounds")
         elif part.text_bytes and not m.layout.offsets:
@@ -207,6 +214,27 @@ def _ensemble_problems(m: Manifest) -> list[str]:
         problems.append("every ensemble member must have the cache's vocab_size")
     elif ensemble_teacher(e.mode, e.members) != m.teacher:
         problems.append("the teacher record is not the identity of the ensemble's members")
+
+
+def _masking_problems(m: Manifest) -> list[str]:
+    """A masked-LM cache (1.3): `masking` present exactly when the teacher is a masked LM, its
+    probabilities in range, and a format version that describes it."""
+    mk, problems = m.masking, []
+    if m.teacher.kind not in TEACHER_KINDS:
+        return [f"teacher.kind {m.teacher.kind!r} is not one of {TEACHER_KINDS}"]
+    if (mk is not None) != (m.teacher.kind == "masked"):
+        return ['masking is given exactly when teacher.kind is "masked"']
+    if mk is None:
+        return []
+    if not 0 < mk.prob < 1:
+        problems.append(f"masking.prob {mk.prob} is not in (0, 1)")
+    replace = (mk.replace_mask, mk.replace_random)
+    if min(replace) < 0 or sum(replace) > 1:
+        problems.append("masking.replace_mask and replace_random must be >= 0, summing to <= 1")
+    if mk.views < 1 or not 0 <= mk.mask_token_id < m.teacher.vocab_size:
+        problems.append("masking.views must be positive and mask_token_id a teacher id")
+    if _version_tuple(m.format_version) < _version_tuple(MASKED_FORMAT_VERSION):
+        problems.append(f"masking needs format_version {MASKED_FORMAT_VERSION} or later")
     return problems
 
 

@@ -6,6 +6,10 @@ sampled distinct ids and counts, ragged) become one shape that every consumer re
 position, target ids and log-probs in decreasing order, ``-inf`` (and id 0) in unused slots.
 The reader (`logitcache.read.reader`) decodes through here; so does anything else that holds a
 part's raw arrays.
+
+A masked-LM cache (format 1.3) stores targets at its masked positions only; its view has a row
+per token all the same (so every consumer indexes it as it does a causal cache's), with the
+labels saying which rows carry a target: the others hold a placeholder, probability 1 on id 0.
 """
 
 from __future__ import annotations
@@ -39,21 +43,31 @@ class CacheSequence:
     ids (T, w) and their log-probs (T, w) at the dump temperature, in decreasing order, with
     ``-inf`` (and id 0) in slots a position does not use. Top-k: w = k. Sampled targets:
     ``log(count / N)``, w the most distinct ids at one position of the part (of the sequence,
-    for ``cache[i]``)."""
+    for ``cache[i]``). A masked-LM cache: ``labels`` (T,) holds the id the masking replaced at
+    each masked position and -1 elsewhere, where the target rows are a placeholder (id 0 at
+    log-prob 0); None for a causal cache."""
 
     input_ids: torch.Tensor  # (T,) int64
     target_ids: torch.Tensor  # (T, k) int64
     target_logprobs: torch.Tensor  # (T, k) float32
+    labels: torch.Tensor | None = None  # (T,) int64, masked-LM caches only
 
 
 TOKEN_ARRAYS = ("input_ids", "target_ids", "target_logprobs")
 
 
-def to_sequence(input_ids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> CacheSequence:
+#: What the decoded view's labels hold where a masked-LM cache has no target.
+NO_TARGET = -1
+
+
+def to_sequence(
+    input_ids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, labels: np.ndarray | None = None
+) -> CacheSequence:
     return CacheSequence(
         torch.from_numpy(input_ids.astype(np.int64)),
         torch.from_numpy(ids.astype(np.int64)),
         torch.from_numpy(logprobs.astype(np.float32)),
+        None if labels is None else torch.from_numpy(labels.astype(np.int64)),
     )
 
 
@@ -79,10 +93,30 @@ def decode(
         ids, logprobs = codecs.decode_topk(
             arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
         )
+    if manifest.masking is not None:
+        return _spread(arrays, ids, logprobs)
     return PartArrays(
         arrays.input_ids, ids, logprobs, arrays.seq_offsets, labels=arrays.labels,
         views=arrays.views, text=arrays.text, text_offsets=arrays.text_offsets,
         token_offsets=arrays.token_offsets,
+    )  # fmt: skip
+
+
+def _spread(arrays: PartArrays, ids: np.ndarray, logprobs: np.ndarray) -> PartArrays:
+    """A masked-LM part's decoded target rows (masked, w) spread to a row per token: the
+    placeholder (id 0 at log-prob 0, -inf beyond) where a position has no target, and
+    ``target_labels`` (tokens,) int64 with `NO_TARGET` there."""
+    tokens, width = len(arrays.input_ids), ids.shape[1]
+    at = np.asarray(arrays.target_positions).astype(np.int64)
+    dense_ids = np.zeros((tokens, width), dtype=ids.dtype)  # (T, w)
+    dense_logprobs = np.full((tokens, width), -np.inf, dtype=logprobs.dtype)  # (T, w)
+    dense_logprobs[:, 0] = 0.0
+    dense_ids[at], dense_logprobs[at] = ids, logprobs
+    labels = np.full(tokens, NO_TARGET, dtype=np.int64)  # (T,)
+    labels[at] = arrays.target_labels
+    return PartArrays(
+        arrays.input_ids, dense_ids, dense_logprobs, arrays.seq_offsets,
+        target_positions=at, target_labels=labels,
     )  # fmt: skip
 
 
@@ -123,6 +157,8 @@ def check_values(
     target_ids = np.asarray(arrays.target_ids)
     if manifest.task is not None and arrays.views is not None:
         _check_views(manifest, np.asarray(arrays.views), arrays, where, first_sequence)
+    if manifest.masking is not None:
+        _check_masked(arrays, vocab, where, first_sequence)
     if t.kind == "sample":
         stored = int(np.asarray(arrays.target_lengths).sum(dtype=np.int64))
         if stored != len(target_ids):
@@ -153,10 +189,33 @@ def check_values(
         entry = int(np.argmax(codecs.invalid_logprobs(values)))
         row = _row_of_entry(arrays, t.kind, entry)
         what = f"log-prob {float(values[entry])} is not a finite value <= 0"
+    raise _bad_row(arrays, where, first_sequence, row, what)
+
+
+def _check_masked(arrays: PartArrays, vocab: int, where: str, first_sequence: int) -> None:
+    """A masked-LM part's `target_positions` (strictly increasing, on the token axis) and
+    `target_labels` (ids below `vocab`)."""
+    at = np.asarray(arrays.target_positions).astype(np.int64)
+    labels = np.asarray(arrays.target_labels)
+    if len(at) and (at[0] < 0 or at[-1] >= len(arrays.input_ids) or (np.diff(at) <= 0).any()):
+        raise _bad_values(
+            where,
+            f"its target_positions are not increasing positions below {len(arrays.input_ids)}",
+        )
+    if labels.size and labels.max() >= vocab:
+        row = int(at[int(np.argmax(labels >= vocab))])
+        what = f"target label {int(labels.max())} is >= the vocabulary size {vocab}"
+        raise _bad_row(arrays, where, first_sequence, row, what)
+
+
+def _bad_row(
+    arrays: PartArrays, where: str, first_sequence: int, row: int, what: str
+) -> CorruptCacheError:
+    """The error for `what` at token row `row`, naming its sequence and position."""
     offsets = np.asarray(arrays.seq_offsets)
     sequence = int(np.searchsorted(offsets, row, side="right")) - 1
     position = row - int(offsets[sequence])
-    raise _bad_values(
+    return _bad_values(
         where, f"sequence {first_sequence + sequence} of the part, position {position}: {what}"
     )
 
@@ -190,11 +249,14 @@ def _check_views(
 
 
 def _row_of_entry(arrays: PartArrays, kind: str, entry: int) -> int:
-    """The position (token row) of target entry `entry`, counted in the flattened array."""
+    """The position (token row) of target entry `entry`, counted in the flattened array (in a
+    masked-LM part, through the target row's `target_positions`)."""
     if kind == "sample":  # ragged: the entries of position i end at cumsum(lengths)[i]
         ends = np.cumsum(arrays.target_lengths, dtype=np.int64)
-        return int(np.searchsorted(ends, entry, side="right"))
-    return entry // arrays.target_ids.shape[-1]
+        row = int(np.searchsorted(ends, entry, side="right"))
+    else:
+        row = entry // arrays.target_ids.shape[-1]
+    return row if arrays.target_positions is None else int(arrays.target_positions[row])
 
 
 def _bad_values(where: str, what: str) -> CorruptCacheError:
@@ -211,6 +273,7 @@ def split_sequences(arrays: PartArrays) -> Iterator[CacheSequence]:
     offsets = arrays.seq_offsets
     for s in range(arrays.sequences):
         a, b = int(offsets[s]), int(offsets[s + 1])
+        labels = None if arrays.target_labels is None else arrays.target_labels[a:b]
         yield to_sequence(
-            arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b]
+            arrays.input_ids[a:b], arrays.target_ids[a:b], arrays.target_logprobs[a:b], labels
         )

@@ -31,6 +31,7 @@ from logitcache.format.manifest import (
     PartArrays,
     array_names,
     expected_arrays,
+    refuse_masked,
 )
 from logitcache.format.parse import parse_manifest
 from logitcache.read.decoded import (
@@ -262,7 +263,10 @@ class Cache:
         try:
             with self.open_part(index) as path:
                 names = array_names(
-                    self.manifest.targets.kind, self.manifest.task, self.manifest.layout.offsets
+                    self.manifest.targets.kind,
+                    self.manifest.task,
+                    self.manifest.layout.offsets,
+                    masked=self.manifest.masking is not None,
                 )
                 arrays = self.backend.read_part(path, names)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -305,6 +309,7 @@ class Cache:
         sequences; see `logitcache.read.hf` for the fields. Imports `datasets` on first use."""
         from logitcache.read.hf import to_hf_dataset
 
+        refuse_masked(self.manifest, "Cache.to_hf_dataset")
         return to_hf_dataset(self)
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -327,7 +332,9 @@ class Cache:
         with self.open_part(part) as path:
             start, stop = (int(x) for x in read(path, "seq_offsets", local, local + 2))
             one = np.array([0, stop - start], dtype=np.int64)
-            if self.manifest.targets.kind == "sample":
+            if self.manifest.masking is not None:
+                rows = self._masked_rows(path, part, start, stop)
+            elif self.manifest.targets.kind == "sample":
                 lengths = read(path, "target_lengths", 0, stop)
                 first, last = (
                     int(lengths[:start].sum(dtype=np.int64)),
@@ -345,7 +352,35 @@ class Cache:
                 rows = PartArrays(*(read(path, n, start, stop) for n in TOKEN_ARRAYS), one)
         where = f"{self.manifest.parts[part].name} of {self.root}"
         decoded = decode(self.manifest, rows, where, first_sequence=local)
-        return to_sequence(decoded.input_ids, decoded.target_ids, decoded.target_logprobs)
+        return to_sequence(
+            decoded.input_ids, decoded.target_ids, decoded.target_logprobs, decoded.target_labels
+        )
+
+    def _masked_rows(self, path: Path, part: int, start: int, stop: int) -> PartArrays:
+        """Tokens `start:stop` of a masked-LM part (one sequence) as stored, with the target
+        rows of its masked positions (found by a search in the part's `target_positions`)."""
+        read = self.backend.read_rows
+        masked = self.manifest.parts[part].masked
+        positions = read(path, "target_positions", 0, masked).astype(np.int64)
+        first, last = (int(i) for i in np.searchsorted(positions, [start, stop]))
+        rows = PartArrays(
+            input_ids=read(path, "input_ids", start, stop),
+            target_ids=None,
+            target_logprobs=None,
+            seq_offsets=np.array([0, stop - start], dtype=np.int64),
+            target_positions=positions[first:last] - start,
+            target_labels=read(path, "target_labels", first, last),
+        )
+        if self.manifest.targets.kind == "topk":
+            rows.target_ids = read(path, "target_ids", first, last)
+            rows.target_logprobs = read(path, "target_logprobs", first, last)
+            return rows
+        lengths = read(path, "target_lengths", 0, last)
+        a, b = int(lengths[:first].sum(dtype=np.int64)), int(lengths.sum(dtype=np.int64))
+        rows.target_ids = read(path, "target_ids", a, b)
+        rows.target_counts = read(path, "target_counts", a, b)
+        rows.target_lengths = lengths[first:]
+        return rows
 
     def iter_parts(self) -> Iterator[PartArrays]:
         """Every part's arrays as stored (`read_part`), in storage order."""

@@ -107,6 +107,8 @@ def compute(cache: Cache, max_tokens: int = 0) -> CacheStats:
     for index in range(cache.num_parts):
         arrays = cache.read_decoded(index)
         lp = arrays.target_logprobs
+        if arrays.target_positions is not None:  # a masked-LM cache: its target rows only
+            lp = lp[arrays.target_positions]
         if max_tokens and seen + len(lp) > max_tokens:
             lp = lp[: max_tokens - seen]
         pieces.append(position_stats(lp, m.teacher.vocab_size, m.targets.kind))

@@ -19,7 +19,13 @@ import numpy as np
 
 from logitcache.errors import LogitCacheError
 from logitcache.format import codecs
-from logitcache.format.manifest import PARTS_DIR, VIEW_FIELDS, PartArrays, array_names
+from logitcache.format.manifest import (
+    PARTS_DIR,
+    VIEW_FIELDS,
+    PartArrays,
+    array_names,
+    target_rows,
+)
 from logitcache.read.decoded import bad_views
 from logitcache.read.reader import Cache, completeness_problem
 from logitcache.read.texts import text_problems
@@ -94,7 +100,10 @@ def _check_chunks(cache: Cache, index: int, report: VerifyReport) -> None:
         return
     arrays = {}
     manifest = cache.manifest
-    for array in array_names(manifest.targets.kind, manifest.task, manifest.layout.offsets):
+    masked = manifest.masking is not None
+    for array in array_names(
+        manifest.targets.kind, manifest.task, manifest.layout.offsets, masked=masked
+    ):
         pieces = []
         try:
             for _, chunk in backend.iter_chunks(path, array):
@@ -134,13 +143,16 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
         problems.append(f"an input id is >= vocab_size {m.teacher.vocab_size}")
     if m.layout.offsets:
         problems += text_problems(part)
+    if m.masking is not None:
+        problems += _masked_problems(m, info, part)
     if m.targets.kind == "sample":
         return problems + _sample_problems(m, info, part)
+    rows = target_rows(m, info)
     if (
-        part.target_ids.shape != (info.tokens, m.targets.k)
+        part.target_ids.shape != (rows, m.targets.k)
         or part.target_logprobs.shape != part.target_ids.shape
     ):
-        problems.append(f"target arrays do not have shape ({info.tokens}, {m.targets.k})")
+        problems.append(f"target arrays do not have shape ({rows}, {m.targets.k})")
         return problems
     if part.target_ids.size and part.target_ids.max() >= m.teacher.vocab_size:
         problems.append(f"a target id is >= vocab_size {m.teacher.vocab_size}")
@@ -182,9 +194,9 @@ def _sample_problems(m, info, part: PartArrays) -> list[str]:
     """Sampled targets: ragged arrays that add up, ids increasing, counts summing to N."""
     t, problems = m.targets, []
     lengths = np.asarray(part.target_lengths).astype(np.int64)
-    entries = len(part.target_ids)
-    if lengths.shape != (info.tokens,) or len(part.target_counts) != entries:
-        return [f"ragged target arrays do not describe {info.tokens} positions"]
+    entries, rows = len(part.target_ids), target_rows(m, info)
+    if lengths.shape != (rows,) or len(part.target_counts) != entries:
+        return [f"ragged target arrays do not describe {rows} positions"]
     if entries != info.entries or lengths.sum() != entries:
         return [f"target_lengths add up to {lengths.sum()}, not the {info.entries} entries stored"]
     if lengths.size and (lengths.min() < 1 or lengths.max() > t.k):
@@ -206,3 +218,17 @@ def _sample_problems(m, info, part: PartArrays) -> list[str]:
     if (steps[within] <= 0).any():
         problems.append("target ids are not strictly increasing within a position")
     return problems
+
+
+def _masked_problems(m, info, part: PartArrays) -> list[str]:
+    """A masked-LM part (1.3): one increasing position on the token axis and one label below
+    the vocabulary per target row."""
+    at = np.asarray(part.target_positions).astype(np.int64)
+    labels = np.asarray(part.target_labels).astype(np.int64)
+    if at.shape != (info.masked,) or labels.shape != (info.masked,):
+        return [f"target_positions and target_labels do not hold {info.masked} entries"]
+    if at.size and (at[0] < 0 or at[-1] >= info.tokens or (np.diff(at) <= 0).any()):
+        return [f"target_positions are not increasing positions below {info.tokens}"]
+    if labels.size and labels.max() >= m.teacher.vocab_size:
+        return [f"a target label is >= vocab_size {m.teacher.vocab_size}"]
+    return []

@@ -22,7 +22,7 @@ import random
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ INFO_FILE = "toy_info.json"
 #: Bump when the recipe changes so that ``ensure_teacher`` rebuilds cached teachers.
 RECIPE_VERSION = 1
 LR_SCHEDULES = ("constant", "cosine")
+#: The loss of one packed (batch, seq_len) batch of ids under a model (`_train`).
+LossOf = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 def _log(msg: str, verbose: bool) -> None:
@@ -257,7 +259,7 @@ _BUILD_SIGNATURE = inspect.signature(build_teacher)
 
 
 def _train(
-    model: GPT2LMHeadModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerFast,
     files: Sequence[Path],
     *,
@@ -270,8 +272,11 @@ def _train(
     warmup_steps: int,
     seed: int,
     verbose: bool,
+    loss_of: LossOf | None = None,
 ) -> list[list[float]]:
-    """Train in place; returns the loss curve as ``[step, elapsed_s, loss]`` rows."""
+    """Train in place; returns the loss curve as ``[step, elapsed_s, loss]`` rows. The loss of
+    a packed batch is `loss_of` (default: the causal LM's own next-token loss), so a masked LM
+    (`logitcache.testing.mlm`) trains with this same loop."""
     if train_seconds <= 0 and train_steps <= 0:
         return []
     from rich.console import Console
@@ -307,10 +312,7 @@ def _train(
             )
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(lr, lr_schedule, warmup_steps, len(curve), spent)
-            input_ids = next(batches)
-            # Packed sequences have no padding; an explicit mask silences the pad==eos warning.
-            mask = torch.ones_like(input_ids)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss
+            loss = (loss_of or _causal_loss)(model, next(batches))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -326,6 +328,12 @@ def _train(
     if curve:
         _log(f"trained {len(curve)} steps: loss {curve[0][2]:.3f} -> {curve[-1][2]:.3f}", verbose)
     return curve
+
+
+def _causal_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    # Packed sequences have no padding; an explicit mask silences the pad==eos warning.
+    mask = torch.ones_like(input_ids)
+    return model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss
 
 
 def _lr_at(lr: float, schedule: str, warmup_steps: int, step: int, spent: float) -> float:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.errors import LogitCacheError
-from logitcache.format.manifest import PartArrays
+from logitcache.format.manifest import PartArrays, refuse_masked
 from logitcache.read import reader
 from logitcache.storage import files, parquet_backend, stores
 from logitcache.storage.paths import refuse_overlap
@@ -120,6 +120,7 @@ def export_axolotl(
     root = Path(out)
     refuse_overlap(root, [cache], "OUT")
     source = reader.open(cache, cache_dir=cache_dir)  # refuses an unfinished dump
+    refuse_masked(source.manifest, f"export --format {FORMAT}")
     source.refuse_links()
     _refuse_existing(root, overwrite)
     m = source.manifest

@@ -247,6 +247,7 @@ class CacheWriter:
                 faults.point("part_written")
             entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
             text_bytes = 0 if arrays.text is None else len(arrays.text)
+            masked = 0 if arrays.target_positions is None else len(arrays.target_positions)
             info = PartInfo(
                 name,
                 arrays.sequences,
@@ -254,6 +255,7 @@ class CacheWriter:
                 hash_files(tmp, final.name),
                 entries,
                 text_bytes,
+                masked,
             )
         except OSError as exc:
             remove_quietly(tmp)  # a full disk: free what the failed part took
