@@ -214,6 +214,7 @@ def _ensemble_problems(m: Manifest) -> list[str]:
         problems.append("every ensemble member must have the cache's vocab_size")
     elif ensemble_teacher(e.mode, e.members) != m.teacher:
         problems.append("the teacher record is not the identity of the ensemble's members")
+    return problems
 
 
 def _masking_problems(m: Manifest) -> list[str]:

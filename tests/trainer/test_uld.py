@@ -107,7 +107,7 @@ def test_positions_are_paired_where_both_have_read_the_same_text(
             pairs_seen += int((pairs >= 0).sum())
             tokens += len(ids)
             # the gathered targets are the paired teacher positions', -inf rows elsewhere
-            _, target_ids, target_logprobs = student_tokens(part, s)
+            _, target_ids, target_logprobs, _ = student_tokens(part, s)
             paired = pairs >= 0
             np.testing.assert_array_equal(target_ids[paired], part.target_ids[a:b][pairs[paired]])
             assert np.isneginf(target_logprobs[~paired]).all()

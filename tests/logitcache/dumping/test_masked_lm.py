@@ -138,7 +138,7 @@ def causal_corpus(stdlib_corpus: Path, tmp_path_factory) -> Path:
         ("causal", ["--mask-prob", 0.15], ["--mask-prob", "is a causal LM", "Leave out"]),
         ("causal", ["--views", 2], ["--views", "is a causal LM"]),
         ("masked", ["--mask-prob", 1.5], ["--mask-prob must be in (0, 1)"]),
-        ("masked", ["--views", 0], ["--views must be at least 1"]),
+        ("masked", ["--views", -1], ["--views must be 0 or more"]),
         ("masked", ["--format", "parquet"], ["--format parquet", "masked-LM", "--format zarr"]),
         ("no-mask-token", [], ["has no mask token", "[MASK]"]),
     ],
