@@ -17,7 +17,8 @@ Each part holds, for its sequences laid end to end on one token axis:
 ``s`` of the part is tokens ``seq_offsets[s]:seq_offsets[s + 1]``. Top-k targets are
 ``target_ids`` and ``target_logprobs`` (tokens, k); sampled targets (format 1.1) are ragged:
 ``target_ids`` and ``target_counts`` (entries,) with ``target_lengths`` (tokens,) entries per
-position.
+position; top-p targets (format 1.3) are ragged the same way, ``target_ids`` and
+``target_logprobs`` (entries,) with ``target_lengths`` (tokens,).
 """
 
 from __future__ import annotations
@@ -37,20 +38,25 @@ FORMAT_VERSION = (
 #: The newest version this package reads. 1.1 adds optional fields: `merged_from` (written only
 #: by `logitcache merge`), sampled targets, uint8 log-probs, id order, temperature, delta
 #: filters; 1.2 adds `codec.gaps` (ids stored as per-position gaps). A cache that uses none of
-#: them is still written as 1.0, which every 1.x reader reads (`version_for`).
-READER_VERSION = "1.2"
+#: them is still written as 1.0, which every 1.x reader reads (`version_for`). 1.3 adds top-p
+#: targets (`kind` "topp", `targets.top_p` and `min_k`).
+READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
+TOPP_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
 ARRAY_NAMES = ("input_ids", "target_ids", "target_logprobs", "seq_offsets")
 BACKENDS = ("zarr", "parquet")
-TARGET_KINDS = ("topk", "sample")
+TARGET_KINDS = ("topk", "sample", "topp")
+#: The kinds whose positions hold a varying number of entries (`target_lengths`, `entries`).
+RAGGED_KINDS = ("sample", "topp")
 #: The arrays of a part, by target kind (`PartArrays` fields; None for the others).
 KIND_ARRAYS = {
     "topk": ("input_ids", "target_ids", "target_logprobs", "seq_offsets"),
     "sample": ("input_ids", "target_ids", "target_counts", "target_lengths", "seq_offsets"),
+    "topp": ("input_ids", "target_ids", "target_logprobs", "target_lengths", "seq_offsets"),
 }
 LOGPROB_DTYPES = ("float16", "float32", "uint8")
 ORDERS = ("descending", "id")
@@ -121,7 +127,9 @@ class TargetInfo:
     full vocabulary, so ``1 - sum(exp(logprobs))`` is the teacher's exact mass outside the
     stored ids (up to the value codec's rounding, `logitcache.format.codecs`). ``kind`` "sample"
     (1.1): the distinct ids among `samples` draws with their counts; `k` is then the most a
-    position can hold, ``min(samples, vocab_size)``.
+    position can hold, ``min(samples, vocab_size)``. ``kind`` "topp" (1.3): per position the
+    fewest most probable ids whose probabilities reach `top_p`, at least `min_k` and at most
+    `k` of them, with log-probs as for top-k (so the tail mass is exact here too).
     """
 
     kind: str
@@ -132,9 +140,12 @@ class TargetInfo:
     order: str = "descending"  # or "id" (1.1): ids increasing within each position
     # added in 1.1 (left out of the JSON at these defaults)
     samples: int = 0  # sample: draws per position (N)
-    count_dtype: str = ""  # sample: uint8 (N <= 255) or uint16
+    count_dtype: str = ""  # sample: uint8 (N <= 255) or uint16; topp: of target_lengths (k)
     logprob_scale: float = 0.0  # uint8 log-probs: stored q means log-prob -q / logprob_scale
     seed: int = 0  # sample: the seed of the draws (logitcache.dumping.sampling)
+    # added in 1.3, topp only (left out of the JSON at these defaults)
+    top_p: float = 0.0  # the probability mass each position's ids reach, in (0, 1]
+    min_k: int = 0  # the fewest ids a position holds, 1..k
 
 
 @dataclass(frozen=True)
@@ -174,7 +185,7 @@ class PartInfo:
     sequences: int
     tokens: int
     files: dict[str, str]
-    entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
+    entries: int = 0  # 1.1, sampled targets: (id, count) pairs; 1.3, topp: (id, log-prob) pairs
 
     def file_as(self, rel: str, name: str) -> str:
         """The path of this part's file `rel` once the part is renamed `name` (merge and the
@@ -244,18 +255,27 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
-#: Fields added to existing records in 1.1 (and `codec.gaps` in 1.2), and the values they take
-#: where unused: left out of the JSON at these values.
+#: Fields added to existing records in 1.1 (`codec.gaps` in 1.2, `targets.top_p` and `min_k` in
+#: 1.3), and the values they take where unused: left out of the JSON at these values.
 _ADDED_IN_1_1 = {
-    "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
+    "targets": {
+        "samples": 0,
+        "count_dtype": "",
+        "logprob_scale": 0.0,
+        "seed": 0,
+        "top_p": 0.0,
+        "min_k": 0,
+    },
     "codec": {"delta": [], "gaps": []},
     "parts": {"entries": 0},
 }
 
 
 def version_for(m: Manifest) -> str:
-    """The oldest format version that describes `m`: 1.2 with gaps, else 1.1 if a 1.1 feature
-    is used, else 1.0."""
+    """The oldest format version that describes `m`: 1.3 with top-p targets, 1.2 with gaps,
+    else 1.1 if a 1.1 feature is used, else 1.0."""
+    if m.targets.kind == "topp":
+        return TOPP_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
@@ -306,10 +326,11 @@ def part_bytes(m: Manifest, part: PartInfo) -> int:
     also the float32 log-probs of the decoded (tokens, k) view)."""
     id_size = {"uint8": 1, "uint16": 2, "uint32": 4}.get(m.targets.id_dtype, 4)
     lp_size = {"float16": 2, "uint8": 1}.get(m.targets.logprob_dtype, 4)
-    if m.targets.kind == "sample":
+    if m.targets.kind in RAGGED_KINDS:  # counts (sample) or log-probs (topp) per entry
         count_size = 2 if m.targets.count_dtype == "uint16" else 1
+        entry_size = count_size if m.targets.kind == "sample" else lp_size
         per_token = id_size * (1 + m.targets.k) + 4 * m.targets.k + count_size
-        return part.tokens * per_token + part.entries * count_size + (part.sequences + 1) * 8
+        return part.tokens * per_token + part.entries * entry_size + (part.sequences + 1) * 8
     per_token = id_size * (1 + m.targets.k) + lp_size * m.targets.k
     return part.tokens * per_token + (part.sequences + 1) * 8
 
@@ -317,11 +338,16 @@ def part_bytes(m: Manifest, part: PartInfo) -> int:
 def expected_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} that part `part` must hold, from the manifest alone."""
     t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
-    if t.kind == "sample":
+    if t.kind in RAGGED_KINDS:
+        values = (
+            ("target_counts", t.count_dtype)
+            if t.kind == "sample"
+            else ("target_logprobs", t.logprob_dtype)
+        )
         return {
             "input_ids": ((part.tokens,), ids),
             "target_ids": ((part.entries,), ids),
-            "target_counts": ((part.entries,), t.count_dtype),
+            values[0]: ((part.entries,), values[1]),
             "target_lengths": ((part.tokens,), t.count_dtype),
             "seq_offsets": ((part.sequences + 1,), "int64"),
         }
@@ -344,7 +370,8 @@ class PartArrays:
     Shapes: ``input_ids`` (tokens,), ``seq_offsets`` (sequences + 1,) with
     ``seq_offsets[0] == 0`` and ``[-1] == tokens``; top-k: ``target_ids`` and
     ``target_logprobs`` (tokens, k); sampled: ``target_ids`` and ``target_counts`` (entries,),
-    ``target_lengths`` (tokens,), and ``target_logprobs`` None. The reader's decoded view
+    ``target_lengths`` (tokens,), and ``target_logprobs`` None; top-p: ``target_ids`` and
+    ``target_logprobs`` (entries,), ``target_lengths`` (tokens,). The reader's decoded view
     (`logitcache.read.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
     """
 

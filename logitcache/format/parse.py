@@ -33,9 +33,11 @@ from logitcache.format.manifest import (
     MAX_SEQ_LEN,
     MERGED_FORMAT_VERSION,
     ORDERS,
+    RAGGED_KINDS,
     READER_VERSION,
     SHUFFLES,
     TARGET_KINDS,
+    TOPP_FORMAT_VERSION,
     Manifest,
     id_dtype_for,
     part_bytes,
@@ -138,7 +140,7 @@ def _check_consistency(m: Manifest, source: str) -> None:
             problems.append(f"{part.name}: {part.sequences} sequences is out of bounds")
         if not 0 < part.tokens <= part.sequences * m.layout.seq_len:
             problems.append(f"{part.name}: {part.tokens} tokens is out of bounds")
-        elif m.targets.kind == "sample" and not (
+        elif m.targets.kind in RAGGED_KINDS and not (
             part.tokens <= part.entries <= part.tokens * m.targets.k
         ):
             problems.append(f"{part.name}: {part.entries} entries is out of bounds")
@@ -186,7 +188,7 @@ def _target_problems(m: Manifest) -> list[str]:
             problems.append(f"count_dtype {t.count_dtype!r} does not fit samples={t.samples}")
         if t.logprob_dtype != "none" or t.order != "id" or t.logprob_scale != 0.0:
             problems.append('sampled targets need logprob_dtype "none", order "id", no scale')
-    elif t.kind == "topk":
+    else:  # topk and topp: log-probs over the full vocabulary
         if t.logprob_dtype not in LOGPROB_DTYPES:
             problems.append(f"logprob_dtype {t.logprob_dtype!r} is not one of {LOGPROB_DTYPES}")
         if t.order not in ORDERS:
@@ -194,8 +196,14 @@ def _target_problems(m: Manifest) -> list[str]:
         scaled = t.logprob_dtype == "uint8"
         if scaled != (math.isfinite(t.logprob_scale) and t.logprob_scale > 0):
             problems.append("logprob_scale must be positive for uint8 log-probs, else 0")
-        if t.samples or t.count_dtype or t.seed:
-            problems.append("samples, count_dtype and seed are for sampled targets only")
+        if t.samples or t.seed:
+            problems.append("samples and seed are for sampled targets only")
+    if t.kind == "topp":
+        problems += _topp_problems(m)
+    elif t.count_dtype and t.kind != "sample":
+        problems.append("count_dtype is for sampled and top-p targets only")
+    if t.kind != "topp" and (t.top_p or t.min_k):
+        problems.append("top_p and min_k are for top-p targets only")
     if m.codec.shuffle not in SHUFFLES:
         problems.append(f"codec.shuffle {m.codec.shuffle!r} is not one of {SHUFFLES}")
     if t.kind in KIND_ARRAYS:
@@ -219,6 +227,23 @@ def _target_problems(m: Manifest) -> list[str]:
         problems.append(
             f"format_version {m.format_version} cannot describe these targets or this codec "
             f"(they need {MERGED_FORMAT_VERSION})"
+        )
+    return problems
+
+
+def _topp_problems(m: Manifest) -> list[str]:
+    """Top-p targets (1.3): the coverage in (0, 1], 1 <= min_k <= k, the lengths' type."""
+    t, problems = m.targets, []
+    if not (math.isfinite(t.top_p) and 0 < t.top_p <= 1):
+        problems.append(f"top_p={t.top_p} is not in (0, 1]")
+    if not 1 <= t.min_k <= t.k:
+        problems.append(f"min_k={t.min_k} is not in 1..k={t.k}")
+    if t.count_dtype != ("uint8" if t.k <= 255 else "uint16"):
+        problems.append(f"count_dtype {t.count_dtype!r} does not fit k={t.k} ids per position")
+    if _version_tuple(m.format_version) < _version_tuple(TOPP_FORMAT_VERSION):
+        problems.append(
+            f"format_version {m.format_version} cannot describe top-p targets (they need "
+            f"{TOPP_FORMAT_VERSION})"
         )
     return problems
 

@@ -19,7 +19,7 @@ import torch
 
 from logitcache.errors import CorruptCacheError
 from logitcache.format import codecs
-from logitcache.format.manifest import Manifest, PartArrays
+from logitcache.format.manifest import RAGGED_KINDS, Manifest, PartArrays
 
 __all__ = [
     "TOKEN_ARRAYS",
@@ -37,7 +37,7 @@ class CacheSequence:
     ids (T, w) and their log-probs (T, w) at the dump temperature, in decreasing order, with
     ``-inf`` (and id 0) in slots a position does not use. Top-k: w = k. Sampled targets:
     ``log(count / N)``, w the most distinct ids at one position of the part (of the sequence,
-    for ``cache[i]``)."""
+    for ``cache[i]``). Top-p: w the most ids at one position, likewise."""
 
     input_ids: torch.Tensor  # (T,) int64
     target_ids: torch.Tensor  # (T, k) int64
@@ -70,6 +70,11 @@ def decode(
         ids, logprobs = codecs.decode_sample(
             arrays.target_ids, arrays.target_counts, arrays.target_lengths, t.samples
         )
+    elif t.kind == "topp":
+        ids, logprobs = codecs.decode_topp(
+            arrays.target_ids, arrays.target_logprobs, arrays.target_lengths,
+            t.logprob_dtype, t.logprob_scale, t.order,
+        )  # fmt: skip
     else:
         ids, logprobs = codecs.decode_topk(
             arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
@@ -109,12 +114,14 @@ def check_values(
     """
     vocab, t = manifest.teacher.vocab_size, manifest.targets
     input_ids, target_ids = np.asarray(arrays.input_ids), np.asarray(arrays.target_ids)
-    if t.kind == "sample":
-        stored = int(np.asarray(arrays.target_lengths).sum(dtype=np.int64))
-        if stored != len(target_ids):
+    if t.kind in RAGGED_KINDS:
+        lengths = np.asarray(arrays.target_lengths)
+        stored = int(lengths.sum(dtype=np.int64))
+        values = arrays.target_counts if t.kind == "sample" else arrays.target_logprobs
+        if stored != len(target_ids) or len(values) != len(target_ids):
             raise _bad_values(
                 where,
-                f"its target_lengths add up to {stored}, not the {len(target_ids)} (id, count) "
+                f"its target_lengths add up to {stored}, not the {len(target_ids)} target "
                 "entries stored",
             )
     if input_ids.size and input_ids.max() >= vocab:
@@ -148,7 +155,7 @@ def check_values(
 
 def _row_of_entry(arrays: PartArrays, kind: str, entry: int) -> int:
     """The position (token row) of target entry `entry`, counted in the flattened array."""
-    if kind == "sample":  # ragged: the entries of position i end at cumsum(lengths)[i]
+    if kind in RAGGED_KINDS:  # ragged: the entries of position i end at cumsum(lengths)[i]
         ends = np.cumsum(arrays.target_lengths, dtype=np.int64)
         return int(np.searchsorted(ends, entry, side="right"))
     return entry // arrays.target_ids.shape[-1]

@@ -245,7 +245,7 @@ class CacheWriter:
             if faults.ACTIVE:
                 faults.wrote(bytes_under(tmp), str(tmp))
                 faults.point("part_written")
-            entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
+            entries = 0 if arrays.target_lengths is None else len(arrays.target_ids)  # ragged
             info = PartInfo(
                 name, arrays.sequences, arrays.tokens, hash_files(tmp, final.name), entries
             )
