@@ -175,7 +175,7 @@ REGIMES = {
         name="realistic", section="bench_fidelity_realistic", teacher=STRONG_TEACHER,
         steps=400, alphas=(0.0, 0.5),
         caches=(sample(64), sample(32), sample(16), topk(32), topk(64), topk(8),
-                topp(0.5, 64), topp(0.7, 128), topp(0.9, 128)),
+                topp(0.5, 64), topp(0.7, 128)),
         losses=(("reverse_kl", 0.5), ("gjsd", 0.5), ("tvd", 0.5)), loss_cache="sample64",
         heldout_tokens=16_384, probe_every=50,
     ),
