@@ -38,8 +38,12 @@ For each regime:
 
 Rows are stored one JSON file each under the work directory as they finish, so an interrupted
 run continues where it stopped and ``--report`` rewrites the section from what is there. Full
-runs write ``benchmarks/RESULTS.md``, ``benchmarks/fidelity_<regime>.json`` (the rows) and
-``benchmarks/fidelity.png`` (quality against bytes/token, every regime run).
+runs write ``benchmarks/RESULTS.md``, ``benchmarks/fidelity_<regime>.json`` (the rows, their KL
+trajectories and the caches' sizes, under the settings' fingerprint) and
+``benchmarks/fidelity.png`` (quality against bytes/token, every regime run). A row or cache missing
+from the work directory (a fresh checkout) is taken from that committed JSON when the
+fingerprint matches, so adding a cache and running ``--only`` its rows trains nothing else and
+the report still holds every row.
 """
 
 from __future__ import annotations
@@ -106,6 +110,13 @@ def topk(k: int, dtype: str = "float16") -> CacheSpec:
 
 def sample(n: int, tail: str = "renorm") -> CacheSpec:
     return CacheSpec(f"sample{n}", {"targets": "sample", "samples": n}, (tail,))
+
+
+def topp(p: float, max_k: int) -> CacheSpec:
+    """Top-p targets: per position the fewest ids reaching `p`, at most `max_k`; the tail is
+    exact, as for top-k, so the first (cheapest) tail mode is the one run by default."""
+    return CacheSpec(f"topp{p:g}-max{max_k}",
+                     {"targets": "topp", "top_p": p, "max_k": max_k, "min_k": 1})  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +186,8 @@ REGIMES = {
     "realistic": Regime(
         name="realistic", section="bench_fidelity_realistic", teacher=STRONG_TEACHER,
         steps=400, alphas=(0.0, 0.5),
-        caches=(sample(64), sample(32), sample(16), topk(32), topk(64), topk(8)),
+        caches=(sample(64), sample(32), sample(16), topk(32), topk(64), topk(8),
+                topp(0.5, 64), topp(0.7, 128)),
         losses=(("reverse_kl", 0.5), ("gjsd", 0.5), ("tvd", 0.5)), loss_cache="sample64",
         heldout_tokens=16_384, probe_every=50,
     ),
@@ -530,7 +542,7 @@ def plot(regimes: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
                     ax.axhline(r[key], linestyle=style, color=color,
                                label=f"{r['name']} (alpha {r['alpha']:g})")  # fmt: skip
                     continue
-                color = "tab:blue" if r["name"].startswith("topk") else "tab:green"
+                color = {"topk": "tab:blue", "topp": "tab:orange"}.get(r["name"][:4], "tab:green")
                 if r["loss"] != "forward_kl":
                     color = "tab:purple"
                 ax.scatter(r["bytes_per_token"], r[key], marker=markers.get(r["tail"], "o"),
@@ -627,13 +639,16 @@ def write_report(regime: Regime, rows, caches, context: dict[str, Any]) -> None:
         lines.append("Rows not run yet (rerun the command to add them): " + ", ".join(missing))
     lines.append(f"![quality against bytes/token]({PLOT.name})")
     update_results(regime.section, "\n\n".join(lines))
-    table = HERE / f"fidelity_{regime.name}.json"
+    table = committed_path(regime)
+    sizes = {name: {k: v for k, v in c.items() if k != "path"} for name, c in caches.items()}
     table.write_text(
         json.dumps(
             {
                 "regime": regime.name,
+                "fingerprint": context["fingerprint"],
                 "teacher": ts,
-                "rows": [{k: v for k, v in r.items() if k != "trajectory"} for r in rows],
+                "caches": sizes,
+                "rows": rows,
             },
             indent=1,
         )
@@ -648,6 +663,21 @@ def write_report(regime: Regime, rows, caches, context: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
+
+
+def committed_path(regime: Regime) -> Path:
+    return HERE / f"fidelity_{regime.name}.json"
+
+
+def committed(regime: Regime, fingerprint: str) -> tuple[dict[str, dict], dict[str, dict]]:
+    """({row key: row}, {cache name: its size and dump cost}) of the committed
+    ``fidelity_<regime>.json`` if its rows were measured under `fingerprint`, else empty: what
+    a work directory without them (a fresh checkout) reuses instead of training again."""
+    path = committed_path(regime)
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if doc.get("fingerprint") != fingerprint:
+        return {}, {}
+    return {r["key"]: r for r in doc["rows"]}, doc.get("caches", {})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -708,9 +738,10 @@ def main(argv: list[str] | None = None) -> None:
     specs = {c.name: c for c in regime.caches}
     caches: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
+    old_rows, old_caches = committed(regime, fingerprint)
     for run in regime.runs():
         stored = rows_dir / f"{run.key}.json"
-        row = json.loads(stored.read_text()) if stored.is_file() else None
+        row = json.loads(stored.read_text()) if stored.is_file() else old_rows.get(run.key)
         wanted = not only or run.key in only or run.name in only
         if (row is None or row.get("fingerprint") != fingerprint) and wanted and not args.report:
             if run.cache not in caches:
@@ -738,6 +769,8 @@ def main(argv: list[str] | None = None) -> None:
         stamp = work / "caches" / f"{name}.dump.json"
         if name not in caches and stamp.is_file():
             caches[name] = json.loads(stamp.read_text())["result"]
+        elif name not in caches and name in old_caches:
+            caches[name] = old_caches[name]
 
     print(results_table(rows))
     print(trajectory_table(rows))
@@ -750,6 +783,7 @@ def main(argv: list[str] | None = None) -> None:
     context = {
         "started": started, "minutes": (time.perf_counter() - t_start) / 60,
         "load_before": load_before, "teacher_dir": teacher_dir, "teacher_stats": teacher_stats,
+        "fingerprint": fingerprint,
         "teacher_params": non_embedding_params(teacher), "heldout_tokens": heldout.labels.numel(),
         "student_params": non_embedding_params(_student(student_cfg)),
     }  # fmt: skip

@@ -28,7 +28,9 @@ ids and float32 values, uncompressed; top-k with uint32 ids and float16 values u
 (level 3, 1 MiB frames; the layout large training frameworks use); and DistillKit's published
 figures, quoted (not measured): about 114 and 300 bytes/token at k = 50 and k = 128 on large
 vocabularies. Sampled targets are also measured in a fixed-width layout (distinct ids padded to
-the part's largest count with count 0) against the ragged layout the format uses.
+the part's largest count with count 0) against the ragged layout the format uses. Top-p
+rows (``topp<p>-max<k>``: per position the fewest ids reaching p, at most k) are ragged too;
+their "ids/position" is the mean count.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Setting:
     delta: bool = False  # the numcodecs filter (--delta); without it sampled ids are gaps (1.2)
     backend: str = "zarr"
     shuffle: str = "shuffle"  # Blosc's byte shuffle, dump's default; "bitshuffle" before
+    top_p: float = 0.0  # topp: the coverage, with k the most ids (--max-k) and min_k 1
 
 
 def settings(quick: bool) -> list[Setting]:
@@ -91,6 +94,11 @@ def settings(quick: bool) -> list[Setting]:
         Setting("sample64", "sample", samples=64, order="id", backend="parquet", delta=True),
         Setting("sample64", "sample", samples=64, order="id", backend="parquet"),  # gaps
     ]
+    for max_k in (64, 128):  # top-p, as dump writes it by default (float16, id order)
+        for p in (0.5, 0.7, 0.8, 0.9, 0.95) if not quick else (0.5, 0.9):
+            out.append(Setting(f"topp{p:g}-max{max_k}", "topp", k=max_k, top_p=p, order="id"))
+    out.append(Setting("topp0.9-max128", "topp", k=128, top_p=0.9, logprob_dtype="uint8",
+                       order="id"))  # fmt: skip
     return out
 
 
@@ -168,7 +176,7 @@ def write_cache(out: Path, s: Setting, seqs, logits, teacher_dir: Path) -> Any:
     vocab = logits.shape[-1]
     info = targets_mod.target_info(
         kind=s.kind, vocab_size=vocab, top_k=s.k, samples=s.samples,
-        logprob_dtype=s.logprob_dtype, order=s.order,
+        logprob_dtype=s.logprob_dtype, order=s.order, top_p=s.top_p or 1.0,
     )  # fmt: skip
     delta = targets_mod.delta_arrays(info) if s.delta else []
     gaps = [] if s.delta else targets_mod.gap_arrays(info)  # as dump decides (prepare.py)
@@ -230,12 +238,13 @@ def check_bound(ids, stored_lp, exact_lp, info) -> float:
 
     from logitcache.format import codecs
 
-    if info.kind != "topk":
+    if info.kind == "sample":
         return 0.0
     lp_true = exact_lp.gather(-1, torch.from_numpy(ids.astype(np.int64))).double().numpy()
     bound = codecs.logprob_error_bound(stored_lp, info.logprob_dtype, info.logprob_scale)
     # the stored values are rounded from float32 log-probs, themselves within ~1e-6 of float64
-    excess = np.abs(stored_lp.astype(np.float64) - lp_true) - bound - 1e-5
+    with np.errstate(invalid="ignore"):  # top-p's unused slots: -inf values, infinite bounds
+        excess = np.abs(stored_lp.astype(np.float64) - lp_true) - bound - 1e-5
     return float(np.nanmax(np.where(np.isfinite(bound), excess, -np.inf)))
 
 
@@ -344,7 +353,7 @@ def main(argv=None) -> None:
             }.get(info.logprob_dtype, "exact counts")  # fmt: skip
             rows.append([
                 describe(s), f"{size / tokens:.1f}", f"{err['distinct']:.1f}",
-                f"{err['max_dlp']:.2e}" if s.kind == "topk" else "-", bound,
+                f"{err['max_dlp']:.2e}" if s.kind != "sample" else "-", bound,
                 f"{err['kl_support']:.2e}", f"{err['tv']:.4f}", f"{err['coverage']:.4f}",
             ])  # fmt: skip
             bf.log(f"{describe(s)}: {size / tokens:.1f} B/token ({targets_bytes} B w/o manifest)")

@@ -309,6 +309,8 @@ def _targets_note(cache: logitcache.Cache, tail: str) -> str:
     t = cache.manifest.targets
     if t.kind == "sample":  # log(counts / N) sums to 1 over the stored ids: every mode agrees
         return f"sampled targets N={t.samples}, no tail (counts / N carry all the mass)"
+    if t.kind == "topp":  # the tail is exact, as for top-k
+        return f"top-p targets p={t.top_p:g} ({t.min_k}..{t.k} ids), tail {tail}"
     return f"top-{t.k} targets, tail {tail}"
 
 

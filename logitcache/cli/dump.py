@@ -76,14 +76,31 @@ def dump(
             help="sample: the distinct ids among --samples draws from the teacher and their "
             "counts (counts / N estimates the whole distribution without bias); topk: the k "
             f"most probable ids and their log-probs, fully supported (--targets topk --top-k "
-            f"{D.top_k}); full (--task classification, its default): every class's log-prob "
-            f"in float32. Default {D.targets}, or topk when a top-k option is given; why: "
-            "Choosing targets in README.md."
+            f"{D.top_k}); topp: per position the fewest most probable ids reaching --top-p, "
+            "with their log-probs (few where the teacher is sure, more where it is not); "
+            "full (--task classification, its default): every class's log-prob in float32. "
+            f"Default {D.targets}, or the kind of the target options given; why: Choosing "
+            "targets in README.md."
         ),
     ] = None,
     top_k: Annotated[
         int | None,
         typer.Option(help=f"Teacher ids kept per position (topk; implies it) [{D.top_k}]."),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            help="Probability mass each position's ids reach (topp; implies it), in (0, 1] "
+            f"[{D.top_p}]."
+        ),
+    ] = None,
+    max_k: Annotated[
+        int | None,
+        typer.Option(help=f"Most ids a position holds (topp; implies it) [{D.max_k}]."),
+    ] = None,
+    min_k: Annotated[
+        int | None,
+        typer.Option(help=f"Fewest ids a position holds (topp; implies it) [{D.min_k}]."),
     ] = None,
     samples: Annotated[
         int | None,
@@ -100,7 +117,7 @@ def dump(
     id_order: Annotated[
         str | None,
         typer.Option(
-            help="topk (implies it): id (ids increasing within a position: a third smaller at "
+            help="topk or topp (implies topk): id (ids increasing within a position: a third smaller at "
             "k=64, see bench_storage in benchmarks/RESULTS.md) or descending (most probable "
             f"first). Readers get descending order back either way [{D.id_order}]."
         ),
@@ -177,7 +194,7 @@ def dump(
     logprob_dtype: Annotated[
         str | None,
         typer.Option(
-            help="Stored log-prob type (topk; implies it): float16, float32, or uint8 (1/16-nat "
+            help="Stored log-prob type (topk or topp; implies topk): float16, float32, or uint8 (1/16-nat "
             "steps, error at most 1/32 nat; 58 instead of 93 bytes/token at k=64 in "
             f"bench_storage) [{D.logprob_dtype}]."
         ),
@@ -269,7 +286,7 @@ def dump(
         typer.Option(help="classification tables: the class-id column (default: label)."),
     ] = D.label_field,
 ) -> None:
-    """Run the teacher over a dataset once and write its soft targets (sampled or top-k).
+    """Run the teacher over a dataset once and write its soft targets (sampled, top-k or top-p).
 
     Rerunning the same command after an interruption resumes from the last committed part.
 
@@ -282,6 +299,8 @@ def dump(
       logitcache dump --teacher-factory mypkg.models:teacher --tokenizer ./tok --data docs.jsonl --text-field text --out ./cache
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets sample --samples 32 --seed 1
+
+      logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets topp --top-p 0.95 --max-k 128
 
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out s3://bucket/caches/gpt2 --license cc-by-4.0
 
@@ -306,12 +325,15 @@ def dump(
     from logitcache.format.ensemble import parse_weights
 
     targets = target_kind(
-        targets, topk_flags={"--top-k": top_k, "--logprob-dtype": logprob_dtype,
-                             "--id-order": id_order}, sample_flags={"--samples": samples},
+        targets, {"--top-k": top_k, "--logprob-dtype": logprob_dtype, "--id-order": id_order,
+                  "--samples": samples, "--top-p": top_p, "--max-k": max_k, "--min-k": min_k},
     )  # fmt: skip
     if task == "classification" and targets == D.targets and not (top_k or samples):
         targets = "full"  # nothing asked for: every class (exact at any temperature)
     top_k = D.top_k if top_k is None else top_k
+    top_p = D.top_p if top_p is None else top_p
+    max_k = D.max_k if max_k is None else max_k
+    min_k = D.min_k if min_k is None else min_k
     samples = D.samples if samples is None else samples
     id_order = D.id_order if id_order is None else id_order
     logprob_dtype = D.logprob_dtype if logprob_dtype is None else logprob_dtype
@@ -323,9 +345,9 @@ def dump(
             weights=None if weights is None else parse_weights(weights),
             teacher_factory=teacher_factory, tokenizer=tokenizer,
             trust_remote_code=trust_remote_code, data_format=data_format, text_field=text_field,
-            ids_field=ids_field, targets=targets, top_k=top_k, samples=samples,
-            temperature=temperature, seed=seed, id_order=id_order, delta=delta, offsets=offsets,
-            seq_len=seq_len,
+            ids_field=ids_field, targets=targets, top_k=top_k, top_p=top_p, max_k=max_k,
+            min_k=min_k, samples=samples, temperature=temperature, seed=seed,
+            id_order=id_order, delta=delta, offsets=offsets, seq_len=seq_len,
             logits_chunk_tokens=logits_chunk_tokens,
             pack=pack, batch_size=batch_size,
             device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, attn=attn,
@@ -390,25 +412,40 @@ def pair(text: str, flag: str, kind: type, sep: str = ",") -> tuple:
         raise LogitCacheError(f"{flag} {text!r} is not two numbers like {example}.") from None
 
 
-def target_kind(
-    targets: str | None, *, topk_flags: dict[str, object], sample_flags: dict[str, object]
-) -> str:
-    """The target kind a command line asks for. An option of one kind implies that kind (an old
+#: The target kinds each kind-specific option of `dump` applies to; the first is the kind it
+#: implies when --targets is not given.
+FLAG_KINDS = {
+    "--top-k": ("topk",),
+    "--logprob-dtype": ("topk", "topp"),
+    "--id-order": ("topk", "topp"),
+    "--samples": ("sample",),
+    "--top-p": ("topp",),
+    "--max-k": ("topp",),
+    "--min-k": ("topp",),
+}
+
+
+def target_kind(targets: str | None, flags: dict[str, object]) -> str:
+    """The target kind a command line asks for, from --targets and the kind-specific options
+    given (`flags`: {flag: value, None where not given}). An option implies its kind (an old
     ``dump --top-k 64`` still writes top-k targets, not silently a sampled cache), and options
-    of the other kind than ``--targets`` names are refused rather than ignored."""
-    given_topk = [flag for flag, value in topk_flags.items() if value is not None]
-    given_sample = [flag for flag, value in sample_flags.items() if value is not None]
+    that do not apply to the kind ``--targets`` names are refused rather than ignored."""
+    given = [flag for flag, value in flags.items() if value is not None]
     if targets is None:
-        if given_topk and given_sample:
+        if not given:
+            return D.targets
+        kinds = [k for k in FLAG_KINDS[given[0]] if all(k in FLAG_KINDS[f] for f in given)]
+        if not kinds:
             raise LogitCacheError(
-                f"{', '.join(given_topk)} and {', '.join(given_sample)} are options of "
-                "different target kinds; choose one with --targets topk or --targets sample."
+                f"{', '.join(given)} are options of different target kinds; choose one with "
+                "--targets topk, --targets topp or --targets sample."
             )
-        return "topk" if given_topk else ("sample" if given_sample else D.targets)
-    other = given_sample if targets == "topk" else given_topk if targets == "sample" else []
+        return kinds[0]
+    other = [flag for flag in given if targets not in FLAG_KINDS[flag]]
     if other:
+        kinds = sorted({k for flag in other for k in FLAG_KINDS[flag]})
         raise LogitCacheError(
             f"{', '.join(other)} does not apply to --targets {targets}; drop it, or choose "
-            f"--targets {'sample' if targets == 'topk' else 'topk'}."
+            f"--targets {' or '.join(kinds)}."
         )
     return targets

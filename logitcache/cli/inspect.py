@@ -132,9 +132,9 @@ def describe_targets(m: Manifest) -> str:
             f"{t.seed}, ids {t.id_dtype}, counts {t.count_dtype}{delta}"
         )
     values = t.logprob_dtype + (f" (1/{t.logprob_scale:g} nat)" if t.logprob_scale else "")
+    size = f"topp p={t.top_p:g}, {t.min_k}..{t.k} ids" if t.kind == "topp" else f"topk k={t.k}"
     return (
-        f"topk k={t.k}, T={t.temperature}, ids {t.id_dtype} in {t.order} order, "
-        f"log-probs {values}{delta}"
+        f"{size}, T={t.temperature}, ids {t.id_dtype} in {t.order} order, log-probs {values}{delta}"
     )
 
 

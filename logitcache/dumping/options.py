@@ -35,9 +35,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ATTENTIONS",
     "CLEVELS",
+    "DEFAULT_MAX_K",
     "DEFAULT_SAMPLES",
     "DEFAULT_TARGETS",
     "DEFAULT_TOP_K",
+    "DEFAULT_TOP_P",
     "DEVICE_MAPS",
     "TASKS",
     "DumpOptions",
@@ -63,6 +65,13 @@ DEFAULT_SAMPLES = 64
 DEFAULT_TOP_K = 32
 #: What a dump's teacher is (--task): a causal LM, or a classifier (format 1.3).
 TASKS = ("lm", "classification")
+
+#: Top-p targets (--targets topp): each position keeps the fewest ids whose probabilities reach
+#: --top-p, at least --min-k and at most --max-k of them (docs/FORMAT.md, section 3f).
+DEFAULT_TOP_P = 0.95
+DEFAULT_MAX_K = 128
+#: The most ids a top-p position may hold: its length is stored as a uint16.
+MAX_TOPP_K = 0xFFFF
 
 #: --clevel ranges: Blosc's (zarr) levels, 0 (none) to 9; the Parquet backend's plain zstd
 #: levels, 1 to 22 (0 means zstd's default there). Checked up front: out of range, Blosc fails
@@ -98,8 +107,11 @@ class DumpOptions:
     data_format: str = "auto"
     text_field: str | None = None
     ids_field: str | None = None
-    targets: str = DEFAULT_TARGETS  # "sample" or "topk"
+    targets: str = DEFAULT_TARGETS  # "sample", "topk" or "topp"
     top_k: int = DEFAULT_TOP_K  # ids per position for targets="topk"
+    top_p: float = DEFAULT_TOP_P  # targets="topp": the mass each position's ids reach...
+    max_k: int = DEFAULT_MAX_K  # ...with at most max_k ids
+    min_k: int = 1  # ...and at least min_k
     samples: int = DEFAULT_SAMPLES  # draws per position for targets="sample"
     temperature: float = 1.0
     seed: int = 0  # of the draws (targets="sample")
@@ -181,7 +193,7 @@ class DumpSummary:
 def check_options(opts: DumpOptions) -> None:
     """Refuse settings that are wrong whatever the teacher and the data are, and an --out that
     overlaps an input: before the teacher is loaded or --out is touched."""
-    for name in ("top_k", "samples", "batch_size", "part_tokens", "chunk_bytes"):
+    for name in ("top_k", "max_k", "min_k", "samples", "batch_size", "part_tokens", "chunk_bytes"):
         if getattr(opts, name) < 1:
             raise LogitCacheError(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}."
@@ -235,6 +247,16 @@ def check_options(opts: DumpOptions) -> None:
     if opts.shuffle not in SHUFFLES:
         raise LogitCacheError(
             f"--shuffle must be one of {', '.join(SHUFFLES)}, got {opts.shuffle!r}."
+        )
+    if not 0 < opts.top_p <= 1:  # also refuses NaN
+        raise LogitCacheError(
+            f"--top-p must be in (0, 1], the probability mass each position's ids reach "
+            f"(e.g. 0.95), got {opts.top_p}."
+        )
+    if opts.min_k > opts.max_k or opts.max_k > MAX_TOPP_K:
+        raise LogitCacheError(
+            f"--min-k {opts.min_k} and --max-k {opts.max_k} must satisfy 1 <= min-k <= max-k "
+            f"<= {MAX_TOPP_K}."
         )
     if opts.samples > MAX_SAMPLES:
         raise LogitCacheError(f"--samples must be at most {MAX_SAMPLES}, got {opts.samples}.")
@@ -417,6 +439,10 @@ def check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
     if opts.targets == "topk" and not 1 <= opts.top_k <= vocab:
         raise LogitCacheError(
             f"--top-k {opts.top_k} is not in 1..{vocab} (the teacher's vocabulary size)."
+        )
+    if opts.targets == "topp" and not opts.max_k <= vocab:
+        raise LogitCacheError(
+            f"--max-k {opts.max_k} is not in 1..{vocab} (the teacher's vocabulary size)."
         )
     words = teacher.tokenizer_info.vocab_size
     if words > vocab:  # input ids up to words - 1: past the model's embedding, and any student's

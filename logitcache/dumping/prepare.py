@@ -150,9 +150,10 @@ def _load(opts: DumpOptions) -> Teacher:
 def _manifest_template(opts: DumpOptions, teacher: Teacher, source: data.DataSource) -> Manifest:
     documents = data.count_documents(source)
     target_info = targets.target_info(
-        kind=opts.targets, vocab_size=teacher.info.vocab_size, top_k=opts.top_k,
-        samples=opts.samples, temperature=opts.temperature, logprob_dtype=opts.logprob_dtype,
-        order=opts.id_order, seed=opts.seed,
+        kind=opts.targets, vocab_size=teacher.info.vocab_size,
+        top_k=opts.max_k if opts.targets == "topp" else opts.top_k, samples=opts.samples,
+        temperature=opts.temperature, logprob_dtype=opts.logprob_dtype, order=opts.id_order,
+        seed=opts.seed, top_p=opts.top_p, min_k=opts.min_k,
     )  # fmt: skip
     manifest = Manifest(
         format=FORMAT_NAME,

@@ -11,6 +11,13 @@ Two kinds (``targets.kind`` in the manifest; docs/FORMAT.md section 3):
     distinct ids (increasing) with their counts, in a ragged layout: ``target_ids`` and
     ``target_counts`` hold every position's entries end to end, ``target_lengths`` how many
     belong to each position.
+``topp`` (format 1.3)
+    per position the fewest most probable ids whose probabilities reach ``top_p`` (at least
+    ``min_k``, at most ``k``), with their log-probs as for ``topk``: ragged like ``sample``,
+    ``target_ids`` and ``target_logprobs`` end to end, ``target_lengths`` per position. On the
+    device it is a top-k of the most ids a position may hold, the cumulative sum of its
+    probabilities and a count per row (fixed shapes, no sync); the host keeps each row's first
+    ``count`` entries.
 
 `device_targets` runs on the teacher's device and returns fixed-shape tensors (one sync-free
 kernel sequence per batch); `assemble` runs on the host (the writer thread) and builds the
@@ -44,6 +51,8 @@ class TargetSpec:
     logprob_scale: float = 0.0
     order: str = "descending"
     seed: int = 0
+    top_p: float = 0.0  # topp: the coverage, with k the most ids and min_k the fewest
+    min_k: int = 0
 
     @classmethod
     def of(cls, targets: TargetInfo) -> TargetSpec:
@@ -56,6 +65,8 @@ class TargetSpec:
             logprob_scale=targets.logprob_scale,
             order=targets.order,
             seed=targets.seed,
+            top_p=targets.top_p,
+            min_k=targets.min_k,
         )
 
 
@@ -91,6 +102,15 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return values - sums.log_().add_(tops).view(top.shape), indices
 
 
+def topp_lengths(logprobs: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:
+    """(..., k) float32 log-probs, most probable first -> (...,) int64: the fewest leading ids
+    whose probabilities sum to at least `top_p` (float32 cumulative sum), clamped to
+    ``min_k..k`` (k where the k ids do not reach it). Ties do not change the count: the sums of
+    a sorted row are the same whichever of two equal values comes first."""
+    below = (logprobs.exp().cumsum(-1) < top_p).sum(-1)  # the prefixes short of the coverage
+    return (below + 1).clamp_(min_k, logprobs.shape[-1])
+
+
 @torch.inference_mode()
 def device_targets(
     logits: torch.Tensor, spec: TargetSpec, sequences: torch.Tensor, *, first_position: int = 0
@@ -100,25 +120,35 @@ def device_targets(
     `logitcache.dumping.chunked`: what sampled draws are keyed by, with the sequence).
 
     Returns ``finite`` (B, T) bool (False where the teacher's logits hold NaN or +inf, or are
-    all -inf, or a stored log-prob overflows its dtype) and, for top-k, ``target_ids`` (B, T, k) int32 and ``target_logprobs`` (B, T, k)
-    in the stored dtype; for sampled, ``target_ids`` (B, T, N) int32 ascending, ``target_counts``
-    (B, T, N) (0 on padding slots) and ``target_lengths`` (B, T) int64.
+    all -inf, or a stored log-prob overflows its dtype) and, for top-k, ``target_ids`` (B, T, k)
+    int32 and ``target_logprobs`` (B, T, k) in the stored dtype; for top-p the same (B, T, k)
+    arrays, each row's first ``target_lengths`` (B, T) int64 slots used; for sampled,
+    ``target_ids`` (B, T, N) int32 ascending, ``target_counts`` (B, T, N) (0 on padding slots)
+    and ``target_lengths`` (B, T) int64.
     """
     x = logits.float()
     if spec.temperature != 1.0:
         x = x / spec.temperature
-    if spec.kind == "topk":
-        logprobs, ids = topk_logprobs(x, spec.k)  # (B, T, k)
-        if spec.order == "id":
-            ids, perm = ids.sort(dim=-1)
+    if spec.kind in ("topk", "topp"):
+        logprobs, ids = topk_logprobs(x, spec.k)  # (B, T, k), most probable first
+        used = None
+        if spec.kind == "topp":
+            lengths = topp_lengths(logprobs, spec.top_p, spec.min_k)  # (B, T)
+            used = torch.arange(spec.k, device=x.device) < lengths[..., None]  # (B, T, k)
+        if spec.order == "id":  # unused slots sort after the used ones: their key is past any id
+            ids, perm = (ids if used is None else ids.where(used, x.shape[-1])).sort(dim=-1)
             logprobs = logprobs.gather(-1, perm)
         if spec.logprob_dtype == "uint8":
-            finite = torch.isfinite(logprobs).all(-1)
+            finite = torch.isfinite(logprobs)
             stored = codecs.quantize(logprobs.nan_to_num(0.0), spec.logprob_scale)
         else:
             stored = logprobs.to(_TORCH_VALUES[spec.logprob_dtype])
-            finite = torch.isfinite(stored).all(-1)
-        return {"finite": finite, "target_ids": ids.to(torch.int32), "target_logprobs": stored}
+            finite = torch.isfinite(stored)
+        out = {"target_ids": ids.to(torch.int32), "target_logprobs": stored}
+        if used is None:
+            return {"finite": finite.all(-1), **out}
+        # an unused slot's value is never stored, so it cannot make a row non-finite
+        return {"finite": (finite | ~used).all(-1), **out, "target_lengths": lengths}
     # the row maximum is NaN with a NaN, +inf with a +inf and -inf when every logit is: what
     # makes a row's softmax undefined, found in one pass instead of a log-sum-exp's two
     finite = torch.isfinite(x.amax(dim=-1))  # (B, T)
@@ -158,17 +188,18 @@ def assemble(
             seq_offsets=offsets,
         )
     count_dtype = np.dtype(targets.count_dtype)
+    values = "target_counts" if targets.kind == "sample" else "target_logprobs"
     padded_ids = np.concatenate([r["target_ids"] for r in rows])
-    padded_counts = np.concatenate([r["target_counts"] for r in rows])
+    padded_values = np.concatenate([r[values] for r in rows])
     widths = np.concatenate([r["target_lengths"] for r in rows])
-    ids, counts = codecs.encode_ragged(padded_ids, padded_counts, widths)
+    ids, kept = codecs.encode_ragged(padded_ids, padded_values, widths)
     ids = ids.astype(id_dtype)
+    value_dtype = count_dtype if targets.kind == "sample" else np.dtype(targets.logprob_dtype)
     return PartArrays(
+        **{"target_logprobs": None, values: kept.astype(value_dtype)},
         input_ids=inputs,
         target_ids=codecs.encode_gaps(ids, widths) if "target_ids" in gaps else ids,
-        target_logprobs=None,
         seq_offsets=offsets,
-        target_counts=counts.astype(count_dtype),
         target_lengths=widths.astype(count_dtype),
     )
 
@@ -200,6 +231,8 @@ def target_info(
     order: str = "descending",
     seed: int = 0,
     logprob_scale: float = codecs.DEFAULT_Q8_SCALE,
+    top_p: float = 1.0,
+    min_k: int = 1,
 ) -> TargetInfo:
     """The manifest's `targets` record for these dump settings (validated by the manifest
     schema's own checks when it is parsed or written)."""
@@ -218,14 +251,18 @@ def target_info(
             count_dtype=codecs.count_dtype_for(samples),
             seed=seed,
         )
+    topp = kind == "topp"  # top_k is then the most ids a position holds (--max-k)
     return TargetInfo(
-        kind="topk",
+        kind=kind,
         k=top_k,
         temperature=float(temperature),
         id_dtype=ids,
         logprob_dtype=logprob_dtype,
         order=order,
+        count_dtype=codecs.count_dtype_for(top_k) if topp else "",
         logprob_scale=float(logprob_scale) if logprob_dtype == "uint8" else 0.0,
+        top_p=float(top_p) if topp else 0.0,
+        min_k=min_k if topp else 0,
     )
 
 
@@ -247,7 +284,7 @@ def delta_arrays(targets: TargetInfo) -> list[str]:
     if targets.order == "id":
         names.append("target_ids")
     if (
-        targets.kind == "topk"
+        targets.kind in ("topk", "topp")
         and targets.order == "descending"
         and targets.logprob_dtype == "uint8"
     ):

@@ -38,6 +38,14 @@ target_ids = np.asarray(group["target_ids"][...])            # (tokens, k)
 target_logprobs = np.asarray(group["target_logprobs"][...])  # (tokens, k), log p at T=1
 seq_offsets = np.asarray(group["seq_offsets"][...])          # sequence s = rows offsets[s]:offsets[s+1]"""
         if m.backend == "zarr" and tg.kind == "topk"
+        else """import zarr, numpy as np  # one part; see docs/FORMAT.md sections 3b and 10
+group = zarr.open_group("CACHE/parts/part-000000", mode="r")
+input_ids = np.asarray(group["input_ids"][...])              # (tokens,)
+target_ids = np.asarray(group["target_ids"][...])            # (entries,) ids, position by position
+target_logprobs = np.asarray(group["target_logprobs"][...])  # (entries,) their log p
+target_lengths = np.asarray(group["target_lengths"][...])    # (tokens,) entries of each position
+seq_offsets = np.asarray(group["seq_offsets"][...])          # sequence s = rows offsets[s]:offsets[s+1]"""
+        if m.backend == "zarr" and tg.kind == "topp"
         else """import zarr, numpy as np  # one part; see docs/FORMAT.md sections 3a and 10
 group = zarr.open_group("CACHE/parts/part-000000", mode="r")
 input_ids = np.asarray(group["input_ids"][...])              # (tokens,)
@@ -53,6 +61,8 @@ table = ds.dataset(["CACHE/parts/part-000000.parquet"], format="parquet").to_tab
         + (
             "# columns: input_ids list<uint>, target_ids list<list<uint>[k]>, target_logprobs list<list<float>[k]>"
             if tg.kind == "topk"
+            else "# columns: input_ids list<uint>, target_ids list<list<uint>>, target_logprobs list<list<float>> (a list per token)"
+            if tg.kind == "topp"
             else "# columns: input_ids list<uint>, target_ids list<list<uint>> (distinct ids), target_counts list<list<uint>> (their draws)"
         )
     ).replace("CACHE", location.rstrip("/"))
@@ -115,6 +125,8 @@ in logitcache's `docs/FORMAT.md`. Read only the parts that `manifest.json` lists
 
 
 def _title(tg) -> str:
+    if tg.kind == "topp":
+        return f"top-p targets (p={tg.top_p:g}, at most {tg.k} ids)"
     return f"top-{tg.k} targets" if tg.kind == "topk" else f"sampled targets (N={tg.samples})"
 
 
@@ -124,7 +136,8 @@ def _targets_row(tg) -> str:
             f"sample, N={tg.samples} (at most {tg.k} distinct ids per position), ids "
             f"{tg.id_dtype}, counts {tg.count_dtype}, order {tg.order}"
         )
-    return f"{tg.kind}, k={tg.k}, ids {tg.id_dtype}, log-probs {tg.logprob_dtype}, order {tg.order}"
+    size = f"top_p={tg.top_p:g}, {tg.min_k}..{tg.k} ids" if tg.kind == "topp" else f"k={tg.k}"
+    return f"{tg.kind}, {size}, ids {tg.id_dtype}, log-probs {tg.logprob_dtype}, order {tg.order}"
 
 
 def _what(tg) -> str:
@@ -134,6 +147,14 @@ def _what(tg) -> str:
             f"For each position, {tg.samples} draws from the teacher's distribution at "
             f"temperature {tg.temperature:g} (seed {tg.seed}): the distinct ids drawn and how "
             "often, so that `count / N` is an unbiased estimate of the teacher's probabilities."
+        )
+    if tg.kind == "topp":
+        return (
+            f"For each position the fewest most probable next-token ids whose probabilities "
+            f"reach {tg.top_p:g} (at least {tg.min_k}, at most {tg.k}) and their "
+            f"log-probabilities at temperature {tg.temperature:g}, normalised over the "
+            "teacher's **full** vocabulary (so the mass outside the stored ids is "
+            "`1 - sum(exp(logprobs))`)."
         )
     return (
         f"For each position the {tg.k} most probable next-token ids and their log-probabilities "

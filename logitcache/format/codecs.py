@@ -22,7 +22,10 @@ What a target slot stores, by ``targets.kind`` and ``targets.logprob_dtype``:
     the exact number of the N draws that hit each stored id; decoded ``lp' = log(count / N)``.
     Exact: no codec error (the estimate's own sampling error is ``sqrt(p (1 - p) / N)`` per id).
 
-The uniform view (`decode_topk`, `decode_sample`, what `logitcache.Cache` returns and the
+``topp`` (format 1.3; ragged: a position's ids and values end to end, ``target_lengths`` per
+    position): the values of ``topk`` in the same three codecs, with the same errors.
+
+The uniform view (`decode_topk`, `decode_sample`, `decode_topp`, what `logitcache.Cache` returns and the
 trainer consumes): per position ``w`` ids and log-probs, sorted by decreasing log-prob (ties by
 increasing id), with slots a position does not use holding id 0 and log-prob ``-inf``.
 """
@@ -197,6 +200,31 @@ def decode_sample(
     return out_ids, out_lp
 
 
+def decode_topp(
+    ids: np.ndarray,
+    values: np.ndarray,
+    lengths: np.ndarray,
+    logprob_dtype: str,
+    scale: float,
+    order: str,
+    width: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged top-p targets -> (T, w) ids and float32 log-probs in decreasing order (ties by
+    increasing id), -inf padded; ``w`` is `width`, or the largest length (at least 1).
+
+    ids, values (E,) in the stored `order`; lengths (T,). The padded rows are the top-k layout
+    with -inf in unused slots, which sort last, so `decode_topk`'s ordering applies as is."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    w = max(1, int(lengths.max(initial=0))) if width is None else width
+    rows = row_of_entries(lengths)
+    cols = np.arange(len(rows), dtype=np.int64) - _starts(lengths)[rows]
+    out_ids = np.zeros((len(lengths), w), dtype=np.asarray(ids).dtype)
+    out_lp = np.full((len(lengths), w), -np.inf, dtype=np.float32)
+    out_ids[rows, cols] = np.asarray(ids)
+    out_lp[rows, cols] = decode_logprobs(values, logprob_dtype, scale)
+    return decode_topk(out_ids, out_lp, "float32", 0.0, order)
+
+
 # --------------------------------------------------------------------------------------------
 # Gaps: increasing ids stored as differences, in plain integers every reader reads
 
@@ -237,7 +265,8 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
 def encode_ragged(
     ids: np.ndarray, counts: np.ndarray, lengths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Padded (T, W) ids/counts (count 0 = padding, used slots first) -> ragged (E,) arrays."""
+    """Padded (T, W) ids and counts (or top-p log-probs), the first `lengths` (T,) slots of each
+    position used -> ragged (E,) arrays."""
     used = np.arange(ids.shape[-1])[None, :] < np.asarray(lengths)[:, None]
     return ids[used], counts[used]
 
@@ -250,6 +279,7 @@ __all__ = [
     "decode_logprobs",
     "decode_sample",
     "decode_topk",
+    "decode_topp",
     "dequantize",
     "encode_gaps",
     "encode_ragged",

@@ -17,7 +17,8 @@ Each part holds, for its sequences laid end to end on one token axis:
 ``s`` of the part is tokens ``seq_offsets[s]:seq_offsets[s + 1]``. Top-k targets are
 ``target_ids`` and ``target_logprobs`` (tokens, k); sampled targets (format 1.1) are ragged:
 ``target_ids`` and ``target_counts`` (entries,) with ``target_lengths`` (tokens,) entries per
-position.
+position; top-p targets (format 1.3) are ragged the same way, ``target_ids`` and
+``target_logprobs`` (entries,) with ``target_lengths`` (tokens,).
 
 Classification caches (format 1.3, ``task`` set) use the same axes for another content: a
 sequence is one input example and its positions are its views (one position when the dump made
@@ -51,9 +52,9 @@ FORMAT_VERSION = (
 #: them is still written as 1.0, which every 1.x reader reads (`version_for`). 1.3 adds
 #: `ensemble` (targets of several teachers' average: `logitcache.format.ensemble`), `task`
 #: (classification caches: one sequence per example, one position per view),
-#: `layout.offsets` (`dump --offsets`: each sequence's text and each token's character span)
-#: and masked-LM caches (`masking`, `teacher.kind`, `parts[i].masked`, targets at masked
-#: positions only).
+#: `layout.offsets` (`dump --offsets`: each sequence's text and each token's character span),
+#: masked-LM caches (`masking`, `teacher.kind`, `parts[i].masked`, targets at masked
+#: positions only) and top-p targets (`kind` "topp", `targets.top_p` and `min_k`).
 READER_VERSION = "1.3"
 MERGED_FORMAT_VERSION = "1.1"
 GAPS_FORMAT_VERSION = "1.2"
@@ -61,16 +62,20 @@ ENSEMBLE_FORMAT_VERSION = "1.3"
 TASK_FORMAT_VERSION = "1.3"
 OFFSETS_FORMAT_VERSION = "1.3"
 MASKED_FORMAT_VERSION = "1.3"
+TOPP_FORMAT_VERSION = "1.3"
 KNOWN_MAJORS = (1,)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
 ARRAY_NAMES = ("input_ids", "target_ids", "target_logprobs", "seq_offsets")
 BACKENDS = ("zarr", "parquet")
-TARGET_KINDS = ("topk", "sample")
+TARGET_KINDS = ("topk", "sample", "topp")
+#: The kinds whose positions hold a varying number of entries (`target_lengths`, `entries`).
+RAGGED_KINDS = ("sample", "topp")
 #: The arrays of a part, by target kind (`PartArrays` fields; None for the others).
 KIND_ARRAYS = {
     "topk": ("input_ids", "target_ids", "target_logprobs", "seq_offsets"),
     "sample": ("input_ids", "target_ids", "target_counts", "target_lengths", "seq_offsets"),
+    "topp": ("input_ids", "target_ids", "target_logprobs", "target_lengths", "seq_offsets"),
 }
 #: 1.3, `layout.offsets`: the arrays that give each sequence's text and each token's span in it.
 TEXT_ARRAYS = ("text", "text_offsets", "token_offsets")
@@ -159,7 +164,9 @@ class TargetInfo:
     full vocabulary, so ``1 - sum(exp(logprobs))`` is the teacher's exact mass outside the
     stored ids (up to the value codec's rounding, `logitcache.format.codecs`). ``kind`` "sample"
     (1.1): the distinct ids among `samples` draws with their counts; `k` is then the most a
-    position can hold, ``min(samples, vocab_size)``.
+    position can hold, ``min(samples, vocab_size)``. ``kind`` "topp" (1.3): per position the
+    fewest most probable ids whose probabilities reach `top_p`, at least `min_k` and at most
+    `k` of them, with log-probs as for top-k (so the tail mass is exact here too).
     """
 
     kind: str
@@ -170,9 +177,12 @@ class TargetInfo:
     order: str = "descending"  # or "id" (1.1): ids increasing within each position
     # added in 1.1 (left out of the JSON at these defaults)
     samples: int = 0  # sample: draws per position (N)
-    count_dtype: str = ""  # sample: uint8 (N <= 255) or uint16
+    count_dtype: str = ""  # sample: uint8 (N <= 255) or uint16; topp: of target_lengths (k)
     logprob_scale: float = 0.0  # uint8 log-probs: stored q means log-prob -q / logprob_scale
     seed: int = 0  # sample: the seed of the draws (logitcache.dumping.sampling)
+    # added in 1.3, topp only (left out of the JSON at these defaults)
+    top_p: float = 0.0  # the probability mass each position's ids reach, in (0, 1]
+    min_k: int = 0  # the fewest ids a position holds, 1..k
 
 
 @dataclass(frozen=True)
@@ -255,7 +265,7 @@ class PartInfo:
     sequences: int
     tokens: int
     files: dict[str, str]
-    entries: int = 0  # 1.1, sampled targets: (id, count) pairs stored in the part
+    entries: int = 0  # 1.1, sampled targets: (id, count) pairs; 1.3, topp: (id, log-prob) pairs
     text_bytes: int = 0  # 1.3, layout.offsets: UTF-8 bytes of the part's text array
     masked: int = 0  # 1.3, masked-LM caches: positions with targets (rows of the target arrays)
 
@@ -373,11 +383,18 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
-#: Fields added to existing records in 1.1 (`codec.gaps` in 1.2, `layout.offsets` and
-#: `parts[].text_bytes` in 1.3), and the values they take where unused: left out of the JSON
-#: at these values.
+#: Fields added to existing records in 1.1 (`codec.gaps` in 1.2; `layout.offsets`,
+#: `parts[].text_bytes`, `targets.top_p` and `min_k` in 1.3), and the values they take where
+#: unused: left out of the JSON at these values.
 _ADDED_IN_1_1 = {
-    "targets": {"samples": 0, "count_dtype": "", "logprob_scale": 0.0, "seed": 0},
+    "targets": {
+        "samples": 0,
+        "count_dtype": "",
+        "logprob_scale": 0.0,
+        "seed": 0,
+        "top_p": 0.0,
+        "min_k": 0,
+    },
     "codec": {"delta": [], "gaps": []},
     "layout": {"offsets": False},
     "parts": {"entries": 0, "text_bytes": 0, "masked": 0},
@@ -396,6 +413,8 @@ def version_for(m: Manifest) -> str:
         return OFFSETS_FORMAT_VERSION
     if m.masking is not None:
         return MASKED_FORMAT_VERSION
+    if m.targets.kind == "topp":
+        return TOPP_FORMAT_VERSION
     if m.codec.gaps:
         return GAPS_FORMAT_VERSION
     return MERGED_FORMAT_VERSION if m.merged_from or targets_need_1_1(m) else FORMAT_VERSION
@@ -480,12 +499,13 @@ def _target_part_bytes(m: Manifest, part: PartInfo) -> int:
     lp_size = {"float16": 2, "uint8": 1}.get(m.targets.logprob_dtype, 4)
     if m.task is not None:  # no input ids; labels in the id type, views 5 int32 per row
         id_size += 4 * len(VIEW_FIELDS) if m.task.views else 0
-    if m.targets.kind == "sample":
+    if m.targets.kind in RAGGED_KINDS:  # counts (sample) or log-probs (topp) per entry
         count_size = 2 if m.targets.count_dtype == "uint16" else 1
+        entry_size = count_size if m.targets.kind == "sample" else lp_size
         per_token = id_size * (1 + m.targets.k) + 4 * m.targets.k + count_size
         masked = part.masked * (4 + id_size + 8)  # positions, labels, and the decoded labels
         return (
-            part.tokens * per_token + part.entries * count_size + masked
+            part.tokens * per_token + part.entries * entry_size + masked
             + (part.sequences + 1) * 8
         )  # fmt: skip
     per_token = id_size * (1 + m.targets.k) + lp_size * m.targets.k
@@ -517,11 +537,16 @@ def _target_arrays(m: Manifest, part: PartInfo) -> dict[str, tuple[tuple[int, ..
     """The input ids and the targets of the cache's kind (what every causal-LM part holds)."""
     t, k, ids = m.targets, m.targets.k, m.targets.id_dtype
     rows = target_rows(m, part)
-    if t.kind == "sample":
+    if t.kind in RAGGED_KINDS:
+        values = (
+            ("target_counts", t.count_dtype)
+            if t.kind == "sample"
+            else ("target_logprobs", t.logprob_dtype)
+        )
         shapes = {
             "input_ids": ((part.tokens,), ids),
             "target_ids": ((part.entries,), ids),
-            "target_counts": ((part.entries,), t.count_dtype),
+            values[0]: ((part.entries,), values[1]),
             "target_lengths": ((rows,), t.count_dtype),
             "seq_offsets": ((part.sequences + 1,), "int64"),
         }
@@ -549,7 +574,8 @@ class PartArrays:
     Shapes: ``input_ids`` (tokens,), ``seq_offsets`` (sequences + 1,) with
     ``seq_offsets[0] == 0`` and ``[-1] == tokens``; top-k: ``target_ids`` and
     ``target_logprobs`` (tokens, k); sampled: ``target_ids`` and ``target_counts`` (entries,),
-    ``target_lengths`` (tokens,), and ``target_logprobs`` None. The reader's decoded view
+    ``target_lengths`` (tokens,), and ``target_logprobs`` None; top-p: ``target_ids`` and
+    ``target_logprobs`` (entries,), ``target_lengths`` (tokens,). The reader's decoded view
     (`logitcache.read.reader.Cache.read_decoded`) is always the top-k shape, -inf padded.
     Classification (1.3): ``input_ids`` None, ``labels`` (tokens,) if the data had labels,
     ``views`` (tokens, 5) int32 with views.

@@ -38,6 +38,7 @@ from logitcache.format.manifest import (
     MERGED_FORMAT_VERSION,
     OFFSETS_FORMAT_VERSION,
     ORDERS,
+    RAGGED_KINDS,
     READER_VERSION,
     SHUFFLES,
     TARGET_KINDS,
@@ -45,6 +46,7 @@ from logitcache.format.manifest import (
     TASK_INPUTS,
     TASK_KINDS,
     TEACHER_KINDS,
+    TOPP_FORMAT_VERSION,
     Manifest,
     id_dtype_for,
     part_bytes,
@@ -156,7 +158,7 @@ def _check_consistency(m: Manifest, source: str) -> None:
             problems.append(f"{part.name}: {part.masked} masked positions is out of bounds")
         elif m.masking is None and part.masked:
             problems.append(f"{part.name}: masked positions in a cache without masking")
-        elif m.targets.kind == "sample" and not (
+        elif m.targets.kind in RAGGED_KINDS and not (
             target_rows(m, part) <= part.entries <= target_rows(m, part) * m.targets.k
         ):
             problems.append(f"{part.name}: {part.entries} entries is out of bounds")
@@ -253,7 +255,7 @@ def _target_problems(m: Manifest) -> list[str]:
             problems.append(f"count_dtype {t.count_dtype!r} does not fit samples={t.samples}")
         if t.logprob_dtype != "none" or t.order != "id" or t.logprob_scale != 0.0:
             problems.append('sampled targets need logprob_dtype "none", order "id", no scale')
-    elif t.kind == "topk":
+    else:  # topk and topp: log-probs over the full vocabulary
         if t.logprob_dtype not in LOGPROB_DTYPES:
             problems.append(f"logprob_dtype {t.logprob_dtype!r} is not one of {LOGPROB_DTYPES}")
         if t.order not in ORDERS:
@@ -261,8 +263,14 @@ def _target_problems(m: Manifest) -> list[str]:
         scaled = t.logprob_dtype == "uint8"
         if scaled != (math.isfinite(t.logprob_scale) and t.logprob_scale > 0):
             problems.append("logprob_scale must be positive for uint8 log-probs, else 0")
-        if t.samples or t.count_dtype or t.seed:
-            problems.append("samples, count_dtype and seed are for sampled targets only")
+        if t.samples or t.seed:
+            problems.append("samples and seed are for sampled targets only")
+    if t.kind == "topp":
+        problems += _topp_problems(m)
+    elif t.count_dtype and t.kind != "sample":
+        problems.append("count_dtype is for sampled and top-p targets only")
+    if t.kind != "topp" and (t.top_p or t.min_k):
+        problems.append("top_p and min_k are for top-p targets only")
     if m.codec.shuffle not in SHUFFLES:
         problems.append(f"codec.shuffle {m.codec.shuffle!r} is not one of {SHUFFLES}")
     if t.kind in KIND_ARRAYS:
@@ -325,6 +333,23 @@ def _task_problems(m: Manifest) -> list[str]:
         problems.append("task.scale, ratio, flip and seed are for augment 'crop' only")
     if _version_tuple(m.format_version) < _version_tuple(TASK_FORMAT_VERSION):
         problems.append(f"a task needs format_version {TASK_FORMAT_VERSION} or later")
+    return problems
+
+
+def _topp_problems(m: Manifest) -> list[str]:
+    """Top-p targets (1.3): the coverage in (0, 1], 1 <= min_k <= k, the lengths' type."""
+    t, problems = m.targets, []
+    if not (math.isfinite(t.top_p) and 0 < t.top_p <= 1):
+        problems.append(f"top_p={t.top_p} is not in (0, 1]")
+    if not 1 <= t.min_k <= t.k:
+        problems.append(f"min_k={t.min_k} is not in 1..k={t.k}")
+    if t.count_dtype != ("uint8" if t.k <= 255 else "uint16"):
+        problems.append(f"count_dtype {t.count_dtype!r} does not fit k={t.k} ids per position")
+    if _version_tuple(m.format_version) < _version_tuple(TOPP_FORMAT_VERSION):
+        problems.append(
+            f"format_version {m.format_version} cannot describe top-p targets (they need "
+            f"{TOPP_FORMAT_VERSION})"
+        )
     return problems
 
 

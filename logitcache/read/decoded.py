@@ -23,7 +23,7 @@ import torch
 
 from logitcache.errors import CorruptCacheError
 from logitcache.format import codecs
-from logitcache.format.manifest import Manifest, PartArrays
+from logitcache.format.manifest import RAGGED_KINDS, Manifest, PartArrays
 from logitcache.read.texts import text_problems
 
 __all__ = [
@@ -45,7 +45,7 @@ class CacheSequence:
     ``log(count / N)``, w the most distinct ids at one position of the part (of the sequence,
     for ``cache[i]``). A masked-LM cache: ``labels`` (T,) holds the id the masking replaced at
     each masked position and -1 elsewhere, where the target rows are a placeholder (id 0 at
-    log-prob 0); None for a causal cache."""
+    log-prob 0); None for a causal cache. Top-p: w the most ids at one position, likewise."""
 
     input_ids: torch.Tensor  # (T,) int64
     target_ids: torch.Tensor  # (T, k) int64
@@ -89,6 +89,11 @@ def decode(
         ids, logprobs = codecs.decode_sample(
             arrays.target_ids, arrays.target_counts, arrays.target_lengths, t.samples
         )
+    elif t.kind == "topp":
+        ids, logprobs = codecs.decode_topp(
+            arrays.target_ids, arrays.target_logprobs, arrays.target_lengths,
+            t.logprob_dtype, t.logprob_scale, t.order,
+        )  # fmt: skip
     else:
         ids, logprobs = codecs.decode_topk(
             arrays.target_ids, arrays.target_logprobs, t.logprob_dtype, t.logprob_scale, t.order
@@ -159,12 +164,14 @@ def check_values(
         _check_views(manifest, np.asarray(arrays.views), arrays, where, first_sequence)
     if manifest.masking is not None:
         _check_masked(arrays, vocab, where, first_sequence)
-    if t.kind == "sample":
-        stored = int(np.asarray(arrays.target_lengths).sum(dtype=np.int64))
-        if stored != len(target_ids):
+    if t.kind in RAGGED_KINDS:
+        lengths = np.asarray(arrays.target_lengths)
+        stored = int(lengths.sum(dtype=np.int64))
+        values = arrays.target_counts if t.kind == "sample" else arrays.target_logprobs
+        if stored != len(target_ids) or len(values) != len(target_ids):
             raise _bad_values(
                 where,
-                f"its target_lengths add up to {stored}, not the {len(target_ids)} (id, count) "
+                f"its target_lengths add up to {stored}, not the {len(target_ids)} target "
                 "entries stored",
             )
     if input_ids.size and input_ids.max() >= vocab:
@@ -251,7 +258,7 @@ def _check_views(
 def _row_of_entry(arrays: PartArrays, kind: str, entry: int) -> int:
     """The position (token row) of target entry `entry`, counted in the flattened array (in a
     masked-LM part, through the target row's `target_positions`)."""
-    if kind == "sample":  # ragged: the entries of position i end at cumsum(lengths)[i]
+    if kind in RAGGED_KINDS:  # ragged: the entries of position i end at cumsum(lengths)[i]
         ends = np.cumsum(arrays.target_lengths, dtype=np.int64)
         row = int(np.searchsorted(ends, entry, side="right"))
     else:

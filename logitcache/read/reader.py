@@ -27,6 +27,7 @@ from logitcache.format.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     PARTS_DIR,
+    RAGGED_KINDS,
     Manifest,
     PartArrays,
     array_names,
@@ -291,6 +292,9 @@ class Cache:
                 f"{info.name} of {self.root} does not match its manifest entry "
                 f"({info.sequences} sequences, {info.tokens} tokens, k={k})."
             )
+        if arrays.target_lengths is not None:  # Parquet stores no type for them: the manifest's
+            dtype = np.dtype(self.manifest.targets.count_dtype)
+            arrays.target_lengths = arrays.target_lengths.astype(dtype, copy=False)
         return arrays
 
     def read_decoded(self, index: int) -> PartArrays:
@@ -332,20 +336,21 @@ class Cache:
         with self.open_part(part) as path:
             start, stop = (int(x) for x in read(path, "seq_offsets", local, local + 2))
             one = np.array([0, stop - start], dtype=np.int64)
+            kind = self.manifest.targets.kind
             if self.manifest.masking is not None:
                 rows = self._masked_rows(path, part, start, stop)
-            elif self.manifest.targets.kind == "sample":
+            elif kind in RAGGED_KINDS:  # the sequence's entries: from the lengths before it
                 lengths = read(path, "target_lengths", 0, stop)
                 first, last = (
                     int(lengths[:start].sum(dtype=np.int64)),
                     int(lengths.sum(dtype=np.int64)),
                 )
+                values = "target_counts" if kind == "sample" else "target_logprobs"
                 rows = PartArrays(
+                    **{"target_logprobs": None, values: read(path, values, first, last)},
                     input_ids=read(path, "input_ids", start, stop),
                     target_ids=read(path, "target_ids", first, last),
-                    target_logprobs=None,
                     seq_offsets=one,
-                    target_counts=read(path, "target_counts", first, last),
                     target_lengths=lengths[start:],
                 )
             else:

@@ -90,7 +90,7 @@ def position_stats(
     entropy = -(p * np.where(present, lp, 0.0)).sum(-1)
     distinct = present.sum(-1)
     tail_max = None
-    if kind == "topk":
+    if kind != "sample":  # top-k and top-p: the tail mass is known
         rest = np.clip(1.0 - mass, 0.0, 1.0)
         others = np.maximum(vocab_size - distinct, 1)
         with np.errstate(divide="ignore", invalid="ignore"):

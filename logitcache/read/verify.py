@@ -147,6 +147,8 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
         problems += _masked_problems(m, info, part)
     if m.targets.kind == "sample":
         return problems + _sample_problems(m, info, part)
+    if m.targets.kind == "topp":
+        return problems + _topp_problems(m, info, part)
     rows = target_rows(m, info)
     if (
         part.target_ids.shape != (rows, m.targets.k)
@@ -154,16 +156,22 @@ def check_invariants(cache: Cache, index: int, part: PartArrays) -> list[str]:
     ):
         problems.append(f"target arrays do not have shape ({rows}, {m.targets.k})")
         return problems
-    if part.target_ids.size and part.target_ids.max() >= m.teacher.vocab_size:
+    return problems + _logprob_problems(m, part.target_ids, part.target_logprobs)
+
+
+def _logprob_problems(m, ids: np.ndarray, stored: np.ndarray) -> list[str]:
+    """Rows (T, w) of ids and stored values, one id per column: ids in the vocabulary,
+    values finite and <= 0 in the stored order, and a position's mass within what the codec's
+    error allows."""
+    t, problems = m.targets, []
+    if ids.size and ids.max() >= m.teacher.vocab_size:
         problems.append(f"a target id is >= vocab_size {m.teacher.vocab_size}")
-    t = m.targets
-    values = codecs.decode_logprobs(part.target_logprobs, t.logprob_dtype, t.logprob_scale)
-    values = values.astype(np.float32)
+    values = codecs.decode_logprobs(stored, t.logprob_dtype, t.logprob_scale).astype(np.float32)
     if not np.isfinite(values).all() or (values > 0).any():
         problems.append("a log-prob is not finite or is above 0")
     elif t.order == "descending" and (np.diff(values, axis=-1) > 0).any():
         problems.append("log-probs are not in decreasing order")  # rounding is monotone
-    if t.order == "id" and (np.diff(part.target_ids.astype(np.int64), axis=-1) <= 0).any():
+    if t.order == "id" and (np.diff(ids.astype(np.int64), axis=-1) <= 0).any():
         problems.append("target ids are not strictly increasing within a position")
     # the true mass is at most 1: a lower bound above 1 proves an error beyond the codec's bound
     bound = codecs.probability_mass_bound(values, t.logprob_dtype, t.logprob_scale)
@@ -187,6 +195,29 @@ def _task_problems(m, info, part: PartArrays) -> list[str]:
             problems.append(f"views has shape {views.shape}, expected ({info.tokens}, 5)")
         elif bad_views(views, *m.task.shape[-2:]).any():
             problems.append("a view is not a box inside its example, or its flip is not 0 or 1")
+    return problems
+
+
+def _topp_problems(m, info, part: PartArrays) -> list[str]:
+    """Top-p targets: ragged arrays that add up, min_k..k ids per position, and each position's
+    row as a top-k row's (`_logprob_problems`), checked a group of equal lengths at a time (the
+    positions of length n, their entries taken in order, are an (positions, n) top-k block)."""
+    t = m.targets
+    lengths = np.asarray(part.target_lengths).astype(np.int64)
+    entries = len(part.target_ids)
+    if lengths.shape != (info.tokens,) or len(part.target_logprobs) != entries:
+        return [f"ragged target arrays do not describe {info.tokens} positions"]
+    if entries != info.entries or lengths.sum() != entries:
+        return [f"target_lengths add up to {lengths.sum()}, not the {info.entries} entries stored"]
+    if lengths.size and (lengths.min() < t.min_k or lengths.max() > t.k):
+        return [f"a position holds fewer than min_k={t.min_k} or more than k={t.k} ids"]
+    width = lengths[codecs.row_of_entries(lengths)]  # (E,) the length of each entry's position
+    problems: list[str] = []
+    for n in np.unique(lengths).tolist():
+        of_n = width == n
+        ids = np.asarray(part.target_ids)[of_n].reshape(-1, n)
+        found = _logprob_problems(m, ids, np.asarray(part.target_logprobs)[of_n].reshape(-1, n))
+        problems += [p for p in found if p not in problems]
     return problems
 
 

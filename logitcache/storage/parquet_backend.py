@@ -35,12 +35,11 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
     offsets = np.asarray(arrays.seq_offsets)
     lengths = arrays.target_lengths
     columns = {"input_ids": _per_token(arrays.input_ids, offsets)}
-    if lengths is None:  # top-k: a fixed-size list of k per token
-        columns["target_ids"] = _per_token(arrays.target_ids, offsets)
-        columns["target_logprobs"] = _per_token(arrays.target_logprobs, offsets)
-    else:  # sampled: a list of distinct ids (and one of their counts) per token
-        columns["target_ids"] = _per_token(arrays.target_ids, offsets, lengths)
-        columns["target_counts"] = _per_token(arrays.target_counts, offsets, lengths)
+    # top-k: a fixed-size list of k per token; sampled and top-p: a list per token of its ids
+    # and one of their counts or log-probs
+    for name in ("target_ids", "target_logprobs", "target_counts"):
+        if getattr(arrays, name) is not None:
+            columns[name] = _per_token(getattr(arrays, name), offsets, lengths)
     table = pa.table(columns)
     encodings = {_leaf(table, n): "DELTA_BINARY_PACKED" for n in codec.delta if n in columns}
     pq.write_table(
@@ -95,7 +94,7 @@ def check_part(
     if meta.num_rows != sequences:
         raise ValueError(f"the file holds {meta.num_rows} rows, the manifest says {sequences}")
     columns = []  # every array but seq_offsets is a list-per-sequence column (module docstring)
-    ragged = "target_lengths" in expected  # sampled: the lengths are the inner list offsets
+    ragged = "target_lengths" in expected  # sampled, top-p: the lengths are list offsets
     for name, (shape, dtype) in expected.items():
         if name in ("seq_offsets", "target_lengths"):
             continue
@@ -116,22 +115,26 @@ def check_part(
 
 def read_part(path: Path, names: tuple[str, ...] | None = None) -> PartArrays:
     """Read a whole part, verifying page checksums, back into the flat token-axis layout.
-    Sampled parts (a `target_counts` column; the reader checked the schema against the manifest
-    first) come back ragged, their per-token entry counts (`target_lengths`) taken from the
-    inner list offsets. `names` is accepted for symmetry with the zarr backend: a Parquet part
-    is one file, read whole."""
+    Ragged parts (sampled and top-p: a variable-length list of ids per token; the reader
+    checked the schema against the manifest first) come back ragged, their per-token entry
+    counts (`target_lengths`) taken from the inner list offsets, as int32: Parquet stores no
+    type for them (the reader casts them to the manifest's). `names` is accepted for symmetry with the zarr backend:
+    a Parquet part is one file, read whole."""
     del names
     table = pq.ParquetFile(str(path), page_checksum_verification=True).read()
     ids_col = table.column("input_ids").combine_chunks()
     offsets = ids_col.offsets.to_numpy().astype(np.int64)
     offsets -= offsets[0]
     inputs, ids = _tokens_of(table.column("input_ids")), _tokens_of(table.column("target_ids"))
-    if "target_counts" not in table.column_names:
-        return PartArrays(inputs, ids, _tokens_of(table.column("target_logprobs")), offsets)
-    counts = _tokens_of(table.column("target_counts"))
-    per_token = table.column("target_ids").combine_chunks().flatten()  # list per token
-    lengths = per_token.value_lengths().to_numpy(zero_copy_only=False).astype(counts.dtype)
-    return PartArrays(inputs, ids, None, offsets, counts, lengths)
+    found = {n: _tokens_of(table.column(n)) for n in ("target_logprobs", "target_counts")
+             if n in table.column_names}  # fmt: skip
+    per_token = table.column("target_ids").combine_chunks().flatten()  # a list per token
+    if isinstance(per_token.type, pa.FixedSizeListType):  # top-k
+        return PartArrays(inputs, ids, found["target_logprobs"], offsets)
+    lengths = per_token.value_lengths().to_numpy(zero_copy_only=False)
+    return PartArrays(
+        inputs, ids, found.get("target_logprobs"), offsets, found.get("target_counts"), lengths
+    )
 
 
 def _tokens_of(column: pa.ChunkedArray) -> np.ndarray:

@@ -245,7 +245,7 @@ class CacheWriter:
             if faults.ACTIVE:
                 faults.wrote(bytes_under(tmp), str(tmp))
                 faults.point("part_written")
-            entries = 0 if arrays.target_counts is None else len(arrays.target_counts)
+            entries = 0 if arrays.target_lengths is None else len(arrays.target_ids)  # ragged
             text_bytes = 0 if arrays.text is None else len(arrays.text)
             masked = 0 if arrays.target_positions is None else len(arrays.target_positions)
             info = PartInfo(

@@ -181,6 +181,26 @@ BAD_INPUTS: dict[str, Callable[[Ctx], Case]] = {
     "top_k_over_vocab": lambda c: c.case(
         [f"--top-k {VOCAB + 1} is not in 1..{VOCAB}"], top_k=VOCAB + 1
     ),
+    # top-p: the coverage outside (0, 1], the clamps crossed or past the vocabulary
+    "top_p_zero": lambda c: c.case(
+        ["--top-p must be in (0, 1]", "got 0.0"], targets="topp", top_k=None, top_p=0
+    ),
+    "top_p_over_one": lambda c: c.case(
+        ["--top-p must be in (0, 1]", "got 1.5"], targets="topp", top_k=None, top_p=1.5
+    ),
+    "min_k_over_max_k": lambda c: c.case(
+        ["--min-k 9 and --max-k 8 must satisfy 1 <= min-k <= max-k"],
+        targets="topp",
+        top_k=None,
+        max_k=8,
+        min_k=9,
+    ),
+    "max_k_over_vocab": lambda c: c.case(
+        [f"--max-k {VOCAB + 1} is not in 1..{VOCAB}"],
+        targets="topp",
+        top_k=None,
+        max_k=VOCAB + 1,
+    ),
     "shuffle_unknown": lambda c: c.case(
         ["--shuffle must be one of noshuffle, shuffle, bitshuffle, got 'zip'"], shuffle="zip"
     ),
@@ -221,7 +241,7 @@ BAD_INPUTS: dict[str, Callable[[Ctx], Case]] = {
     "settings_differ": _settings_differ,
 }
 #: Variants beyond the required matrix, each another ~4 CPU-seconds: run with -m slow.
-SLOW_BAD_INPUTS = {"data_missing", "jsonl_not_utf8", "parquet_field_missing"}
+SLOW_BAD_INPUTS = {"data_missing", "jsonl_not_utf8", "parquet_field_missing", "min_k_over_max_k"}
 
 
 def bad_input_job(case: Case) -> tuple:

@@ -15,7 +15,8 @@ from logitcache.cli.dump import target_kind
 from logitcache.dumping.options import DEFAULT_TARGETS
 from tests.cli import cli_env
 
-NONE = {"--top-k": None, "--logprob-dtype": None, "--id-order": None}
+NONE = {"--top-k": None, "--logprob-dtype": None, "--id-order": None, "--top-p": None,
+        "--max-k": None, "--min-k": None}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -29,11 +30,13 @@ NONE = {"--top-k": None, "--logprob-dtype": None, "--id-order": None}
         ("topk", {"--top-k": 8}, None, "topk"),
         ("sample", {}, 16, "sample"),
         ("topk", {}, None, "topk"),
+        (None, {"--top-p": 0.9}, None, "topp"),
+        (None, {"--max-k": 16, "--logprob-dtype": "uint8"}, None, "topp"),
+        ("topp", {"--id-order": "descending", "--min-k": 2}, None, "topp"),
     ],
 )
 def test_the_kind_a_command_line_asks_for(targets, topk, samples, kind):
-    flags = {**NONE, **topk}
-    assert target_kind(targets, topk_flags=flags, sample_flags={"--samples": samples}) == kind
+    assert target_kind(targets, {**NONE, **topk, "--samples": samples}) == kind
 
 
 @pytest.mark.parametrize(
@@ -43,11 +46,15 @@ def test_the_kind_a_command_line_asks_for(targets, topk, samples, kind):
         ("sample", {"--logprob-dtype": "uint8"}, None, "--logprob-dtype does not apply"),
         ("topk", {}, 16, "--samples does not apply to --targets topk"),
         (None, {"--top-k": 8}, 16, "different target kinds"),
+        (None, {"--top-k": 8, "--top-p": 0.9}, None, "different target kinds"),
+        ("topk", {"--max-k": 8}, None, "--max-k does not apply to --targets topk"),
+        ("topp", {"--top-k": 8}, None, "--top-k does not apply to --targets topp"),
+        ("sample", {"--top-p": 0.5}, None, "--top-p does not apply to --targets sample"),
     ],
 )
 def test_options_of_the_other_kind_are_refused(targets, topk, samples, named):
     with pytest.raises(LogitCacheError, match=named):
-        target_kind(targets, topk_flags={**NONE, **topk}, sample_flags={"--samples": samples})
+        target_kind(targets, {**NONE, **topk, "--samples": samples})
 
 
 def test_an_old_top_k_command_still_writes_top_k(tmp_path, tiny_teacher_dir, dump_corpus):

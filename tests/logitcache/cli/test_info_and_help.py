@@ -51,5 +51,6 @@ def test_help_exits_0(background: Background, run: str, phrase: str):
 def test_dump_help_shows_the_default_targets_and_how_to_ask_for_top_k(background: Background):
     proc = background.result("dump_help")
     text = " ".join(proc.stdout.replace("\u2502", " ").split())  # less the table's borders
-    assert f"Default {DEFAULT_TARGETS}, or topk when a top-k option is given" in text
+    assert f"Default {DEFAULT_TARGETS}, or the kind of the target options given" in text
     assert f"fully supported (--targets topk --top-k {DEFAULT_TOP_K})" in text
+    assert "--targets topp --top-p 0.95 --max-k 128" in text  # an example of adaptive k

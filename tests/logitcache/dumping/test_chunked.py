@@ -79,6 +79,11 @@ SPECS = {
     "topk-uint8": targets.TargetSpec(kind="topk", k=8, logprob_dtype="uint8", logprob_scale=16.0),
     "topk-temperature": targets.TargetSpec(kind="topk", k=5, temperature=2.0),
     "sample": targets.TargetSpec(kind="sample", samples=16, seed=3),
+    # nearly flat random-init logits over 300 ids: a coverage of 0.1 takes about 30 of them
+    "topp": targets.TargetSpec(kind="topp", k=48, top_p=0.1, min_k=1),
+    "topp-uint8-id": targets.TargetSpec(
+        kind="topp", k=48, top_p=0.1, min_k=4, order="id", logprob_dtype="uint8", logprob_scale=16.0
+    ),
 }
 
 
@@ -101,6 +106,9 @@ def test_chunked_targets_equal_those_of_the_full_logits(family, spec_name, chunk
             assert torch.equal(got[name], want[name]), name
         return
     assert torch.equal(got["finite"], want["finite"])
+    if spec.kind == "topp":  # the same count of ids per position, not at a clamp
+        assert torch.equal(got["target_lengths"], want["target_lengths"])
+        assert 1 < want["target_lengths"].float().mean() < spec.k
     # ids equal away from ties: where the k-th and (k+1)-th logits are apart
     ordered = (full_logits.float() / spec.temperature).sort(-1, descending=True).values
     apart = (ordered[..., spec.k - 1] - ordered[..., spec.k]) > 1e-5  # (batch, time)
@@ -207,8 +215,12 @@ def _dump(teacher: Path, data: Path, out: Path, **options) -> tuple[Path, str]:
 
 @pytest.mark.parametrize(
     "options",
-    [{"targets": "sample", "samples": 16, "seed": 7}, {"top_k": 8, "logprob_dtype": "float32"}],
-    ids=["sample", "topk"],
+    [
+        {"targets": "sample", "samples": 16, "seed": 7},
+        {"top_k": 8, "logprob_dtype": "float32"},
+        {"targets": "topp", "top_p": 0.2, "max_k": 16, "logprob_dtype": "float32"},
+    ],
+    ids=["sample", "topk", "topp"],
 )
 def test_a_chunked_dump_writes_the_cache_of_the_full_logits(
     tiny_teacher_dir, short_corpus, tmp_path, options
@@ -223,6 +235,11 @@ def test_a_chunked_dump_writes_the_cache_of_the_full_logits(
     assert a.manifest.settings() == b.manifest.settings()
     if options.get("targets") == "sample":
         assert _files(full) == _files(split)  # byte for byte
+        return
+    if options.get("targets") == "topp":  # the same ids per position; their values as top-k's
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.target_ids.sort(-1).values, y.target_ids.sort(-1).values)
+            torch.testing.assert_close(x.target_logprobs, y.target_logprobs, rtol=1e-5, atol=1e-5)
         return
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir)).eval()
     for x, y in zip(a, b, strict=True):

@@ -77,7 +77,8 @@ def test_the_dump_command_defaults_are_those_of_dump_options():
     assert set(flags) == set(defaults) - {"chunk_bytes"}  # the one setting without a flag
     # The target options default to None: `cli.dump.target_kind` resolves them (a top-k option
     # implies --targets topk), then the missing ones take DumpOptions' defaults.
-    resolved_later = {"targets", "top_k", "samples", "id_order", "logprob_dtype"}
+    resolved_later = {"targets", "top_k", "samples", "id_order", "logprob_dtype", "top_p", "max_k",
+                      "min_k"}  # fmt: skip
     for name, default in flags.items():
         if name in resolved_later:
             assert default is None, name
