@@ -441,6 +441,8 @@ def target_kind(targets: str | None, flags: dict[str, object]) -> str:
                 "--targets topk, --targets topp or --targets sample."
             )
         return kinds[0]
+    if targets not in {kind for kinds in FLAG_KINDS.values() for kind in kinds}:
+        return targets  # "full", or a kind that does not exist: DumpOptions' check names them
     other = [flag for flag in given if targets not in FLAG_KINDS[flag]]
     if other:
         kinds = sorted({k for flag in other for k in FLAG_KINDS[flag]})

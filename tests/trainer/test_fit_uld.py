@@ -18,7 +18,7 @@ from tests.trainer.uld_helpers import (  # noqa: F401
     student_tokenizer_dir,
     uld_student_config,
 )
-from trainer import FitConfig, fit
+from trainer.fit import FitConfig, fit
 
 
 def trainer(*args: object) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 
 import numpy as np
+import pytest
 
 from logitcache.dumping import pipeline, targets
 from logitcache.dumping.options import (
@@ -74,14 +75,19 @@ def test_the_dump_command_defaults_are_those_of_dump_options():
     defaults = {f.name: f.default for f in dataclasses.fields(DumpOptions)}
     renamed = {"format": "backend", "out_dir": "out"}
     flags = {renamed.get(n, n): p.default for n, p in inspect.signature(command).parameters.items()}
-    assert set(flags) == set(defaults) - {"chunk_bytes"}  # the one setting without a flag
+    # chunk_bytes has no flag; teachers is --teacher given more than once (an ensemble)
+    assert set(flags) == set(defaults) - {"chunk_bytes", "teachers"}
     # The target options default to None: `cli.dump.target_kind` resolves them (a top-k option
     # implies --targets topk), then the missing ones take DumpOptions' defaults.
     resolved_later = {"targets", "top_k", "samples", "id_order", "logprob_dtype", "top_p", "max_k",
                       "min_k"}  # fmt: skip
+    pairs = {"crop_scale", "crop_ratio"}  # "MIN,MAX" text that the command parses
     for name, default in flags.items():
         if name in resolved_later:
             assert default is None, name
+        elif name in pairs:
+            parsed = tuple(float(x) for x in default.split(","))
+            assert parsed == pytest.approx(defaults[name], rel=1e-3), name
         elif default is not inspect.Parameter.empty:  # --data and --out are required
             assert default == defaults[name], name
 
