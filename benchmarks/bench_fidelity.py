@@ -370,7 +370,7 @@ def train_student(
 ) -> dict[str, Any]:  # fmt: skip
     """Train one student, measuring it every `probe_every` steps; its final measures, its
     trajectory and its training cost (wall and CPU seconds, the probes' own time excluded)."""
-    from trainer.fit import FitConfig, fit
+    from trainer.recipe import FitConfig, fit
 
     steps, probe_every = regime.steps, regime.probe_every
     out = work / "runs" / run.key

@@ -7,7 +7,7 @@
 
 Two figures, measured side by side in one run on one cache of the embedded default teacher:
 
-* **step time ratio**: the real `trainer.fit.fit` recipe, same student init, same batches, same
+* **step time ratio**: the real `trainer.recipe.fit` recipe, same student init, same batches, same
   steps, with ``alpha=0.5`` (CE + sparse KD at the cached ids) under each tail mode and with
   ``alpha=1`` (CE only; the batches still come from the cache), and under the default tail with
   each other ``--loss`` (``--losses``). The figure is the ratio of the
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def recipe_step(model, optimizer, loss, batch, head=None) -> float:
-    """One update as `trainer.fit._step` does it, without the data loading and logging: the
+    """One update as `trainer.recipe._step` does it, without the data loading and logging: the
     forward (``model`` returns hidden states when ``head`` is given: the fused loss), the loss,
     backward, clipping at 1.0, the optimizer step; the loss value."""
     import torch
@@ -152,7 +152,7 @@ def train_rate(
     args, cache: Path, student: Path, tail: str | None, out: Path, loss: str = "forward_kl"
 ) -> float:
     """Median logged training tokens/s of one `fit` run, warm-up interval dropped."""
-    from trainer.fit import FitConfig, fit
+    from trainer.recipe import FitConfig, fit
 
     fit(
         FitConfig(
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         fused_comparison(args)
         return
     from logitcache.testing import toy
-    from trainer.fit import FitConfig
+    from trainer.recipe import FitConfig
 
     args.work.mkdir(parents=True, exist_ok=True)
     teacher_dir = common.ensure_teacher(args.quick, args.work)

@@ -160,7 +160,7 @@ def train(
 ) -> dict[str, Any]:
     """One student (reused when its row is stored) and its held-out measures."""
     from trainer import FitConfig, fit
-    from trainer.evaluate import evaluate
+    from trainer.evaluation import evaluate
 
     row_file = work / "rows" / f"{name}-s{steps}.json"
     if row_file.is_file():

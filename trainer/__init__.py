@@ -57,9 +57,9 @@ _HOME = {
     "FitConfig": "trainer.config",
     "FusedDistillationLoss": "trainer.fused",
     "fused_distillation_loss": "trainer.fused",
-    "fit": "trainer.fit",
+    "fit": "trainer.recipe",
     "build_student": "trainer.student",
-    "evaluate": "trainer.evaluate",
+    "evaluate": "trainer.evaluation",
     "plot_run": "trainer.plot",
     "ClassifierConfig": "trainer.classify",
     "classifier_loss": "trainer.classify",
@@ -81,8 +81,7 @@ if TYPE_CHECKING:
     )
     from trainer.config import FitConfig
     from trainer.dataset import CacheDataset
-    from trainer.evaluate import evaluate
-    from trainer.fit import fit
+    from trainer.evaluation import evaluate
     from trainer.fused import FusedDistillationLoss, fused_distillation_loss
     from trainer.hf import CacheSequences, DistillationTrainer, collate_sequences
     from trainer.losses import (
@@ -97,6 +96,7 @@ if TYPE_CHECKING:
         uld_distance,
     )
     from trainer.plot import plot_run
+    from trainer.recipe import fit
     from trainer.student import build_student
 
 

@@ -12,7 +12,7 @@ import typer
 
 from logitcache.cli.common import CacheDirOption, run_app
 from logitcache.errors import LogitCacheError
-from trainer.fit import FitConfig
+from trainer.recipe import FitConfig
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -219,8 +219,8 @@ def fit(
         return
     if task != "lm":
         raise LogitCacheError(f"--task must be lm or classification, got {task!r}.")
-    from trainer.fit import Interrupted
-    from trainer.fit import fit as run_fit
+    from trainer.recipe import Interrupted
+    from trainer.recipe import fit as run_fit
 
     config = FitConfig(
         cache=cache, student=student, out=out, tokenizer=tokenizer, alpha=alpha,
@@ -331,7 +331,7 @@ def eval_(
 
       trainer eval --cache ./heldout-offsets --student ./run-uld --tokenizer ./other-tok --split all
     """
-    from trainer.evaluate import evaluate
+    from trainer.evaluation import evaluate
 
     result = evaluate(
         cache, student, split=split, eval_fraction=eval_fraction, batch_size=batch_size,

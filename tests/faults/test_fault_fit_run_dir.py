@@ -91,8 +91,8 @@ def test_resume_between_two_rows_writes_the_rows_of_an_uninterrupted_run(
 ):
     """Rows every 3 steps, stopped at step 4 (in the middle of the row of step 6): after
     --resume that row covers steps 4-6 as in the uninterrupted run: same tokens, same means."""
-    from trainer.fit import FitConfig
-    from trainer.fit import fit as api_fit
+    from trainer.recipe import FitConfig
+    from trainer.recipe import fit as api_fit
 
     def run(out: Path, **over) -> list[dict]:
         import json

@@ -48,7 +48,7 @@ def flags(cache: Path, student: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_cache, tiny_student_config) -> Path:
-    from trainer.fit import FitConfig, fit
+    from trainer.recipe import FitConfig, fit
 
     out = tmp_path_factory.mktemp("train_reference") / "run"
     threads = torch.get_num_threads()

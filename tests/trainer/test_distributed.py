@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.dataset import CacheDataset
-from trainer.fit import FitConfig, fit
+from trainer.recipe import FitConfig, fit
 
 SETTINGS = {
     "steps": 84,  # the epoch has 80 global batches of 6 (475 training sequences)

@@ -23,7 +23,7 @@ import logitcache
 from logitcache import LogitCacheError
 from logitcache.format.tokenizer_id import tokenizer_fingerprint
 from logitcache.testing import toy
-from trainer.fit import FitConfig, fit
+from trainer.recipe import FitConfig, fit
 from trainer.student import build_student
 
 STEPS = 12
@@ -261,7 +261,7 @@ def test_errors_exit_2_with_a_clear_message(tmp_path, cache_dir, student_config)
     # The same errors through the API, and a split that leaves nothing to train on.
     with pytest.raises(LogitCacheError, match=r"train split .* no sequences"):
         api_fit(cache_dir, student_config, tmp_path / "r4", eval_fraction=0.9999999)
-    from trainer.evaluate import evaluate
+    from trainer.evaluation import evaluate
 
     with pytest.raises(LogitCacheError, match="no cache at"):
         evaluate(tmp_path / "nowhere", student_config)
@@ -320,7 +320,7 @@ def test_eval_prints_ce_kl_top1(cache_dir, reference_run):
         assert f"{label} " in proc.stdout
         assert f"{final[key]:.4f}" in proc.stdout  # the run's own held-out numbers
 
-    from trainer.evaluate import evaluate
+    from trainer.evaluation import evaluate
 
     held_out = evaluate(cache_dir, reference_run)  # the run's eval fraction, from summary.json
     rest = evaluate(cache_dir, reference_run, split="train")
@@ -378,7 +378,7 @@ def test_fit_help_has_every_setting_and_examples():
 
 def test_the_trainer_never_imports_the_teacher_or_writer_side():
     code = (
-        "import sys, trainer.cli, trainer.fit, trainer.evaluate, trainer.plot, trainer.student; "
+        "import sys, trainer.cli, trainer.recipe, trainer.evaluation, trainer.plot, trainer.student; "
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('logitcache'))))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,7 +17,7 @@ import logitcache
 from logitcache import LogitCacheError
 from trainer import LOSSES, DistillationLoss, LossFn, LossParts
 from trainer.dataset import CacheDataset
-from trainer.fit import FitConfig, fit
+from trainer.recipe import FitConfig, fit
 from trainer.student import build_student
 
 STEPS = 3
@@ -96,7 +96,7 @@ def fixed_batch(cache: Path) -> dict[str, torch.Tensor]:
 def test_fit_with_each_loss_lowers_that_loss(
     tmp_path, monkeypatch, tiny_cache, tiny_student_config, loss
 ):
-    import trainer.fit
+    import trainer.recipe
 
     built = []
 
@@ -105,7 +105,7 @@ def test_fit_with_each_loss_lowers_that_loss(
             super().__post_init__()
             built.append(self)
 
-    monkeypatch.setattr(trainer.fit, "DistillationLoss", Recorded)
+    monkeypatch.setattr(trainer.recipe, "DistillationLoss", Recorded)
     c = dataclasses.replace(
         config(tiny_cache, tiny_student_config, tmp_path / "run"), loss=loss, beta=0.3,
         alpha=0.0, steps=FIT_STEPS, lr=3e-3,

@@ -17,7 +17,7 @@ import logitcache
 from logitcache.testing import mlm
 from tests.cli import cli_env
 from trainer.dataset import IGNORE_INDEX, CacheDataset
-from trainer.fit import FitConfig, fit
+from trainer.recipe import FitConfig, fit
 
 FIT = ["--batch-size", 8, "--lr", 3e-3, "--eval-fraction", 0.2, "--no-progress"]
 

@@ -18,7 +18,7 @@ from tests.trainer.uld_helpers import (  # noqa: F401
     student_tokenizer_dir,
     uld_student_config,
 )
-from trainer.fit import FitConfig, fit
+from trainer.recipe import FitConfig, fit
 
 
 def trainer(*args: object) -> subprocess.CompletedProcess[str]:
@@ -79,7 +79,7 @@ def test_the_same_path_through_the_api(
     assert 0 < final["uld"] <= 2 and 0.3 < final["paired"] < 1
     row = summary["final"]["train"]
     assert abs(row["loss"] - row["ce"] - 0.5 * row["kd"]) < 1e-4
-    from trainer.evaluate import evaluate
+    from trainer.evaluation import evaluate
 
     # the run directory names its own tokenizer: no --tokenizer needed
     measured = evaluate(offsets_cache, tmp_path / "run", device="cpu", max_batches=2)

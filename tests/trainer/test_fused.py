@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from logitcache import LogitCacheError
 from tests.trainer.test_loss_variants import make_targets
 from trainer import fused
-from trainer.fit import FitConfig, fit
 from trainer.fused import FusedDistillationLoss, fused_distillation_loss
 from trainer.losses import (
     LOSSES,
@@ -26,6 +25,7 @@ from trainer.losses import (
     distillation_loss,
     hard_label_loss,
 )
+from trainer.recipe import FitConfig, fit
 from trainer.student import fused_head
 
 H = 7

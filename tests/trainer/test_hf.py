@@ -25,8 +25,8 @@ from trainer import (
     DistillationTrainer,
     collate_sequences,
 )
-from trainer.evaluate import evaluate_model
-from trainer.fit import FitConfig, fit
+from trainer.evaluation import evaluate_model
+from trainer.recipe import FitConfig, fit
 from trainer.student import build_student
 
 #: The loss settings the equality tests run: the default, and one that uses every knob.

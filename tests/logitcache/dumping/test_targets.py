@@ -254,7 +254,7 @@ def test_trainer_trains_from_a_sampled_cache(sampled, tmp_path):
     from transformers import GPT2Config
 
     from trainer.dataset import CacheDataset
-    from trainer.fit import FitConfig, fit
+    from trainer.recipe import FitConfig, fit
 
     ds = CacheDataset(sampled["zarr"], batch_size=4, shuffle=False)
     batch = next(iter(ds))
@@ -288,7 +288,7 @@ def test_a_dump_with_the_defaults_stores_the_default_targets_and_trains(
 
     from logitcache.cli.inspect import describe_targets
     from logitcache.dumping.options import DEFAULT_SAMPLES, DEFAULT_TARGETS, DEFAULT_TOP_K
-    from trainer.fit import FitConfig, fit
+    from trainer.recipe import FitConfig, fit
 
     out = dump_cache(tiny_teacher_dir, corpus, tmp_path / "c")
     cache = logitcache.open(out)

@@ -61,7 +61,7 @@ from trainer.config import (
     clear_run_dir,
 )
 from trainer.dataset import CacheDataset
-from trainer.evaluate import autocast, evaluate_model
+from trainer.evaluation import autocast, evaluate_model
 from trainer.fused import FusedDistillationLoss
 from trainer.loader import epoch_batches, worker_message
 from trainer.losses import ULD_LOSS, DistillationLoss, LossFn, LossParts, ULDLoss
