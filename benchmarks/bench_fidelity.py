@@ -77,6 +77,10 @@ SEQ_LEN = 256
 BATCH = 8  # sequences per step, for every student
 #: Bump when what a stored row means changes (its measures, its training), so old rows rerun.
 ROW_VERSION = 2
+#: How far a committed JSON's teacher measures (held-out CE, entropy, ...) may be from this
+#: teacher's for its rows to count as this teacher's: float rounding of the evaluation, not of
+#: the training (another machine's teacher differs by ~5e-3 nats).
+TEACHER_TOLERANCE = 1e-3
 
 #: The weak regime's teacher (`toy.ensure_teacher` settings); also what bench_storage reads.
 TEACHER = {
@@ -669,13 +673,31 @@ def committed_path(regime: Regime) -> Path:
     return HERE / f"fidelity_{regime.name}.json"
 
 
-def committed(regime: Regime, fingerprint: str) -> tuple[dict[str, dict], dict[str, dict]]:
+def committed(
+    regime: Regime, fingerprint: str, teacher_stats: dict[str, float]
+) -> tuple[dict[str, dict], dict[str, dict]]:
     """({row key: row}, {cache name: its size and dump cost}) of the committed
-    ``fidelity_<regime>.json`` if its rows were measured under `fingerprint`, else empty: what
-    a work directory without them (a fresh checkout) reuses instead of training again."""
+    ``fidelity_<regime>.json`` if its rows were measured under `fingerprint` with this very
+    teacher, else empty: what a work directory without them (a fresh checkout) reuses instead
+    of training again.
+
+    The same settings do not make the same teacher on another CPU: its float rounding differs,
+    and 3,000 steps carry the difference into the weights (trained on an AMD EPYC, the
+    realistic teacher's held-out CE is 2.913 where the committed rows' was 2.908). Rows of
+    two teachers must never share a table, so the teacher's held-out measures must agree too;
+    where they do not, the script says so and reuses nothing."""
     path = committed_path(regime)
     doc = json.loads(path.read_text()) if path.is_file() else {}
     if doc.get("fingerprint") != fingerprint:
+        return {}, {}
+    theirs = doc.get("teacher", {})
+    if any(abs(theirs.get(k, math.inf) - v) > TEACHER_TOLERANCE for k, v in teacher_stats.items()):
+        log(
+            f"{path.name} was measured with another teacher (held-out CE "
+            f"{theirs.get('ce', float('nan')):.4f}, this one {teacher_stats['ce']:.4f}): none of "
+            "its rows is reused; every row is trained again with this teacher (or pass "
+            "--teacher-from the original teacher)"
+        )
         return {}, {}
     return {r["key"]: r for r in doc["rows"]}, doc.get("caches", {})
 
@@ -738,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = {c.name: c for c in regime.caches}
     caches: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
-    old_rows, old_caches = committed(regime, fingerprint)
+    old_rows, old_caches = committed(regime, fingerprint, teacher_stats)
     for run in regime.runs():
         stored = rows_dir / f"{run.key}.json"
         row = json.loads(stored.read_text()) if stored.is_file() else old_rows.get(run.key)
