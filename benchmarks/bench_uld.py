@@ -1,7 +1,8 @@
 """A student with another tokenizer: ULD (`trainer fit --loss uld`) against the same student
 trained on its own CE alone, both from one cache dumped with ``--offsets``.
 
-    python benchmarks/bench_uld.py            # the row of RESULTS.md (about 15 min on 2 cores)
+    python benchmarks/bench_uld.py            # the rows of RESULTS.md (about 15 min on 2 cores)
+    python benchmarks/bench_uld.py --steps 400 --weights 0.03,0.1,0.3,1
     python benchmarks/bench_uld.py --quick    # smoke run (a few minutes), no RESULTS.md
 
 1. The teacher: ``--teacher DIR``, by default bench_fidelity's realistic teacher (GPT-2 4x256,
@@ -10,10 +11,10 @@ trained on its own CE alone, both from one cache dumped with ``--offsets``.
 2. The student's tokenizer: a second byte-level BPE (`logitcache.testing.tokenizer`) with
    another vocabulary size, trained on the same training text.
 3. One ``dump --offsets`` of the training text and one of held-out stdlib files (top-32).
-4. The same student (GPT-2 2x96 over the student vocabulary, seed 0) trained twice for the same
+4. The same student (GPT-2 1x64 over the student vocabulary, seed 0) trained for the same
    steps on the same sequences in the same order, in its own tokens: ``--uld-weight 0`` (the
-   student's CE alone: the baseline, through exactly the same data path) and ``--uld-weight``
-   LAMBDA (CE + LAMBDA * ULD).
+   student's CE alone: the baseline, through exactly the same data path) and, once per lambda
+   of ``--weights``, ``--uld-weight`` LAMBDA (CE + LAMBDA * ULD).
 5. Both measured on the held-out cache in the student's own tokens (`trainer.evaluate` with
    ``tokenizer``): CE per student token, and per character of the text (comparable with the
    teacher's, whose tokens are others), and the ULD distance to the teacher.
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         "--teacher", help="Teacher directory [bench_fidelity's realistic one, else own]."
     )
     p.add_argument("--steps", type=int, default=None, help="Steps per student [150; quick 10].")
-    p.add_argument("--weight", type=float, default=1.0, help="lambda of the ULD row [1.0].")
+    p.add_argument("--weights", default="0.1,1",
+                   help="Comma-separated lambdas, one ULD row each [0.1,1].")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="Smoke run; RESULTS.md untouched.")
     args = p.parse_args(argv)
     steps = args.steps or (10 if args.quick else 150)
@@ -224,10 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     student.write_text(config.to_json_string())
     paths = {**caches, "student": student, "tokenizer": tokenizer}
-    rows = [
-        train("ce-only", 0.0, paths, steps, work),
-        train("uld", args.weight, paths, steps, work),
-    ]
+    weights = [float(w) for w in args.weights.split(",") if w.strip()]
+    rows = [train("ce-only", 0.0, paths, steps, work)]
+    rows += [train(f"uld-{w:g}", w, paths, steps, work) for w in weights]
     ts = teacher_stats(teacher, caches["heldout"])
     characters = heldout_characters(caches["heldout"])
     table = markdown_table(
@@ -275,11 +276,16 @@ def main(argv: list[str] | None = None) -> None:
             "",
             table,
             "",
-            f"ULD against CE only: held-out CE {rows[1]['ce'] - rows[0]['ce']:+.4f} nats per "
-            f"student token ({(rows[1]['ce'] - rows[0]['ce']) * rows[0]['tokens'] / characters:+.4f}"
-            f" per character), ULD distance to the teacher {rows[1]['uld'] - rows[0]['uld']:+.4f}. "
-            "ULD matches the *shape* of the sorted distribution only, never which token is likely, "
-            "so it can transfer little of what the teacher knows: a row, not a claim.",
+            "ULD against CE only: "
+            + "; ".join(
+                f"lambda {r['weight']:g}: held-out CE {r['ce'] - rows[0]['ce']:+.4f} nats per "
+                f"student token ({(r['ce'] - rows[0]['ce']) * rows[0]['tokens'] / characters:+.4f}"
+                f" per character), ULD distance to the teacher {r['uld'] - rows[0]['uld']:+.4f}"
+                for r in rows[1:]
+            )
+            + ". ULD matches the *shape* of the sorted distribution only, never which token is "
+            "likely: it pulls the student's confidence towards the teacher's, not its choices, so "
+            "it can transfer little of what the teacher knows.",
         ]
     )
     if args.quick:
