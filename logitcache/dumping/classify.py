@@ -77,12 +77,6 @@ def dump_classifier(opts: DumpOptions) -> DumpSummary:
     check_labels(examples.labels, classes, f"--data {opts.data}")
     if opts.targets == "topk" and not 1 <= opts.top_k <= classes:
         raise LogitCacheError(f"--top-k {opts.top_k} is not in 1..{classes} (the classes).")
-    limit = teacher.info.max_positions
-    if examples.input == "text" and limit is not None and opts.seq_len > limit:
-        raise LogitCacheError(
-            f"--seq-len {opts.seq_len} is longer than the teacher's maximum of {limit} positions. "
-            f"Use --seq-len {limit} or less (texts are truncated to it)."
-        )
     template = _template(opts, teacher, examples, spec, names)
     per_part = template.layout.sequences_per_part
     writer = open_writer(opts.out, template, overwrite=opts.overwrite, license=opts.license)

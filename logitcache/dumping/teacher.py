@@ -369,6 +369,12 @@ def load_classifier(
         name, config_text = name_or_path, model.config.to_json_string(use_diff=False)
         model = TextInputs(model) if text else _Normalized(model, Path(name_or_path))
     model = model.to(device=torch_device, dtype=DTYPES[dtype]).eval()
+    limit = _max_positions(model) if text else None
+    if limit is not None and probe.shape[-1] > limit:
+        raise LogitCacheError(
+            f"--seq-len {probe.shape[-1]} is longer than the teacher's maximum of {limit} "
+            f"positions. Use --seq-len {limit} or less (texts are truncated to it)."
+        )
     with torch.inference_mode():
         out = _as_logits(model(as_input(probe, torch_device, dtype)))
     if not isinstance(out, torch.Tensor) or out.shape[:1] != (1,) or out.dim() != 2:
@@ -383,7 +389,7 @@ def load_classifier(
         weights_sha256=weights_sha256(model),
         dtype=dtype,
         vocab_size=int(out.shape[-1]),
-        max_positions=_max_positions(model) if text else None,
+        max_positions=limit,
     )
     if not text:  # the inputs are the examples themselves (the data record fingerprints them)
         no_tokenizer = TokenizerInfo(name="", vocab_size=0, fingerprint="", eos_token_id=None)

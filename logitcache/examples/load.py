@@ -84,6 +84,8 @@ def load_examples(
         return _numpy(path)
     if path.suffix == ".parquet" or path.is_dir():
         return _table(path, resize, input_field, label_field)
+    if path.suffix in (".jsonl", ".txt"):
+        raise _needs_text_teacher(f"--data {source} holds text")
     raise LogitCacheError(
         f"--data {source}: a classification dump reads an image folder (one subfolder per "
         "class), a .npz/.npy file, a .parquet file or a datasets save_to_disk directory."
@@ -255,11 +257,7 @@ def _table(
     labels = None if label is None else np.asarray(table.column(label).to_pylist())
     first = values[0] if values else None
     if isinstance(first, str):
-        raise LogitCacheError(
-            f"{path}: column {column!r} holds text. A text classifier reads it: pass a "
-            "--teacher saved from an AutoModelForSequenceClassification (its tokenizer beside "
-            "it), or a --teacher-factory with --tokenizer."
-        )
+        raise _needs_text_teacher(f"{path}: column {column!r} holds text")
     if isinstance(first, (bytes, dict)):
         raw = [v["bytes"] if isinstance(v, dict) else v for v in values]
         pictures = [_open_image(b, f"{path} row {i}") for i, b in enumerate(raw)]
@@ -271,6 +269,14 @@ def _table(
     except ValueError as exc:
         raise LogitCacheError(f"{path}: column {column!r} holds arrays of mixed shapes.") from exc
     return _from_arrays(arrays, labels, info, str(path))
+
+
+def _needs_text_teacher(what: str) -> LogitCacheError:
+    return LogitCacheError(
+        f"{what}, which only a text classifier reads: pass a --teacher saved from an "
+        "AutoModelForSequenceClassification (its tokenizer beside it), or a --teacher-factory "
+        "with --tokenizer."
+    )
 
 
 def _read_table(path: Path) -> tuple[Any, list[Path]]:

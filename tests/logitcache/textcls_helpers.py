@@ -34,10 +34,11 @@ def build_text_task(root: Path, per_class: int = 12) -> TextTask:
     files = [f for p in PACKAGES for f in package_files(p)[:3]]
     tok = train_tokenizer(files, vocab_size=400, masked_lm=True)
     renamed = {i: f"other{i}" for i in range(len(PACKAGES))}
+    peaked = {"init_std": 0.5}  # untrained, but far from uniform: averages differ visibly
     return TextTask(
-        text_classifier(root / "teacher", tok, seed=0),
-        text_classifier(root / "teacher-b", tok, seed=1),
-        text_classifier(root / "teacher-renamed", tok, seed=2, id2label=renamed),
+        text_classifier(root / "teacher", tok, seed=0, **peaked),
+        text_classifier(root / "teacher-b", tok, seed=1, **peaked),
+        text_classifier(root / "teacher-renamed", tok, seed=2, id2label=renamed, **peaked),
         write_snippets(root / "train.jsonl", per_class=per_class, chars=200),
         write_snippets(root / "heldout.jsonl", "heldout", per_class=per_class // 2, chars=200),
         tok,
