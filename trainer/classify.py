@@ -164,9 +164,14 @@ def cache_examples(cache: logitcache.Cache, data: str, config: ClassifierConfig)
     fields = {"input_field": config.input_field, "label_field": config.label_field}
     if m.task is None or m.task.input != "text":
         return load_examples(data, resize=config.resize, **fields)
+    if config.tokenizer is None and not Path(m.tokenizer.name).exists():
+        raise LogitCacheError(
+            f"{cache.location} was tokenized with {m.tokenizer.name}, which is not on this "
+            "machine: pass that tokenizer with --tokenizer (a directory or tokenizer.json)."
+        )
     source = config.tokenizer or m.tokenizer.name
     flag = "--tokenizer" if config.tokenizer else None
-    tok = load_tokenizer(source, flag=flag, local_only=config.tokenizer is None)
+    tok = load_tokenizer(source, flag=flag, local_only=True)
     if logitcache.tokenizer_fingerprint(tok) != m.tokenizer.fingerprint:
         raise LogitCacheError(
             f"the tokenizer {source} is not the one {cache.location} was dumped with (fingerprint "
@@ -252,6 +257,7 @@ def build_classifier(spec: str, probe: torch.Tensor, classes: int, seed: int) ->
         raise LogitCacheError(f"--student {spec} did not give a torch module.")
     if not probe.is_floating_point() and not isinstance(model, TextInputs):
         model = TextInputs(model)
+    check_vocabulary(model, probe, spec)
     with torch.no_grad():
         out = model(probe)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, classes):
@@ -283,6 +289,21 @@ def _pretrained_student(spec: str, *, text: bool) -> torch.nn.Module:
             f"cannot build {what} classifier from --student {spec} ({exc}). Pass "
             f"MODULE:FUNCTION or a transformers {what.split()[-1]}-classification config."
         ) from exc
+
+
+def check_vocabulary(model: torch.nn.Module, inputs: torch.Tensor, spec: str) -> None:
+    """Refuse a text student whose embedding is narrower than the ids of `inputs` (text
+    examples, (N, 2, seq_len); images pass): it would fail on the first batch holding one."""
+    if inputs.is_floating_point():
+        return
+    width = getattr(getattr(model, "config", None), "vocab_size", None)
+    top = int(inputs[:, 0].max())
+    if isinstance(width, int) and top >= width:
+        raise LogitCacheError(
+            f"--student {spec} embeds {width} token ids, but the examples hold id {top} (the "
+            f"cache's tokenizer): give the student vocab_size {top + 1} or more, the teacher's "
+            "tokenizer's size."
+        )
 
 
 class _Logits(torch.nn.Module):
@@ -387,6 +408,7 @@ def fit_classifier(config: ClassifierConfig) -> dict[str, Any]:
     )
     classes = cache.manifest.teacher.vocab_size
     model = build_classifier(config.student, examples.inputs[:1], classes, config.seed)
+    check_vocabulary(model, examples.inputs, config.student)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     history = train_classifier(

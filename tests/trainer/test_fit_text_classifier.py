@@ -41,8 +41,8 @@ def caches(task: TextTask, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def config(caches: dict[str, Path], task: TextTask, **options: object) -> ClassifierConfig:
-    return ClassifierConfig(cache=str(caches["heldout"]), data=str(task.heldout), student="",
-                            progress=False, **options)  # fmt: skip
+    settings = {"student": "", "progress": False} | options
+    return ClassifierConfig(cache=str(caches["heldout"]), data=str(task.heldout), **settings)
 
 
 def test_the_trainer_reads_the_teachers_own_inputs(caches: dict[str, Path], task: TextTask):
@@ -87,3 +87,17 @@ def test_a_text_student_trains_from_the_cache_through_the_cli(caches, task: Text
     assert set(summary["eval"]) == {"accuracy", "ce", "kl", "agreement"}
     assert summary["epochs"][-1]["kd"] < summary["epochs"][0]["kd"]  # it learns the teacher
     assert "held-out agreement" in proc.stdout and (tmp_path / "run/model.pt").is_file()
+
+
+def test_a_student_narrower_than_the_tokenizer_is_refused(caches, task: TextTask, tmp_path):
+    from transformers import BertConfig
+
+    from trainer.classify import fit_classifier
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32, num_labels=len(PACKAGES),
+               architectures=["BertForSequenceClassification"]).save_pretrained(tmp_path / "s")  # fmt: skip
+    narrow = config(caches, task, student=str(tmp_path / "s"), out=str(tmp_path / "run"))
+    with pytest.raises(logitcache.LogitCacheError, match="embeds 50 token ids, but the examples"):
+        fit_classifier(narrow)
+    assert not (tmp_path / "run").exists()
