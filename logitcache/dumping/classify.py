@@ -130,38 +130,41 @@ def _load(opts: DumpOptions, examples: Examples) -> tuple[Teacher, list[str]]:
     if not opts.teachers:
         teacher = load(opts.teacher, opts.teacher_factory)
         return teacher, class_names(teacher)
-    named: list[list[str]] = []
+    named: list[str] = []
 
     def check(paths: Sequence[str], members: Sequence[Teacher]) -> None:
-        named.extend(check_label_space(paths, members))
+        named.extend(_shared_label_space(paths, members))
 
     mode = ensemble_mode(opts)
     teacher = load_ensemble(opts.teachers, opts.weights, mode, opts.temperature, load, check)
-    return teacher, next((n for n in named if n), [])
+    return teacher, named
 
 
-def check_label_space(paths: Sequence[str], members: Sequence[Teacher]) -> list[list[str]]:
+def _shared_label_space(paths: Sequence[str], members: Sequence[Teacher]) -> list[str]:
     """Refuse classifiers that do not share a label space (an average of their outputs class by
-    class would mix classes): the same class count, and the same class names where both name
-    theirs. Returns each member's names."""
-    names = [class_names(m) for m in members]
-    first = members[0].info.vocab_size
-    for path, member, own in zip(paths[1:], members[1:], names[1:], strict=True):
+    class would mix classes): the same class count, and the same class names wherever two name
+    theirs. Returns the names (the first member's that has them; [] if none does)."""
+    first, where = members[0].info.vocab_size, paths[0]
+    reference: list[str] = []
+    for path, member in zip(paths, members, strict=True):
         if member.info.vocab_size != first:
             raise LogitCacheError(
                 f"--teacher {path} has {member.info.vocab_size} classes, --teacher {paths[0]} "
                 f"{first}: the classifiers of an ensemble must share one label space, since "
                 "their outputs are averaged class by class."
             )
-        if own and names[0] and own != names[0]:
-            i = next(c for c, (a, b) in enumerate(zip(own, names[0], strict=True)) if a != b)
+        own = class_names(member)
+        if own and not reference:
+            reference, where = own, path
+        elif own and own != reference:
+            i = next(c for c, (a, b) in enumerate(zip(own, reference, strict=True)) if a != b)
             raise LogitCacheError(
-                f"--teacher {path} calls class {i} {own[i]!r}, --teacher {paths[0]} "
-                f"{names[0][i]!r} (their configs' id2label): the classifiers of an ensemble must "
-                "share one label space, class id for class id. Use teachers trained on the same "
-                "labels, or fix id2label in their config.json."
+                f"--teacher {path} calls class {i} {own[i]!r}, --teacher {where} "
+                f"{reference[i]!r} (their configs' id2label): the classifiers of an ensemble "
+                "must share one label space, class id for class id. Use teachers trained on the "
+                "same labels, or fix id2label in their config.json."
             )
-    return names
+    return reference
 
 
 def _view_spec(opts: DumpOptions, examples: Examples) -> ViewSpec:
