@@ -150,6 +150,10 @@ def test_the_cli_dumps_text_and_refuses_views_and_an_image_teacher_on_text(
     proc = run_cli(*common, "--teacher", task.teacher, "--out", tmp_path / "c")
     assert proc.returncode == 0, describe(proc)
     assert "4 classes" in flat(proc.stdout), describe(proc)
+    info = run_cli("info", tmp_path / "c")
+    assert info.returncode == 0, describe(info)
+    assert (f"task classification of text [{SEQ_LEN}], 4 classes: asyncio, email, "
+            "multiprocessing, xml, labels, one row per example") in flat(info.stdout)  # fmt: skip
     proc = run_cli(*common, "--teacher", task.teacher, "--out", tmp_path / "v", "--views", "2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
     assert "a text classifier reads each example whole" in flat(proc.stderr)
