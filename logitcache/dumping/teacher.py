@@ -395,7 +395,11 @@ def load_classifier(
         no_tokenizer = TokenizerInfo(name="", vocab_size=0, fingerprint="", eos_token_id=None)
         return Teacher(model, None, info, no_tokenizer, torch_device)
     source = tokenizer or name_or_path
-    assert source is not None, "a text factory comes with its tokenizer (checked by the dump)"
+    if source is None:
+        raise LogitCacheError(
+            "a --teacher-factory text classifier needs --tokenizer (the tokenizer its token ids "
+            "come from)."
+        )
     tok = load_tokenizer(source, trust_remote_code, flag="--tokenizer" if tokenizer else None)
     return Teacher(model, tok, info, tokenizer_info(tok, source), torch_device)
 

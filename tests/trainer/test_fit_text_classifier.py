@@ -41,8 +41,9 @@ def caches(task: TextTask, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def config(caches: dict[str, Path], task: TextTask, **options: object) -> ClassifierConfig:
-    settings = {"student": "", "progress": False} | options
-    return ClassifierConfig(cache=str(caches["heldout"]), data=str(task.heldout), **settings)
+    settings = {"cache": str(caches["heldout"]), "data": str(task.heldout), "student": "",
+                "progress": False} | options  # fmt: skip
+    return ClassifierConfig(**settings)
 
 
 def test_the_trainer_reads_the_teachers_own_inputs(caches: dict[str, Path], task: TextTask):
@@ -101,3 +102,15 @@ def test_a_student_narrower_than_the_tokenizer_is_refused(caches, task: TextTask
     with pytest.raises(logitcache.LogitCacheError, match="embeds 50 token ids, but the examples"):
         fit_classifier(narrow)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_factory_module_is_a_text_student_too(caches, task: TextTask, tmp_path: Path) -> None:
+    from trainer.classify import fit_classifier
+
+    run = config(caches, task, student="tests.logitcache.classifiers:bag_of_tokens",
+                 cache=str(caches["train"]), data=str(task.train), out=str(tmp_path / "run"),
+                 epochs=2, batch_size=8, eval_cache=str(caches["heldout"]),
+                 eval_data=str(task.heldout))  # fmt: skip
+    summary = fit_classifier(run)
+    assert summary["rows"] == 4 * 12 and len(summary["epochs"]) == 2
+    assert set(summary["eval"]) == {"accuracy", "ce", "kl", "agreement"}

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import logitcache
 from logitcache import DumpOptions, dump
 from logitcache.errors import LogitCacheError
+from tests.logitcache.classifiers import bag_of_tokens
 from tests.logitcache.dump_helpers import describe, flat, run_cli
 from tests.logitcache.textcls_helpers import SEQ_LEN, TextTask, build_text_task, teacher_logprobs
 
@@ -88,6 +90,24 @@ def test_short_texts_of_a_txt_file_are_padded_and_masked(task: TextTask, tmp_pat
     assert labels is None and not cache.manifest.task.labels
     np.testing.assert_allclose(got, teacher_logprobs(task.teacher, lines, task.tokenizer),
                                atol=2e-6)  # fmt: skip
+
+
+def test_a_factory_text_classifier_reads_the_ids_and_mask_of_its_tokenizer(
+    task: TextTask, tmp_path: Path
+) -> None:
+    cache = text_dump(task.heldout, tmp_path / "c", tokenizer=str(task.teacher),
+                      teacher_factory="tests.logitcache.classifiers:bag_of_tokens")  # fmt: skip
+    texts, _ = jsonl_rows(task.heldout)
+    model = bag_of_tokens()
+    with torch.inference_mode():
+        want = []
+        for text in texts:
+            ids = task.tokenizer(text, truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+            logits = model(ids["input_ids"], torch.ones_like(ids["input_ids"]))
+            want.append(torch.log_softmax(logits[0].double(), -1).numpy())
+    np.testing.assert_allclose(full_rows(cache)[0], np.stack(want), atol=2e-6)
+    assert cache.manifest.tokenizer.fingerprint == logitcache.tokenizer_fingerprint(task.tokenizer)
+    assert cache.manifest.task.classes == []  # a factory names no classes
 
 
 @pytest.mark.parametrize(("mode", "temperature"), [("logits", 1.0), ("probs", 2.0)])
