@@ -14,6 +14,11 @@ class in float32) that KL is the dense one up to float32 rounding;
 
 `train_classifier` takes the batches from a function, so an online-distillation or hard-label
 baseline (benchmarks/bench_digits.py) runs the very same loop and loss with other targets.
+
+A text cache (`task.input` "text") is trained the same way: `cache_examples` tokenizes --data
+with the cache's tokenizer (its fingerprint checked) to the dump's length, so each example is
+the (2, seq_len) ids and attention mask the teacher read, and a sequence-classification student
+(`build_classifier`) reads them through `logitcache.examples.text.TextInputs`.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import torch.nn.functional as F
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from logitcache.examples.load import Examples, load_examples
+from logitcache.examples.load import Examples, Text, load_examples
+from logitcache.examples.text import TextInputs
 from logitcache.examples.views import apply_views
 from logitcache.progress import progress_bar
-from logitcache.runtime import resolve_device
+from logitcache.runtime import load_tokenizer, resolve_device
 from logitcache.storage.files import write_json_atomic
 from trainer.losses import LossParts, sparse_kd_loss
 
@@ -44,6 +50,7 @@ __all__ = [
     "ClassifierConfig",
     "Rows",
     "build_classifier",
+    "cache_examples",
     "classifier_loss",
     "evaluate_classifier",
     "fit_classifier",
@@ -76,6 +83,10 @@ class ClassifierConfig:
     eval_data: str | None = None  # its examples
     resize: tuple[int, int] | None = None  # as the dump's --resize
     progress: bool = True
+    #: text caches: the tokenizer (default: the one the cache names), checked by fingerprint
+    tokenizer: str | None = None
+    input_field: str | None = None  # as the dump's --input-field (text: default the cache's)
+    label_field: str | None = None  # as the dump's --label-field
 
     def check(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -145,6 +156,33 @@ def load_rows(cache: logitcache.Cache, examples: Examples) -> Rows:
     )
 
 
+def cache_examples(cache: logitcache.Cache, data: str, config: ClassifierConfig) -> Examples:
+    """The examples of `data` as the teacher of `cache` read them: images and arrays decoded as
+    the dump decodes them; text tokenized with the cache's tokenizer (`config.tokenizer`, else
+    the one the manifest names, refused unless its fingerprint is the cache's) to its length."""
+    m = cache.manifest
+    fields = {"input_field": config.input_field, "label_field": config.label_field}
+    if m.task is None or m.task.input != "text":
+        return load_examples(data, resize=config.resize, **fields)
+    if config.tokenizer is None and not Path(m.tokenizer.name).exists():
+        raise LogitCacheError(
+            f"{cache.location} was tokenized with {m.tokenizer.name}, which is not on this "
+            "machine: pass that tokenizer with --tokenizer (a directory or tokenizer.json)."
+        )
+    source = config.tokenizer or m.tokenizer.name
+    flag = "--tokenizer" if config.tokenizer else None
+    tok = load_tokenizer(source, flag=flag, local_only=True)
+    if logitcache.tokenizer_fingerprint(tok) != m.tokenizer.fingerprint:
+        raise LogitCacheError(
+            f"the tokenizer {source} is not the one {cache.location} was dumped with (fingerprint "
+            f"{logitcache.tokenizer_fingerprint(tok)[:12]} vs {m.tokenizer.fingerprint[:12]}): "
+            "the student would read other token ids than the teacher. Pass the teacher's "
+            "tokenizer with --tokenizer."
+        )
+    fields["input_field"] = config.input_field or m.data.text_field
+    return load_examples(data, text=Text(tok, m.task.shape[0]), **fields)
+
+
 def keep_labels(
     labels: torch.Tensor, example: torch.Tensor, fraction: float, seed: int
 ) -> torch.Tensor:
@@ -201,9 +239,11 @@ def classifier_loss(
 
 
 def build_classifier(spec: str, probe: torch.Tensor, classes: int, seed: int) -> torch.nn.Module:
-    """The student: `MODULE:FUNCTION` returning a torch module, or a transformers image
-    classifier config (a config.json file or a directory holding one), initialised under
-    `seed`; refused unless it maps `probe` (1, *shape) to (1, classes) logits."""
+    """The student: `MODULE:FUNCTION` returning a torch module, or a transformers image or
+    sequence classifier config (a config.json file or a directory holding one; its
+    "architectures" decide), initialised under `seed`; refused unless it maps `probe`
+    (1, *shape) to (1, classes) logits. For text (an integer `probe`, ids over mask) the module
+    is called as ``model(input_ids=..., attention_mask=...)``, through `TextInputs`."""
     torch.manual_seed(seed)
     if ":" in spec and not Path(spec).exists():
         module_name, _, fn_name = spec.partition(":")
@@ -212,18 +252,12 @@ def build_classifier(spec: str, probe: torch.Tensor, classes: int, seed: int) ->
         except (ImportError, AttributeError) as exc:
             raise LogitCacheError(f"cannot import --student {spec}: {exc}.") from exc
     else:
-        from transformers import AutoConfig, AutoModelForImageClassification
-
-        try:
-            config = AutoConfig.from_pretrained(spec)
-            model = _Logits(AutoModelForImageClassification.from_config(config))
-        except (OSError, ValueError, KeyError) as exc:
-            raise LogitCacheError(
-                f"cannot build an image classifier from --student {spec} ({exc}). Pass "
-                "MODULE:FUNCTION or a transformers image-classification config."
-            ) from exc
+        model = _pretrained_student(spec, text=not probe.is_floating_point())
     if not isinstance(model, torch.nn.Module):
         raise LogitCacheError(f"--student {spec} did not give a torch module.")
+    if not probe.is_floating_point() and not isinstance(model, TextInputs):
+        model = TextInputs(model)
+    check_vocabulary(model, probe, spec)
     with torch.no_grad():
         out = model(probe)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, classes):
@@ -233,6 +267,43 @@ def build_classifier(spec: str, probe: torch.Tensor, classes: int, seed: int) ->
             f"so a student returns (batch, {classes}) logits."
         )
     return model.float().train()
+
+
+def _pretrained_student(spec: str, *, text: bool) -> torch.nn.Module:
+    """A transformers classifier built from the config at `spec`: a sequence classifier for
+    text (as `TextInputs`), an image classifier otherwise."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
+
+    what = "a sequence" if text else "an image"
+    try:
+        config = AutoConfig.from_pretrained(spec)
+        if text:
+            return TextInputs(AutoModelForSequenceClassification.from_config(config))
+        return _Logits(AutoModelForImageClassification.from_config(config))
+    except (OSError, ValueError, KeyError) as exc:
+        raise LogitCacheError(
+            f"cannot build {what} classifier from --student {spec} ({exc}). Pass "
+            f"MODULE:FUNCTION or a transformers {what.split()[-1]}-classification config."
+        ) from exc
+
+
+def check_vocabulary(model: torch.nn.Module, inputs: torch.Tensor, spec: str) -> None:
+    """Refuse a text student whose embedding is narrower than the ids of `inputs` (text
+    examples, (N, 2, seq_len); images pass): it would fail on the first batch holding one."""
+    if inputs.is_floating_point():
+        return
+    width = getattr(getattr(model, "config", None), "vocab_size", None)
+    top = int(inputs[:, 0].max())
+    if isinstance(width, int) and top >= width:
+        raise LogitCacheError(
+            f"--student {spec} embeds {width} token ids, but the examples hold id {top} (the "
+            f"cache's tokenizer): give the student vocab_size {top + 1} or more, the teacher's "
+            "tokenizer's size."
+        )
 
 
 class _Logits(torch.nn.Module):
@@ -330,13 +401,14 @@ def fit_classifier(config: ClassifierConfig) -> dict[str, Any]:
     config.check()
     device = resolve_device(config.device)
     cache = logitcache.open(config.cache)
-    examples = load_examples(config.data, resize=config.resize)
+    examples = cache_examples(cache, config.data, config)
     rows = load_rows(cache, examples)
     rows = rows._replace(
         labels=keep_labels(rows.labels, rows.example, config.label_fraction, config.seed)
     )
     classes = cache.manifest.teacher.vocab_size
     model = build_classifier(config.student, examples.inputs[:1], classes, config.seed)
+    check_vocabulary(model, examples.inputs, config.student)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     history = train_classifier(
@@ -344,8 +416,9 @@ def fit_classifier(config: ClassifierConfig) -> dict[str, Any]:
     )
     held_out = {}
     if config.eval_cache is not None:
-        eval_examples = load_examples(config.eval_data, resize=config.resize)
-        eval_rows = load_rows(logitcache.open(config.eval_cache), eval_examples)
+        eval_cache = logitcache.open(config.eval_cache)
+        eval_examples = cache_examples(eval_cache, config.eval_data, config)
+        eval_rows = load_rows(eval_cache, eval_examples)
         held_out = evaluate_classifier(model, eval_examples, device, eval_rows)
     torch.save(model.state_dict(), out / "model.pt")
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))

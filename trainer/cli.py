@@ -155,7 +155,8 @@ def fit(
         typer.Option(
             help="lm, or classification: a student classifier from a `dump --task "
             "classification` cache; --student is then MODULE:FUNCTION (a torch module) or an "
-            "image-classifier config.json, and --data the examples the cache was dumped from."
+            "image- or sequence-classification config.json, and --data the examples the cache "
+            "was dumped from (text: tokenized with the cache's tokenizer, or --tokenizer)."
         ),
     ] = "lm",
     data: Annotated[
@@ -177,6 +178,13 @@ def fit(
     ] = 1.0,
     resize: Annotated[
         str | None, typer.Option(help="classification: the dump's --resize HEIGHTxWIDTH.")
+    ] = None,
+    input_field: Annotated[
+        str | None,
+        typer.Option(help="classification: the dump's --input-field (text: default the cache's)."),
+    ] = None,
+    label_field: Annotated[
+        str | None, typer.Option(help="classification: the dump's --label-field.")
     ] = None,
 ) -> None:
     """Train a student on a cache's soft targets: loss = alpha * CE + (1 - alpha) * T^2 * D,
@@ -208,6 +216,8 @@ def fit(
       torchrun --nproc-per-node 8 -m trainer fit --cache ./cache --student ./student-config.json --out ./run --batch-size 64
 
       trainer fit --task classification --cache ./cache --data digits.npz --student mypkg.models:mlp --eval-cache ./test-cache --eval-data test.npz --alpha 0.5 --temperature 4 --epochs 30 --lr 3e-3 --out ./run
+
+      trainer fit --task classification --cache ./text-cache --data train.parquet --student ./bert-small-config.json --eval-cache ./text-test-cache --eval-data test.parquet --out ./run-text
 
       trainer fit --cache ./mlm-cache --student ./bert-student.json --out ./run-mlm --alpha 0.5
 
@@ -277,7 +287,7 @@ def _fit_classifier(flags: dict) -> None:
         raise LogitCacheError("--task classification needs --data (the examples of the cache).")
     names = ("cache", "student", "out", "alpha", "temperature", "label_fraction", "batch_size",
              "epochs", "lr", "weight_decay", "seed", "device", "eval_cache", "eval_data",
-             "progress", "data")  # fmt: skip
+             "progress", "data", "tokenizer", "input_field", "label_field")  # fmt: skip
     resize = flags["resize"]
     config = ClassifierConfig(
         **{n: flags[n] for n in names},

@@ -250,7 +250,9 @@ def dump(
         typer.Option(
             help="lm: a causal LM over token sequences. classification: a classifier over "
             "examples (an image folder with one subfolder per class, a .npz of inputs and "
-            "labels, or a Parquet/datasets table with an image column), one target row per "
+            "labels, or a Parquet/datasets table with an image column; for a text classifier, "
+            "a saved AutoModelForSequenceClassification or a factory with --tokenizer, a "
+            "table, .jsonl or .txt of texts, tokenized to --seq-len), one target row per "
             "example or per --views view; --targets full (the default there) stores every "
             "class's log-prob in float32 (docs/FORMAT.md, section 3b)."
         ),
@@ -279,7 +281,10 @@ def dump(
     ] = None,
     input_field: Annotated[
         str | None,
-        typer.Option(help="classification tables: the image or array column (default: image)."),
+        typer.Option(
+            help="classification tables (and .jsonl): the image, array or text column (default: "
+            "image, or for a text classifier text)."
+        ),
     ] = D.input_field,
     label_field: Annotated[
         str | None,
@@ -311,6 +316,7 @@ def dump(
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --profile
 
       logitcache dump --teacher ./teacher-a --teacher ./teacher-b --weights 2,1 --ensemble probs --data ./corpus/ --out ./cache
+
       logitcache dump --teacher ./gpt2-teacher --data ./corpus/ --out ./cache --targets topk --offsets
 
       logitcache dump --teacher ./llama-70b --data ./corpus/ --out ./cache --device-map auto --max-memory 0=70GiB,1=70GiB --dtype bfloat16
@@ -318,6 +324,10 @@ def dump(
       logitcache dump --task classification --teacher ./vit-classifier --data ./images/ --resize 224x224 --out ./cache
 
       logitcache dump --task classification --teacher-factory mypkg.models:cnn --data digits.npz --views 32 --crop-scale 0.5,1 --no-flip --out ./cache
+
+      logitcache dump --task classification --teacher ./bert-classifier --data reviews.parquet --input-field text --seq-len 128 --out ./text-cache
+
+      logitcache dump --task classification --teacher ./bert-a --teacher ./bert-b --ensemble probs --data reviews.parquet --seq-len 128 --out ./text-cache-ab
 
       logitcache dump --teacher ./bert-teacher --data ./corpus/ --out ./mlm-cache --seq-len 128 --targets topk --top-k 32 --mask-prob 0.15 --views 4
     """

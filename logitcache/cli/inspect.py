@@ -72,6 +72,8 @@ def info(
     if m.ensemble is not None:  # the teacher row is the ensemble's identity: who is in it
         members = " + ".join(f"{x.teacher.name} ({x.weight:.3g})" for x in m.ensemble.members)
         rows.insert(2, ("ensemble", f"{m.ensemble.mode} average of {members}"))
+    if m.task is not None:  # a classifier's cache: what one example is, and its classes
+        rows.insert(4, ("task", describe_task(m)))
     if m.masking is not None:  # a masked-LM cache: its masking, and the rate per masked token
         k = m.masking
         rows.insert(5, ("masking", f"masked LM: p={k.prob} ({k.replace_mask:.0%} mask id "
@@ -86,6 +88,19 @@ def info(
         out.print(f"[bold]{key:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
     _warn_nonstandard(nonstandard)
     _report_damage(cache, problems)
+
+
+def describe_task(m: Manifest) -> str:
+    """A classification cache's task in one line: the examples, the classes, labels and views."""
+    task = m.task
+    assert task is not None
+    names = f": {', '.join(task.classes)}" if task.classes else ""
+    rows = f"{task.views} {task.augment} views per example" if task.views else "one row per example"
+    labels = "labels" if task.labels else "no labels"
+    return (
+        f"{task.kind} of {task.input} {task.shape}, {m.teacher.vocab_size} classes{names}, "
+        f"{labels}, {rows}"
+    )
 
 
 def describe_readers(m: Manifest) -> str:

@@ -7,6 +7,14 @@ causal LM's positions (top-k, sampled, or "full": every class in float32, exact 
 temperature). The example's hard label and each view's box go next to the targets, so a student
 replays the teacher's crops without the teacher (FKD: Shen and Xing, 2022).
 
+A text classifier (a saved `AutoModelForSequenceClassification`, or a factory with
+--tokenizer) reads text examples tokenized to --seq-len (`logitcache.examples.text`); the cache
+keeps the tokenizer's fingerprint, and the student's trainer tokenizes the same --data with it
+(as it re-reads the images of an image cache), so a text cache holds no token ids of its own.
+
+Several --teacher classifiers make an ensemble (`logitcache.dumping.ensemble`), once they share a
+label space: the class count and, where both name them, the class names.
+
 Examples are decoded into memory up front (`logitcache.examples.load`): every check of the data
 (classes, sizes, labels) happens before --out is touched. A rerun of the same command resumes
 after the committed parts, as a causal-LM dump does.
@@ -17,15 +25,23 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from logitcache.dumping import targets as target_code
-from logitcache.dumping.options import DumpOptions, DumpSummary, check_options
-from logitcache.dumping.teacher import DTYPES, Teacher, load_classifier
+from logitcache.dumping.ensemble import load_ensemble
+from logitcache.dumping.options import DumpOptions, DumpSummary, check_options, ensemble_mode
+from logitcache.dumping.teacher import (
+    Teacher,
+    as_input,
+    class_names,
+    is_text_classifier,
+    load_classifier,
+)
 from logitcache.errors import LogitCacheError
-from logitcache.examples.load import Examples, check_labels, load_examples
+from logitcache.examples.load import Examples, Text, check_labels, load_examples
 from logitcache.examples.views import ViewSpec, apply_views, draw_views
 from logitcache.format.manifest import (
     FORMAT_NAME,
@@ -37,6 +53,7 @@ from logitcache.format.manifest import (
     version_for,
 )
 from logitcache.progress import progress_bar
+from logitcache.runtime import load_tokenizer
 from logitcache.storage import stores
 from logitcache.version import __version__
 from logitcache.write.remote_writer import open_writer
@@ -51,18 +68,16 @@ def dump_classifier(opts: DumpOptions) -> DumpSummary:
     check_options(opts)
     _check_classification(opts)
     examples = load_examples(
-        opts.data, resize=opts.resize, input_field=opts.input_field, label_field=opts.label_field
-    )
-    spec = _view_spec(opts, examples)
-    teacher = load_classifier(
-        opts.teacher, examples.inputs[:1], factory=opts.teacher_factory, device=opts.device,
-        dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+        opts.data, resize=opts.resize, input_field=opts.input_field, label_field=opts.label_field,
+        text=_text(opts),
     )  # fmt: skip
+    spec = _view_spec(opts, examples)
+    teacher, names = _load(opts, examples)
     classes = teacher.info.vocab_size
     check_labels(examples.labels, classes, f"--data {opts.data}")
     if opts.targets == "topk" and not 1 <= opts.top_k <= classes:
         raise LogitCacheError(f"--top-k {opts.top_k} is not in 1..{classes} (the classes).")
-    template = _template(opts, teacher, examples, spec)
+    template = _template(opts, teacher, examples, spec, names)
     per_part = template.layout.sequences_per_part
     writer = open_writer(opts.out, template, overwrite=opts.overwrite, license=opts.license)
     with writer as w:
@@ -91,8 +106,74 @@ def _check_classification(opts: DumpOptions) -> None:
         raise LogitCacheError(f"--views must be 0 (no augmentation) or more, got {opts.views}.")
 
 
+def _text(opts: DumpOptions) -> Text | None:
+    """How to tokenize the examples, for a text classifier: a saved sequence classifier (the
+    first --teacher's tokenizer unless --tokenizer; every member's is checked to be the same),
+    or a factory given --tokenizer. None for an image or array classifier."""
+    paths = opts.teachers or ([opts.teacher] if opts.teacher else [])
+    if opts.tokenizer is None and not any(is_text_classifier(p) for p in paths):
+        return None
+    source = opts.tokenizer or paths[0]
+    flag = "--tokenizer" if opts.tokenizer else None
+    return Text(load_tokenizer(source, opts.trust_remote_code, flag=flag), opts.seq_len)
+
+
+def _load(opts: DumpOptions, examples: Examples) -> tuple[Teacher, list[str]]:
+    """The teacher (or the ensemble of --teacher classifiers) and its class names."""
+
+    def load(name: str | None, factory: str | None = None) -> Teacher:
+        return load_classifier(
+            name, examples.inputs[:1], factory=factory, tokenizer=opts.tokenizer,
+            device=opts.device, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+        )  # fmt: skip
+
+    if not opts.teachers:
+        teacher = load(opts.teacher, opts.teacher_factory)
+        return teacher, class_names(teacher)
+    named: list[str] = []
+
+    def check(paths: Sequence[str], members: Sequence[Teacher]) -> None:
+        named.extend(_shared_label_space(paths, members))
+
+    mode = ensemble_mode(opts)
+    teacher = load_ensemble(opts.teachers, opts.weights, mode, opts.temperature, load, check)
+    return teacher, named
+
+
+def _shared_label_space(paths: Sequence[str], members: Sequence[Teacher]) -> list[str]:
+    """Refuse classifiers that do not share a label space (an average of their outputs class by
+    class would mix classes): the same class count, and the same class names wherever two name
+    theirs. Returns the names (the first member's that has them; [] if none does)."""
+    first, where = members[0].info.vocab_size, paths[0]
+    reference: list[str] = []
+    for path, member in zip(paths, members, strict=True):
+        if member.info.vocab_size != first:
+            raise LogitCacheError(
+                f"--teacher {path} has {member.info.vocab_size} classes, --teacher {paths[0]} "
+                f"{first}: the classifiers of an ensemble must share one label space, since "
+                "their outputs are averaged class by class."
+            )
+        own = class_names(member)
+        if own and not reference:
+            reference, where = own, path
+        elif own and own != reference:
+            i = next(c for c, (a, b) in enumerate(zip(own, reference, strict=True)) if a != b)
+            raise LogitCacheError(
+                f"--teacher {path} calls class {i} {own[i]!r}, --teacher {where} "
+                f"{reference[i]!r} (their configs' id2label): the classifiers of an ensemble "
+                "must share one label space, class id for class id. Use teachers trained on the "
+                "same labels, or fix id2label in their config.json."
+            )
+    return reference
+
+
 def _view_spec(opts: DumpOptions, examples: Examples) -> ViewSpec:
     spec = ViewSpec(opts.views, opts.crop_scale, opts.crop_ratio, opts.flip, opts.seed)
+    if spec.views and examples.input == "text":
+        raise LogitCacheError(
+            "--views crops images; a text classifier reads each example whole (one target row "
+            "per example). Leave out --views."
+        )
     if spec.views:
         spec.check()
         if len(examples.shape) < 2:
@@ -103,7 +184,9 @@ def _view_spec(opts: DumpOptions, examples: Examples) -> ViewSpec:
     return spec
 
 
-def _template(opts: DumpOptions, teacher: Teacher, examples: Examples, spec: ViewSpec) -> Manifest:
+def _template(
+    opts: DumpOptions, teacher: Teacher, examples: Examples, spec: ViewSpec, names: list[str]
+) -> Manifest:
     classes = teacher.info.vocab_size
     if opts.targets == "full":  # every class, float32, in id order: the exact distribution
         targets = target_code.target_info(
@@ -128,6 +211,7 @@ def _template(opts: DumpOptions, teacher: Teacher, examples: Examples, spec: Vie
         ratio=list(spec.ratio) if cropped else [],
         flip=spec.flip and cropped,
         seed=spec.seed if cropped else 0,
+        classes=names,
     )
     rows = max(1, spec.views)
     codec = CodecInfo("blosc", "zstd", opts.clevel, opts.shuffle, "crc32c",
@@ -148,6 +232,7 @@ def _template(opts: DumpOptions, teacher: Teacher, examples: Examples, spec: Vie
         tokens=0,
         tool_version=__version__,
         task=task,
+        ensemble=teacher.ensemble,
     )
     return dataclasses.replace(m, format_version=version_for(m))
 
@@ -169,7 +254,7 @@ def _part(
             views = np.concatenate([draw_views(spec, i, height, width) for i in range(a, b)])
             batch = apply_views(batch.repeat_interleave(rows, 0), torch.from_numpy(views))
             boxes.append(views)
-        inputs = batch.to(device=teacher.device, dtype=DTYPES[opts.dtype])
+        inputs = as_input(batch, teacher.device, opts.dtype)
         logits = teacher.logits(inputs).float().reshape(b - a, rows, -1)  # (B, views, classes)
         found = target_code.device_targets(logits, target_spec, torch.arange(a, b))
         if not bool(found["finite"].all()):

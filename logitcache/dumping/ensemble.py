@@ -72,11 +72,15 @@ def load_ensemble(
     mode: str,
     temperature: float,
     load: Callable[[str], Teacher],
+    check: Callable[[Sequence[str], Sequence[Teacher]], None] | None = None,
 ) -> Teacher:
-    """Load every member with `load` (a path -> `Teacher`), check that they can be averaged,
-    and return the ensemble as one `Teacher`, its `ensemble` record listing them."""
+    """Load every member with `load` (a path -> `Teacher`), check that they can be averaged
+    (first with `check`, the members' kind's own test: a classifier's label space), and return
+    the ensemble as one `Teacher`, its `ensemble` record listing them."""
     shares = normalized_weights(weights, len(paths))
     members = [load(path) for path in paths]
+    if check is not None:
+        check(paths, members)
     first = members[0]
     for path, member in zip(paths[1:], members[1:], strict=True):
         if member.tokenizer_info.fingerprint != first.tokenizer_info.fingerprint:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from logitcache.errors import LogitCacheError
+from logitcache.examples.text import TextInputs
 from logitcache.format.manifest import EnsembleInfo, TeacherInfo, TokenizerInfo
 from logitcache.format.tokenizer_id import tokenizer_fingerprint
 from logitcache.runtime import load_tokenizer, resolve_device
@@ -315,40 +316,67 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
+def is_text_classifier(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether the saved model at `name` is a text classifier: its config names a
+    ``*ForSequenceClassification`` architecture (what save_pretrained of one writes)."""
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+
+
 def load_classifier(
     name_or_path: str | None,
     probe: torch.Tensor,
     *,
     factory: str | None = None,
+    tokenizer: str | None = None,
     device: str = "auto",
     dtype: str = "float32",
     trust_remote_code: bool = False,
 ) -> Teacher:
-    """A classifier teacher: a Hugging Face `AutoModelForImageClassification` directory or any
-    torch module a `module:function` factory returns, mapping (batch, *example shape) float32
-    inputs to (batch, classes) logits. `probe` (1, *shape) is one example: its forward gives
-    the class count, and refuses a module that does not take such inputs before --out is
-    touched. The same `Teacher` as a causal LM's, so whatever wraps one (an ensemble) wraps this.
+    """A classifier teacher: a Hugging Face `AutoModelForImageClassification` or
+    `AutoModelForSequenceClassification` directory or any torch module a `module:function`
+    factory returns, mapping (batch, *example shape) inputs to (batch, classes) logits.
+    `probe` (1, *shape) is one example: its forward gives the class count, and refuses a module
+    that does not take such inputs before --out is touched. The same `Teacher` as a causal LM's,
+    so whatever wraps one (an ensemble) wraps this.
 
-    A Hugging Face directory with a preprocessor_config.json that normalises is given its
-    image mean and std in front of the model (inputs are pixel values in [0, 1])."""
+    A text classifier's examples are (batch, 2, seq_len) int64 (`logitcache.examples.text`):
+    a sequence classifier directory, or a factory given with `tokenizer`, is called as
+    ``model(input_ids=..., attention_mask=...)``; its tokenizer (`tokenizer`, else the one
+    saved beside the model) is the cache's, fingerprinted. A Hugging Face image classifier
+    directory with a preprocessor_config.json that normalises is given its image mean and std
+    in front of the model (inputs are pixel values in [0, 1])."""
     if dtype not in DTYPES:
         raise LogitCacheError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
     if (name_or_path is None) == (factory is None):
         raise LogitCacheError(
-            "give exactly one of --teacher PATH (a saved image classifier) or "
+            "give exactly one of --teacher PATH (a saved classifier) or "
             "--teacher-factory MODULE:FN."
         )
     torch_device = resolve_device(device)
+    text = not probe.is_floating_point()
     if factory is not None:
         model, name, config_text = _from_factory(factory), factory, ""
+        model = TextInputs(model) if text else model
     else:
-        model, name = _classifier_from_pretrained(name_or_path, trust_remote_code), name_or_path
-        config_text = model.config.to_json_string(use_diff=False)
-        model = _Normalized(model, Path(name_or_path))
+        model = _classifier_from_pretrained(name_or_path, trust_remote_code, text)
+        name, config_text = name_or_path, model.config.to_json_string(use_diff=False)
+        model = TextInputs(model) if text else _Normalized(model, Path(name_or_path))
     model = model.to(device=torch_device, dtype=DTYPES[dtype]).eval()
+    limit = _max_positions(model) if text else None
+    if limit is not None and probe.shape[-1] > limit:
+        raise LogitCacheError(
+            f"--seq-len {probe.shape[-1]} is longer than the teacher's maximum of {limit} "
+            f"positions. Use --seq-len {limit} or less (texts are truncated to it)."
+        )
     with torch.inference_mode():
-        out = _as_logits(model(probe.to(device=torch_device, dtype=DTYPES[dtype])))
+        out = _as_logits(model(as_input(probe, torch_device, dtype)))
     if not isinstance(out, torch.Tensor) or out.shape[:1] != (1,) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise LogitCacheError(
@@ -361,14 +389,41 @@ def load_classifier(
         weights_sha256=weights_sha256(model),
         dtype=dtype,
         vocab_size=int(out.shape[-1]),
+        max_positions=limit,
     )
-    # no tokenizer: the inputs are the examples themselves (the data record fingerprints them)
-    no_tokenizer = TokenizerInfo(name="", vocab_size=0, fingerprint="", eos_token_id=None)
-    return Teacher(model, None, info, no_tokenizer, torch_device)
+    if not text:  # the inputs are the examples themselves (the data record fingerprints them)
+        no_tokenizer = TokenizerInfo(name="", vocab_size=0, fingerprint="", eos_token_id=None)
+        return Teacher(model, None, info, no_tokenizer, torch_device)
+    source = tokenizer or name_or_path
+    if source is None:
+        raise LogitCacheError(
+            "a --teacher-factory text classifier needs --tokenizer (the tokenizer its token ids "
+            "come from)."
+        )
+    tok = load_tokenizer(source, trust_remote_code, flag="--tokenizer" if tokenizer else None)
+    return Teacher(model, tok, info, tokenizer_info(tok, source), torch_device)
 
 
-def _classifier_from_pretrained(name: str, trust_remote_code: bool) -> torch.nn.Module:
-    from transformers import AutoModelForImageClassification
+def class_names(teacher: Teacher) -> list[str]:
+    """A Hugging Face classifier's class names in id order (its config's id2label), [] for a
+    module that names none (a factory's)."""
+    config = getattr(teacher.model, "config", None)
+    id2label = getattr(config, "id2label", None) or {}
+    if sorted(int(i) for i in id2label) != list(range(teacher.info.vocab_size)):
+        return []
+    return [str(id2label[i]) for i in range(teacher.info.vocab_size)]
+
+
+def as_input(probe: torch.Tensor, device: torch.device, dtype: str) -> torch.Tensor:
+    """An example batch where the teacher reads it: in the teacher's --dtype, but token ids
+    (text) stay integers."""
+    if probe.is_floating_point():
+        return probe.to(device=device, dtype=DTYPES[dtype])
+    return probe.to(device=device)
+
+
+def _classifier_from_pretrained(name: str, trust_remote_code: bool, text: bool) -> torch.nn.Module:
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -377,14 +432,14 @@ def _classifier_from_pretrained(name: str, trust_remote_code: bool) -> torch.nn.
             f"teacher path {name} has no config.json. Pass a directory saved with "
             "save_pretrained, or use --teacher-factory MODULE:FN."
         )
+    auto = AutoModelForSequenceClassification if text else AutoModelForImageClassification
     try:
-        return AutoModelForImageClassification.from_pretrained(
-            name, trust_remote_code=trust_remote_code
-        )
+        return auto.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as exc:
+        what = "a text (sequence)" if text else "an image"
         raise LogitCacheError(
-            f"cannot load {name} as an image classifier ({exc}). Pass a directory saved from an "
-            "AutoModelForImageClassification, or use --teacher-factory MODULE:FN."
+            f"cannot load {name} as {what} classifier ({exc}). Pass a directory saved from an "
+            f"{auto.__name__}, or use --teacher-factory MODULE:FN."
         ) from exc
 
 

@@ -1,7 +1,9 @@
 """Reading classifier examples: an image folder (one subfolder per class, torchvision's
 ImageFolder layout), a NumPy file (`.npz` with ``inputs`` and optionally ``labels``, or a bare
 `.npy` of inputs), or a table (Parquet file, or a `datasets` `save_to_disk` directory) with an
-image or array column and optionally a label column.
+image, array or text column and optionally a label column; for a text classifier also a
+`.jsonl` file (one object per line: the text and optionally the label) or a `.txt` file (one
+example per line, no labels). Text is tokenized to one length (`logitcache.examples.text`).
 
 Every example is decoded up front into one float32 tensor (images scaled to [0, 1], channels
 first), since a classifier dump and its student both index examples at random (views, shuffled
@@ -23,28 +25,36 @@ import numpy as np
 import torch
 
 from logitcache.errors import LogitCacheError
+from logitcache.examples.text import tokenize_texts
 from logitcache.format.manifest import DataInfo
 
-__all__ = ["IMAGE_SUFFIXES", "Examples", "check_labels", "load_examples"]
+__all__ = ["IMAGE_SUFFIXES", "Examples", "Text", "check_labels", "load_examples"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: Columns tried, in order, when --input-field / --label-field are not given.
 INPUT_FIELDS = ("image", "img", "pixel_values", "inputs")
+#: The same for a text classifier's table or .jsonl.
+TEXT_FIELDS = ("text", "sentence", "content")
 LABEL_FIELDS = ("label", "labels")
 
 
 @dataclass
 class Examples:
-    """Decoded examples: ``inputs`` (N, *shape) float32, ``labels`` (N,) int64 or None."""
+    """Decoded examples: ``inputs`` (N, *shape) float32, or for text (N, 2, seq_len) int64
+    (ids over attention mask, `logitcache.examples.text`); ``labels`` (N,) int64 or None."""
 
     inputs: torch.Tensor
     labels: np.ndarray | None
-    input: str  # "image" (decoded pictures or uint8 arrays, scaled to [0, 1]) or "array"
+    #: "image" (decoded pictures or uint8 arrays, scaled to [0, 1]), "array" or "text"
+    input: str
     classes: list[str]  # class names of an image folder, in label order; [] otherwise
     info: DataInfo
 
     @property
     def shape(self) -> list[int]:
+        """One example as the manifest's `task.shape` says it: for text, [seq_len]."""
+        if self.input == "text":
+            return [int(self.inputs.shape[-1])]
         return list(self.inputs.shape[1:])
 
     def __len__(self) -> int:
@@ -57,22 +67,37 @@ def load_examples(
     resize: tuple[int, int] | None = None,
     input_field: str | None = None,
     label_field: str | None = None,
+    text: Text | None = None,
 ) -> Examples:
     """The examples at `source`; `resize` (height, width) makes images of mixed sizes one size
-    (bilinear), `input_field` and `label_field` name a table's columns."""
+    (bilinear), `input_field` and `label_field` name a table's columns. With `text` (a text
+    classifier's tokenizer and length) the input column holds text, tokenized; without it a
+    text column is refused, since nothing could read it."""
     path = Path(source)
     if not path.exists():
         raise LogitCacheError(f"--data {source} does not exist.")
+    if text is not None:
+        return _text(path, text, input_field, label_field)
     if path.is_dir() and not (path / "dataset_info.json").is_file():
         return _image_folder(path, resize)
     if path.suffix in (".npz", ".npy"):
         return _numpy(path)
     if path.suffix == ".parquet" or path.is_dir():
         return _table(path, resize, input_field, label_field)
+    if path.suffix in (".jsonl", ".txt"):
+        raise _needs_text_teacher(f"--data {source} holds text")
     raise LogitCacheError(
         f"--data {source}: a classification dump reads an image folder (one subfolder per "
         "class), a .npz/.npy file, a .parquet file or a datasets save_to_disk directory."
     )
+
+
+@dataclass(frozen=True)
+class Text:
+    """How text examples are tokenized: the classifier's tokenizer, to `seq_len` tokens."""
+
+    tokenizer: Any
+    seq_len: int
 
 
 def check_labels(labels: np.ndarray | None, classes: int, where: str) -> None:
@@ -221,19 +246,7 @@ def _table(
 ) -> Examples:
     """A Parquet file or a `datasets` directory: an image column (the `datasets` Image feature,
     {bytes, path}, or raw encoded bytes) or a numeric list column, and optionally labels."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        if path.is_dir():
-            import datasets
-
-            table = datasets.load_from_disk(str(path)).data.table
-            files = sorted(path.glob("*.arrow"))
-        else:
-            table, files = pq.read_table(str(path)), [path]
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise LogitCacheError(f"{path} is not a readable table ({exc}).") from exc
+    table, files = _read_table(path)
     names = table.column_names
     column = _pick(input_field, INPUT_FIELDS, names, path, "--input-field", required=True)
     label = _pick(label_field, LABEL_FIELDS, names, path, "--label-field", required=False)
@@ -243,6 +256,8 @@ def _table(
     info = DataInfo(str(path), fmt, _fingerprint(fmt, fields, path, files), len(values), column)
     labels = None if label is None else np.asarray(table.column(label).to_pylist())
     first = values[0] if values else None
+    if isinstance(first, str):
+        raise _needs_text_teacher(f"{path}: column {column!r} holds text")
     if isinstance(first, (bytes, dict)):
         raw = [v["bytes"] if isinstance(v, dict) else v for v in values]
         pictures = [_open_image(b, f"{path} row {i}") for i, b in enumerate(raw)]
@@ -254,6 +269,92 @@ def _table(
     except ValueError as exc:
         raise LogitCacheError(f"{path}: column {column!r} holds arrays of mixed shapes.") from exc
     return _from_arrays(arrays, labels, info, str(path))
+
+
+def _needs_text_teacher(what: str) -> LogitCacheError:
+    return LogitCacheError(
+        f"{what}, which only a text classifier reads: pass a --teacher saved from an "
+        "AutoModelForSequenceClassification (its tokenizer beside it), or a --teacher-factory "
+        "with --tokenizer."
+    )
+
+
+def _read_table(path: Path) -> tuple[Any, list[Path]]:
+    """A Parquet file or a `datasets` directory as a pyarrow table, and the files it is in."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.is_dir():
+            import datasets
+
+            return datasets.load_from_disk(str(path)).data.table, sorted(path.glob("*.arrow"))
+        return pq.read_table(str(path)), [path]
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise LogitCacheError(f"{path} is not a readable table ({exc}).") from exc
+
+
+def _text(path: Path, text: Text, input_field: str | None, label_field: str | None) -> Examples:
+    """Text examples from a table, a .jsonl or a .txt file, tokenized (`tokenize_texts`)."""
+    if path.suffix == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        rows: dict[str, list[Any]] = {"text": lines}
+        fmt, column, label, files = "text", "text", None, [path]
+    else:
+        if path.suffix == ".jsonl":
+            rows, fmt, files = _jsonl(path), "jsonl", [path]
+        elif path.suffix == ".parquet" or path.is_dir():
+            table, files = _read_table(path)
+            rows, fmt = table.to_pydict(), "arrow" if path.is_dir() else "parquet"
+        else:
+            raise LogitCacheError(
+                f"--data {path}: a text classifier reads a .parquet file, a datasets "
+                "save_to_disk directory, a .jsonl file (one object per line) or a .txt file "
+                "(one example per line)."
+            )
+        names = list(rows)
+        column = _pick(input_field, TEXT_FIELDS, names, path, "--input-field", required=True)
+        label = _pick(label_field, LABEL_FIELDS, names, path, "--label-field", required=False)
+    texts = rows[column]
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise LogitCacheError(
+            f"{path}: column {column!r} is not a text column (row {bad} holds "
+            f"{type(texts[bad]).__name__}). Name the text column with --input-field."
+        )
+    if not texts:
+        raise LogitCacheError(f"--data {path} holds no examples.")
+    inputs = tokenize_texts(texts, text.tokenizer, text.seq_len, str(path))
+    info = DataInfo(str(path), fmt, _fingerprint(fmt, [column, label], path, files), len(texts),
+                    column)  # fmt: skip
+    labels = None if label is None else _labels(_integers(rows[label], path), len(texts), str(path))
+    return Examples(inputs, labels, "text", [], info)
+
+
+def _jsonl(path: Path) -> dict[str, list[Any]]:
+    """A .jsonl file as columns: every line an object (a key missing from a line is None)."""
+    objects = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise LogitCacheError(f"{path} line {number} is not JSON ({exc}).") from exc
+        if not isinstance(obj, dict):
+            raise LogitCacheError(f"{path} line {number} is not a JSON object.")
+        objects.append(obj)
+    keys = list(dict.fromkeys(k for obj in objects for k in obj))
+    return {k: [obj.get(k) for obj in objects] for k in keys}
+
+
+def _integers(values: list[Any], path: Path) -> np.ndarray:
+    """A label column as an array, refused unless every entry is an integer."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise LogitCacheError(
+            f"{path}: the label column holds entries that are not integer class ids."
+        )
+    return np.asarray(values, dtype=np.int64)
 
 
 def _pick(

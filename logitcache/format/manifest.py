@@ -88,7 +88,7 @@ ORDERS = ("descending", "id")
 #: Task kinds (1.3): what one sequence of the cache is. A cache without `task` is a causal LM's.
 TASK_KINDS = ("classification",)
 #: What a classification teacher read (`TaskInfo.input`).
-TASK_INPUTS = ("image", "array")
+TASK_INPUTS = ("image", "array", "text")
 #: Augmentations a classification dump may declare (`TaskInfo.augment`): "" (the examples as
 #: they are) or random resized crops with optional horizontal flips (`logitcache.examples.views`).
 AUGMENTS = ("", "crop")
@@ -193,11 +193,12 @@ class TaskInfo:
     part's ``views`` array, so a trainer replays exactly the crops the teacher saw.
 
     `shape` is one example as the teacher read it: (channels, height, width) for images, the
-    array's shape for arrays. Views crop `shape`'s last two axes and resize to them.
+    array's shape for arrays, (seq_len,) for text (token ids; the tokenizer is the manifest's
+    `tokenizer`). Views crop `shape`'s last two axes and resize to them; text has none.
     """
 
     kind: str  # "classification"
-    input: str  # "image" or "array"
+    input: str  # "image", "array" or "text"
     shape: list[int]
     labels: bool  # whether parts hold `labels` (the data had a label for every example)
     views: int = 0  # 0: one row per example, the example itself; N: N augmented views
@@ -206,6 +207,9 @@ class TaskInfo:
     ratio: list[float] = field(default_factory=list)  # crop: [min, max] aspect ratio w / h
     flip: bool = False  # crop: a horizontal flip with probability 1/2
     seed: int = 0  # crop: the seed of the draws
+    #: The teacher's class names in id order (a Hugging Face config's id2label), [] where it
+    #: names none (a factory): with the class count, the label space ensembles must share.
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

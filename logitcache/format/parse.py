@@ -331,6 +331,10 @@ def _task_problems(m: Manifest) -> list[str]:
             problems.append("crops need examples with two spatial axes")
     elif task.scale or task.ratio or task.flip or task.seed:
         problems.append("task.scale, ratio, flip and seed are for augment 'crop' only")
+    if task.input == "text" and (len(task.shape) != 1 or task.views or not m.tokenizer.fingerprint):
+        problems.append("a text task has shape [seq_len], no views and a tokenizer")
+    if task.classes and len(task.classes) != m.teacher.vocab_size:
+        problems.append(f"task.classes names {len(task.classes)} classes, not vocab_size")
     if _version_tuple(m.format_version) < _version_tuple(TASK_FORMAT_VERSION):
         problems.append(f"a task needs format_version {TASK_FORMAT_VERSION} or later")
     return problems

@@ -128,6 +128,7 @@ def check_combinable(
     first, where = caches[0].manifest, locations[0]
     for location, cache in zip(locations[1:], caches[1:], strict=True):
         m = cache.manifest
+        _check_same_task(location, m, where, first)
         if m.tokenizer.fingerprint != first.tokenizer.fingerprint:
             raise LogitCacheError(
                 f"{location} was dumped with another tokenizer than {where} (fingerprint "
@@ -175,6 +176,39 @@ def check_combinable(
                 f"with --top-k {vocab}, or dump the ensemble in one pass (dump --teacher A "
                 "--teacher B --ensemble logits)."
             )
+
+
+def _task_name(m: Manifest) -> str:
+    return "a causal-LM cache" if m.task is None else f"a {m.task.kind} cache ({m.task.input})"
+
+
+def _check_same_task(location: str, m: Manifest, where: str, first: Manifest) -> None:
+    """Refuse caches of different tasks, and classification caches whose label spaces (class
+    count, class names) or views differ: their rows could not be averaged class by class."""
+    if (m.task is None) != (first.task is None) or (
+        m.task is not None and first.task is not None and m.task.input != first.task.input
+    ):
+        raise LogitCacheError(
+            f"{location} is {_task_name(m)}, {where} {_task_name(first)}: an ensemble averages "
+            "the targets of teachers of one task on the same inputs."
+        )
+    if m.task is None or first.task is None:
+        return
+    if m.teacher.vocab_size != first.teacher.vocab_size or (
+        m.task.classes and first.task.classes and m.task.classes != first.task.classes
+    ):
+        raise LogitCacheError(
+            f"{location} and {where} have different label spaces ({m.teacher.vocab_size} "
+            f"classes {m.task.classes or '(unnamed)'} vs {first.teacher.vocab_size} "
+            f"{first.task.classes or '(unnamed)'}): an ensemble averages classifiers class by "
+            "class, so their teachers must share one label space."
+        )
+    if dataclasses.replace(m.task, classes=[]) != dataclasses.replace(first.task, classes=[]):
+        raise LogitCacheError(
+            f"{location} and {where} hold other rows per example (their task records differ: "
+            "shape, labels or views): dump every classifier from the same --data with the same "
+            "--views, --seed and crop settings."
+        )
 
 
 def _shape(m: Manifest) -> tuple[object, ...]:
@@ -261,17 +295,21 @@ def combine_part(template: Manifest, caches: Sequence[Cache], index: int) -> Par
     else:
         parts = [c.read_decoded(index) for c in caches]
     for part, w in zip(parts[1:], where[1:], strict=True):
-        if not (
-            np.array_equal(part.input_ids, parts[0].input_ids)
-            and np.array_equal(part.seq_offsets, parts[0].seq_offsets)
+        if not all(
+            np.array_equal(getattr(part, name), getattr(parts[0], name))
+            for name in ("input_ids", "seq_offsets", "labels", "views")
         ):
             raise LogitCacheError(
-                f"{w} and {where[0]} hold different input ids, although their data records "
-                "agree: one of the caches was not dumped from the data it names. Re-dump it."
+                f"{w} and {where[0]} hold different inputs (input ids, or a classifier's labels "
+                "or views), although their data records agree: one of the caches was not dumped "
+                "from the data it names. Re-dump it."
             )
     if template.targets.kind == "sample":
-        return _pooled(template, parts)
-    return _union_topk(template, parts, shares, template.ensemble.mode)
+        combined = _pooled(template, parts)
+    else:
+        combined = _union_topk(template, parts, shares, template.ensemble.mode)
+    # a classification cache's labels and views are the inputs', the same in every member
+    return dataclasses.replace(combined, labels=parts[0].labels, views=parts[0].views)
 
 
 def _pooled(template: Manifest, parts: Sequence[PartArrays]) -> PartArrays:

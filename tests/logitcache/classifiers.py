@@ -52,3 +52,22 @@ def sequence_model() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Flatten(2), torch.nn.Linear(64, 4), torch.nn.Unflatten(1, (1, 1))
     )
+
+
+class BagOfTokens(torch.nn.Module):
+    """A text classifier as a factory returns one: called as Hugging Face sequence classifiers
+    are, (B, T) ids and mask -> (B, classes) logits of the mean embedding of the tokens."""
+
+    def __init__(self, vocab: int, classes: int = CLASSES) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask[..., None].float()  # (B, T, 1)
+        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1)) * 3.0
+
+
+def bag_of_tokens() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BagOfTokens(vocab=400)  # the tokenizer of tests/logitcache/textcls_helpers.py
