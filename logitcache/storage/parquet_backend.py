@@ -200,8 +200,12 @@ def _list_offsets(column: pa.ChunkedArray) -> np.ndarray:
 
 def _read_masked(table: pa.Table, arrays: PartArrays) -> None:
     """Set a masked-LM part's `target_positions` (back on the part's token axis) and
-    `target_labels`; a position outside its sequence is refused (it would move its row)."""
+    `target_labels`; a position outside its sequence, or a sequence whose target columns have
+    another number of rows than its positions, is refused (either would move rows)."""
     rows = _list_offsets(table.column("target_positions"))
+    for name in ("target_labels", "target_ids"):
+        if not np.array_equal(_list_offsets(table.column(name)), rows):
+            raise ValueError(f"a sequence's {name} are not one per masked position")
     within = _tokens_of(table.column("target_positions")).astype(np.int64)
     owner = np.repeat(np.arange(len(rows) - 1), np.diff(rows))
     start, lengths = arrays.seq_offsets[:-1], np.diff(arrays.seq_offsets)

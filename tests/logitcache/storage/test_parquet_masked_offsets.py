@@ -162,8 +162,8 @@ def test_info_and_stats_on_a_masked_parquet_cache(masked_pair):
 
 
 def test_a_position_outside_its_sequence_is_refused(masked_pair, tmp_path):
-    """Positions are stored within their sequence: one past its end would move its row into
-    the next sequence, so the backend refuses it; so does verify, by name."""
+    """Positions are stored within their sequence: one past its end, or a label in the row of
+    another sequence, would move rows into the next sequence, so the backend refuses both."""
     source = masked_pair["parquet"] / "parts" / "part-000000.parquet"
     table = pq.read_table(source)
     rows = table.column("target_positions").to_pylist()
@@ -172,6 +172,12 @@ def test_a_position_outside_its_sequence_is_refused(masked_pair, tmp_path):
     column = pa.array(rows, type=pa.list_(pa.uint32()))
     pq.write_table(table.set_column(3, "target_positions", column), bad)
     with pytest.raises(ValueError, match="not inside its sequence"):
+        parquet_backend.read_part(bad)
+    labels = table.column("target_labels").to_pylist()
+    labels[1].insert(0, labels[0].pop())  # the same labels, one of them in the next row
+    column = pa.array(labels, type=table.schema.field("target_labels").type)
+    pq.write_table(table.set_column(4, "target_labels", column), bad)
+    with pytest.raises(ValueError, match="target_labels are not one per masked position"):
         parquet_backend.read_part(bad)
     good = parquet_backend.read_part(source)
     assert isinstance(good, PartArrays) and good.target_positions.dtype == np.uint32
