@@ -40,6 +40,13 @@ class StudentTokens:
                 f"--loss uld needs the text the teacher saw, and the cache of teacher "
                 f"{manifest.teacher.name} holds only token ids. Dump it again with --offsets."
             )
+        if manifest.masking is not None:
+            raise LogitCacheError(
+                f"--loss uld pairs positions that predict the next token, but {manifest.teacher.name} "
+                "is a masked LM: its cached targets are for the masked tokens themselves, which no "
+                "position of another tokenizer corresponds to. Train on this cache without "
+                "--loss uld (a student with the teacher's tokenizer)."
+            )
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is None:
             raise LogitCacheError(

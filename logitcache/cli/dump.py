@@ -136,7 +136,7 @@ def dump(
         typer.Option(
             "--offsets",
             help="Also store each sequence's text and each token's character span in it "
-            "(format 1.3, zarr only), so that a student with another tokenizer can train from "
+            "(format 1.3), so that a student with another tokenizer can train from "
             "the cache: `trainer fit --loss uld --tokenizer STUDENT_TOK`.",
         ),
     ] = D.offsets,

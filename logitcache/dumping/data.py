@@ -356,6 +356,12 @@ def ids_of(sequence: Packed) -> np.ndarray:
     return sequence.ids if isinstance(sequence, Spanned) else sequence
 
 
+def with_ids(sequence: Packed, ids: np.ndarray) -> Packed:
+    """`sequence` reading `ids` instead (a masked-LM dump's masked input): with --offsets its
+    text and spans stay those of the original tokens, which is the text it covers."""
+    return dataclasses.replace(sequence, ids=ids) if isinstance(sequence, Spanned) else ids
+
+
 def tokenize_spans(
     docs: Iterator[str | list[int]], tokenizer: Any, batch: int = 64
 ) -> Iterator[_Document]:

@@ -216,11 +216,6 @@ def check_options(opts: DumpOptions) -> None:
         raise LogitCacheError(
             f"--format must be one of {', '.join(CLEVELS)}, got {opts.backend!r}."
         )
-    if opts.offsets and opts.backend != "zarr":
-        raise LogitCacheError(
-            f"--offsets is stored by the zarr backend only, not --format {opts.backend}: "
-            "drop --format or drop --offsets."
-        )
     low, high = CLEVELS[opts.backend]
     if not low <= opts.clevel <= high:
         raise LogitCacheError(
@@ -462,8 +457,8 @@ def check_against_teacher(opts: DumpOptions, teacher: Teacher) -> None:
 
 
 def _check_masking(opts: DumpOptions, teacher: Teacher) -> None:
-    """--mask-prob and --views only with a masked-LM teacher, whose tokenizer has a mask token;
-    its caches in the zarr backend only."""
+    """--mask-prob and --views only with a masked-LM teacher, whose tokenizer has a mask
+    token."""
     name = teacher.info.name
     if teacher.info.kind != "masked":
         for flag, given in (
@@ -482,8 +477,4 @@ def _check_masking(opts: DumpOptions, teacher: Teacher) -> None:
             f"the tokenizer ({teacher.tokenizer_info.name}) has no mask token, which a masked-LM "
             "dump writes at the masked positions. Pass the teacher's own tokenizer (--tokenizer) "
             "with a mask token ([MASK])."
-        )
-    if opts.backend != "zarr":
-        raise LogitCacheError(
-            f"--format {opts.backend} does not store masked-LM caches yet; use --format zarr."
         )

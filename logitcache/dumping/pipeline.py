@@ -253,8 +253,8 @@ def _teacher_targets(
     mask when the batch is padded."""
     masked = None
     if masker is not None:
-        masked = [masker.mask(s, first_sequence + i) for i, s in enumerate(batch)]
-        batch = [m.input_ids for m in masked]
+        masked = [masker.mask(data.ids_of(s), first_sequence + i) for i, s in enumerate(batch)]
+        batch = [data.with_ids(s, m.input_ids) for s, m in zip(batch, masked, strict=True)]
     ids = input_ids([data.ids_of(s) for s in batch])
     device_ids = torch.from_numpy(ids).to(teacher.device)
     attention = None

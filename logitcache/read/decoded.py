@@ -110,7 +110,8 @@ def decode(
 def _spread(arrays: PartArrays, ids: np.ndarray, logprobs: np.ndarray) -> PartArrays:
     """A masked-LM part's decoded target rows (masked, w) spread to a row per token: the
     placeholder (id 0 at log-prob 0, -inf beyond) where a position has no target, and
-    ``target_labels`` (tokens,) int64 with `NO_TARGET` there."""
+    ``target_labels`` (tokens,) int64 with `NO_TARGET` there; the text arrays (--offsets) as
+    they are."""
     tokens, width = len(arrays.input_ids), ids.shape[1]
     at = np.asarray(arrays.target_positions).astype(np.int64)
     dense_ids = np.zeros((tokens, width), dtype=ids.dtype)  # (T, w)
@@ -121,7 +122,8 @@ def _spread(arrays: PartArrays, ids: np.ndarray, logprobs: np.ndarray) -> PartAr
     labels[at] = arrays.target_labels
     return PartArrays(
         arrays.input_ids, dense_ids, dense_logprobs, arrays.seq_offsets,
-        target_positions=at, target_labels=labels,
+        target_positions=at, target_labels=labels, text=arrays.text,
+        text_offsets=arrays.text_offsets, token_offsets=arrays.token_offsets,
     )  # fmt: skip
 
 

@@ -22,7 +22,11 @@ Each example is one sequence, in the reader's uniform view (`CacheSequence`):
 * ``target_ids`` (n, w) int64 and ``target_logprobs`` (n, w) float32: row j is the teacher's
   distribution over token j + 1, most probable first, ``-inf`` (and id 0) in unused slots;
   w = k for top-k caches; for sampled caches, log(count / N) and w the most distinct ids at
-  one position of the sequence's part.
+  one position of the sequence's part;
+* a masked-LM cache (format 1.3) adds ``labels`` (n,) int64: the id the masking replaced at a
+  masked position, -1 elsewhere, where the target row is a placeholder never to train on;
+* an ``--offsets`` cache (format 1.3) adds ``text`` (string), the text the sequence's tokens
+  cover, and ``token_offsets`` (n, 2) int64, each token's [start, end) in its characters.
 
 `datasets` is imported here, on first use, never by `import logitcache`.
 """
@@ -32,8 +36,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from logitcache.format.manifest import PartArrays
+import numpy as np
+
+from logitcache.format.manifest import Manifest, PartArrays
 from logitcache.read.decoded import split_sequences
+from logitcache.read.texts import sequence_text
 
 if TYPE_CHECKING:
     import datasets
@@ -44,6 +51,9 @@ class Parts(Protocol):
     imports this module, not the reverse). Picklable, for DataLoader workers."""
 
     @property
+    def manifest(self) -> Manifest: ...
+
+    @property
     def num_parts(self) -> int: ...
 
     def part_span(self, index: int) -> tuple[int, int]: ...
@@ -51,19 +61,24 @@ class Parts(Protocol):
     def read_decoded(self, index: int) -> PartArrays: ...
 
 
-def features() -> datasets.Features:
-    """The examples' schema (module docstring), for `datasets` 3 (`Sequence`) and 4+ (`List`)."""
+def features(manifest: Manifest) -> datasets.Features:
+    """The examples' schema (module docstring) for a cache with `manifest`, for `datasets` 3
+    (`Sequence`) and 4+ (`List`)."""
     import datasets
 
     nested = getattr(datasets, "List", None) or datasets.Sequence
-    return datasets.Features(
-        {
-            "index": datasets.Value("int64"),
-            "input_ids": nested(datasets.Value("int64")),
-            "target_ids": nested(nested(datasets.Value("int64"))),
-            "target_logprobs": nested(nested(datasets.Value("float32"))),
-        }
-    )
+    fields = {
+        "index": datasets.Value("int64"),
+        "input_ids": nested(datasets.Value("int64")),
+        "target_ids": nested(nested(datasets.Value("int64"))),
+        "target_logprobs": nested(nested(datasets.Value("float32"))),
+    }
+    if manifest.masking is not None:
+        fields["labels"] = nested(datasets.Value("int64"))
+    if manifest.layout.offsets:
+        fields["text"] = datasets.Value("string")
+        fields["token_offsets"] = nested(nested(datasets.Value("int64")))
+    return datasets.Features(fields)
 
 
 def to_hf_dataset(cache: Parts) -> datasets.IterableDataset:
@@ -72,7 +87,7 @@ def to_hf_dataset(cache: Parts) -> datasets.IterableDataset:
 
     return datasets.IterableDataset.from_generator(
         _sequences,
-        features=features(),
+        features=features(cache.manifest),
         gen_kwargs={"parts": list(range(cache.num_parts)), "cache": cache},
     )
 
@@ -81,10 +96,18 @@ def _sequences(parts: list[int], cache: Parts) -> Iterator[dict[str, Any]]:
     """The examples of the parts `parts` (this shard's, in the order `datasets` gives them)."""
     for index in parts:
         first, _ = cache.part_span(index)
-        for offset, seq in enumerate(split_sequences(cache.read_decoded(index))):
-            yield {
+        part = cache.read_decoded(index)
+        for offset, seq in enumerate(split_sequences(part)):
+            example = {
                 "index": first + offset,
                 "input_ids": seq.input_ids.numpy(),
                 "target_ids": seq.target_ids.numpy(),
                 "target_logprobs": seq.target_logprobs.numpy(),
             }
+            if seq.labels is not None:
+                example["labels"] = seq.labels.numpy()
+            if part.text is not None:
+                a, b = part.seq_offsets[offset], part.seq_offsets[offset + 1]
+                example["text"] = sequence_text(part, offset)
+                example["token_offsets"] = part.token_offsets[a:b].astype(np.int64)
+            yield example

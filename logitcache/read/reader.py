@@ -32,7 +32,6 @@ from logitcache.format.manifest import (
     PartArrays,
     array_names,
     expected_arrays,
-    refuse_masked,
 )
 from logitcache.format.parse import parse_manifest
 from logitcache.read.decoded import (
@@ -313,7 +312,6 @@ class Cache:
         sequences; see `logitcache.read.hf` for the fields. Imports `datasets` on first use."""
         from logitcache.read.hf import to_hf_dataset
 
-        refuse_masked(self.manifest, "Cache.to_hf_dataset")
         return to_hf_dataset(self)
 
     def locate(self, index: int) -> tuple[int, int]:

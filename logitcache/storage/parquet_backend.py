@@ -1,6 +1,10 @@
 """The Parquet backend of the cache: one file per part, one row per sequence, readable by
 `pyarrow.dataset` and `datasets.load_dataset("parquet", ...)` as is. The only module of the
 storage side that imports pyarrow (Parquet *input* data is read by `logitcache.dumping.arrow_input`).
+
+A row holds everything of its sequence, so a reader without this package needs no offsets: a
+masked-LM sequence's target rows and their positions *within the sequence* (format 1.3,
+docs/FORMAT.md section 6), an ``--offsets`` sequence's text as a string and its tokens' spans.
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ import pyarrow.parquet as pq
 from logitcache.format.manifest import CodecInfo, PartArrays, PartInfo
 
 SUFFIX = ".parquet"
+#: The target columns: a list per sequence of one entry per target row (a token, or in a
+#: masked-LM cache a masked position), each a fixed-size list (top-k) or a list (ragged kinds).
+TARGET_COLUMNS = ("target_ids", "target_logprobs", "target_counts")
+#: Arrays that are not a column of their own (list offsets of another column), or whose stored
+#: values a reader derives from the whole row (masked positions are stored within a sequence).
+_DERIVED = ("seq_offsets", "target_lengths", "text_offsets", "text", "target_positions")
 
 
 def _per_token(values: np.ndarray, offsets: np.ndarray, lengths=None) -> pa.Array:
@@ -33,13 +43,15 @@ def _per_token(values: np.ndarray, offsets: np.ndarray, lengths=None) -> pa.Arra
 def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: int) -> None:
     """Write one part as a Parquet file: zstd, 1 MB pages, page checksums, no statistics."""
     offsets = np.asarray(arrays.seq_offsets)
+    rows = _target_row_offsets(arrays)
     lengths = arrays.target_lengths
     columns = {"input_ids": _per_token(arrays.input_ids, offsets)}
-    # top-k: a fixed-size list of k per token; sampled and top-p: a list per token of its ids
-    # and one of their counts or log-probs
-    for name in ("target_ids", "target_logprobs", "target_counts"):
+    # top-k: a fixed-size list of k per target row; sampled and top-p: a list per row of its
+    # ids and one of their counts or log-probs
+    for name in TARGET_COLUMNS:
         if getattr(arrays, name) is not None:
-            columns[name] = _per_token(getattr(arrays, name), offsets, lengths)
+            columns[name] = _per_token(getattr(arrays, name), rows, lengths)
+    columns |= _masked_columns(arrays, rows) | _text_columns(arrays)
     table = pa.table(columns)
     encodings = {_leaf(table, n): "DELTA_BINARY_PACKED" for n in codec.delta if n in columns}
     pq.write_table(
@@ -53,6 +65,42 @@ def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: in
         write_page_checksum=True,
         column_encoding=encodings or None,
     )
+
+
+def _target_row_offsets(arrays: PartArrays) -> np.ndarray:
+    """(S + 1,) where each sequence's target rows begin: its tokens, or in a masked-LM part
+    the rows whose positions fall in it."""
+    offsets = np.asarray(arrays.seq_offsets, dtype=np.int64)
+    if arrays.target_positions is None:
+        return offsets
+    return np.searchsorted(np.asarray(arrays.target_positions, dtype=np.int64), offsets)
+
+
+def _masked_columns(arrays: PartArrays, rows: np.ndarray) -> dict[str, pa.Array]:
+    """A masked-LM part's positions, within their sequence, and labels (format 1.3)."""
+    if arrays.target_positions is None:
+        return {}
+    owner = np.repeat(np.arange(arrays.sequences), np.diff(rows))  # (M,) sequence of each row
+    start = np.asarray(arrays.seq_offsets, dtype=np.int64)[owner]
+    within = (np.asarray(arrays.target_positions, dtype=np.int64) - start).astype(np.uint32)
+    return {
+        "target_positions": _per_token(within, rows),
+        "target_labels": _per_token(np.asarray(arrays.target_labels), rows),
+    }
+
+
+def _text_columns(arrays: PartArrays) -> dict[str, pa.Array]:
+    """An ``--offsets`` part's text, one string per sequence (its bytes are the part's text
+    array, its offsets `text_offsets`), and each token's character span (format 1.3)."""
+    if arrays.text is None:
+        return {}
+    starts = np.asarray(arrays.text_offsets, dtype=np.int64)
+    data = np.ascontiguousarray(arrays.text, dtype=np.uint8)
+    buffers = [None, pa.py_buffer(starts.astype(np.int32)), pa.py_buffer(data)]
+    text = pa.Array.from_buffers(pa.string(), arrays.sequences, buffers)
+    text.validate(full=True)  # each sequence's bytes UTF-8 on their own (FORMAT.md 3d)
+    offsets = np.asarray(arrays.seq_offsets)
+    return {"text": text, "token_offsets": _per_token(np.asarray(arrays.token_offsets), offsets)}
 
 
 def write_sequences(
@@ -93,13 +141,16 @@ def check_part(
     tokens = expected["input_ids"][0][0]
     if meta.num_rows != sequences:
         raise ValueError(f"the file holds {meta.num_rows} rows, the manifest says {sequences}")
-    columns = []  # every array but seq_offsets is a list-per-sequence column (module docstring)
+    columns = []  # list-per-sequence columns, and the text (module docstring)
     ragged = "target_lengths" in expected  # sampled, top-p: the lengths are list offsets
     for name, (shape, dtype) in expected.items():
-        if name in ("seq_offsets", "target_lengths"):
+        if name in ("seq_offsets", "target_lengths", "text_offsets"):
+            continue
+        if name == "text":
+            columns.append((name, pa.string()))
             continue
         value = pa.from_numpy_dtype(np.dtype(dtype))
-        if ragged and name != "input_ids":
+        if ragged and name in TARGET_COLUMNS:
             value = pa.list_(value)
         elif len(shape) == 2:
             value = pa.list_(value, shape[1])
@@ -122,19 +173,59 @@ def read_part(path: Path, names: tuple[str, ...] | None = None) -> PartArrays:
     a Parquet part is one file, read whole."""
     del names
     table = pq.ParquetFile(str(path), page_checksum_verification=True).read()
-    ids_col = table.column("input_ids").combine_chunks()
-    offsets = ids_col.offsets.to_numpy().astype(np.int64)
-    offsets -= offsets[0]
+    offsets = _list_offsets(table.column("input_ids"))
     inputs, ids = _tokens_of(table.column("input_ids")), _tokens_of(table.column("target_ids"))
     found = {n: _tokens_of(table.column(n)) for n in ("target_logprobs", "target_counts")
              if n in table.column_names}  # fmt: skip
-    per_token = table.column("target_ids").combine_chunks().flatten()  # a list per token
+    per_token = table.column("target_ids").combine_chunks().flatten()  # a list per target row
     if isinstance(per_token.type, pa.FixedSizeListType):  # top-k
-        return PartArrays(inputs, ids, found["target_logprobs"], offsets)
-    lengths = per_token.value_lengths().to_numpy(zero_copy_only=False)
-    return PartArrays(
-        inputs, ids, found.get("target_logprobs"), offsets, found.get("target_counts"), lengths
-    )
+        arrays = PartArrays(inputs, ids, found["target_logprobs"], offsets)
+    else:
+        lengths = per_token.value_lengths().to_numpy(zero_copy_only=False)
+        arrays = PartArrays(
+            inputs, ids, found.get("target_logprobs"), offsets, found.get("target_counts"), lengths
+        )
+    if "target_positions" in table.column_names:
+        _read_masked(table, arrays)
+    if "text" in table.column_names:
+        _read_text(table, arrays)
+    return arrays
+
+
+def _list_offsets(column: pa.ChunkedArray) -> np.ndarray:
+    """(rows + 1,) int64 offsets of a list (or string) column, from 0."""
+    offsets = column.combine_chunks().offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0]
+
+
+def _read_masked(table: pa.Table, arrays: PartArrays) -> None:
+    """Set a masked-LM part's `target_positions` (back on the part's token axis) and
+    `target_labels`; a position outside its sequence, or a sequence whose target columns have
+    another number of rows than its positions, is refused (either would move rows)."""
+    rows = _list_offsets(table.column("target_positions"))
+    for name in ("target_labels", "target_ids"):
+        if not np.array_equal(_list_offsets(table.column(name)), rows):
+            raise ValueError(f"a sequence's {name} are not one per masked position")
+    within = _tokens_of(table.column("target_positions")).astype(np.int64)
+    owner = np.repeat(np.arange(len(rows) - 1), np.diff(rows))
+    start, lengths = arrays.seq_offsets[:-1], np.diff(arrays.seq_offsets)
+    if (within >= lengths[owner]).any():
+        raise ValueError("a target position is not inside its sequence")
+    arrays.target_positions = (start[owner] + within).astype(np.uint32)
+    arrays.target_labels = _tokens_of(table.column("target_labels"))
+
+
+def _read_text(table: pa.Table, arrays: PartArrays) -> None:
+    """Set an ``--offsets`` part's `text` (UTF-8 bytes end to end), `text_offsets` and
+    `token_offsets` from its string and span columns."""
+    text = table.column("text").combine_chunks()
+    _, starts, data = text.buffers()  # validity, int32 offsets, UTF-8 (None if all are empty)
+    starts = np.frombuffer(starts, dtype=np.int32)[text.offset : text.offset + len(text) + 1]
+    starts = starts.astype(np.int64)
+    data = np.zeros(0, np.uint8) if data is None else np.frombuffer(data, dtype=np.uint8)
+    arrays.text = data[starts[0] : starts[-1]].copy()
+    arrays.text_offsets = starts - starts[0]
+    arrays.token_offsets = _tokens_of(table.column("token_offsets"))
 
 
 def _tokens_of(column: pa.ChunkedArray) -> np.ndarray:
@@ -155,7 +246,7 @@ def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
 
 def iter_chunks(path: Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row group index, data) for one column; page checksums are checked."""
-    if name in ("seq_offsets", "target_lengths"):  # list offsets, not a column
+    if name in _DERIVED:
         yield 0, getattr(read_part(path), name)
         return
     file = pq.ParquetFile(str(path), page_checksum_verification=True)

@@ -25,6 +25,8 @@ from transformers import (
     DataCollatorForLanguageModeling,
     MegatronBertConfig,
     MegatronBertForMaskedLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     PretrainedConfig,
 )
 
@@ -36,11 +38,14 @@ __all__ = ["build_mlm_student_config", "ensure_mlm_teacher"]
 
 #: Bump when the recipe changes so that `ensure_mlm_teacher` rebuilds saved teachers.
 RECIPE_VERSION = 1
-#: The architectures a teacher can have: BERT (post-LayerNorm, as published), or Megatron's BERT
-#: (pre-LayerNorm: on a few minutes of CPU it gets past the unigram plateau where BERT stalls).
+#: The architectures a teacher can have: BERT (post-LayerNorm, absolute positions, as
+#: published), Megatron's BERT (pre-LayerNorm), or ModernBERT (pre-LayerNorm, rotary positions,
+#: a gated MLP, and in training the output layer at the masked positions only, so that a step
+#: costs less: what the benchmark's teacher is, benchmarks/bench_mlm.py says why).
 ARCHITECTURES = {
     "bert": (BertConfig, BertForMaskedLM),
     "megatron-bert": (MegatronBertConfig, MegatronBertForMaskedLM),
+    "modernbert": (ModernBertConfig, ModernBertForMaskedLM),
 }
 
 
@@ -49,6 +54,8 @@ def _bert_config(
 ) -> PretrainedConfig:
     """A BERT of `n_layer` x `hidden` (heads of 64 wide, at least one), dropout 0 so that the
     same weights always give the same logits."""
+    if arch == "modernbert":
+        return _modernbert_config(vocab_size, n_layer, hidden, positions)
     return ARCHITECTURES[arch][0](
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -59,6 +66,30 @@ def _bert_config(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         pad_token_id=0,
+    )
+
+
+def _modernbert_config(
+    vocab_size: int, n_layer: int, hidden: int, positions: int
+) -> PretrainedConfig:
+    """A ModernBERT of `n_layer` x `hidden` with the special ids of `MLM_SPECIALS` ([PAD] 0,
+    [CLS] 2, [SEP] 3), its gated MLP with as many parameters as BERT's 4 x `hidden` one, no
+    dropout (ModernBERT's default). `sparse_prediction`: given labels (training), the output
+    layer runs at the masked positions only; the logits a dump reads (no labels) are every
+    position's."""
+    return ModernBertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=n_layer,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=8 * hidden // 3,  # 3 matrices of hidden x this: BERT's 2 of 4 x hidden
+        max_position_embeddings=positions,
+        pad_token_id=0,
+        bos_token_id=2,
+        cls_token_id=2,
+        eos_token_id=3,
+        sep_token_id=3,
+        sparse_prediction=True,
     )
 
 
@@ -76,6 +107,7 @@ def ensure_mlm_teacher(
     warmup_steps: int = 100,
     seed: int = 0,
     arch: str = "bert",
+    mask_prob: float = 0.15,
     files: Sequence[Path] | None = None,
     verbose: bool = True,
 ) -> Path:
@@ -83,8 +115,10 @@ def ensure_mlm_teacher(
 
     `arch` is one of `ARCHITECTURES`. The build trains the tokenizer on `files` (default: the stdlib train split), then a
     seeded-random BERT for `train_steps` AdamW steps on packed `seq_len` sequences with masked-LM
-    loss (15%, 80/10/10) and a cosine schedule after `warmup_steps` (post-LayerNorm BERT stalls
-    at unigram statistics with a short warm-up or a large rate), and saves model, tokenizer and ``toy_info.json``
+    loss (`mask_prob` of the positions, BERT's 15% by default, 80/10/10: more masks give more
+    targets per step, which a teacher trained for minutes needs) and a cosine schedule after
+    `warmup_steps` (post-LayerNorm BERT stalls at unigram statistics with a short warm-up or a
+    large rate), and saves model, tokenizer and ``toy_info.json``
     (settings, loss curve) last: its presence, with equal settings, means "built".
     """
     files = list(stdlib_files("train") if files is None else files)
@@ -102,6 +136,7 @@ def ensure_mlm_teacher(
         "warmup_steps": warmup_steps,
         "seed": seed,
         "arch": arch,
+        "mask_prob": mask_prob,
         "files": [str(p) for p in files] if len(files) < 64 else f"{len(files)} files",
     }
     out_dir = Path(out_dir)
@@ -114,7 +149,7 @@ def ensure_mlm_teacher(
     tokenizer = train_tokenizer(files, vocab_size, model_max_length=positions, masked_lm=True)
     torch.manual_seed(seed)
     model = ARCHITECTURES[arch][1](_bert_config(len(tokenizer), n_layer, hidden, positions, arch))
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mask_prob)
 
     def masked_loss(net: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         inputs, labels = masker.torch_mask_tokens(input_ids.clone())

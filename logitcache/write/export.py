@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from logitcache.format.card import DEFAULT_LICENSE
-from logitcache.format.manifest import Manifest, refuse_masked
+from logitcache.format.manifest import Manifest
 from logitcache.read import reader
 from logitcache.storage.backend import get_backend
 from logitcache.storage.paths import refuse_overlap
@@ -33,8 +33,6 @@ def export(
     get_backend(backend)  # an unknown name is refused before anything is read
     refuse_overlap(out, [cache], "OUT")
     source = reader.open(cache, cache_dir=cache_dir)
-    if backend != "zarr":
-        refuse_masked(source.manifest, f"export --format {backend}")
     source.refuse_links()  # all of it now: before the writer deletes an old OUT
     template = dataclasses.replace(
         source.manifest,

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 import logitcache
 from logitcache import LogitCacheError, sequence_text
+from tests.logitcache.dump_helpers import dump_in_process
 from tests.trainer.uld_helpers import offsets_cache, student_tokenizer_dir  # noqa: F401
 from trainer.align import StudentTokens
 from trainer.dataset import CacheDataset
@@ -134,3 +135,19 @@ def test_a_cache_without_offsets_is_refused(tiny_cache, student_tokenizer_dir): 
     tokenizer = AutoTokenizer.from_pretrained(student_tokenizer_dir)
     with pytest.raises(LogitCacheError, match="--offsets"):
         StudentTokens(tokenizer, logitcache.open(tiny_cache).manifest, 256)
+
+
+def test_a_masked_lm_cache_is_refused(
+    tmp_path,
+    tiny_mlm_teacher_dir,
+    stdlib_corpus,
+    student_tokenizer_dir,  # noqa: F811
+):
+    """A masked-LM dump can hold the text (--offsets), but its targets are not next-token ones."""
+    out = dump_in_process(tiny_mlm_teacher_dir, stdlib_corpus, tmp_path / "c", offsets=True,
+                          targets="topk", top_k=4, seq_len=64, part_tokens=4096)  # fmt: skip
+    manifest = logitcache.open(out).manifest
+    assert manifest.layout.offsets and manifest.masking is not None
+    tokenizer = AutoTokenizer.from_pretrained(student_tokenizer_dir)
+    with pytest.raises(LogitCacheError, match="is a masked LM"):
+        StudentTokens(tokenizer, manifest, 256)

@@ -13,7 +13,7 @@ import logitcache
 from logitcache import CorruptCacheError, LogitCacheError, sequence_text
 from logitcache.dumping import data
 from logitcache.read.texts import text_problems
-from tests.logitcache.dump_helpers import dump_in_process, flat, manifest_json, run_cli
+from tests.logitcache.dump_helpers import dump_in_process, manifest_json
 from tests.trainer.uld_helpers import OFFSETS_DUMP
 
 #: The small corpus in several parts.
@@ -100,20 +100,12 @@ def test_damaged_text_arrays_are_named(tmp_path, tiny_teacher_dir, small_corpus)
         decode(cache.manifest, dataclasses.replace(part, token_offsets=long_span), "part-000000")
 
 
-def test_offsets_refuse_what_cannot_hold_them(tmp_path, tiny_teacher_dir, small_corpus):
+def test_offsets_refuse_already_tokenized_input(tmp_path, tiny_teacher_dir, small_corpus):
     ids = tmp_path / "ids.npy"
     np.save(ids, np.arange(40, dtype=np.int64).reshape(2, 20))
     with pytest.raises(LogitCacheError, match="already tokenized ids"):
         dump_in_process(tiny_teacher_dir, ids, tmp_path / "a", offsets=True, **SETTINGS)
     assert not (tmp_path / "a").exists()
-    proc = run_cli(
-        "dump", "--teacher", tiny_teacher_dir, "--data", small_corpus, "--out", tmp_path / "b",
-        "--offsets", "--format", "parquet",
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert "--offsets is stored by the zarr backend only" in flat(proc.stderr)
-    assert not (tmp_path / "b").exists()
 
 
 def test_a_manifest_must_say_1_3_to_hold_offsets(tmp_path, tiny_teacher_dir, small_corpus):
