@@ -90,9 +90,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="student epochs")
     parser.add_argument("--seeds", type=int, default=None, help="student seeds")
     parser.add_argument("--quick", action="store_true", help="a smoke run; RESULTS.md untouched")
-    quick = parser.parse_args().quick
+    parsed = parser.parse_args()
+    quick = parsed.quick
     args = common.fill_defaults(
-        parser.parse_args(),
+        parsed,
         {"per_class": 40, "epochs": 2, "seeds": 1} if quick
         else {"per_class": 150, "epochs": 12, "seeds": 3},
     )  # fmt: skip
