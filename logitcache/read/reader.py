@@ -67,7 +67,7 @@ def open(
     root = stores.local_path(path)
     manifest_path = root / MANIFEST_NAME
     if not root.exists():
-        raise LogitCacheError(f"no cache at {root}: the path does not exist. Check --cache.")
+        raise LogitCacheError(f"no cache at {root}: the path does not exist. Check the cache path.")
     refuse_links(root)  # before the manifest is opened: a link there leads elsewhere
     if not manifest_path.is_file():
         raise LogitCacheError(
