@@ -92,28 +92,36 @@ def teacher_settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def teacher_strength(teacher_dir: Path, cache: logitcache.Cache) -> dict[str, float]:
-    """The teacher's own masked-token CE, entropy (nats) and mean top-1 probability on the
-    held-out cache's masked inputs (what it read at dump time), over the masked positions."""
+    """The teacher's own masked-token CE, entropy (nats), mean top-1 probability and top-1
+    accuracy on the held-out cache's masked inputs (what it read at dump time), over the masked
+    positions; and `mode`, the share of them where its argmax is its most frequent one (near 1:
+    it guesses one id everywhere, as a teacher still close to the unigram plateau does)."""
     from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_pretrained(teacher_dir).eval()
     ce = entropy = top1 = 0.0
-    count = 0
+    argmax, labels = [], []
     with torch.inference_mode():
         for seq in cache:
             at = seq.labels >= 0
             logprobs = model(seq.input_ids[None]).logits[0, at].log_softmax(-1)  # (m, V)
             ce -= float(logprobs.gather(-1, seq.labels[at, None]).sum())
             entropy -= float((logprobs.exp() * logprobs).sum())
-            top1 += float(logprobs.max(-1).values.exp().sum())
-            count += int(at.sum())
-    return {"ce": ce / count, "entropy": entropy / count, "top1": top1 / count, "tokens": count}
+            best = logprobs.max(-1)
+            top1 += float(best.values.exp().sum())
+            argmax.append(best.indices)
+            labels.append(seq.labels[at])
+    guesses, truth = torch.cat(argmax), torch.cat(labels)  # (masked positions,)
+    count = len(truth)
+    return {"ce": ce / count, "entropy": entropy / count, "top1": top1 / count,
+            "accuracy": float((guesses == truth).float().mean()),
+            "mode": float(guesses.bincount().max()) / count, "tokens": count}  # fmt: skip
 
 
 def regime(strength: dict[str, float], best_student_ce: float, vocab_size: int) -> str:
     """How the teacher compares with the realistic one: much stronger than the students (0.5
     nats of held-out CE below the better one) and peaked (mean entropy under half of the
-    uniform's; a pretrained BERT's at masked positions is a few nats at a 30k vocabulary)."""
+    uniform's)."""
     ce, entropy, uniform = strength["ce"], strength["entropy"], math.log(vocab_size)
     numbers = f"CE {ce:.3f} vs the better student's {best_student_ce:.3f}, entropy {entropy:.2f} of at most {uniform:.2f}"
     if ce >= best_student_ce - 0.5:
@@ -125,7 +133,9 @@ def regime(strength: dict[str, float], best_student_ce: float, vocab_size: int) 
         return (
             f"much stronger than the students but flatter than a real BERT ({numbers}): its "
             "targets carry more spread than a pretrained teacher's would"
-        )
+            + (", and its top-1 is one id at most positions, so top-1 agreement says little"
+               if strength["mode"] > 0.5 else "")
+        )  # fmt: skip
     return f"much stronger than the students and peaked ({numbers})"
 
 
@@ -222,7 +232,9 @@ def main() -> None:
     print(size_table)
     print(
         f"\nteacher at held-out masked positions: entropy {strength['entropy']:.3f} nats, "
-        f"mean top-1 probability {strength['top1']:.3f}; {wall:.0f} s"
+        f"mean top-1 probability {strength['top1']:.3f}, top-1 accuracy "
+        f"{strength['accuracy']:.3f}, its most frequent argmax at {strength['mode']:.3f} of the "
+        f"positions; {wall:.0f} s"
     )
     print(f"the teacher is {verdict}")
     print(finding(results[KD], results[MLM_ONLY], strength["ce"]))
@@ -236,7 +248,7 @@ def main() -> None:
 - Date: {common.now_utc()}
 - Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}; load average at the end {common.loadavg()}
 - Revision: {common.git_revision()}; wall time {wall / 60:.1f} min (training the teacher, once, {built["build_seconds"] / 60:.1f} min of it when it was built)
-- Teacher: {kw["arch"]} {args.teacher_size} (vocab {vocab}, {built["n_params"] / 1e6:.2f}M parameters), trained here {kw["train_steps"]} masked-LM steps of {kw["batch_size"]} x {seq_len} tokens at {kw["mask_prob"]:.0%} masking (80/10/10) on {TEACHER_FILES} stdlib train-split files (its tokenizer too). On the held-out masked positions ({strength["tokens"]:,}, other files): masked-token CE {strength["ce"]:.3f} nats, mean entropy {strength["entropy"]:.3f} nats (uniform would be {math.log(vocab):.2f}), mean top-1 probability {strength["top1"]:.3f}. The teacher is {verdict}.
+- Teacher: {kw["arch"]} {args.teacher_size} (vocab {vocab}, {built["n_params"] / 1e6:.2f}M parameters), trained here {kw["train_steps"]} masked-LM steps of {kw["batch_size"]} x {seq_len} tokens at {kw["mask_prob"]:.0%} masking (80/10/10) on {TEACHER_FILES} stdlib train-split files (its tokenizer too). On the held-out masked positions ({strength["tokens"]:,}, other files): masked-token CE {strength["ce"]:.3f} nats, mean entropy {strength["entropy"]:.3f} nats (uniform would be {math.log(vocab):.2f}), mean top-1 probability {strength["top1"]:.3f}, top-1 accuracy {strength["accuracy"]:.3f}; its argmax is one id at {strength["mode"]:.1%} of them. The teacher is {verdict}.
 - Students: BERT {args.student} from the same seed, {args.steps} steps of 16 sequences, lr 2e-3, on the training cache ({args.views} maskings per sequence at p={args.mask_prob}, 80/10/10; one view per epoch); cached KD is `alpha 0.5, T 1` (loss = 0.5 CE + 0.5 KL at the masked positions), MLM only is `alpha 1` (the cache's labels, no teacher).
 - Evaluation: `trainer eval --split all` on the held-out cache (top-64 targets; KL over the 64 ids plus one tail bucket, a lower bound on the full KL).
 
