@@ -141,14 +141,14 @@ def regime(strength: dict[str, float], best_student_ce: float, vocab_size: int) 
 
 def finding(kd: dict[str, float], mlm_only: dict[str, float], teacher_ce: float) -> str:
     """What the table shows, in one sentence of its numbers."""
-    gain = mlm_only["ce"] - kd["ce"]
-    better = "lower" if gain > 0 else "no lower"
+    diff = kd["ce"] - mlm_only["ce"]
     return (
-        f"Cached KD gives a {better} held-out masked-token CE than MLM only at the same steps "
-        f"({kd['ce']:.3f} vs {mlm_only['ce']:.3f}, {gain:+.3f} nats), a student closer to the "
-        f"teacher (KL {mlm_only['kl']:.3f} -> {kd['kl']:.3f}, top-1 agreement "
-        f"{mlm_only['top1']:.3f} -> {kd['top1']:.3f}); the teacher stays "
-        f"{min(kd['ce'], mlm_only['ce']) - teacher_ce:.2f} nats below the better student."
+        f"Cached KD's student ends {abs(diff):.3f} nats {'lower' if diff < 0 else 'higher'} in "
+        f"held-out masked-token CE than the MLM-only one at the same steps ({kd['ce']:.3f} vs "
+        f"{mlm_only['ce']:.3f}) and closer to the teacher (KL {mlm_only['kl']:.3f} -> "
+        f"{kd['kl']:.3f}, top-1 agreement {mlm_only['top1']:.3f} -> {kd['top1']:.3f}); the "
+        f"teacher stays {min(kd['ce'], mlm_only['ce']) - teacher_ce:.2f} nats below the better "
+        "student."
     )
 
 
