@@ -145,7 +145,7 @@ def finding(kd: dict[str, float], mlm_only: dict[str, float], teacher_ce: float)
     return (
         f"Cached KD's student ends {abs(diff):.3f} nats {'lower' if diff < 0 else 'higher'} in "
         f"held-out masked-token CE than the MLM-only one at the same steps ({kd['ce']:.3f} vs "
-        f"{mlm_only['ce']:.3f}) and closer to the teacher (KL {mlm_only['kl']:.3f} -> "
+        f"{mlm_only['ce']:.3f}; KL from the teacher {mlm_only['kl']:.3f} -> "
         f"{kd['kl']:.3f}, top-1 agreement {mlm_only['top1']:.3f} -> {kd['top1']:.3f}); the "
         f"teacher stays {min(kd['ce'], mlm_only['ce']) - teacher_ce:.2f} nats below the better "
         "student."
