@@ -247,7 +247,7 @@ def main() -> None:
 - Command: `{common.command_line()}`
 - Date: {common.now_utc()}
 - Machine: {info["cpu"]}, {info["memory"]}; {info["software"]}; load average at the end {common.loadavg()}
-- Revision: {common.git_revision()}; wall time {wall / 60:.1f} min (training the teacher, once, {built["build_seconds"] / 60:.1f} min of it when it was built)
+- Revision: {common.git_revision()}; wall time {wall / 60:.1f} min; the teacher's build, once (reused while benchmarks/.work holds it), took {built["build_seconds"] / 60:.1f} min
 - Teacher: {kw["arch"]} {args.teacher_size} (vocab {vocab}, {built["n_params"] / 1e6:.2f}M parameters), trained here {kw["train_steps"]} masked-LM steps of {kw["batch_size"]} x {seq_len} tokens at {kw["mask_prob"]:.0%} masking (80/10/10) on {TEACHER_FILES} stdlib train-split files (its tokenizer too). On the held-out masked positions ({strength["tokens"]:,}, other files): masked-token CE {strength["ce"]:.3f} nats, mean entropy {strength["entropy"]:.3f} nats (uniform would be {math.log(vocab):.2f}), mean top-1 probability {strength["top1"]:.3f}, top-1 accuracy {strength["accuracy"]:.3f}; its argmax is one id at {strength["mode"]:.1%} of them. The teacher is {verdict}.
 - Students: BERT {args.student} from the same seed, {args.steps} steps of 16 sequences, lr 2e-3, on the training cache ({args.views} maskings per sequence at p={args.mask_prob}, 80/10/10; one view per epoch); cached KD is `alpha 0.5, T 1` (loss = 0.5 CE + 0.5 KL at the masked positions), MLM only is `alpha 1` (the cache's labels, no teacher).
 - Evaluation: `trainer eval --split all` on the held-out cache (top-64 targets; KL over the 64 ids plus one tail bucket, a lower bound on the full KL).
