@@ -6,11 +6,12 @@ by default the ModernBERT of `TEACHER`, the --teacher-* flags choose another), b
 under benchmarks/.work/ (a directory per teacher); its own held-out masked-token CE, entropy,
 top-1 probability and accuracy say how strong and how peaked it is. The training cache is
 dumped from the train split with `--views` maskings per sequence (sampled targets, the default
-kind); the held-out cache from the held-out split (other files) with top-k targets, one view. Both students are the
-same small BERT, seed and batches; only alpha differs (0.5: half cached KD; 1: the masked-LM CE
-alone). Writes the ``bench_mlm`` section of RESULTS.md.
+kind); the held-out cache from the held-out split (other files) with top-k targets, one view.
+Both students are the same small BERT, seed and batches; only alpha differs (0.5: half cached
+KD; 1: the masked-LM CE alone). Writes the ``bench_mlm`` section of RESULTS.md.
 
-    python benchmarks/bench_mlm.py            # the default teacher: under a minute once built (the build, 38 min on 2 busy cores)
+    python benchmarks/bench_mlm.py            # the default teacher; under a minute once it is built
+                                              # (the build took 38 min on 2 busy shared cores)
     python benchmarks/bench_mlm.py --quick    # a tiny teacher, to check the script
     python benchmarks/bench_mlm.py --teacher-arch megatron-bert --teacher-size 2x128 \\
         --teacher-vocab 1024 --teacher-steps 1200 --teacher-mask-prob 0.15   # another teacher
@@ -67,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-vocab", type=int, help=f"teacher tokenizer ids [{TEACHER['vocab']}]")
     p.add_argument("--teacher-steps", type=int, help=f"teacher training steps [{TEACHER['steps']}]")
     p.add_argument("--teacher-mask-prob", type=float,
-                   help=f"masking rate of the teacher's training [{TEACHER['mask_prob']}]")  # fmt: skip
+                   help=f"teacher's training masking rate [{TEACHER['mask_prob']}]")  # fmt: skip
     p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
     args = p.parse_args()
     quick = {"train_tokens": 8000, "heldout_tokens": 3000, "steps": 20}
@@ -124,11 +125,14 @@ def regime(strength: dict[str, float], best_student_ce: float, vocab_size: int) 
     nats of held-out CE below the better one) and peaked (mean entropy under half of the
     uniform's)."""
     ce, entropy, uniform = strength["ce"], strength["entropy"], math.log(vocab_size)
-    numbers = f"CE {ce:.3f} vs the better student's {best_student_ce:.3f}, entropy {entropy:.2f} of at most {uniform:.2f}"
+    numbers = (
+        f"CE {ce:.3f} vs the better student's {best_student_ce:.3f}, "
+        f"entropy {entropy:.2f} of at most {uniform:.2f}"
+    )
     if ce >= best_student_ce - 0.5:
         return (
-            f"NOT the realistic regime ({numbers}): it is not much stronger than the students, "
-            "so these rows show the pipeline working, not what cached KD gains from a strong teacher"
+            f"NOT the realistic regime ({numbers}): it is not much stronger than the students, so "
+            "these rows show the pipeline working, not what cached KD gains from a strong teacher"
         )
     if entropy >= uniform / 2:
         return (
