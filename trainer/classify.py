@@ -123,11 +123,7 @@ class Batch(NamedTuple):
 def load_rows(cache: logitcache.Cache, examples: Examples) -> Rows:
     """The rows of `cache`, refused unless it is a classification cache of `examples`."""
     m = cache.manifest
-    if m.task is None:
-        raise LogitCacheError(
-            f"{cache.location} is a causal-LM cache; --task classification trains from a cache "
-            "written by `logitcache dump --task classification`."
-        )
+    refuse_language_model(cache)
     if examples.info.fingerprint != m.data.fingerprint or examples.shape != m.task.shape:
         raise LogitCacheError(
             f"--data {examples.info.source} is not the data {cache.location} was dumped from "
@@ -156,13 +152,27 @@ def load_rows(cache: logitcache.Cache, examples: Examples) -> Rows:
     )
 
 
+def refuse_language_model(cache: logitcache.Cache) -> None:
+    """Refuse a causal- or masked-LM cache: its targets are per token, not per example."""
+    m = cache.manifest
+    if m.task is None:
+        kind = "causal-LM" if m.masking is None else "masked-LM"
+        raise LogitCacheError(
+            f"{cache.location} is a {kind} cache (per-token targets, no examples); --task "
+            "classification trains from a cache written by `logitcache dump --task "
+            "classification`. Train a language model from it with `trainer fit` without "
+            "--task classification."
+        )
+
+
 def cache_examples(cache: logitcache.Cache, data: str, config: ClassifierConfig) -> Examples:
     """The examples of `data` as the teacher of `cache` read them: images and arrays decoded as
     the dump decodes them; text tokenized with the cache's tokenizer (`config.tokenizer`, else
     the one the manifest names, refused unless its fingerprint is the cache's) to its length."""
+    refuse_language_model(cache)  # before --data is read: a cache of the wrong kind comes first
     m = cache.manifest
     fields = {"input_field": config.input_field, "label_field": config.label_field}
-    if m.task is None or m.task.input != "text":
+    if m.task.input != "text":
         return load_examples(data, resize=config.resize, **fields)
     if config.tokenizer is None and not Path(m.tokenizer.name).exists():
         raise LogitCacheError(
