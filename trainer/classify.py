@@ -124,12 +124,18 @@ def load_rows(cache: logitcache.Cache, examples: Examples) -> Rows:
     """The rows of `cache`, refused unless it is a classification cache of `examples`."""
     m = cache.manifest
     refuse_language_model(cache)
-    if examples.info.fingerprint != m.data.fingerprint or examples.shape != m.task.shape:
+    if not cache.holds_data(examples.info) or examples.shape != m.task.shape:
+        merged = (
+            f" It merges {len(m.merged_from)} caches: only a merge of every --shard I/N cache "
+            "of one dump, in shard order, trains against that dump's --data."
+            if m.merged_from
+            else ""
+        )
         raise LogitCacheError(
             f"--data {examples.info.source} is not the data {cache.location} was dumped from "
             f"({m.data.source}, fingerprint {m.data.fingerprint[:12]}; this data has "
             f"{examples.info.fingerprint[:12]}, shape {examples.shape}). Pass that data (and "
-            "the dump's --resize)."
+            "the dump's --resize)." + merged
         )
     parts = [cache.read_decoded(i) for i in range(cache.num_parts)]
     example = [

@@ -71,3 +71,9 @@ class BagOfTokens(torch.nn.Module):
 def bag_of_tokens() -> torch.nn.Module:
     torch.manual_seed(0)
     return BagOfTokens(vocab=400)  # the tokenizer of tests/logitcache/textcls_helpers.py
+
+
+def other_cnn() -> torch.nn.Module:
+    """The same architecture as `cnn` with other weights: another teacher of the same classes."""
+    torch.manual_seed(1)
+    return TinyCNN()
