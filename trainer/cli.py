@@ -158,7 +158,8 @@ def fit(
             help="lm, or classification: a student classifier from a `dump --task "
             "classification` cache; --student is then MODULE:FUNCTION (a torch module) or an "
             "image- or sequence-classification config.json, and --data the examples the cache "
-            "was dumped from (text: tokenized with the cache's tokenizer, or --tokenizer)."
+            "was dumped from (text: tokenized with the cache's tokenizer, or --tokenizer); "
+            "--checkpoint-every, --resume and --overwrite work as for a language model."
         ),
     ] = "lm",
     data: Annotated[
