@@ -2,10 +2,13 @@
 in shard order are the whole dump (parts, decoded targets, labels and views), verified and
 trainable against the whole --data; `merge` of classification caches keeps the task record and
 refuses caches of other settings or teachers, a missing shard and shards out of order; torchrun
-is refused with the way to split a classification dump instead."""
+is refused with the way to split a classification dump instead. A shard job killed mid-run
+resumes its own slice when rerun."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +17,14 @@ import pytest
 import logitcache
 from logitcache import DumpOptions, dump
 from logitcache.examples.load import load_examples
-from tests.logitcache.dump_helpers import describe, flat, run_cli
+from tests.cli import REPO, cli_env
+from tests.logitcache.dump_helpers import cli_command, describe, flat, run_cli
 from trainer.classify import load_rows
 
 CNN = "tests.logitcache.classifiers:cnn"
 #: 10 examples, 2 views each, 3 examples per part: 4 parts, so 3 shards get 1, 1 and 2 parts.
-SETTINGS = {"teacher_factory": CNN, "targets": "full", "views": 2, "part_tokens": 6}
+SETTINGS = {"teacher_factory": CNN, "targets": "full", "views": 2, "part_tokens": 6,
+            "crop_ratio": (0.5, 2.0)}  # fmt: skip
 DECODED = ("target_ids", "target_logprobs", "labels", "views", "seq_offsets")
 
 
@@ -38,14 +43,28 @@ def examples(path: Path, n: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory) -> dict[str, Path]:
-    """The whole dump of d.npz, its three --shard caches, and a whole dump of other data."""
+    """The whole dump of d.npz, its three --shard caches (the last one killed and resumed), and
+    a whole dump of other data."""
     root = tmp_path_factory.mktemp("cls_shards")
     data = examples(root / "d.npz", 10, 0)
     out = {"data": data, "whole": root / "whole", "other": root / "other"}
     classify(data, out["whole"])
     for i in range(3):
         out[f"s{i}"] = root / f"s{i}"
+    for i in range(2):
         classify(data, out[f"s{i}"], shard=f"{i}/3")
+    # the last shard (2 parts) as a real job, SIGKILLed after its first part, then rerun
+    command = cli_command("dump", "--task", "classification", "--teacher-factory", CNN,
+                          "--targets", "full", "--views", "2", "--part-tokens", "6",
+                          "--crop-ratio", "0.5,2", "--data",
+                          data, "--out", out["s2"], "--shard", "2/3")  # fmt: skip
+    killed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env=cli_env(LOGITCACHE_FAULTS="kill@part_committed#1"))  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, describe(killed)
+    assert logitcache.open(out["s2"], allow_partial=True).num_parts == 1
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                           env=cli_env())  # fmt: skip
+    assert again.returncode == 0 and "resumed after 1" in flat(again.stdout), describe(again)
     classify(examples(root / "e.npz", 6, 1), out["other"])
     return out
 
@@ -125,11 +144,6 @@ def test_merge_of_two_classification_caches_of_other_data(dumps, tmp_path):
 
 
 def test_torchrun_is_refused_with_the_way_to_shard(dumps, tmp_path):
-    import subprocess
-
-    from tests.cli import REPO, cli_env
-    from tests.logitcache.dump_helpers import cli_command
-
     command = cli_command("dump", "--task", "classification", "--teacher-factory", CNN, "--data",
                           dumps["data"], "--out", tmp_path / "c")  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
