@@ -137,12 +137,10 @@ RESUMABLE = frozenset(
 
 @dataclass
 class Checkpoints:
-    """Where `train_classifier` checkpoints (every `every` steps, and when SIGINT or SIGTERM
-    stops it at a step boundary) and the checkpoint it continues from, if any."""
+    """Where `train_classifier` checkpoints (every `checkpoint_every` steps of its config, and
+    when SIGINT or SIGTERM stops it at a step boundary) and the checkpoint it continues from."""
 
     run_dir: Path
-    every: int
-    config: ClassifierConfig
     identity: dict[str, Any]  # the cache's (`trainer.checkpoint.cache_identity`)
     resume: dict[str, Any] | None = None  # a loaded checkpoint
 
@@ -424,8 +422,8 @@ def train_classifier(
             perm = torch.randperm(rows, generator=order)
             if epoch != first_epoch or saved is None:
                 sums = torch.zeros(3)
-            for start in range((step - epoch * per_epoch) * config.batch_size, rows,
-                               config.batch_size):  # fmt: skip
+            done = (step - epoch * per_epoch) * config.batch_size  # > 0: a resumed epoch
+            for start in range(done, rows, config.batch_size):
                 if step == total:
                     break
                 b = batches(perm[start : start + config.batch_size], epoch)
@@ -444,12 +442,13 @@ def train_classifier(
                 if checkpoints is None:
                     continue
                 stopped = stop.is_set()
-                if stopped or (checkpoints.every and step % checkpoints.every == 0):
+                every = config.checkpoint_every
+                if stopped or (every and step % every == 0):
                     state = {
                         "step": step, "epoch": epoch, "order": drawn_from, "sums": sums.clone(),
                         "history": history, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                        "rng": rng_state(), "config": asdict(checkpoints.config),
+                        "rng": rng_state(), "config": asdict(config),
                         "manifest": checkpoints.identity,
                     }  # fmt: skip
                     with writing(checkpoints.run_dir, "the checkpoint"):
@@ -520,9 +519,7 @@ def fit_classifier(config: ClassifierConfig) -> dict[str, Any]:
     if checkpoint is None:
         with writing(out, "creating it"):
             clear_run_dir(out)  # only now: a bad cache, data or student leaves an old run intact
-    checkpoints = Checkpoints(
-        out, config.checkpoint_every, config, cache_identity(cache.manifest), checkpoint
-    )
+    checkpoints = Checkpoints(out, cache_identity(cache.manifest), checkpoint)
     history = train_classifier(
         model, cached_batches(rows, examples), len(rows.example), config, device, checkpoints
     )
