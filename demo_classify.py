@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             "--eval-cache", out / "test-cache", "--eval-data", data / "test.npz",
             "--alpha", alpha, "--temperature", 4, "--epochs", preset["epochs"] / preset["views"],
             "--batch-size", 64, "--lr", 3e-3, "--weight-decay", 1e-4, "--device", "cpu",
-            "--no-progress", env=env)  # fmt: skip
+            "--no-progress", "--overwrite", env=env)  # fmt: skip
         rows[name] = json.loads((run_dir / "summary.json").read_text())["eval"]
     size = sum(f.stat().st_size for f in (out / "cache").rglob("*") if f.is_file())
     print(f"\n== results on the 600 test digits ({time.perf_counter() - start:.0f} s)")

@@ -126,7 +126,7 @@ def main() -> None:
                 str(caches["train"]), str(train_path), str(student), out=str(out),
                 alpha=alpha, temperature=TEMPERATURE, batch_size=32, epochs=args.epochs,
                 lr=3e-3, seed=seed, eval_cache=str(caches["heldout"]), eval_data=str(held_path),
-                progress=False,
+                progress=False, overwrite=True,
             ))  # fmt: skip
             results.setdefault(name, []).append(run["eval"])
             params = run["parameters"]

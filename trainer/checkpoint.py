@@ -91,11 +91,10 @@ def save_checkpoint(
     window: dict[str, Any],
     rng_ranks: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write checkpoint/ atomically: into a temporary directory, then two renames. `rng_ranks`:
-    every rank's RNG state, in a data-parallel run (the dataset position is in global batches,
-    so the checkpoint is the same whatever the number of ranks)."""
-    tmp, final, old = (run_dir / n for n in (CHECKPOINT_TMP, CHECKPOINT_DIR, CHECKPOINT_OLD))
-    state = {
+    """Write checkpoint/ atomically (`write_checkpoint`). `rng_ranks`: every rank's RNG state,
+    in a data-parallel run (the dataset position is in global batches, so the checkpoint is the
+    same whatever the number of ranks)."""
+    write_checkpoint(run_dir, {
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -108,8 +107,15 @@ def save_checkpoint(
         "world_size": len(rng_ranks or [None]),
         "student_config": config_to_dict(model),
         "config": dataclasses.asdict(config),
-        "manifest": _identity(dataset.cache.manifest),
-    }
+        "manifest": cache_identity(dataset.cache.manifest),
+    })  # fmt: skip
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write checkpoint/ holding `state` (its "step" and "config" repeated in config.json)
+    atomically: into a temporary directory, then two renames. Any recipe's state: the
+    language-model recipe's (`save_checkpoint`) or the classifier's (`trainer.classify`)."""
+    tmp, final, old = (run_dir / n for n in (CHECKPOINT_TMP, CHECKPOINT_DIR, CHECKPOINT_OLD))
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -185,18 +191,24 @@ def restore_checkpoint(
     return int(checkpoint["step"])
 
 
-def check_resume(config: FitConfig, checkpoint: dict[str, Any], manifest: Any) -> None:
-    """Refuse to resume with settings (outside `RESUMABLE_CHANGES`) or a cache that differ
-    from the checkpoint's: the resumed run would not be the run that was started. A setting
-    newer than the checkpoint (``beta``, say) counts as its default: what that run did."""
-    saved = {f.name: f.default for f in dataclasses.fields(FitConfig)} | checkpoint["config"]
+def check_resume(
+    config: Any,
+    checkpoint: dict[str, Any],
+    manifest: Any,
+    resumable: frozenset[str] = RESUMABLE_CHANGES,
+) -> None:
+    """Refuse to resume with settings (outside `resumable`) or a cache that differ from the
+    checkpoint's: the resumed run would not be the run that was started. A setting newer than
+    the checkpoint (``beta``, say) counts as its default: what that run did. `config` is the
+    run's settings dataclass (a `FitConfig`, or the classifier's `ClassifierConfig`)."""
+    saved = {f.name: f.default for f in dataclasses.fields(config)} | checkpoint["config"]
     now = dataclasses.asdict(config)
     diffs = [
         f"{key}: checkpoint has {saved.get(key)!r}, this run has {now[key]!r}"
         for key in now
-        if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
+        if key not in resumable and saved.get(key) != now[key]
     ]
-    identity = _identity(manifest)
+    identity = cache_identity(manifest)
     for key, value in checkpoint["manifest"].items():
         if identity.get(key) != value:
             diffs.append(
@@ -210,7 +222,7 @@ def check_resume(config: FitConfig, checkpoint: dict[str, Any], manifest: Any) -
         )
 
 
-def _identity(manifest: Any) -> dict[str, Any]:
+def cache_identity(manifest: Any) -> dict[str, Any]:
     """What identifies a cache's content, independent of where it lives."""
     return {
         "teacher_name": manifest.teacher.name,

@@ -12,6 +12,11 @@ with CE over the rows that carry a label and KL over every row (`classifier_loss
 class in float32) that KL is the dense one up to float32 rounding;
 `tests/trainer/test_fit_classifier.py` checks it against the formula.
 
+A run is resumable as the language-model recipe's is, through the same `trainer.checkpoint`
+and `trainer.signals`: atomic checkpoints every `checkpoint_every` steps, SIGINT/SIGTERM
+stopping it at a step boundary with one, and `resume` continuing with the same order and RNG,
+so the final weights are an uninterrupted run's (`Checkpoints`).
+
 `train_classifier` takes the batches from a function, so an online-distillation or hard-label
 baseline (benchmarks/bench_digits.py) runs the very same loop and loss with other targets.
 
@@ -23,6 +28,7 @@ the (2, seq_len) ids and attention mask the teacher read, and a sequence-classif
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -43,10 +49,22 @@ from logitcache.examples.views import apply_views
 from logitcache.progress import progress_bar
 from logitcache.runtime import load_tokenizer, resolve_device
 from logitcache.storage.files import write_json_atomic
+from trainer.checkpoint import (
+    cache_identity,
+    check_resume,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+    writing,
+)
+from trainer.config import check_run_dir, clear_run_dir
 from trainer.losses import LossParts, sparse_kd_loss
+from trainer.signals import Interrupted, StopFlag
 
 __all__ = [
     "Batch",
+    "Checkpoints",
     "ClassifierConfig",
     "Rows",
     "build_classifier",
@@ -87,6 +105,9 @@ class ClassifierConfig:
     tokenizer: str | None = None
     input_field: str | None = None  # as the dump's --input-field (text: default the cache's)
     label_field: str | None = None  # as the dump's --label-field
+    checkpoint_every: int = 500  # steps between checkpoints (0: only when a signal stops it)
+    resume: bool = False  # continue the run in `out` from its checkpoint
+    overwrite: bool = False  # replace a run in `out`
 
     def check(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -99,6 +120,29 @@ class ClassifierConfig:
             raise LogitCacheError("--batch-size, --epochs and --lr must be positive.")
         if (self.eval_cache is None) != (self.eval_data is None):
             raise LogitCacheError("--eval-cache and --eval-data go together (held-out targets).")
+        if self.checkpoint_every < 0:
+            raise LogitCacheError(
+                f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}."
+            )
+        if self.resume and self.overwrite:
+            raise LogitCacheError("--resume and --overwrite contradict each other; choose one.")
+
+
+#: What may change when a classifier run resumes: nothing that changes its weights.
+RESUMABLE = frozenset(
+    {"cache", "data", "out", "resume", "overwrite", "progress", "device", "checkpoint_every",
+     "eval_cache", "eval_data", "tokenizer"}
+)  # fmt: skip
+
+
+@dataclass
+class Checkpoints:
+    """Where `train_classifier` checkpoints (every `checkpoint_every` steps of its config, and
+    when SIGINT or SIGTERM stops it at a step boundary) and the checkpoint it continues from."""
+
+    run_dir: Path
+    identity: dict[str, Any]  # the cache's (`trainer.checkpoint.cache_identity`)
+    resume: dict[str, Any] | None = None  # a loaded checkpoint
 
 
 class Rows(NamedTuple):
@@ -123,17 +167,19 @@ class Batch(NamedTuple):
 def load_rows(cache: logitcache.Cache, examples: Examples) -> Rows:
     """The rows of `cache`, refused unless it is a classification cache of `examples`."""
     m = cache.manifest
-    if m.task is None:
-        raise LogitCacheError(
-            f"{cache.location} is a causal-LM cache; --task classification trains from a cache "
-            "written by `logitcache dump --task classification`."
+    refuse_language_model(cache)
+    if not cache.holds_data(examples.info) or examples.shape != m.task.shape:
+        merged = (
+            f" It merges {len(m.merged_from)} caches: only a merge of every --shard I/N cache "
+            "of one dump, in shard order, trains against that dump's --data."
+            if m.merged_from
+            else ""
         )
-    if examples.info.fingerprint != m.data.fingerprint or examples.shape != m.task.shape:
         raise LogitCacheError(
             f"--data {examples.info.source} is not the data {cache.location} was dumped from "
             f"({m.data.source}, fingerprint {m.data.fingerprint[:12]}; this data has "
             f"{examples.info.fingerprint[:12]}, shape {examples.shape}). Pass that data (and "
-            "the dump's --resize)."
+            "the dump's --resize)." + merged
         )
     parts = [cache.read_decoded(i) for i in range(cache.num_parts)]
     example = [
@@ -156,13 +202,27 @@ def load_rows(cache: logitcache.Cache, examples: Examples) -> Rows:
     )
 
 
+def refuse_language_model(cache: logitcache.Cache) -> None:
+    """Refuse a causal- or masked-LM cache: its targets are per token, not per example."""
+    m = cache.manifest
+    if m.task is None:
+        kind = "causal-LM" if m.masking is None else "masked-LM"
+        raise LogitCacheError(
+            f"{cache.location} is a {kind} cache (per-token targets, no examples); --task "
+            "classification trains from a cache written by `logitcache dump --task "
+            "classification`. Train a language model from it with `trainer fit` without "
+            "--task classification."
+        )
+
+
 def cache_examples(cache: logitcache.Cache, data: str, config: ClassifierConfig) -> Examples:
     """The examples of `data` as the teacher of `cache` read them: images and arrays decoded as
     the dump decodes them; text tokenized with the cache's tokenizer (`config.tokenizer`, else
     the one the manifest names, refused unless its fingerprint is the cache's) to its length."""
+    refuse_language_model(cache)  # before --data is read: a cache of the wrong kind comes first
     m = cache.manifest
     fields = {"input_field": config.input_field, "label_field": config.label_field}
-    if m.task is None or m.task.input != "text":
+    if m.task.input != "text":
         return load_examples(data, resize=config.resize, **fields)
     if config.tokenizer is None and not Path(m.tokenizer.name).exists():
         raise LogitCacheError(
@@ -323,10 +383,18 @@ def train_classifier(
     rows: int,
     config: ClassifierConfig,
     device: torch.device,
+    checkpoints: Checkpoints | None = None,
 ) -> list[dict[str, float]]:
     """AdamW with a cosine schedule over `config.epochs` passes of `rows` rows, shuffled under
     `config.seed`; `batches(index, epoch)` gives each step's batch. Returns one metrics row per
-    epoch (mean loss, CE, KD)."""
+    epoch (mean loss, CE, KD).
+
+    With `checkpoints`, the run is resumable as the language-model recipe's is (the same
+    `trainer.checkpoint` and `trainer.signals`): each checkpoint holds the model, optimizer and
+    schedule, the step, the epoch's shuffle (the order generator's state before its draw), the
+    epoch's sums so far, the finished epochs' rows and the RNG, so a resumed run ends with the
+    weights and metrics of an uninterrupted one. SIGINT/SIGTERM stop it at the next step
+    boundary with a checkpoint (`Interrupted`)."""
     model.to(device).train()
     per_epoch = math.ceil(rows / config.batch_size)
     total = max(1, round(config.epochs * per_epoch))
@@ -335,11 +403,27 @@ def train_classifier(
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     order = torch.Generator().manual_seed(config.seed)
-    history, step = [], 0
-    with progress_bar("fit", total=total, unit="steps", enabled=config.progress) as bar:
-        for epoch in range(math.ceil(total / per_epoch)):
-            perm, sums = torch.randperm(rows, generator=order), torch.zeros(3)
-            for start in range(0, rows, config.batch_size):
+    history: list[dict[str, float]] = []
+    step, first_epoch, sums = 0, 0, torch.zeros(3)
+    saved = checkpoints.resume if checkpoints is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["scheduler"])
+        order.set_state(saved["order"])
+        step, first_epoch, sums = saved["step"], saved["epoch"], saved["sums"]
+        history = list(saved["history"])
+        set_rng_state(saved["rng"])
+    stopping = StopFlag() if checkpoints is not None else contextlib.nullcontext()
+    shown = progress_bar("fit", total=total, unit="steps", enabled=config.progress, completed=step)
+    with stopping as stop, shown as bar:
+        for epoch in range(first_epoch, math.ceil(total / per_epoch)):
+            drawn_from = order.get_state()  # what a checkpoint of this epoch keeps
+            perm = torch.randperm(rows, generator=order)
+            if epoch != first_epoch or saved is None:
+                sums = torch.zeros(3)
+            done = (step - epoch * per_epoch) * config.batch_size  # > 0: a resumed epoch
+            for start in range(done, rows, config.batch_size):
                 if step == total:
                     break
                 b = batches(perm[start : start + config.batch_size], epoch)
@@ -355,6 +439,22 @@ def train_classifier(
                 sums += torch.stack([p.detach().cpu() for p in parts])
                 step += 1
                 bar.advance()
+                if checkpoints is None:
+                    continue
+                stopped = stop.is_set()
+                every = config.checkpoint_every
+                if stopped or (every and step % every == 0):
+                    state = {
+                        "step": step, "epoch": epoch, "order": drawn_from, "sums": sums.clone(),
+                        "history": history, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                        "rng": rng_state(), "config": asdict(config),
+                        "manifest": checkpoints.identity,
+                    }  # fmt: skip
+                    with writing(checkpoints.run_dir, "the checkpoint"):
+                        write_checkpoint(checkpoints.run_dir, state)
+                if stopped:
+                    raise Interrupted(step, checkpoints.run_dir)
             n = max(1, min(per_epoch, step - epoch * per_epoch))
             history.append(dict(zip(("loss", "ce", "kd"), (sums / n).tolist(), strict=True)))
     return history
@@ -397,10 +497,17 @@ def evaluate_classifier(
 def fit_classifier(config: ClassifierConfig) -> dict[str, Any]:
     """Train a student classifier from `config.cache` and write `config.out`: model.pt (the
     state dict), metrics.jsonl (one row per epoch) and summary.json (the config and the
-    held-out metrics)."""
+    held-out metrics); checkpoint/ while it runs (`Checkpoints`). The run directory follows
+    the language-model recipe's rules (`trainer.config.check_run_dir`): an existing run is
+    continued with `resume` or replaced with `overwrite`, never by accident."""
     config.check()
+    out = Path(config.out)
+    check_run_dir(out, config)
     device = resolve_device(config.device)
     cache = logitcache.open(config.cache)
+    checkpoint = load_checkpoint(out) if config.resume else None
+    if checkpoint is not None:
+        check_resume(config, checkpoint, cache.manifest, resumable=RESUMABLE)
     examples = cache_examples(cache, config.data, config)
     rows = load_rows(cache, examples)
     rows = rows._replace(
@@ -409,10 +516,12 @@ def fit_classifier(config: ClassifierConfig) -> dict[str, Any]:
     classes = cache.manifest.teacher.vocab_size
     model = build_classifier(config.student, examples.inputs[:1], classes, config.seed)
     check_vocabulary(model, examples.inputs, config.student)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        with writing(out, "creating it"):
+            clear_run_dir(out)  # only now: a bad cache, data or student leaves an old run intact
+    checkpoints = Checkpoints(out, cache_identity(cache.manifest), checkpoint)
     history = train_classifier(
-        model, cached_batches(rows, examples), len(rows.example), config, device
+        model, cached_batches(rows, examples), len(rows.example), config, device, checkpoints
     )
     held_out = {}
     if config.eval_cache is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -156,7 +158,8 @@ def fit(
             help="lm, or classification: a student classifier from a `dump --task "
             "classification` cache; --student is then MODULE:FUNCTION (a torch module) or an "
             "image- or sequence-classification config.json, and --data the examples the cache "
-            "was dumped from (text: tokenized with the cache's tokenizer, or --tokenizer)."
+            "was dumped from (text: tokenized with the cache's tokenizer, or --tokenizer); "
+            "--checkpoint-every, --resume and --overwrite work as for a language model."
         ),
     ] = "lm",
     data: Annotated[
@@ -229,7 +232,6 @@ def fit(
         return
     if task != "lm":
         raise LogitCacheError(f"--task must be lm or classification, got {task!r}.")
-    from trainer.recipe import Interrupted
     from trainer.recipe import fit as run_fit
 
     config = FitConfig(
@@ -245,17 +247,8 @@ def fit(
         overwrite=overwrite, stop_at=stop_at, progress=progress, check_files=check_files,
         cache_dir=None if cache_dir is None else str(cache_dir),
     )  # fmt: skip
-    try:
+    with reporting_interrupts():
         summary = run_fit(config)
-    except Interrupted as exc:
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
-            raise typer.Exit(130) from None
-        print(
-            f"trainer: interrupted at step {exc.step}; checkpoint saved in "
-            f"{exc.run_dir / 'checkpoint'}. Rerun the same command with --resume to continue.",
-            file=sys.stderr,
-        )
-        raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
         return
     if summary.get("stopped"):
@@ -266,6 +259,25 @@ def fit(
         return
     print(f"trained {out}: {summary['steps']} steps{_held_out(summary['final']['eval'])}; "
           f"model in {summary['model_dir']}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def reporting_interrupts() -> Iterator[None]:
+    """A run stopped by SIGINT/SIGTERM (`trainer.signals.Interrupted`, after its checkpoint):
+    one line saying how to continue, and exit 130."""
+    from trainer.signals import Interrupted
+
+    try:
+        yield
+    except Interrupted as exc:
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
+            raise typer.Exit(130) from None
+        print(
+            f"trainer: interrupted at step {exc.step}; checkpoint saved in "
+            f"{exc.run_dir / 'checkpoint'}. Rerun the same command with --resume to continue.",
+            file=sys.stderr,
+        )
+        raise typer.Exit(130) from None
 
 
 def _held_out(final: dict | None) -> str:
@@ -287,13 +299,15 @@ def _fit_classifier(flags: dict) -> None:
         raise LogitCacheError("--task classification needs --data (the examples of the cache).")
     names = ("cache", "student", "out", "alpha", "temperature", "label_fraction", "batch_size",
              "epochs", "lr", "weight_decay", "seed", "device", "eval_cache", "eval_data",
-             "progress", "data", "tokenizer", "input_field", "label_field")  # fmt: skip
+             "progress", "data", "tokenizer", "input_field", "label_field", "checkpoint_every",
+             "resume", "overwrite")  # fmt: skip
     resize = flags["resize"]
     config = ClassifierConfig(
         **{n: flags[n] for n in names},
         resize=None if resize is None else pair(resize, "--resize", int, "x"),
     )
-    summary = fit_classifier(config)
+    with reporting_interrupts():
+        summary = fit_classifier(config)
     held_out = "; ".join(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items())
     print(f"trained {config.out}: {summary['parameters']:,} parameters, {summary['rows']:,} rows"
           f"{'; ' + held_out if held_out else ''}; model in {Path(config.out) / 'model.pt'}")  # fmt: skip

@@ -20,6 +20,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import logitcache
 from logitcache.errors import LogitCacheError
@@ -177,7 +178,16 @@ def has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / n).is_dir() for n in (CHECKPOINT_DIR, CHECKPOINT_OLD))
 
 
-def check_run_dir(run_dir: Path, config: FitConfig) -> None:
+class RunSettings(Protocol):
+    """What `check_run_dir` reads of a run's settings: a `FitConfig`, or the classifier's
+    `trainer.classify.ClassifierConfig`, whose run directories follow the same rules."""
+
+    cache: str
+    resume: bool
+    overwrite: bool
+
+
+def check_run_dir(run_dir: Path, config: RunSettings) -> None:
     """Refuse to start over an existing run unless resuming or overwriting. A run that failed
     before its first checkpoint has nothing to keep, and is replaced silently."""
     logitcache.refuse_overlap(

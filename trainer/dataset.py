@@ -59,6 +59,21 @@ IGNORE_INDEX = -100
 _SPLIT_SALT = np.uint64(0x5EED_0F_CAC4E)
 
 
+def refuse_classification(cache: Cache) -> None:
+    """Refuse a classification cache (format 1.3 `task`): its rows are an example's (or a
+    view's) class distribution, with no token ids, so a language-model student has nothing to
+    read. `trainer fit --task classification` trains from it, and evaluates it too."""
+    task = cache.manifest.task
+    if task is not None:
+        raise LogitCacheError(
+            f"{cache.root} is a {task.kind} cache (dumped with `logitcache dump --task "
+            f"{task.kind}`): one class distribution per example, no token ids, so the "
+            "language-model trainer cannot read it. Use `trainer fit --task classification "
+            "--cache CACHE --data EXAMPLES --student ...` (held-out metrics: its --eval-cache "
+            "and --eval-data)."
+        )
+
+
 def _unit_hash(indices: np.ndarray) -> np.ndarray:
     """splitmix64 of each index, mapped to [0, 1): a fixed pseudo-random number per sequence."""
     with np.errstate(over="ignore"):
@@ -115,6 +130,7 @@ class CacheDataset(IterableDataset):
         if not 0.0 <= eval_fraction < 1.0:
             raise LogitCacheError(f"--eval-fraction must be in [0, 1), got {eval_fraction}.")
         self.cache = cache if isinstance(cache, Cache) else logitcache.open(cache)
+        refuse_classification(self.cache)
         self.batch_size, self.split, self.seed = batch_size, split, seed
         self.shuffle, self.shuffle_window = shuffle, shuffle_window
         self.check_files = check_files

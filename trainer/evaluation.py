@@ -34,7 +34,7 @@ import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.runtime import load_tokenizer, resolve_device
 from trainer.align import StudentTokens
-from trainer.dataset import SPLITS, CacheDataset
+from trainer.dataset import SPLITS, CacheDataset, refuse_classification
 from trainer.losses import ULD_LOSS, distillation_loss, hard_label_loss, uld_distance
 from trainer.student import RUN_MODEL_DIR, build_student, max_positions
 
@@ -165,6 +165,7 @@ def evaluate(
         raise LogitCacheError(f"--precision must be fp32 or bf16, got {precision!r}.")
     is_open = isinstance(cache, logitcache.Cache)
     c = cache if is_open else logitcache.open(cache, cache_dir=cache_dir)
+    refuse_classification(c)
     trained = run_config(student) or {}
     if eval_fraction is None:
         eval_fraction = float(trained.get("eval_fraction", 0.01))

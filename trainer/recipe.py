@@ -60,7 +60,7 @@ from trainer.config import (
     check_run_dir,
     clear_run_dir,
 )
-from trainer.dataset import CacheDataset
+from trainer.dataset import CacheDataset, refuse_classification
 from trainer.evaluation import autocast, evaluate_model
 from trainer.fused import FusedDistillationLoss
 from trainer.loader import epoch_batches, worker_message
@@ -192,6 +192,7 @@ def _open(
     """Cache, checkpoint, student and datasets; every refusal happens here, before any write."""
     check_run_dir(Path(config.out), config)
     cache = logitcache.open(config.cache, cache_dir=config.cache_dir)
+    refuse_classification(cache)  # before the student, whose check would blame the vocabulary
     if len(cache) == 0:
         raise LogitCacheError(
             f"the cache {cache.root} holds no sequences: nothing to train on. Dump data into it."

@@ -52,10 +52,12 @@ def merge(
         any_order=any_order,
     )  # fmt: skip
     how = "copied" if copy else "hard-linked"
-    print(
-        f"wrote {out_dir}: {len(inputs)} caches merged ({how}), {m.tokens:,} tokens in "
-        f"{m.sequences:,} sequences, {len(m.parts)} parts"
+    counts = (
+        f"{m.tokens:,} tokens in {m.sequences:,} sequences"
+        if m.task is None
+        else f"{m.sequences:,} examples, {m.tokens:,} target rows"
     )
+    print(f"wrote {out_dir}: {len(inputs)} caches merged ({how}), {counts}, {len(m.parts)} parts")
 
 
 def ensemble(

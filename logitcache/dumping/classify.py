@@ -15,6 +15,11 @@ keeps the tokenizer's fingerprint, and the student's trainer tokenizes the same 
 Several --teacher classifiers make an ensemble (`logitcache.dumping.ensemble`), once they share a
 label space: the class count and, where both name them, the class names.
 
+With --shard I/N the job writes the parts ``[I * P // N, (I + 1) * P // N)`` of the P parts
+of the whole dump, byte for byte those parts, into a complete cache whose data record carries
+the `[shard I/N]` marker (`logitcache.format.shards`); `logitcache merge` of every shard, in
+shard order, is the whole dump. Under torchrun a classification dump is refused (`_shard`).
+
 Examples are decoded into memory up front (`logitcache.examples.load`): every check of the data
 (classes, sizes, labels) happens before --out is touched. A rerun of the same command resumes
 after the committed parts, as a causal-LM dump does.
@@ -30,6 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from logitcache.dumping import sharding
 from logitcache.dumping import targets as target_code
 from logitcache.dumping.ensemble import load_ensemble
 from logitcache.dumping.options import DumpOptions, DumpSummary, check_options, ensemble_mode
@@ -52,6 +58,7 @@ from logitcache.format.manifest import (
     TaskInfo,
     version_for,
 )
+from logitcache.format.shards import Shard, shard_data
 from logitcache.progress import progress_bar
 from logitcache.runtime import load_tokenizer
 from logitcache.storage import stores
@@ -67,6 +74,7 @@ def dump_classifier(opts: DumpOptions) -> DumpSummary:
     start = time.perf_counter()
     check_options(opts)
     _check_classification(opts)
+    shard = _shard(opts)
     examples = load_examples(
         opts.data, resize=opts.resize, input_field=opts.input_field, label_field=opts.label_field,
         text=_text(opts),
@@ -79,15 +87,20 @@ def dump_classifier(opts: DumpOptions) -> DumpSummary:
         raise LogitCacheError(f"--top-k {opts.top_k} is not in 1..{classes} (the classes).")
     template = _template(opts, teacher, examples, spec, names)
     per_part = template.layout.sequences_per_part
+    begin, end = 0, len(examples)
+    if shard is not None:  # a slice of the parts, exactly the whole dump's (sharding.py)
+        first, stop = sharding.part_range(-(-len(examples) // per_part), shard)
+        begin, end = first * per_part, min(stop * per_part, len(examples))
+        template = dataclasses.replace(template, data=shard_data(template.data, shard))
     writer = open_writer(opts.out, template, overwrite=opts.overwrite, license=opts.license)
     with writer as w:
         resumed = w.committed
-        done = min(resumed * per_part, len(examples))
-        bar_cm = progress_bar("dump", total=len(examples), unit="examples",
-                              enabled=opts.progress, completed=done)  # fmt: skip
+        done = min(begin + resumed * per_part, end)
+        bar_cm = progress_bar("dump", total=end - begin, unit="examples",
+                              enabled=opts.progress, completed=done - begin)  # fmt: skip
         with bar_cm as bar:
-            for first in range(resumed * per_part, len(examples), per_part):
-                stop = min(first + per_part, len(examples))
+            for first in range(done, end, per_part):
+                stop = min(first + per_part, end)
                 w.write_part(_part(opts, teacher, examples, spec, template, first, stop, bar))
         if not w.manifest.complete:
             w.finish()
@@ -98,12 +111,23 @@ def dump_classifier(opts: DumpOptions) -> DumpSummary:
 def _check_classification(opts: DumpOptions) -> None:
     if opts.backend != "zarr":
         raise LogitCacheError("--task classification writes the zarr backend; leave out --format.")
-    if opts.shard is not None:
-        raise LogitCacheError("--shard is for causal-LM dumps; a classification dump runs whole.")
     if opts.device_map is not None:
         raise LogitCacheError("--device-map places a causal LM; a classifier runs on --device.")
     if opts.views < 0:
         raise LogitCacheError(f"--views must be 0 (no augmentation) or more, got {opts.views}.")
+
+
+def _shard(opts: DumpOptions) -> Shard | None:
+    """--shard I/N, as for a causal LM. torchrun ranks are refused: they would need the rank
+    group and the join of `sharding.dump_sharded`, which runs the causal-LM loop."""
+    shard = sharding.from_options(opts.shard)
+    if shard is not None and shard.torchrun:
+        raise LogitCacheError(
+            "--task classification does not run under torchrun. Split the dump into "
+            "independent jobs instead: `logitcache dump ... --shard I/N --out SHARD_I` for I "
+            "in 0..N-1, then `logitcache merge OUT SHARD_0 ... SHARD_N-1`."
+        )
+    return shard
 
 
 def _text(opts: DumpOptions) -> Text | None:

@@ -28,12 +28,14 @@ from logitcache.format.manifest import (
     MAX_MANIFEST_BYTES,
     PARTS_DIR,
     RAGGED_KINDS,
+    DataInfo,
     Manifest,
     PartArrays,
     array_names,
     expected_arrays,
 )
 from logitcache.format.parse import parse_manifest
+from logitcache.format.shards import covers
 from logitcache.read.decoded import (
     TOKEN_ARRAYS,
     CacheSequence,
@@ -153,6 +155,13 @@ class Cache:
 
     def __len__(self) -> int:
         return self.manifest.sequences
+
+    def holds_data(self, data: DataInfo) -> bool:
+        """Whether this cache holds the targets of `data`, whole and in its order: dumped from
+        it, or merged from the caches of every `--shard I/N` of one dump of it, in shard order."""
+        m = self.manifest
+        inputs = [i.data for i in m.merged_from] or [m.data]
+        return m.data.fingerprint == data.fingerprint or covers(data, inputs)
 
     @property
     def num_parts(self) -> int:

@@ -14,6 +14,9 @@ copies (``copy=True``: any mix of local paths and URLs; a server-side copy when 
 output are in the same object store). File contents, hence sha256s, are unchanged: only the
 part prefix of each file name changes.
 
+A classification merge (format 1.3 `task`) that holds shards of a dump holds all of them
+(`check_every_shard`): its student is trained against the dump's whole data.
+
 Commit order as for a dump: an initial manifest listing nothing, the parts' files, then the
 final manifest (the commit point), then the README.md card.
 """
@@ -43,7 +46,9 @@ from logitcache.storage.stores import is_remote, local_path
 from logitcache.version import __version__
 from logitcache.write.destination import Destination, LocalDestination, RemoteDestination
 
-__all__ = ["check_compatible", "check_shard_order", "merge", "merged_manifest"]
+__all__ = [
+    "check_compatible", "check_every_shard", "check_shard_order", "merge", "merged_manifest",
+]  # fmt: skip
 
 #: Identity fields that may differ between inputs (how a teacher or tokenizer was named).
 _NAMES = ("teacher.name", "tokenizer.name")
@@ -73,6 +78,8 @@ def merge(
     check_compatible(locations, caches)
     if not any_order:
         check_shard_order(locations, caches)
+    if caches[0].manifest.task is not None:
+        check_every_shard(locations, caches)
     manifest = merged_manifest(locations, caches)
     remote_in = [loc for loc in locations if is_remote(loc)]
     if not copy and (is_remote(out) or remote_in):
@@ -168,6 +175,28 @@ def check_shard_order(locations: list[str], caches: list[Cache]) -> None:
                     "--any-order to merge them in the order given."
                 )
             last[key] = (shard.index, item.cache)
+
+
+def check_every_shard(locations: list[str], caches: list[Cache]) -> None:
+    """Refuse a classification merge that holds some shards of a dump but not all: such a
+    cache is trained against its dump's whole --data (`Cache.holds_data`), so a merge of part
+    of its shards could never be trained from."""
+    found: dict[tuple[str, int], set[int]] = {}  # (source, N) -> the shard indices given
+    for location, cache in zip(locations, caches, strict=True):
+        for item in _inputs_of(location, cache):
+            marked = shard_of(item.data)
+            if marked is not None:
+                found.setdefault((marked[0], marked[1].count), set()).add(marked[1].index)
+    for (source, count), indices in found.items():
+        missing = sorted(set(range(count)) - indices)
+        if missing:
+            names = ", ".join(f"{i}/{count}" for i in missing)
+            raise LogitCacheError(
+                f"shard {names} of {source} is missing from this merge: a classification cache "
+                f"is trained against its whole --data, so a merge of its shards holds all "
+                f"{count}. Add the missing shard's cache (`logitcache dump ... --shard "
+                f"{missing[0]}/{count}`), in shard order."
+            )
 
 
 def _inputs_of(location: str, cache: Cache) -> list[MergedInput]:

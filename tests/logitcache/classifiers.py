@@ -8,6 +8,7 @@ $LOGITCACHE_TEST_RECORD, so a test can compare the trainer's replayed crops with
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -71,3 +72,22 @@ class BagOfTokens(torch.nn.Module):
 def bag_of_tokens() -> torch.nn.Module:
     torch.manual_seed(0)
     return BagOfTokens(vocab=400)  # the tokenizer of tests/logitcache/textcls_helpers.py
+
+
+def other_cnn() -> torch.nn.Module:
+    """The same architecture as `cnn` with other weights: another teacher of the same classes."""
+    torch.manual_seed(1)
+    return TinyCNN()
+
+
+class _Slow(TinyCNN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.005)  # a step long enough for a test to signal a run in the middle
+        return super().forward(x)
+
+
+def slow_cnn() -> torch.nn.Module:
+    """`cnn` (the same weights and outputs) taking at least 5 ms per call: a student whose run
+    a test can interrupt with a signal before it ends."""
+    torch.manual_seed(0)
+    return _Slow()

@@ -159,15 +159,15 @@ def test_bad_loss_settings_exit_2_with_a_clear_message(tmp_path, capsys, flags, 
 
 def test_resume_treats_a_setting_newer_than_the_checkpoint_as_its_default(tmp_path):
     from tests.synthetic import synthetic_cache
-    from trainer.checkpoint import _identity, check_resume
+    from trainer.checkpoint import cache_identity, check_resume
 
     manifest = logitcache.open(synthetic_cache(tmp_path / "cache", sequences=3)).manifest
     c = FitConfig(cache=str(tmp_path / "cache"), student="s.json")
     old = dataclasses.asdict(c)
     del old["beta"]  # a checkpoint written before --beta existed
-    check_resume(c, {"config": old, "manifest": _identity(manifest)}, manifest)
+    check_resume(c, {"config": old, "manifest": cache_identity(manifest)}, manifest)
     changed = dataclasses.replace(c, beta=0.3)
     with pytest.raises(LogitCacheError, match=r"beta: checkpoint has 0\.5, this run has 0\.3"):
-        check_resume(changed, {"config": old, "manifest": _identity(manifest)}, manifest)
+        check_resume(changed, {"config": old, "manifest": cache_identity(manifest)}, manifest)
     with pytest.raises(LogitCacheError, match="loss: checkpoint has 'forward_kl'"):
         check_resume(dataclasses.replace(c, loss="tvd"), {"config": old, "manifest": {}}, manifest)
