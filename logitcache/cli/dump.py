@@ -271,7 +271,7 @@ def dump(
     ] = ",".join(map(str, D.crop_scale)),
     crop_ratio: Annotated[
         str, typer.Option(help="--views: MIN,MAX aspect ratio (width / height) of a crop.")
-    ] = f"{D.crop_ratio[0]:.4g},{D.crop_ratio[1]:.4g}",
+    ] = ",".join(map(repr, D.crop_ratio)),  # exact (3/4, 4/3): rounding would change manifests
     flip: Annotated[
         bool, typer.Option(help="--views: mirror each view with probability 1/2.")
     ] = D.flip,

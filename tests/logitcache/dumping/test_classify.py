@@ -253,3 +253,7 @@ def test_the_cli_writes_full_targets_by_default_and_reports_examples(tmp_path: P
     assert "4 examples, 12 target rows (3 per example), 4 classes" in flat(proc.stdout)
     manifest = json.loads((tmp_path / "c/manifest.json").read_text())
     assert manifest["targets"]["k"] == CLASSES and manifest["task"]["augment"] == "crop"
+    # the CLI's defaults are DumpOptions' exactly (a rounded --crop-ratio would make the two
+    # caches' task records differ, and merge would refuse to join them)
+    api = classify(tmp_path / "d.npz", tmp_path / "api", views=3)
+    assert manifest["task"] == json.loads(api.manifest.to_json())["task"]
