@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from logitcache.errors import LogitCacheError
 from logitcache.format.manifest import CodecInfo, PartArrays, PartInfo
 
 SUFFIX = ".parquet"
@@ -26,7 +27,8 @@ SUFFIX = ".parquet"
 #: masked-LM cache a masked position), each a fixed-size list (top-k) or a list (ragged kinds).
 TARGET_COLUMNS = ("target_ids", "target_logprobs", "target_counts")
 #: Arrays that are not a column of their own (list offsets of another column), or whose stored
-#: values a reader derives from the whole row (masked positions are stored within a sequence).
+#: values a reader derives from the whole row (masked positions are stored within a sequence,
+#: a classification example's label once for all its rows).
 _DERIVED = ("seq_offsets", "target_lengths", "text_offsets", "text", "target_positions", "labels")
 
 
@@ -87,10 +89,13 @@ def _input_columns(arrays: PartArrays) -> dict[str, pa.Array]:
         return {}
     labels = np.asarray(arrays.labels)
     per_example = labels[offsets[:-1]]
-    if not np.array_equal(np.repeat(per_example, np.diff(offsets)), labels):
-        raise ValueError(
-            "the views of one example carry different labels; a classification part holds one "
-            "label per example (docs/FORMAT.md section 3b). Run `logitcache verify` on the source."
+    wrong = np.repeat(per_example, np.diff(offsets)) != labels  # (rows,)
+    if wrong.any():
+        example = int(np.searchsorted(offsets, int(np.argmax(wrong)), side="right")) - 1
+        raise LogitCacheError(
+            f"example {example} of a part has views that carry different labels; a "
+            "classification cache holds one label per example (docs/FORMAT.md section 3b), and "
+            "a Parquet part stores it once. Run `logitcache verify` on the source cache."
         )
     return {"labels": pa.array(per_example)}
 
@@ -166,7 +171,7 @@ def check_part(
     sequences = expected["seq_offsets"][0][0] - 1
     if meta.num_rows != sequences:
         raise ValueError(f"the file holds {meta.num_rows} rows, the manifest says {sequences}")
-    columns = []  # list-per-sequence columns, and the text (module docstring)
+    columns = []  # list-per-sequence columns; the text and a classification label, one a row
     ragged = "target_lengths" in expected  # sampled, top-p: the lengths are list offsets
     for name, (shape, dtype) in expected.items():
         if name in ("seq_offsets", "target_lengths", "text_offsets"):
@@ -186,7 +191,7 @@ def check_part(
     decoded = sum(np.dtype(dtype).itemsize * math.prod(shape) for shape, dtype in expected.values())
     declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if declared > 4 * decoded + (1 << 20):  # values plus offsets and levels
-        raise ValueError(f"the file declares {declared} uncompressed bytes for {decoded} decoded")
+        raise ValueError(f"the file declares {declared} uncompressed bytes, {decoded} decoded")
 
 
 def read_part(path: Path, names: tuple[str, ...] | None = None) -> PartArrays:

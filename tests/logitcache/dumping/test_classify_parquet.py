@@ -133,7 +133,7 @@ def test_views_of_one_example_with_different_labels(data: Path, tmp_path: Path) 
         writer.finish()
     bad = logitcache.open(tmp_path / "bad")
     assert any("carry different labels" in p for p in logitcache.verify(bad).problems)
-    with pytest.raises(ValueError, match="views of one example carry different labels"):
+    with pytest.raises(LogitCacheError, match="example 0 of a part has views that carry differ"):
         logitcache.export(tmp_path / "bad", tmp_path / "p", backend="parquet")
 
 
