@@ -13,10 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import logitcache
 from logitcache import DumpOptions, dump
 from logitcache.errors import LogitCacheError
+from logitcache.examples.load import load_examples
 from logitcache.read import stats as stats_mod
 from logitcache.storage import stores
 from logitcache.write.remote_writer import open_writer
@@ -24,6 +26,7 @@ from tests.logitcache.classifiers import CLASSES
 from tests.logitcache.dump_helpers import describe, flat, run_cli
 from tests.logitcache.dumping.test_classify import classify, pixels
 from tests.logitcache.textcls_helpers import SEQ_LEN, TextTask, build_text_task
+from trainer.classify import load_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,6 +85,10 @@ def test_a_parquet_dump_holds_what_the_zarr_dump_holds(image_pair, tmp_path: Pat
     assert_same_parts(zarr_cache, parquet_cache)
     for cache in (zarr_cache, parquet_cache):
         assert logitcache.verify(cache).problems == []
+    examples = load_examples(m.data.source)  # the trainer's rows: the same from either backend
+    rows = load_rows(parquet_cache, examples), load_rows(zarr_cache, examples)
+    for got, want in zip(*rows, strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
     proc = run_cli("export", zarr_cache.root, tmp_path / "to-parquet", "--format", "parquet")
     assert proc.returncode == 0, describe(proc)
     logitcache.export(tmp_path / "to-parquet", tmp_path / "to-zarr", backend="zarr")
