@@ -52,6 +52,8 @@ def info(
             "spec_only": not nonstandard,
             "nonstandard_filters": nonstandard,
         }
+        if m.task is not None:  # classification: its rows are views, counted per example
+            doc["bytes_per_example"] = size / m.sequences if m.sequences else None
         print(json.dumps(doc, indent=2))
         _warn_nonstandard(nonstandard)
         _report_damage(cache, problems)
@@ -73,7 +75,7 @@ def info(
         members = " + ".join(f"{x.teacher.name} ({x.weight:.3g})" for x in m.ensemble.members)
         rows.insert(2, ("ensemble", f"{m.ensemble.mode} average of {members}"))
     if m.task is not None:  # a classifier's cache: what one example is, and its classes
-        rows.insert(4, ("task", describe_task(m)))
+        rows = _classification_rows(m, rows, size)
     if m.masking is not None:  # a masked-LM cache: its masking, and the rate per masked token
         k = m.masking
         rows.insert(5, ("masking", f"masked LM: p={k.prob} ({k.replace_mask:.0%} mask id "
@@ -88,6 +90,37 @@ def info(
         out.print(f"[bold]{key:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
     _warn_nonstandard(nonstandard)
     _report_damage(cache, problems)
+
+
+def _classification_rows(
+    m: Manifest, rows: list[tuple[str, str]], size: int
+) -> list[tuple[str, str]]:
+    """`info`'s rows for a classification cache: its axes are examples and their views (target
+    rows) over classes, not sequences of tokens over a vocabulary, and it may have no tokenizer."""
+    assert m.task is not None
+    per = max(1, m.task.views)
+    tokenizer = (
+        f"{m.tokenizer.name}  (vocab {m.tokenizer.vocab_size}, fingerprint "
+        f"{m.tokenizer.fingerprint[:12]})"
+        if m.task.input == "text"
+        else f"none ({m.task.input} examples)"
+    )
+    bytes_each = f"{size / m.sequences:.1f} bytes per example" if m.sequences else "no examples yet"
+    replaced = {
+        "teacher": f"{m.teacher.name}  ({m.teacher.dtype}, {m.teacher.vocab_size} classes, "
+        f"weights {m.teacher.weights_sha256[:12]})",
+        "tokenizer": tokenizer,
+        "data": f"{m.data.source}  ({m.data.format}, {m.data.documents} examples, fingerprint "
+        f"{m.data.fingerprint[:12]})",
+        "layout": f"{'one target row' if per == 1 else f'{per} target rows'} per example, "
+        f"{m.layout.sequences_per_part} examples/part",
+        "counts": f"{m.sequences:,} examples, {m.tokens:,} target rows ({per} per example), "
+        f"{len(m.parts)} parts",
+        "size": f"{human_bytes(size)} = {bytes_each}",
+    }
+    rows = [(key, replaced.get(key, value)) for key, value in rows]
+    rows.insert(4, ("task", describe_task(m)))
+    return rows
 
 
 def describe_task(m: Manifest) -> str:
@@ -148,6 +181,8 @@ def describe_targets(m: Manifest) -> str:
         )
     values = t.logprob_dtype + (f" (1/{t.logprob_scale:g} nat)" if t.logprob_scale else "")
     size = f"topp p={t.top_p:g}, {t.min_k}..{t.k} ids" if t.kind == "topp" else f"topk k={t.k}"
+    if m.task is not None and t.kind == "topk" and t.k == m.teacher.vocab_size:
+        size = f"full ({size}: every class)"  # what `dump --targets full` writes
     return (
         f"{size}, T={t.temperature}, ids {t.id_dtype} in {t.order} order, log-probs {values}{delta}"
     )
@@ -184,22 +219,31 @@ def stats(
         return
     say = lambda text: out.print(escape(text), highlight=False, soft_wrap=True)  # noqa: E731
     say(f"{cache}: {describe_targets(c.manifest)}")
-    say(f"{doc['positions']:,} positions")
+    task = c.manifest.task
+    ids = "ids" if task is None else "classes"
+    if task is None:
+        say(f"{doc['positions']:,} positions")
+    else:  # a classification cache: a target row per view of each example
+        say(f"{doc['positions']:,} target rows of {c.manifest.sequences:,} examples "
+            f"({max(1, task.views)} per example), {c.manifest.teacher.vocab_size} classes")  # fmt: skip
     rows = [
-        ("mass", "teacher mass on the stored ids"),
+        ("mass", f"teacher mass on the stored {ids}"),
         ("entropy", "entropy of the stored part, nats"),
         ("tail_entropy_max", "largest entropy with the tail, nats"),
-        ("distinct", "distinct ids per position"),
+        ("distinct", f"distinct {ids} per {'position' if task is None else 'row'}"),
     ]
     say(f"{'':>36}  {'mean':>9} {'p10':>9} {'p50':>9} {'p90':>9}")
     for key, label in rows:
         if doc.get(key):
             d = doc[key]
             say(f"{label:>36}  {d['mean']:9.4f} {d['p10']:9.4f} {d['p50']:9.4f} {d['p90']:9.4f}")
-    say("bytes/token by array:")
-    for name, value in sorted(doc["bytes_per_token"].items(), key=lambda x: -x[1]):
+    unit, per = "token", doc["bytes_per_token"]
+    if task is not None:  # per example: what a classification cache is counted in
+        unit, per = "example", doc["bytes_per_example"]
+    say(f"bytes/{unit} by array:")
+    for name, value in sorted(per.items(), key=lambda x: -x[1]):
         say(f"{name:>36}  {value:9.2f}")
-    say(f"{'total':>36}  {doc['bytes_per_token_total']:9.2f}")
+    say(f"{'total':>36}  {sum(per.values()):9.2f}")
     if plot is not None:
         say(f"wrote {plot}")
 
@@ -229,7 +273,11 @@ def verify(
     fetched = (
         f" (downloaded {got['files']} files, {human_bytes(got['bytes'])})" if c.is_remote else ""
     )
+    m = c.manifest
+    checked = f"{m.tokens:,} tokens"
+    if m.task is not None:
+        checked = f"{m.sequences:,} examples ({m.tokens:,} target rows)"
     print(
         f"ok: {report.parts} parts, {report.files} files, {report.chunks} chunks, "
-        f"{c.manifest.tokens:,} tokens checked{fetched}"
+        f"{checked} checked{fetched}"
     )

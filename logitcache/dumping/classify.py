@@ -109,8 +109,6 @@ def dump_classifier(opts: DumpOptions) -> DumpSummary:
 
 
 def _check_classification(opts: DumpOptions) -> None:
-    if opts.backend != "zarr":
-        raise LogitCacheError("--task classification writes the zarr backend; leave out --format.")
     if opts.device_map is not None:
         raise LogitCacheError("--device-map places a causal LM; a classifier runs on --device.")
     if opts.views < 0:
@@ -243,7 +241,7 @@ def _template(
     m = Manifest(
         format=FORMAT_NAME,
         format_version="",
-        backend="zarr",
+        backend=opts.backend,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         teacher=teacher.info,
         tokenizer=teacher.tokenizer_info,

@@ -318,8 +318,8 @@ def _task_problems(m: Manifest) -> list[str]:
         problems.append(f"task.shape {task.shape} is not 1 to 4 sizes in 1..65536")
     if not 0 <= task.views <= MAX_SEQ_LEN or m.layout.seq_len != max(1, task.views):
         problems.append(f"task.views={task.views} does not match layout.seq_len={m.layout.seq_len}")
-    if m.layout.packing or m.backend != "zarr":
-        problems.append("a classification cache is stored unpacked in the zarr backend")
+    if m.layout.packing:
+        problems.append("a classification cache is stored unpacked (layout.packing false)")
     if task.augment not in AUGMENTS or (task.augment == "crop") != (task.views > 0):
         problems.append(f"task.augment {task.augment!r} must be 'crop' with views, else ''")
     elif task.augment == "crop":

@@ -28,6 +28,20 @@ Each example is one sequence, in the reader's uniform view (`CacheSequence`):
 * an ``--offsets`` cache (format 1.3) adds ``text`` (string), the text the sequence's tokens
   cover, and ``token_offsets`` (n, 2) int64, each token's [start, end) in its characters.
 
+A classification cache (format 1.3) has **one example per view** instead, the unit a classifier
+trains on (the student sees the view and matches the teacher's distribution on it; without
+views, one per input example). Its fields:
+
+* ``example`` (int64): the input example's index, its row in the dump's ``data.source`` (the
+  same index as the cache's sequence), so a map over it fetches the example from the data;
+* ``view`` (int64): the view's number within its example, 0 without views;
+* ``target_ids`` (w,) int64 and ``target_logprobs`` (w,) float32: the teacher's distribution
+  over classes on this view, most probable first, as above (a full cache: w = the classes);
+* ``label`` (`datasets.ClassLabel`, named by ``task.classes`` where the teacher names them):
+  the example's hard label, only where the data had labels;
+* ``view_box`` (5,) int32: the view's (top, left, height, width, flip), only with views
+  (`logitcache.examples.views.apply_views` cuts it out of the example as the teacher saw it).
+
 `datasets` is imported here, on first use, never by `import logitcache`.
 """
 
@@ -38,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from logitcache.format.manifest import Manifest, PartArrays
+from logitcache.format.manifest import VIEW_FIELDS, Manifest, PartArrays
 from logitcache.read.decoded import split_sequences
 from logitcache.read.texts import sequence_text
 
@@ -67,6 +81,8 @@ def features(manifest: Manifest) -> datasets.Features:
     import datasets
 
     nested = getattr(datasets, "List", None) or datasets.Sequence
+    if manifest.task is not None:
+        return datasets.Features(_view_fields(manifest, nested))
     fields = {
         "index": datasets.Value("int64"),
         "input_ids": nested(datasets.Value("int64")),
@@ -79,6 +95,26 @@ def features(manifest: Manifest) -> datasets.Features:
         fields["text"] = datasets.Value("string")
         fields["token_offsets"] = nested(nested(datasets.Value("int64")))
     return datasets.Features(fields)
+
+
+def _view_fields(manifest: Manifest, nested: Any) -> dict[str, Any]:
+    """A classification cache's fields: one example per view (module docstring)."""
+    import datasets
+
+    task = manifest.task
+    assert task is not None
+    fields = {
+        "example": datasets.Value("int64"),
+        "view": datasets.Value("int64"),
+        "target_ids": nested(datasets.Value("int64")),
+        "target_logprobs": nested(datasets.Value("float32")),
+    }
+    if task.labels:
+        names = {"names": task.classes} if task.classes else {}
+        fields["label"] = datasets.ClassLabel(num_classes=manifest.teacher.vocab_size, **names)
+    if task.views:
+        fields["view_box"] = nested(datasets.Value("int32"), length=len(VIEW_FIELDS))
+    return fields
 
 
 def to_hf_dataset(cache: Parts) -> datasets.IterableDataset:
@@ -97,6 +133,9 @@ def _sequences(parts: list[int], cache: Parts) -> Iterator[dict[str, Any]]:
     for index in parts:
         first, _ = cache.part_span(index)
         part = cache.read_decoded(index)
+        if cache.manifest.task is not None:
+            yield from _views(part, first, cache.manifest.layout.seq_len)
+            continue
         for offset, seq in enumerate(split_sequences(part)):
             example = {
                 "index": first + offset,
@@ -111,3 +150,20 @@ def _sequences(parts: list[int], cache: Parts) -> Iterator[dict[str, Any]]:
                 example["text"] = sequence_text(part, offset)
                 example["token_offsets"] = part.token_offsets[a:b].astype(np.int64)
             yield example
+
+
+def _views(part: PartArrays, first: int, per_example: int) -> Iterator[dict[str, Any]]:
+    """A classification part's examples, one per view; `first` is its first example's index,
+    `per_example` the rows of each (`layout.seq_len`)."""
+    for row in range(part.tokens):
+        example = {
+            "example": first + row // per_example,
+            "view": row % per_example,
+            "target_ids": part.target_ids[row].astype(np.int64),
+            "target_logprobs": part.target_logprobs[row].astype(np.float32),
+        }
+        if part.labels is not None:
+            example["label"] = int(part.labels[row])
+        if part.views is not None:
+            example["view_box"] = part.views[row]
+        yield example

@@ -21,7 +21,9 @@ Per position (a sequence position with a target row), from the uniform view the 
 
 Bytes per token: every file of every listed part by array (zarr: the array's directory,
 metadata included; parquet: each column's compressed chunks, with the footer and headers as
-"parquet metadata"), plus the manifest, divided by the cache's token count.
+"parquet metadata"), plus the manifest, divided by the cache's token count. A classification
+cache's positions are its target rows (a row per view of each example), and its bytes are also
+given per example (``bytes_per_example``).
 """
 
 from __future__ import annotations
@@ -46,10 +48,17 @@ class CacheStats:
     tail_entropy_max: np.ndarray | None
     bytes_by_array: dict[str, int] = field(default_factory=dict)
     total_tokens: int = 0
+    #: A classification cache's examples (its rows are their views), 0 for any other cache.
+    total_examples: int = 0
 
     @property
     def bytes_per_token(self) -> dict[str, float]:
         n = max(self.total_tokens, 1)
+        return {name: size / n for name, size in self.bytes_by_array.items()}
+
+    @property
+    def bytes_per_example(self) -> dict[str, float]:
+        n = max(self.total_examples, 1)
         return {name: size / n for name, size in self.bytes_by_array.items()}
 
     def summary(self) -> dict[str, Any]:
@@ -76,6 +85,9 @@ class CacheStats:
         }
         if self.tail_entropy_max is not None:
             doc["tail_entropy_max"] = describe(self.tail_entropy_max)
+        if self.total_examples:  # classification: positions are target rows, views of examples
+            doc["examples"] = self.total_examples
+            doc["bytes_per_example"] = self.bytes_per_example
         return doc
 
 
@@ -130,6 +142,7 @@ def compute(cache: Cache, max_tokens: int = 0) -> CacheStats:
         tail_entropy_max=tail,
         bytes_by_array=bytes_by_array(cache),
         total_tokens=m.tokens,
+        total_examples=m.sequences if m.task is not None else 0,
     )
 
 

@@ -184,12 +184,15 @@ def _logprob_problems(m, ids: np.ndarray, stored: np.ndarray) -> list[str]:
 
 
 def _task_problems(m, info, part: PartArrays) -> list[str]:
-    """Classification (1.3): labels are class ids, views are boxes inside the examples."""
+    """Classification (1.3): labels are class ids, one per example (the same on each of its
+    rows, `layout.seq_len` of them), views are boxes inside the examples."""
     problems, labels, views = [], part.labels, part.views
     if labels is not None and labels.shape != (info.tokens,):
         problems.append(f"labels has shape {labels.shape}, expected ({info.tokens},)")
     elif labels is not None and labels.size and labels.max() >= m.teacher.vocab_size:
         problems.append(f"a label is >= the class count {m.teacher.vocab_size}")
+    elif labels is not None and (np.diff(labels.reshape(-1, m.layout.seq_len), axis=1) != 0).any():
+        problems.append("the views of one example carry different labels")
     if views is not None:
         if views.shape != (info.tokens, len(VIEW_FIELDS)):
             problems.append(f"views has shape {views.shape}, expected ({info.tokens}, 5)")

@@ -5,6 +5,8 @@ storage side that imports pyarrow (Parquet *input* data is read by `logitcache.d
 A row holds everything of its sequence, so a reader without this package needs no offsets: a
 masked-LM sequence's target rows and their positions *within the sequence* (format 1.3,
 docs/FORMAT.md section 6), an ``--offsets`` sequence's text as a string and its tokens' spans.
+A classification part (format 1.3) has a row per example: no input ids, its label once (the
+same on each of its views), a target row and a view box per view.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from logitcache.errors import LogitCacheError
 from logitcache.format.manifest import CodecInfo, PartArrays, PartInfo
 
 SUFFIX = ".parquet"
@@ -24,8 +27,9 @@ SUFFIX = ".parquet"
 #: masked-LM cache a masked position), each a fixed-size list (top-k) or a list (ragged kinds).
 TARGET_COLUMNS = ("target_ids", "target_logprobs", "target_counts")
 #: Arrays that are not a column of their own (list offsets of another column), or whose stored
-#: values a reader derives from the whole row (masked positions are stored within a sequence).
-_DERIVED = ("seq_offsets", "target_lengths", "text_offsets", "text", "target_positions")
+#: values a reader derives from the whole row (masked positions are stored within a sequence,
+#: a classification example's label once for all its rows).
+_DERIVED = ("seq_offsets", "target_lengths", "text_offsets", "text", "target_positions", "labels")
 
 
 def _per_token(values: np.ndarray, offsets: np.ndarray, lengths=None) -> pa.Array:
@@ -42,16 +46,15 @@ def _per_token(values: np.ndarray, offsets: np.ndarray, lengths=None) -> pa.Arra
 
 def write_part(path: Path, arrays: PartArrays, codec: CodecInfo, chunk_bytes: int) -> None:
     """Write one part as a Parquet file: zstd, 1 MB pages, page checksums, no statistics."""
-    offsets = np.asarray(arrays.seq_offsets)
     rows = _target_row_offsets(arrays)
     lengths = arrays.target_lengths
-    columns = {"input_ids": _per_token(arrays.input_ids, offsets)}
+    columns = _input_columns(arrays)
     # top-k: a fixed-size list of k per target row; sampled and top-p: a list per row of its
     # ids and one of their counts or log-probs
     for name in TARGET_COLUMNS:
         if getattr(arrays, name) is not None:
             columns[name] = _per_token(getattr(arrays, name), rows, lengths)
-    columns |= _masked_columns(arrays, rows) | _text_columns(arrays)
+    columns |= _masked_columns(arrays, rows) | _text_columns(arrays) | _view_columns(arrays)
     table = pa.table(columns)
     encodings = {_leaf(table, n): "DELTA_BINARY_PACKED" for n in codec.delta if n in columns}
     pq.write_table(
@@ -74,6 +77,34 @@ def _target_row_offsets(arrays: PartArrays) -> np.ndarray:
     if arrays.target_positions is None:
         return offsets
     return np.searchsorted(np.asarray(arrays.target_positions, dtype=np.int64), offsets)
+
+
+def _input_columns(arrays: PartArrays) -> dict[str, pa.Array]:
+    """What a row's targets are of: a causal or masked LM's input ids, or a classification
+    example's label (1.3), one value per row, absent where the data had none."""
+    offsets = np.asarray(arrays.seq_offsets, dtype=np.int64)
+    if arrays.input_ids is not None:
+        return {"input_ids": _per_token(np.asarray(arrays.input_ids), offsets)}
+    if arrays.labels is None:
+        return {}
+    labels = np.asarray(arrays.labels)
+    per_example = labels[offsets[:-1]]
+    wrong = np.repeat(per_example, np.diff(offsets)) != labels  # (rows,)
+    if wrong.any():
+        example = int(np.searchsorted(offsets, int(np.argmax(wrong)), side="right")) - 1
+        raise LogitCacheError(
+            f"example {example} of a part has views that carry different labels; a "
+            "classification cache holds one label per example (docs/FORMAT.md section 3b), and "
+            "a Parquet part stores it once. Run `logitcache verify` on the source cache."
+        )
+    return {"labels": pa.array(per_example)}
+
+
+def _view_columns(arrays: PartArrays) -> dict[str, pa.Array]:
+    """A classification part's view boxes (1.3), one (top, left, height, width, flip) per row."""
+    if arrays.views is None:
+        return {}
+    return {"views": _per_token(np.asarray(arrays.views), np.asarray(arrays.seq_offsets))}
 
 
 def _masked_columns(arrays: PartArrays, rows: np.ndarray) -> dict[str, pa.Array]:
@@ -138,18 +169,17 @@ def check_part(
     file = pq.ParquetFile(str(path))
     meta = file.metadata
     sequences = expected["seq_offsets"][0][0] - 1
-    tokens = expected["input_ids"][0][0]
     if meta.num_rows != sequences:
         raise ValueError(f"the file holds {meta.num_rows} rows, the manifest says {sequences}")
-    columns = []  # list-per-sequence columns, and the text (module docstring)
+    columns = []  # list-per-sequence columns; the text and a classification label, one a row
     ragged = "target_lengths" in expected  # sampled, top-p: the lengths are list offsets
     for name, (shape, dtype) in expected.items():
         if name in ("seq_offsets", "target_lengths", "text_offsets"):
             continue
-        if name == "text":
-            columns.append((name, pa.string()))
-            continue
         value = pa.from_numpy_dtype(np.dtype(dtype))
+        if name in ("text", "labels"):  # a string, and a classification example's one label
+            columns.append((name, pa.string() if name == "text" else value))
+            continue
         if ragged and name in TARGET_COLUMNS:
             value = pa.list_(value)
         elif len(shape) == 2:
@@ -161,7 +191,7 @@ def check_part(
     decoded = sum(np.dtype(dtype).itemsize * math.prod(shape) for shape, dtype in expected.values())
     declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if declared > 4 * decoded + (1 << 20):  # values plus offsets and levels
-        raise ValueError(f"the file declares {declared} uncompressed bytes for {tokens} tokens")
+        raise ValueError(f"the file declares {declared} uncompressed bytes, {decoded} decoded")
 
 
 def read_part(path: Path, names: tuple[str, ...] | None = None) -> PartArrays:
@@ -169,12 +199,15 @@ def read_part(path: Path, names: tuple[str, ...] | None = None) -> PartArrays:
     Ragged parts (sampled and top-p: a variable-length list of ids per token; the reader
     checked the schema against the manifest first) come back ragged, their per-token entry
     counts (`target_lengths`) taken from the inner list offsets, as int32: Parquet stores no
-    type for them (the reader casts them to the manifest's). `names` is accepted for symmetry with the zarr backend:
-    a Parquet part is one file, read whole."""
+    type for them (the reader casts them to the manifest's). A classification part's rows are
+    its target rows, its label repeated on each. `names` is accepted for symmetry with the
+    zarr backend: a Parquet part is one file, read whole."""
     del names
     table = pq.ParquetFile(str(path), page_checksum_verification=True).read()
-    offsets = _list_offsets(table.column("input_ids"))
-    inputs, ids = _tokens_of(table.column("input_ids")), _tokens_of(table.column("target_ids"))
+    classified = "input_ids" not in table.column_names  # format 1.3: rows are views
+    offsets = _list_offsets(table.column("target_ids" if classified else "input_ids"))
+    inputs = None if classified else _tokens_of(table.column("input_ids"))
+    ids = _tokens_of(table.column("target_ids"))
     found = {n: _tokens_of(table.column(n)) for n in ("target_logprobs", "target_counts")
              if n in table.column_names}  # fmt: skip
     per_token = table.column("target_ids").combine_chunks().flatten()  # a list per target row
@@ -189,7 +222,21 @@ def read_part(path: Path, names: tuple[str, ...] | None = None) -> PartArrays:
         _read_masked(table, arrays)
     if "text" in table.column_names:
         _read_text(table, arrays)
+    if classified:
+        _read_classified(table, arrays)
     return arrays
+
+
+def _read_classified(table: pa.Table, arrays: PartArrays) -> None:
+    """Set a classification part's `labels` (each example's, on each of its rows) and `views`;
+    a views column with another number of rows than the targets is refused."""
+    if "labels" in table.column_names:
+        per_example = table.column("labels").combine_chunks().to_numpy(zero_copy_only=False)
+        arrays.labels = np.repeat(per_example, np.diff(arrays.seq_offsets))
+    if "views" in table.column_names:
+        if not np.array_equal(_list_offsets(table.column("views")), arrays.seq_offsets):
+            raise ValueError("an example's views are not one per target row")
+        arrays.views = _tokens_of(table.column("views"))
 
 
 def _list_offsets(column: pa.ChunkedArray) -> np.ndarray:

@@ -121,6 +121,7 @@ def export_axolotl(
     refuse_overlap(root, [cache], "OUT")
     source = reader.open(cache, cache_dir=cache_dir)  # refuses an unfinished dump
     refuse_masked(source.manifest, f"export --format {FORMAT}")
+    _refuse_classification(source)
     source.refuse_links()
     _refuse_existing(root, overwrite)
     m = source.manifest
@@ -160,6 +161,20 @@ def export_axolotl(
         files.remove_quietly(tmp)
         raise
     return AxolotlExport(root, names, m.sequences, m.tokens, m.targets.k, written_at)
+
+
+def _refuse_classification(source: reader.Cache) -> None:
+    """axolotl's KD dataset is a causal LM's: token ids with next-token targets. A classification
+    cache (format 1.3) has neither (its rows are an example's views over classes)."""
+    task = source.manifest.task
+    if task is not None:
+        raise LogitCacheError(
+            f"export --format {FORMAT} takes causal-LM caches; {source.location} is a "
+            f"{task.kind} cache of {task.input} examples (format 1.3: class distributions per "
+            "example, no token ids), which axolotl's KD trainer cannot read. Train a student "
+            "classifier on it with `trainer fit --task classification`, or export it with "
+            "--format parquet (or read it with Cache.to_hf_dataset()) for another trainer."
+        )
 
 
 def _refuse_existing(root: Path, overwrite: bool) -> None:

@@ -239,7 +239,6 @@ def test_a_teacher_that_is_no_classifier_and_bad_view_flags_are_refused(tmp_path
         tmp_path, *data, "--views", "2", "--crop-scale", "0,1"
     )
     assert "is not two numbers" in refused(tmp_path, *data, "--resize", "8")
-    assert "zarr backend" in refused(tmp_path, *data, "--format", "parquet")
     proc = run_cli("dump", "--task", "classification", *data, "--out", tmp_path / "o",
                    "--teacher-factory", "tests.logitcache.classifiers:sequence_model")  # fmt: skip
     assert proc.returncode == 2 and "(batch, classes) logits" in flat(proc.stderr), describe(proc)

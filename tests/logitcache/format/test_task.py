@@ -31,7 +31,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> logitcache.Cache:
     ("change", "phrase"),
     [
         (lambda d: d["task"].update(views=3), "does not match layout.seq_len"),
-        (lambda d: d.update(backend="parquet"), "unpacked in the zarr backend"),
+        (lambda d: d["layout"].update(packing=True), "stored unpacked"),
         (lambda d: d.update(format_version="1.2"), "needs format_version 1.3"),
         (lambda d: d["task"].update(scale=[0.0, 1.0]), "task.scale"),
         (lambda d: d["task"].update(augment=""), "must be 'crop' with views"),
