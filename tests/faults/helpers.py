@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +127,21 @@ def small_tmpfs(mountpoint: Path, size: str, covered_by: str) -> Iterator[Path]:
         yield mountpoint
     finally:
         subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=60)
+
+
+def checkpoint_step(run: Path) -> int:
+    """The step of a trainer run's last committed checkpoint, -1 before the first."""
+    try:
+        return json.loads((run / "checkpoint" / "config.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def wait_for_checkpoint(victim: subprocess.Popen, run: Path, step: int, poll: float) -> None:
+    """Return once `victim` (a trainer writing `run`) has checkpointed `step` or later: the
+    moment a fault test strikes. Fails if the run ends first or takes over 5 minutes."""
+    deadline = time.monotonic() + 300
+    while checkpoint_step(run) < step:
+        assert victim.poll() is None, f"the run ended before the fault: {victim.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(poll)

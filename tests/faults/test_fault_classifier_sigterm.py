@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 import logitcache
 from logitcache import DumpOptions, dump
 from tests.cli import REPO, cli_env, reaped
-from tests.faults.helpers import describe, flat, popen
+from tests.faults.helpers import checkpoint_step, describe, flat, popen, wait_for_checkpoint
 
 CNN = "tests.logitcache.classifiers:cnn"
 #: 48 rows (24 examples, 2 views) in batches of 8: 6 steps per epoch, 240 steps of >= 5 ms.
@@ -58,13 +57,6 @@ def trainer(args: list[str]) -> subprocess.CompletedProcess[str]:
                           timeout=600, check=False)  # fmt: skip
 
 
-def checkpoint_step(run: Path) -> int:
-    try:
-        return json.loads((run / "checkpoint" / "config.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
 def test_sigterm_then_resume_equals_the_uninterrupted_run(caches, tmp_path):
     reference = trainer(command(caches, tmp_path / "reference"))
     assert reference.returncode == 0, describe(reference)
@@ -72,11 +64,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(caches, tmp_path):
     run = tmp_path / "run"
     victim = popen(command(caches, run))
     with reaped(victim):
-        deadline = time.monotonic() + 300
-        while checkpoint_step(run) < STOP_AFTER:
-            assert victim.poll() is None, f"the run ended before the signal: {victim.communicate()}"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.005)
+        wait_for_checkpoint(victim, run, STOP_AFTER, poll=0.005)
         victim.send_signal(signal.SIGTERM)
         _, err = victim.communicate(timeout=120)
     assert victim.returncode == 130, err

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cli import reaped
-from tests.faults.helpers import popen, run_main
+from tests.faults.helpers import popen, run_main, wait_for_checkpoint
 
 SEED = int(os.environ.get("FAULT_SEED", "6029"))
 SETTINGS = {
@@ -61,13 +61,6 @@ def reference(tmp_path_factory, tiny_cache, tiny_student_config) -> Path:
     return out
 
 
-def checkpoint_step(run: Path) -> int:
-    try:
-        return json.loads((run / "checkpoint" / "config.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
 def kill_and_resume(case, tmp_path, tiny_cache, tiny_student_config, reference, capsys):
     from trainer.cli import main
 
@@ -76,11 +69,7 @@ def kill_and_resume(case, tmp_path, tiny_cache, tiny_student_config, reference, 
     args = flags(tiny_cache, tiny_student_config, run)
     victim = popen([sys.executable, "-m", "trainer", *args])
     with reaped(victim):
-        deadline = time.monotonic() + 300
-        while checkpoint_step(run) < after_step:
-            assert victim.poll() is None, f"the run ended before the kill: {victim.communicate()}"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.01)
+        wait_for_checkpoint(victim, run, after_step, poll=0.01)
         time.sleep(delay)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
