@@ -15,23 +15,20 @@ import numpy as np
 import pytest
 
 import logitcache
-from logitcache import DumpOptions, dump
 from logitcache.examples.load import load_examples
 from tests.cli import REPO, cli_env
 from tests.logitcache.dump_helpers import cli_command, describe, flat, run_cli
+from tests.logitcache.dumping.test_classify import CNN
+from tests.logitcache.dumping.test_classify import classify as dump_classifier
 from trainer.classify import load_rows
 
-CNN = "tests.logitcache.classifiers:cnn"
 #: 10 examples, 2 views each, 3 examples per part: 4 parts, so 3 shards get 1, 1 and 2 parts.
-SETTINGS = {"teacher_factory": CNN, "targets": "full", "views": 2, "part_tokens": 6,
-            "crop_ratio": (0.5, 2.0)}  # fmt: skip
+SETTINGS = {"views": 2, "part_tokens": 6, "crop_ratio": (0.5, 2.0)}
 DECODED = ("target_ids", "target_logprobs", "labels", "views", "seq_offsets")
 
 
 def classify(data: Path, out: Path, **options: object) -> logitcache.Cache:
-    dump(DumpOptions(data=str(data), out=str(out), task="classification", progress=False,
-                     device="cpu", **SETTINGS | options))  # fmt: skip
-    return logitcache.open(out)
+    return dump_classifier(data, out, **SETTINGS | options)
 
 
 def examples(path: Path, n: int, seed: int) -> Path:
