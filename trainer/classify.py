@@ -58,7 +58,7 @@ from trainer.checkpoint import (
     write_checkpoint,
     writing,
 )
-from trainer.config import check_run_dir, clear_run_dir
+from trainer.config import CLASSIFIER_MODEL_FILE, check_run_dir, clear_run_dir
 from trainer.losses import LossParts, sparse_kd_loss
 from trainer.signals import Interrupted, StopFlag
 
@@ -529,7 +529,7 @@ def fit_classifier(config: ClassifierConfig) -> dict[str, Any]:
         eval_examples = cache_examples(eval_cache, config.eval_data, config)
         eval_rows = load_rows(eval_cache, eval_examples)
         held_out = evaluate_classifier(model, eval_examples, device, eval_rows)
-    torch.save(model.state_dict(), out / "model.pt")
+    torch.save(model.state_dict(), out / CLASSIFIER_MODEL_FILE)
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     summary = {
         "config": asdict(config),

@@ -43,10 +43,12 @@ CHECKPOINT_OLD = ".checkpoint.old"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "fit_config.json"
+#: A classifier run's weights (`trainer.classify`: a state dict, not a model directory).
+CLASSIFIER_MODEL_FILE = "model.pt"
 #: Everything a run writes; starting a run (fresh or --overwrite) clears these.
 RUN_ARTIFACTS = (
     CHECKPOINT_DIR, MODEL_DIR, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, "curves.png",
-    CHECKPOINT_TMP, CHECKPOINT_OLD,
+    CHECKPOINT_TMP, CHECKPOINT_OLD, CLASSIFIER_MODEL_FILE,
 )  # fmt: skip
 #: What makes a directory hold a run worth keeping: progress or results.
 RUN_OUTPUTS = (CHECKPOINT_DIR, CHECKPOINT_OLD, MODEL_DIR, SUMMARY_FILE)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tests.cli import REPO, cli_env
 from trainer.classify import IGNORE, classifier_loss, keep_labels
+from trainer.config import clear_run_dir
 
 
 def textbook(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -104,3 +105,12 @@ def test_fit_classification_end_to_end_through_the_cli(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "is not the data" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_starting_over_clears_what_a_classifier_run_wrote_and_nothing_else(tmp_path) -> None:
+    """--overwrite clears the earlier run's model.pt with its metrics and summary, so a new run
+    stopped before its end never leaves the old weights beside its own checkpoint."""
+    for name in ("model.pt", "metrics.jsonl", "summary.json", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    clear_run_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
