@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from logitcache.errors import LogitCacheError
+from logitcache.format.manifest import Manifest
 
 #: ``--cache-dir``: where the parts of a cache at a URL are fetched to (`logitcache.open`).
 CacheDirOption = Annotated[
@@ -54,6 +55,14 @@ def size_per_token(size: int, tokens: int) -> str:
     if not tokens:
         return f"{human_bytes(size)} (no tokens yet, so no bytes/token)"
     return f"{human_bytes(size)} = {size / tokens:.1f} bytes/token"
+
+
+def cache_counts(m: Manifest) -> str:
+    """What a cache holds, in its own units: tokens in sequences, or for a classification cache
+    (format 1.3) examples and their target rows (one per view)."""
+    if m.task is None:
+        return f"{m.tokens:,} tokens in {m.sequences:,} sequences"
+    return f"{m.sequences:,} examples, {m.tokens:,} target rows"
 
 
 def human_bytes(n: float) -> str:

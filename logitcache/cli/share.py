@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from logitcache.cli.common import CacheDirOption, LicenseOption
+from logitcache.cli.common import CacheDirOption, LicenseOption, cache_counts
 from logitcache.errors import LogitCacheError
 from logitcache.format.card import DEFAULT_LICENSE
 from logitcache.format.manifest import BACKENDS
@@ -52,12 +52,10 @@ def merge(
         any_order=any_order,
     )  # fmt: skip
     how = "copied" if copy else "hard-linked"
-    counts = (
-        f"{m.tokens:,} tokens in {m.sequences:,} sequences"
-        if m.task is None
-        else f"{m.sequences:,} examples, {m.tokens:,} target rows"
+    print(
+        f"wrote {out_dir}: {len(inputs)} caches merged ({how}), {cache_counts(m)}, "
+        f"{len(m.parts)} parts"
     )
-    print(f"wrote {out_dir}: {len(inputs)} caches merged ({how}), {counts}, {len(m.parts)} parts")
 
 
 def ensemble(
@@ -110,8 +108,7 @@ def ensemble(
     shares = ", ".join(f"{member.weight:.3g}" for member in m.ensemble.members)
     print(
         f"wrote {out_dir}: the {mode} average of {len(inputs)} caches (weights {shares}), "
-        f"{m.tokens:,} tokens in {m.sequences:,} sequences, {len(m.parts)} parts, "
-        f"{m.targets.kind} k={m.targets.k}"
+        f"{cache_counts(m)}, {len(m.parts)} parts, {m.targets.kind} k={m.targets.k}"
     )
 
 
@@ -178,7 +175,4 @@ def export(
     m = run_export(
         cache, out_dir, backend=format, overwrite=overwrite, license=license, cache_dir=cache_dir
     )
-    print(
-        f"wrote {out_dir} ({format}): {m.tokens:,} tokens in {m.sequences:,} sequences, "
-        f"{len(m.parts)} parts"
-    )
+    print(f"wrote {out_dir} ({format}): {cache_counts(m)}, {len(m.parts)} parts")

@@ -91,6 +91,8 @@ def test_a_parquet_dump_holds_what_the_zarr_dump_holds(image_pair, tmp_path: Pat
         assert (got is None and want is None) or torch.equal(got, want)
     proc = run_cli("export", zarr_cache.root, tmp_path / "to-parquet", "--format", "parquet")
     assert proc.returncode == 0, describe(proc)
+    counts = f"{m.sequences} examples, {m.tokens} target rows, {len(m.parts)} parts"
+    assert counts in flat(proc.stdout), describe(proc)
     logitcache.export(tmp_path / "to-parquet", tmp_path / "to-zarr", backend="zarr")
     for backend in ("parquet", "zarr"):
         exported = logitcache.open(tmp_path / f"to-{backend}")
