@@ -151,8 +151,9 @@ def dump(
         int,
         typer.Option(
             help="Positions whose logits are made at once, from the final hidden states of a "
-            "causal LM with a plain linear head: 0 picks 256 MiB of float32 logits; -1 makes "
-            "every batch's full logits (a factory teacher always does)."
+            "causal LM with a plain linear head: 0 picks 512 on a CPU (the head's output stays in "
+            "the caches), 256 MiB of float32 logits on a GPU; -1 makes every batch's full "
+            "logits (a factory teacher always does)."
         ),
     ] = D.logits_chunk_tokens,
     batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward.")] = D.batch_size,

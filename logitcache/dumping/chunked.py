@@ -6,7 +6,8 @@ per position. For a Hugging Face causal LM whose output head is a plain `torch.n
 `split_head` cuts the model at its final hidden states: the body (`model.base_model`) runs once
 per batch, and `chunked_targets` computes ``logits = head(hidden[:, t : t + steps])`` and their
 targets with the same function as the full path (`targets.device_targets`), one chunk of time
-steps after another, so that no more than `CHUNK_LOGITS_BYTES` of float32 logits exist at once.
+steps after another, so that no more than `CHUNK_LOGITS_BYTES` of float32 logits exist at once
+(on a CPU `CPU_CHUNK_TOKENS` positions, fewer still, which is also faster there).
 Sampled draws are keyed by (seed, sequence, position) (`logitcache.dumping.sampling`), so
 chunking changes none of them.
 
@@ -37,19 +38,29 @@ from logitcache.dumping.targets import TargetSpec
 
 __all__ = [
     "CHUNK_LOGITS_BYTES",
+    "CPU_CHUNK_TOKENS",
     "UNREPRODUCED",
     "LogitsPlan",
     "SplitHead",
+    "auto_chunk_tokens",
     "chunked_targets",
     "plan_logits",
     "split_head",
     "time_steps",
 ]
 
-#: Float32 logits computed at once on the chunked path (0 = auto for --logits-chunk-tokens):
-#: 512 positions at 131072 ids, 2.6k at 32k. Large enough that the head's matmul keeps a GPU
-#: busy, small next to a batch's full logits (2 GiB at batch 2, 2048 positions, 131072 ids).
+#: Float32 logits computed at once on the chunked path on a GPU (0 = auto for
+#: --logits-chunk-tokens): 512 positions at 131072 ids, 2.6k at 32k. Large enough that the
+#: head's matmul keeps a GPU busy, small next to a batch's full logits (2 GiB at batch 2, 2048
+#: positions, 131072 ids).
 CHUNK_LOGITS_BYTES = 256 << 20
+
+#: Positions computed at once on a CPU (0 = auto): there the head's matmul is faster over a few
+#: hundred rows than over a whole batch, because its output stays in the caches, where the
+#: targets then read it (4x256 teacher, vocabulary 8192, batch 8 x 512 on 2 cores: head and
+#: top-64 170 ms a batch at 512 positions, 187 ms over the batch's 4096; 242 ms at 128, where
+#: the head's weights are read again too often).
+CPU_CHUNK_TOKENS = 512
 
 #: Config fields that name a step after the head which `SplitHead.logits` does not take; a
 #: model whose config sets one (to anything but None or 1) keeps the full path.
@@ -206,7 +217,7 @@ class LogitsPlan:
     says why the full path runs (empty on the chunked path)."""
 
     split: SplitHead | None
-    chunk_tokens: int = 0  # --logits-chunk-tokens (0: from CHUNK_LOGITS_BYTES)
+    chunk_tokens: int = 0  # positions per chunk (0: from CHUNK_LOGITS_BYTES)
     why: str = ""
 
     def describe(self) -> str:
@@ -225,7 +236,8 @@ def plan_logits(
     model: torch.nn.Module, device: torch.device, *, pretrained: bool, chunk_tokens: int
 ) -> LogitsPlan:
     """The chunked path where `model` (a teacher loaded with `from_pretrained`) splits, else
-    the full path with the reason. `chunk_tokens` -1 asks for the full path."""
+    the full path with the reason. `chunk_tokens` -1 asks for the full path, 0 for
+    `auto_chunk_tokens`."""
     if chunk_tokens < 0:
         return LogitsPlan(None, why="--logits-chunk-tokens -1")
     if not pretrained:
@@ -233,7 +245,15 @@ def plan_logits(
     split = split_head(model, device)
     if isinstance(split, str):
         return LogitsPlan(None, why=split)
-    return LogitsPlan(split, chunk_tokens)
+    return LogitsPlan(split, chunk_tokens or auto_chunk_tokens(device, split.vocab_size))
+
+
+def auto_chunk_tokens(device: torch.device, vocab: int) -> int:
+    """Positions per chunk for --logits-chunk-tokens 0: `CPU_CHUNK_TOKENS` on a CPU, else as
+    many as `CHUNK_LOGITS_BYTES` of float32 logits hold."""
+    if torch.device(device).type == "cpu":
+        return CPU_CHUNK_TOKENS
+    return max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
 
 
 @torch.inference_mode()

@@ -40,6 +40,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native") / "targets.c"
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC")
+#: Tried first: the rows then run on torch's own OpenMP workers (``*_team`` in targets.c).
+OPENMP = ("-fopenmp",)
 #: Rows per call below which threads cost more than they save.
 MIN_ROWS_PER_THREAD = 64
 
@@ -62,37 +64,48 @@ def _build_dir() -> Path:
     return Path(root) if root else default_cache_dir() / "native"
 
 
-def _build(compiler: str, dest: Path) -> None:
+def _build(compiler: str, dest: Path, extra: tuple[str, ...]) -> None:
     """Compile, then link in a second step without the fast-math flags (GCC before 13 links
     crtfastmath.o into a shared library built with them, which sets flush-to-zero for every
     thread of the process that loads it)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         obj, lib = Path(tmp) / "targets.o", Path(tmp) / dest.name
-        for step in ([*FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                     ["-shared", str(obj), "-o", str(lib), "-lm"]):  # fmt: skip
+        for step in ([*FLAGS, *extra, "-c", str(SOURCE), "-o", str(obj)],
+                     ["-shared", *extra, str(obj), "-o", str(lib), "-lm"]):  # fmt: skip
             subprocess.run([compiler, *step], check=True, capture_output=True, timeout=120)
         os.replace(lib, dest)
 
 
 def load(build_dir: Path, compiler: str) -> ctypes.CDLL | None:
     """The library for this source, flags and CPU from `build_dir`, compiled there with
-    `compiler` if it is not there yet; None where that fails."""
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), *FLAGS, compiler, _cpu_id()]).encode()
-    ).hexdigest()[:16]
-    path = build_dir / f"targets-{key}.so"
-    try:
-        if not path.is_file():
-            _build(compiler, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.sample_rows.restype = lib.topk_logsoftmax.restype = None
-    lib.sample_rows.argtypes = [pointer, size, size, size, pointer, size, pointer, pointer]
-    lib.topk_logsoftmax.argtypes = [pointer, size, size, size, size, pointer, pointer, pointer]
-    return lib
+    `compiler` if it is not there yet: with OpenMP where the compiler has it, else without;
+    None where neither builds."""
+    for extra in (OPENMP, ()):
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), *FLAGS, *extra, compiler, _cpu_id()]).encode()
+        ).hexdigest()[:16]
+        path = build_dir / f"targets-{key}.so"
+        try:
+            if not path.is_file():
+                _build(compiler, path, extra)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError):
+            continue
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.sample_rows.restype = lib.topk_logsoftmax.restype = None
+        lib.sample_rows.argtypes = [pointer, size, size, size, pointer, size, pointer, pointer]
+        lib.topk_logsoftmax.argtypes = [pointer, size, size, size, size, pointer, pointer,
+                                        pointer]  # fmt: skip
+        if extra:
+            lib.sample_rows_team.restype = lib.topk_logsoftmax_team.restype = None
+            lib.topk_logsoftmax_team.argtypes = [pointer, size, size, size, pointer, pointer,
+                                                 pointer, size, size]  # fmt: skip
+            lib.sample_rows_team.argtypes = [pointer, size, size, pointer, size, pointer,
+                                             pointer, size, size]  # fmt: skip
+        lib.openmp = bool(extra)
+        return lib
+    return None
 
 
 @functools.cache
@@ -130,9 +143,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="logitcache-targets")
 
 
+def _threads(rows: int) -> int:
+    """torch's number of threads, fewer where rows are too few to be worth splitting."""
+    return max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+
+
 def _over_rows(rows: int, run: Callable[[int, int], None]) -> None:
-    """`run(start, stop)` over row ranges, on torch's number of threads."""
-    workers = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    """`run(start, stop)` over row ranges, on torch's number of threads (a library built
+    without OpenMP)."""
+    workers = _threads(rows)
     if workers == 1:
         run(0, rows)
         return
@@ -152,13 +171,20 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     values = torch.empty(len(rows), k, dtype=torch.float32)
     ids = torch.empty(len(rows), k, dtype=torch.int64)
     scratch_floats = 2 * -(-vocab // 16) + 8 * k + 2  # block maxima, candidates, chosen blocks
+    pointers = (rows.data_ptr(), vocab)
+    if lib.openmp:
+        threads = _threads(len(rows))
+        scratch = torch.empty(threads, scratch_floats, dtype=torch.float32)
+        lib.topk_logsoftmax_team(*pointers, len(rows), k, values.data_ptr(), ids.data_ptr(),
+                                 scratch.data_ptr(), scratch_floats, threads)  # fmt: skip
+    else:
 
-    def run(start: int, stop: int) -> None:
-        scratch = torch.empty(scratch_floats, dtype=torch.float32)
-        lib.topk_logsoftmax(rows.data_ptr(), vocab, start, stop, k, values.data_ptr(),
-                            ids.data_ptr(), scratch.data_ptr())  # fmt: skip
+        def run(start: int, stop: int) -> None:
+            scratch = torch.empty(scratch_floats, dtype=torch.float32)
+            lib.topk_logsoftmax(*pointers, start, stop, k, values.data_ptr(), ids.data_ptr(),
+                                scratch.data_ptr())  # fmt: skip
 
-    _over_rows(len(rows), run)
+        _over_rows(len(rows), run)
     shape = (*logits.shape[:-1], k)
     return values.view(shape), ids.view(shape)
 
@@ -174,11 +200,17 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     u = uniforms.reshape(-1, n).to(torch.float64).contiguous()
     out = torch.empty(len(rows), n, dtype=torch.int64)
     scratch_doubles = vocab + -(-vocab // 16) + 1
+    if lib.openmp:
+        threads = _threads(len(rows))
+        scratch = torch.empty(threads, scratch_doubles, dtype=torch.float64)
+        lib.sample_rows_team(rows.data_ptr(), vocab, len(rows), u.data_ptr(), n, out.data_ptr(),
+                             scratch.data_ptr(), scratch_doubles, threads)  # fmt: skip
+    else:
 
-    def run(start: int, stop: int) -> None:
-        scratch = torch.empty(scratch_doubles, dtype=torch.float64)
-        lib.sample_rows(rows.data_ptr(), vocab, start, stop, u.data_ptr(), n, out.data_ptr(),
-                        scratch.data_ptr())  # fmt: skip
+        def run(start: int, stop: int) -> None:
+            scratch = torch.empty(scratch_doubles, dtype=torch.float64)
+            lib.sample_rows(rows.data_ptr(), vocab, start, stop, u.data_ptr(), n,
+                            out.data_ptr(), scratch.data_ptr())  # fmt: skip
 
-    _over_rows(len(rows), run)
+        _over_rows(len(rows), run)
     return out.view(*logits.shape[:-1], n)

@@ -79,17 +79,19 @@ CPU_EXP_BYTES = 16 << 20
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k log-probs, their ids) of float32 `logits` (..., vocab), normalised over the
-    whole vocabulary: ``topk(x) - logsumexp(x)``. On a CPU, the C pass of
-    `logitcache.dumping.native` where it builds (each row read once; a third of the cost of
-    torch's operators); otherwise with logsumexp's own arithmetic, except that the row maximum is
-    the top-1 value already found, and that on a CPU the exponentials are taken a few rows at a
-    time (on one core, 85 instead of 155 ms for 4096 x 8192 logits)."""
+    whole vocabulary: ``topk(x) - logsumexp(x)``, taken as ``(topk(x) - max) - log(sum of
+    exp(x - max))``, so that the log-probs keep float32's precision when the logits are far
+    from 0. On a CPU, the C pass of `logitcache.dumping.native` where it builds (each row read
+    once; a third of the cost of torch's operators); otherwise with logsumexp's own arithmetic,
+    except that the row maximum is the top-1 value already found, and that on a CPU the
+    exponentials are taken a few rows at a time (on one core, 85 instead of 155 ms for
+    4096 x 8192 logits)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and native.available():
         return native.topk_logprobs(logits, k)
     values, indices = logits.topk(k, dim=-1, sorted=True)  # (..., k)
     top = values[..., :1]  # the row maximum, which logsumexp subtracts before exp
     if logits.device.type != "cpu":
-        return values - (logits - top).exp_().sum(-1, keepdim=True).log_().add_(top), indices
+        return (values - top).sub_((logits - top).exp_().sum(-1, keepdim=True).log_()), indices
     vocab = logits.shape[-1]
     rows, tops = logits.reshape(-1, vocab), top.reshape(-1, 1)
     sums = torch.empty_like(tops)
@@ -99,7 +101,7 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         stop = min(start + step, len(rows))
         part = torch.sub(rows[start:stop], tops[start:stop], out=buffer[: stop - start]).exp_()
         torch.sum(part, dim=-1, keepdim=True, out=sums[start:stop])
-    return values - sums.log_().add_(tops).view(top.shape), indices
+    return (values - top).sub_(sums.log_().view(top.shape)), indices
 
 
 def topp_lengths(logprobs: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:

@@ -5,8 +5,9 @@
  * sort and logsumexp reads it twice more; the draws make a float64 copy and one long chain of
  * dependent additions. Here each row is read from memory once and the vector loops are left only
  * where they must be. Built by logitcache/dumping/native.py with -O3 -ffast-math (which lets GCC
- * call glibc's vector exp); checks for NaN and infinity therefore look at the bits, which
- * fast-math cannot assume away.
+ * vectorise the loops below); checks for NaN and infinity therefore look at the bits, which
+ * fast-math cannot assume away. Built with -fopenmp where the compiler has it: then the `*_team`
+ * entry points split the rows over the calling thread's OpenMP team (see there).
  */
 #include <math.h>
 #include <stdint.h>
@@ -57,6 +58,27 @@ static void heap_topk(const float *row, int64_t vocab, int64_t k, float *hv, int
     }
 }
 
+/* exp(x) for x <= 0, not NaN, to about 3e-7 relative: x log2(e) = n + f with n whole and
+ * |f| <= 1/2, 2^f from a degree-5 polynomial (fitted here for the least relative error on
+ * [-1/2, 1/2], 1.5e-7 with float32 coefficients), n added to its exponent bits. Below -86 it
+ * gives about 2^-125 instead of nearly 0: nothing next to a sum that is at least 1. Why not
+ * glibc's vector expf: this is about 12 vector operations per 8 entries, and a row's
+ * log-sum-exp is the largest part of the kernel's work. */
+static inline float exp_nonpositive(float x) {
+    float y = x * 1.44269504088896341f;
+    y = y > -125.0f ? y : -125.0f;
+    float n = rintf(y), f = y - n;
+    float p = 1.3276351382955909e-3f;
+    p = p * f + 9.675507433712482e-3f;
+    p = p * f + 5.550713464617729e-2f;
+    p = p * f + 2.4022120237350464e-1f;
+    p = p * f + 6.931469440460205e-1f;
+    p = p * f + 1.0000001192092896f;
+    uint32_t bits = bits_of(p) + ((uint32_t)(int32_t)n << 23);
+    memcpy(&p, &bits, sizeof p);
+    return p;
+}
+
 /* Rows [row0, row1) of `x` (rows x vocab, contiguous): `values` (rows x k) the k largest
  * log-probabilities in decreasing order (ties: lower id first), `ids` their ids. A row with a
  * NaN or +inf, or with every entry -inf, gets NaN values (the caller marks it non-finite).
@@ -65,40 +87,41 @@ static void heap_topk(const float *row, int64_t vocab, int64_t k, float *hv, int
  *
  * Why blocks: any `t` that k distinct entries reach is at most the k-th largest entry, so the
  * k best entries are among those >= t, which live in blocks whose maximum is >= t. With the row
- * cut into blocks of 16, the smallest of the maxima of k groups of blocks is such a `t`, and a
- * bisection raises it while k block maxima still reach it. That leaves about k candidates,
- * gathered from about k blocks and ranked by counting (no branches, no sort), not the row. */
+ * cut into `blocks` = ceil(vocab / BLOCK) blocks, block b holding the ids b, b + blocks,
+ * b + 2 blocks, ... (strided, so that every block's maximum comes from one elementwise maximum
+ * of BLOCK slices of the row: vertical vector work, no reductions), the smallest of the maxima
+ * of k groups of blocks is such a `t`, and a bisection raises it while k block maxima still
+ * reach it. That leaves about k candidates, gathered from about k blocks and ranked by counting
+ * (no branches, no sort), not the row. */
 void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, int64_t k,
                      float *values, int64_t *ids, float *scratch) {
-    int64_t blocks = (vocab + BLOCK - 1) / BLOCK, full = vocab / BLOCK;
+    int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
     int64_t cap = 4 * k;  /* candidates ranked by counting; more fall back to the heap */
     float *bmax = scratch, *cand = scratch + blocks;
     for (int64_t r = row0; r < row1; r++) {
         const float *row = x + r * vocab;
         float *hv = values + r * k;
         int64_t *hi = ids + r * k;
-        for (int64_t b = 0; b < full; b++) {  /* a fixed-size inner loop: vectorised */
-            const float *p = row + b * BLOCK;
-            float m = p[0];
-            for (int q = 1; q < BLOCK; q++) m = p[q] > m ? p[q] : m;
-            bmax[b] = m;
-        }
-        if (full < blocks) {
-            const float *p = row + full * BLOCK;
-            float m = p[0];
-            for (int64_t q = 1; q < vocab - full * BLOCK; q++) m = p[q] > m ? p[q] : m;
-            bmax[full] = m;
+        /* block maxima, and whether any entry is NaN or +inf, read from the bits (fast-math
+         * may fold a float comparison with NaN away) */
+        uint32_t broken = 0;
+        for (int64_t q = 0; q * blocks < vocab; q++) {
+            const float *p = row + q * blocks;
+            int64_t m = vocab - q * blocks < blocks ? vocab - q * blocks : blocks;
+            for (int64_t b = 0; b < m; b++) {
+                uint32_t u = bits_of(p[b]);
+                broken |= (u & 0x7fffffffu) > 0x7f800000u || u == 0x7f800000u;
+                bmax[b] = q == 0 || p[b] > bmax[b] ? p[b] : bmax[b];
+            }
         }
         float mx = bmax[0];
         for (int64_t b = 1; b < blocks; b++) mx = bmax[b] > mx ? bmax[b] : mx;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < vocab; j++) sum += expf(row[j] - mx);
-        /* NaN anywhere, or +inf (inf - inf), or a row of -inf (-inf + inf) make the sum NaN:
-         * the bits tell, where fast-math would fold a comparison away */
-        if ((bits_of(sum) & 0x7f800000u) == 0x7f800000u) {
+        if (broken || bits_of(mx) == 0xff800000u) {  /* NaN, +inf, or a row of -inf */
             for (int64_t j = 0; j < k; j++) { hv[j] = NAN; hi[j] = j; }
             continue;
         }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < vocab; j++) sum += exp_nonpositive(row[j] - mx);
         int64_t n = 0;
         if (blocks >= k) {
             int64_t group = blocks / k;  /* k groups of `group` blocks, the last one longer */
@@ -111,12 +134,12 @@ void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, 
             }
             /* raise t while k block maxima still reach it (each is a distinct entry): a
              * bisection of vectorised counts, which leaves about k candidates, not 4k */
-            float hi = mx;
+            float top = mx;
             for (int it = 0; it < BISECTIONS; it++) {
-                float mid = 0.5f * (t + hi);
+                float mid = 0.5f * (t + top);
                 int64_t reach = 0;
                 for (int64_t b = 0; b < blocks; b++) reach += bmax[b] >= mid;
-                if (reach >= k) t = mid; else hi = mid;
+                if (reach >= k) t = mid; else top = mid;
             }
             /* the blocks that can hold one, listed without branches, then their entries
              * >= t appended without branches; a flat row stops at `cap` and takes the heap */
@@ -127,13 +150,10 @@ void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, 
                 picked += bmax[b] >= t;
             }
             for (; c < picked && n + BLOCK <= cap + 1; c++) {
-                int64_t b = chosen[c];
-                const float *p = row + b * BLOCK;
-                int64_t m = b < full ? BLOCK : vocab - full * BLOCK;
-                for (int64_t q = 0; q < m; q++) {
-                    cand[n] = p[q];
-                    cand[cap + 1 + n] = (float)(b * BLOCK + q);  /* ids < 2^24: exact */
-                    n += p[q] >= t;
+                for (int64_t id = chosen[c]; id < vocab; id += blocks) {
+                    cand[n] = row[id];
+                    cand[cap + 1 + n] = (float)id;  /* ids < 2^24: exact */
+                    n += row[id] >= t;
                 }
             }
             if (c < picked) n = cap + 1;  /* stopped early: too many candidates */
@@ -151,8 +171,14 @@ void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, 
                 if (rank < k) { hv[rank] = v; hi[rank] = (int64_t)id; }
             }
         }
-        float lse = mx + logf(sum);
-        for (int64_t q = 0; q < k; q++) hv[q] -= lse;
+        /* x - max first, which is exact near the top, then the log of the sum, so that
+         * log-probs keep float32's precision when the logits are far from 0 (volatile: else
+         * fast-math folds the two into x - (max + log sum), rounded at the logits' scale) */
+        float log_sum = logf(sum);
+        for (int64_t q = 0; q < k; q++) {
+            volatile float shifted = hv[q] - mx;
+            hv[q] = shifted - log_sum;
+        }
     }
 }
 
@@ -203,3 +229,34 @@ void sample_rows(const float *x, int64_t vocab, int64_t row0, int64_t row1, cons
         }
     }
 }
+
+#ifdef _OPENMP
+#include <omp.h>
+
+/* Rows [0, rows) over `threads` threads of the calling thread's OpenMP team, thread t with
+ * `scratch` + t * `scratch_len`. Why a team and not a pool of our own: torch's CPU operators run
+ * on OpenMP too, and the process has one libgomp (ours resolves to the one torch loaded), so
+ * these are the very workers that ran the teacher's forward a moment ago and are still
+ * spinning for their next region. A separate pool's threads would wait for them to give up the
+ * cores: measured here, the top-k of 512-row chunks cost 5x its own time that way. */
+void topk_logsoftmax_team(const float *x, int64_t vocab, int64_t rows, int64_t k, float *values,
+                          int64_t *ids, float *scratch, int64_t scratch_len, int64_t threads) {
+#pragma omp parallel num_threads((int)threads)
+    {
+        int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        topk_logsoftmax(x, vocab, rows * t / n, rows * (t + 1) / n, k, values, ids,
+                        scratch + t * scratch_len);
+    }
+}
+
+/* `sample_rows` over rows [0, rows), as `topk_logsoftmax_team` splits them. */
+void sample_rows_team(const float *x, int64_t vocab, int64_t rows, const double *u, int64_t n,
+                      int64_t *out, double *scratch, int64_t scratch_len, int64_t threads) {
+#pragma omp parallel num_threads((int)threads)
+    {
+        int64_t t = omp_get_thread_num(), m = omp_get_num_threads();
+        sample_rows(x, vocab, rows * t / m, rows * (t + 1) / m, u, n, out,
+                    scratch + t * scratch_len);
+    }
+}
+#endif

@@ -129,6 +129,15 @@ def test_time_steps_come_from_the_budget_or_the_option():
     assert chunked.time_steps(10, 3, 50, VOCAB) == 3
 
 
+def test_auto_chunks_are_cache_sized_on_a_cpu_and_budget_sized_on_a_gpu():
+    assert chunked.auto_chunk_tokens(CPU, 8192) == chunked.CPU_CHUNK_TOKENS == 512
+    assert chunked.auto_chunk_tokens(torch.device("cuda"), 131072) == 512
+    assert chunked.auto_chunk_tokens(torch.device("cuda"), 8192) == 8192
+    model = _model("gpt2")
+    assert chunked.plan_logits(model, CPU, pretrained=True, chunk_tokens=0).chunk_tokens == 512
+    assert chunked.plan_logits(model, CPU, pretrained=True, chunk_tokens=96).chunk_tokens == 96
+
+
 # --------------------------------------------------------------------------------------------
 # The full path, and why
 
