@@ -22,6 +22,11 @@ from tests.logitcache.textcls_helpers import SEQ_LEN, TextTask, build_text_task,
 FULL = {"task": "classification", "targets": "full", "seq_len": SEQ_LEN, "progress": False,
         "device": "cpu", "part_tokens": 10}  # fmt: skip
 
+#: The dump's padded batches against each text's own forward: the same model, but matmuls of
+#: other shapes, which round float32 otherwise (up to 3.8e-6 on an AVX2 EPYC). Padding that
+#: leaked into attention would move log-probs by orders of magnitude more.
+BATCHED_ATOL = 2e-5
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> TextTask:
@@ -61,7 +66,7 @@ def test_a_text_cache_holds_each_texts_teacher_distribution(task: TextTask, tmp_
     got, stored = full_rows(cache)
     assert stored.tolist() == labels
     np.testing.assert_allclose(got, teacher_logprobs(task.teacher, texts, task.tokenizer),
-                               atol=2e-6)  # fmt: skip
+                               atol=BATCHED_ATOL)  # fmt: skip
     assert logitcache.verify(cache).problems == []
 
 
@@ -79,7 +84,7 @@ def test_parquet_and_datasets_tables_with_named_columns(task: TextTask, tmp_path
                           input_field="body", label_field="package")  # fmt: skip
         got, stored = full_rows(cache)
         assert (cache.manifest.data.format, stored.tolist()) == (fmt, labels)
-        np.testing.assert_allclose(got, want, atol=2e-6)
+        np.testing.assert_allclose(got, want, atol=BATCHED_ATOL)
 
 
 def test_short_texts_of_a_txt_file_are_padded_and_masked(task: TextTask, tmp_path: Path) -> None:
@@ -89,7 +94,7 @@ def test_short_texts_of_a_txt_file_are_padded_and_masked(task: TextTask, tmp_pat
     got, labels = full_rows(cache)
     assert labels is None and not cache.manifest.task.labels
     np.testing.assert_allclose(got, teacher_logprobs(task.teacher, lines, task.tokenizer),
-                               atol=2e-6)  # fmt: skip
+                               atol=BATCHED_ATOL)  # fmt: skip
 
 
 def test_a_factory_text_classifier_reads_the_ids_and_mask_of_its_tokenizer(
@@ -105,7 +110,7 @@ def test_a_factory_text_classifier_reads_the_ids_and_mask_of_its_tokenizer(
             ids = task.tokenizer(text, truncation=True, max_length=SEQ_LEN, return_tensors="pt")
             logits = model(ids["input_ids"], torch.ones_like(ids["input_ids"]))
             want.append(torch.log_softmax(logits[0].double(), -1).numpy())
-    np.testing.assert_allclose(full_rows(cache)[0], np.stack(want), atol=2e-6)
+    np.testing.assert_allclose(full_rows(cache)[0], np.stack(want), atol=BATCHED_ATOL)
     assert cache.manifest.tokenizer.fingerprint == logitcache.tokenizer_fingerprint(task.tokenizer)
     assert cache.manifest.task.classes == []  # a factory names no classes
 
