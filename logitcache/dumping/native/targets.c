@@ -238,7 +238,7 @@ void sample_rows(const float *x, int64_t vocab, int64_t row0, int64_t row1, cons
  * on OpenMP too, and the process has one libgomp (ours resolves to the one torch loaded), so
  * these are the very workers that ran the teacher's forward a moment ago and are still
  * spinning for their next region. A separate pool's threads would wait for them to give up the
- * cores: measured here, the top-k of 512-row chunks cost 5x its own time that way. */
+ * cores: on 2 cores, the top-k of 512-row chunks took twice as long that way. */
 void topk_logsoftmax_team(const float *x, int64_t vocab, int64_t rows, int64_t k, float *values,
                           int64_t *ids, float *scratch, int64_t scratch_len, int64_t threads) {
 #pragma omp parallel num_threads((int)threads)

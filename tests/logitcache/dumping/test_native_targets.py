@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,26 @@ def test_torch_operators_block_takes_torch_path() -> None:
     want_values, want_ids = reference(x, 8)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(values.double(), want_values, atol=2e-5, rtol=1e-5)
+
+
+def test_openmp_runs_on_torchs_own_runtime() -> None:
+    """Built with OpenMP, the library shares torch's libgomp (one runtime, one team of workers)
+    instead of bringing a second one whose threads would fight torch's for the cores."""
+    if not native._library().openmp:
+        pytest.skip("the compiler here has no OpenMP")
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    maps = {line.split()[-1] for line in lines if "libgomp" in line}
+    assert len(maps) == 1 and "torch" in next(iter(maps))
+
+
+def test_without_openmp_a_pool_gives_the_same_targets(tmp_path, monkeypatch) -> None:
+    x = lm_like(700, 3001, seed=5)
+    keys = sampling.position_keys(3, torch.arange(7), 100).reshape(700)
+    u = sampling.uniforms(keys, 16)
+    want = (*native.topk_logprobs(x, 32), native.draw(x, u))
+    monkeypatch.setattr(native, "OPENMP", ())
+    lib = native.load(tmp_path, shutil.which("cc") or shutil.which("gcc"))
+    assert lib is not None and not lib.openmp
+    monkeypatch.setattr(native, "_library", lambda: lib)
+    got = (*native.topk_logprobs(x, 32), native.draw(x, u))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
