@@ -532,6 +532,16 @@ def teacher_training(args: argparse.Namespace) -> dict:
     return {key: value for key, value in kw.items() if key.startswith("train")}
 
 
+def targets_path(device: str) -> str:
+    """Which code computes the targets: torch's operators, or the C kernel and its threads."""
+    from logitcache.dumping import native
+
+    if not device.startswith("cpu") or not native.available():
+        return "torch's operators"
+    threads = "torch's OpenMP workers" if native.openmp() else "a thread pool"
+    return f"the C kernel (logitcache.dumping.native) on {threads}"
+
+
 def section(args: argparse.Namespace) -> str:
     """The RESULTS.md section: one per teacher shape."""
     return (
@@ -852,6 +862,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{summary.manifest.codec.name}/{summary.manifest.codec.cname} level "
         f"{summary.manifest.codec.clevel} {summary.manifest.codec.shuffle}, chunk "
         f"{summary.manifest.layout.chunk_bytes:,} B, log-probs {summary.manifest.targets.logprob_dtype}"
+        f"; {summary.logits}; targets by {targets_path(args.device)}"
     )
     lines = [
         f"## {section(args)}: dump vs. bare teacher forward ({args.teacher_shape} teacher)",

@@ -134,6 +134,13 @@ def available() -> bool:
     return not _TORCH_ONLY.get() and _library() is not None
 
 
+def openmp() -> bool:
+    """Whether the kernels run here on the calling thread's OpenMP team (torch's workers)
+    rather than on a thread pool of their own."""
+    lib = _library()
+    return lib is not None and lib.openmp
+
+
 @contextlib.contextmanager
 def torch_operators() -> Iterator[None]:
     """Within the block, the targets take torch's path even where C could: for a benchmark

@@ -211,7 +211,7 @@ def test_openmp_runs_on_torchs_own_runtime() -> None:
     """Built with OpenMP, the library shares torch's libgomp (one runtime, one team of workers)
     instead of bringing a second one whose threads would fight torch's for the cores. In a
     fresh process: others in this one (scikit-learn's) may have loaded their own copy."""
-    if not native._library().openmp:
+    if not native.openmp():
         pytest.skip("the compiler here has no OpenMP")
     code = (
         "import json, pathlib, torch\n"
