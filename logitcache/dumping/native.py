@@ -46,7 +46,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native") / "targets.c"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC")
+#: The widest vectors where the CPU has them (an x86 option: other compilers' targets refuse it).
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+FLAGS = ("-O3", "-march=native", *(("-mprefer-vector-width=512",) if _X86 else ()),
+         "-ffast-math", "-fPIC")  # fmt: skip
 #: Tried first: the rows then run on torch's own OpenMP workers (``*_team`` in targets.c).
 OPENMP = ("-fopenmp",)
 #: Rows per call below which threads cost more than they save.

@@ -79,6 +79,19 @@ static inline float exp_nonpositive(float x) {
     return p;
 }
 
+/* The sum of exp(row[j] - mx), added in LANES fixed partial sums and then in a fixed order, so
+ * that it is the same float32 sum whatever vector width the compiler picks for this machine
+ * (AVX2 or AVX-512): a cache's bytes then do not depend on it. */
+#define LANES 8
+static float sum_of_exp(const float *row, int64_t vocab, float mx) {
+    float part[LANES] = {0};
+    int64_t full = vocab - vocab % LANES;
+    for (int64_t j = 0; j < full; j += LANES)
+        for (int q = 0; q < LANES; q++) part[q] += exp_nonpositive(row[j + q] - mx);
+    for (int64_t j = full; j < vocab; j++) part[j - full] += exp_nonpositive(row[j] - mx);
+    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+}
+
 /* Rows [row0, row1) of `x` (rows x vocab, contiguous): `values` (rows x k) the k largest
  * log-probabilities in decreasing order (ties: lower id first), `ids` their ids. A row with a
  * NaN or +inf, or with every entry -inf, gets NaN values (the caller marks it non-finite).
@@ -120,8 +133,7 @@ void topk_logsoftmax(const float *x, int64_t vocab, int64_t row0, int64_t row1, 
             for (int64_t j = 0; j < k; j++) { hv[j] = NAN; hi[j] = j; }
             continue;
         }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < vocab; j++) sum += exp_nonpositive(row[j] - mx);
+        float sum = sum_of_exp(row, vocab, mx);
         int64_t n = 0;
         if (blocks >= k) {
             int64_t group = blocks / k;  /* k groups of `group` blocks, the last one longer */

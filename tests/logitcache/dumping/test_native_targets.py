@@ -237,3 +237,19 @@ def test_without_openmp_a_pool_gives_the_same_targets(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(native, "_library", lambda: lib)
     got = (*native.topk_logprobs(x, 32), native.draw(x, u))
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_the_log_probs_do_not_depend_on_the_vector_width(tmp_path, monkeypatch) -> None:
+    """Built for 128-bit vectors instead of this machine's widest, the kernel gives the same
+    bits: its sum of exps is added in fixed lanes, so a cache's bytes do not depend on whether
+    the dumping CPU has AVX2 or AVX-512."""
+    if not native._X86:
+        pytest.skip("-mprefer-vector-width is an x86 option")
+    x = lm_like(500, 8192, seed=6) * 3
+    want = native.topk_logprobs(x, 64)
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mprefer-vector-width=128"))
+    lib = native.load(tmp_path, shutil.which("cc") or shutil.which("gcc"))
+    assert lib is not None
+    monkeypatch.setattr(native, "_library", lambda: lib)
+    got = native.topk_logprobs(x, 64)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
