@@ -207,8 +207,13 @@ def _probe(model: torch.nn.Module, split: SplitHead, device: torch.device) -> st
 def time_steps(chunk_tokens: int, batch: int, time: int, vocab: int) -> int:
     """Time steps per chunk: `chunk_tokens` positions (batch rows x steps), or as many as
     `CHUNK_LOGITS_BYTES` of float32 logits hold where it is 0; at least 1, at most `time`."""
-    tokens = chunk_tokens if chunk_tokens > 0 else CHUNK_LOGITS_BYTES // (4 * vocab)
+    tokens = chunk_tokens if chunk_tokens > 0 else _budget_tokens(vocab)
     return max(1, min(time, tokens // batch))
+
+
+def _budget_tokens(vocab: int) -> int:
+    """Positions whose float32 logits fit in `CHUNK_LOGITS_BYTES` (at least 1)."""
+    return max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
 
 
 @dataclass(frozen=True)
@@ -217,14 +222,14 @@ class LogitsPlan:
     says why the full path runs (empty on the chunked path)."""
 
     split: SplitHead | None
-    chunk_tokens: int = 0  # positions per chunk (0: from CHUNK_LOGITS_BYTES)
+    chunk_tokens: int = 0  # positions per chunk on the chunked path (`plan_logits` sets it)
     why: str = ""
 
     def describe(self) -> str:
         if self.split is None:
             return f"full logits ({self.why})"
         vocab = self.split.vocab_size
-        tokens = self.chunk_tokens or max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
+        tokens = self.chunk_tokens
         steps = " with a tanh soft-cap" if self.split.softcap is not None else ""
         return (
             f"chunked logits: {self.split.family}'s linear head over up to {tokens:,} positions "
@@ -253,7 +258,7 @@ def auto_chunk_tokens(device: torch.device, vocab: int) -> int:
     many as `CHUNK_LOGITS_BYTES` of float32 logits hold."""
     if torch.device(device).type == "cpu":
         return CPU_CHUNK_TOKENS
-    return max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
+    return _budget_tokens(vocab)
 
 
 @torch.inference_mode()

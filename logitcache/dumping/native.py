@@ -177,6 +177,30 @@ def _over_rows(rows: int, run: Callable[[int, int], None]) -> None:
         f.result()
 
 
+def _split_rows(
+    lib: ctypes.CDLL,
+    rows: int,
+    scratch: tuple[int, torch.dtype],
+    team: Callable[[int, int], None],
+    each: Callable[[int, int, int], None],
+) -> None:
+    """A kernel over `rows` rows, each thread with `scratch` (length, dtype) of its own: on the
+    OpenMP team, `team(scratch pointer, threads)`; else `each(start, stop, scratch pointer)`
+    over `_over_rows`' ranges."""
+    length, dtype = scratch
+    if lib.openmp:
+        threads = _threads(rows)
+        memory = torch.empty(threads, length, dtype=dtype)  # held until the kernel returns
+        team(memory.data_ptr(), threads)
+        return
+
+    def run(start: int, stop: int) -> None:
+        memory = torch.empty(length, dtype=dtype)
+        each(start, stop, memory.data_ptr())
+
+    _over_rows(rows, run)
+
+
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k log-probs, ids) of CPU float32 `logits` (..., vocab), decreasing, normalised over
     the whole vocabulary; NaN log-probs on a row with NaN or +inf or only -inf. Call only when
@@ -188,20 +212,13 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     values = torch.empty(len(rows), k, dtype=torch.float32)
     ids = torch.empty(len(rows), k, dtype=torch.int64)
     scratch_floats = 2 * -(-vocab // 16) + 8 * k + 2  # block maxima, candidates, chosen blocks
-    pointers = (rows.data_ptr(), vocab)
-    if lib.openmp:
-        threads = _threads(len(rows))
-        scratch = torch.empty(threads, scratch_floats, dtype=torch.float32)
-        lib.topk_logsoftmax_team(*pointers, len(rows), k, values.data_ptr(), ids.data_ptr(),
-                                 scratch.data_ptr(), scratch_floats, threads)  # fmt: skip
-    else:
-
-        def run(start: int, stop: int) -> None:
-            scratch = torch.empty(scratch_floats, dtype=torch.float32)
-            lib.topk_logsoftmax(*pointers, start, stop, k, values.data_ptr(), ids.data_ptr(),
-                                scratch.data_ptr())  # fmt: skip
-
-        _over_rows(len(rows), run)
+    x, out = (rows.data_ptr(), vocab), (values.data_ptr(), ids.data_ptr())
+    _split_rows(
+        lib, len(rows), (scratch_floats, torch.float32),
+        lambda scratch, threads: lib.topk_logsoftmax_team(
+            *x, len(rows), k, *out, scratch, scratch_floats, threads),
+        lambda start, stop, scratch: lib.topk_logsoftmax(*x, start, stop, k, *out, scratch),
+    )  # fmt: skip
     shape = (*logits.shape[:-1], k)
     return values.view(shape), ids.view(shape)
 
@@ -217,17 +234,11 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     u = uniforms.reshape(-1, n).to(torch.float64).contiguous()
     out = torch.empty(len(rows), n, dtype=torch.int64)
     scratch_doubles = vocab + -(-vocab // 16) + 1
-    if lib.openmp:
-        threads = _threads(len(rows))
-        scratch = torch.empty(threads, scratch_doubles, dtype=torch.float64)
-        lib.sample_rows_team(rows.data_ptr(), vocab, len(rows), u.data_ptr(), n, out.data_ptr(),
-                             scratch.data_ptr(), scratch_doubles, threads)  # fmt: skip
-    else:
-
-        def run(start: int, stop: int) -> None:
-            scratch = torch.empty(scratch_doubles, dtype=torch.float64)
-            lib.sample_rows(rows.data_ptr(), vocab, start, stop, u.data_ptr(), n,
-                            out.data_ptr(), scratch.data_ptr())  # fmt: skip
-
-        _over_rows(len(rows), run)
+    x, draws = (rows.data_ptr(), vocab), (u.data_ptr(), n, out.data_ptr())
+    _split_rows(
+        lib, len(rows), (scratch_doubles, torch.float64),
+        lambda scratch, threads: lib.sample_rows_team(
+            *x, len(rows), *draws, scratch, scratch_doubles, threads),
+        lambda start, stop, scratch: lib.sample_rows(*x, start, stop, *draws, scratch),
+    )  # fmt: skip
     return out.view(*logits.shape[:-1], n)

@@ -83,6 +83,7 @@ static inline float exp_nonpositive(float x) {
  * that it is the same float32 sum whatever vector width the compiler picks for this machine
  * (AVX2 or AVX-512): a cache's bytes then do not depend on it. */
 #define LANES 8
+_Static_assert(LANES == 8, "the last line of sum_of_exp adds exactly 8 partial sums");
 static float sum_of_exp(const float *row, int64_t vocab, float mx) {
     float part[LANES] = {0};
     int64_t full = vocab - vocab % LANES;
